@@ -1,0 +1,208 @@
+"""The artifact manifest: what a bundle contains and what it needs to run.
+
+A bundle is one model version compiled for one or more targets. The manifest
+lists each artifact by content address (sha256) with the runtime it needs,
+golden vectors for the device's smoke test, and the reference profile from the
+training data that drift detection compares against. It is signed as a whole
+(:mod:`protocol.signing`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AwareDatetime, Field, StringConstraints, model_validator
+
+from protocol._model import WireModel, wire_bytes
+from protocol.canonical import sha256_hex
+from protocol.ids import Name, Sha256Hex, Version
+
+__all__ = [
+    "MANIFEST_SCHEMA",
+    "ArtifactEntry",
+    "FeatureReference",
+    "GoldenSet",
+    "Manifest",
+    "Precision",
+    "ReferenceProfile",
+    "RuntimeRequirement",
+    "SmokeExpectation",
+    "Target",
+    "TensorSpec",
+    "manifest_digest",
+]
+
+MANIFEST_SCHEMA = "edgeherd.manifest/1"
+MAX_ARTIFACT_BYTES = 4 * 1024**3
+MAX_FEATURES = 1024
+MAX_BINS = 64
+
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+Text = Annotated[str, StringConstraints(max_length=4000)]
+
+
+class Target(str, Enum):
+    """Compilation target, i.e. which runtime family loads the artifact."""
+
+    ONNX = "onnx"
+    TFLITE = "tflite"
+    TENSORRT = "tensorrt"
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+RuntimeName = Literal["onnxruntime", "ai-edge-litert", "tflite-runtime", "tensorrt"]
+DType = Literal["float32", "float16", "int8", "uint8", "int32", "int64", "bool"]
+
+
+class RuntimeRequirement(WireModel):
+    """The runtime an artifact needs; the agent refuses it before downloading if absent."""
+
+    name: RuntimeName
+    min_version: Version
+    max_version: Version | None = None
+
+
+class TensorSpec(WireModel):
+    """One model input or output. ``-1`` in ``shape`` marks a dynamic dimension."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    shape: list[Annotated[int, Field(ge=-1, le=1_000_000)]] = Field(max_length=8)
+    dtype: DType
+    #: Quantisation parameters of int8/uint8 tensors (real = scale * (q - zero_point)).
+    scale: Annotated[float, Field(gt=0)] | None = None
+    zero_point: Annotated[int, Field(ge=-128, le=255)] | None = None
+
+
+class SmokeExpectation(WireModel):
+    """What this artifact must output on the manifest's golden inputs."""
+
+    outputs: list[list[float]] = Field(max_length=64)
+    atol: Annotated[float, Field(ge=0)]
+    #: Fraction of golden inputs whose top-1 class must equal ``GoldenSet.labels``.
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
+class ArtifactEntry(WireModel):
+    name: Name
+    target: Target
+    precision: Precision
+    sha256: Sha256Hex
+    size: Annotated[int, Field(gt=0, le=MAX_ARTIFACT_BYTES)]
+    runtime: RuntimeRequirement
+    inputs: list[TensorSpec] = Field(min_length=1, max_length=16)
+    outputs: list[TensorSpec] = Field(min_length=1, max_length=16)
+    metrics: dict[Name, float] = Field(default_factory=dict, max_length=32)
+    smoke: SmokeExpectation | None = None
+
+
+class GoldenSet(WireModel):
+    """Inputs the device runs after installing, before switching to the new slot."""
+
+    #: Each input flattened in row-major order to the first input's shape (batch 1).
+    inputs: list[Annotated[list[float], Field(max_length=16384)]] = Field(min_length=1, max_length=64)
+    #: Expected top-1 class per input, for classification models.
+    labels: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _labels_match(self) -> GoldenSet:
+        if self.labels is not None and len(self.labels) != len(self.inputs):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.inputs)} golden inputs")
+        return self
+
+
+def _check_bins(edges: list[float], counts: list[int], what: str) -> None:
+    if len(counts) != len(edges) - 1:
+        raise ValueError(f"{what}: {len(edges)} edges need {len(edges) - 1} counts, got {len(counts)}")
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"{what}: bin edges must be strictly increasing")
+
+
+class FeatureReference(WireModel):
+    """Reference distribution of one input feature over the training data.
+
+    ``edges`` are K+1 increasing bin edges (training quantiles); ``counts`` the
+    K training counts. Values outside ``[edges[0], edges[-1]]`` count as out of
+    range on the device.
+    """
+
+    name: Name
+    version: Annotated[int, Field(ge=1)] | None = None
+    edges: list[float] = Field(min_length=3, max_length=MAX_BINS + 1)
+    counts: list[Annotated[int, Field(ge=0)]] = Field(min_length=2, max_length=MAX_BINS)
+    mean: float
+    std: Annotated[float, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _bins(self) -> FeatureReference:
+        _check_bins(self.edges, self.counts, f"feature {self.name}")
+        return self
+
+
+class ReferenceProfile(WireModel):
+    """What the training data looked like; the device counts its inputs on these bins."""
+
+    #: ``raw``: features are the input tensor's values; ``image``: declared summaries.
+    kind: Literal["raw", "image"]
+    n: Annotated[int, Field(gt=0)]
+    features: list[FeatureReference] = Field(min_length=1, max_length=MAX_FEATURES)
+    class_counts: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1000)
+    confidence_edges: list[float] | None = Field(default=None, max_length=MAX_BINS + 1)
+    confidence_counts: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_BINS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReferenceProfile:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names must be unique")
+        if (self.confidence_edges is None) != (self.confidence_counts is None):
+            raise ValueError("confidence_edges and confidence_counts go together")
+        if self.confidence_edges is not None and self.confidence_counts is not None:
+            _check_bins(self.confidence_edges, self.confidence_counts, "confidence histogram")
+        return self
+
+
+class Manifest(WireModel):
+    """A signed bundle's contents. Serialised canonically, it is what gets signed."""
+
+    KIND: ClassVar[str] = "manifest"
+    MAX_BYTES: ClassVar[int] = 1024 * 1024
+
+    schema_: Literal["edgeherd.manifest/1"] = Field(default=MANIFEST_SCHEMA, alias="schema")
+    model: Name
+    version: Version
+    created_at: AwareDatetime
+    author: ShortText | None = None
+    description: Text = ""
+    task: Literal["classification", "regression"]
+    #: Class names, index = class id.
+    labels: list[ShortText] | None = Field(default=None, max_length=1000)
+    artifacts: list[ArtifactEntry] = Field(min_length=1, max_length=16)
+    golden: GoldenSet | None = None
+    reference: ReferenceProfile | None = None
+    #: Where this version came from: dataset hash, code revision, seed, parent version.
+    lineage: dict[Name, ShortText] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="after")
+    def _unique_artifacts(self) -> Manifest:
+        names = [a.name for a in self.artifacts]
+        if len(set(names)) != len(names):
+            raise ValueError("artifact names must be unique within a manifest")
+        return self
+
+    def artifact(self, name: str) -> ArtifactEntry:
+        """The artifact called ``name``; KeyError if there is none."""
+        for art in self.artifacts:
+            if art.name == name:
+                return art
+        raise KeyError(name)
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """Content address of a manifest: sha256 of its canonical JSON."""
+    return sha256_hex(wire_bytes(manifest))

@@ -1,0 +1,400 @@
+"""Every JSON message on the edgeherd/v1 topics.
+
+All messages carry ``"v": 1`` (the payload schema version). Models are
+strict: unknown fields, wrong types, strings where numbers belong, lists over
+their cap and identifiers outside their pattern are rejected. Decode untrusted
+payloads with :func:`decode` (or :func:`decode_for_topic`), which raises only
+:class:`~protocol.errors.InvalidMessage`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, ClassVar, Literal, Union
+
+from pydantic import AwareDatetime, Field, StringConstraints, model_validator
+
+from protocol._model import WireModel, decode_model, encode_model
+from protocol.ids import DeviceId, Name, RequestId, Sha256Hex, Version
+from protocol.manifest import MAX_BINS, MAX_FEATURES
+from protocol.signing import SignedManifest
+from protocol.topics import TopicKind, device_topic
+
+__all__ = [
+    "FINAL_SEQ",
+    "MAX_REQUEST_BYTES",
+    "PROTOCOL_VERSION",
+    "ChunkRequest",
+    "Command",
+    "CommandAck",
+    "CommandKind",
+    "DesiredState",
+    "DeviceState",
+    "ErrorCode",
+    "ErrorReply",
+    "FeatureStats",
+    "FeatureWindow",
+    "Fingerprint",
+    "GpuInfo",
+    "Hello",
+    "InstallStatus",
+    "InstallStep",
+    "LatencySummary",
+    "Message",
+    "RunningBundle",
+    "TelemetryWindow",
+    "decode",
+    "decode_for_topic",
+    "encode",
+    "will_message",
+]
+
+PROTOCOL_VERSION = 1
+#: ``seq`` of a session's last state message (graceful offline or last will).
+FINAL_SEQ = 2**31 - 1
+#: Largest byte range one :class:`ChunkRequest` may ask for.
+MAX_REQUEST_BYTES = 1024 * 1024
+
+Count = Annotated[int, Field(ge=0, le=2**53)]
+Seq = Annotated[int, Field(ge=0, le=FINAL_SEQ)]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+Reason = Annotated[str, StringConstraints(max_length=1000)]
+Counts = Annotated[list[Count], Field(max_length=MAX_BINS)]
+
+
+class _Msg(WireModel):
+    v: Literal[1] = 1
+
+
+# --- device state -------------------------------------------------------------
+
+
+class InstallStep(str, Enum):
+    """Steps of the agent's install state machine, in order."""
+
+    PREFLIGHT = "preflight"
+    DOWNLOAD = "download"
+    VERIFY = "verify"
+    INSTALL = "install"
+    LOAD = "load"
+    SMOKE_TEST = "smoke_test"
+    SWITCH = "switch"
+    DONE = "done"
+    FAILED = "failed"
+    REVERTED = "reverted"
+
+
+class RunningBundle(WireModel):
+    model: Name
+    version: Version
+    manifest_sha256: Sha256Hex
+    artifact: Name
+    slot: Literal["a", "b"]
+
+
+class InstallStatus(WireModel):
+    model: Name
+    version: Version
+    manifest_sha256: Sha256Hex
+    step: InstallStep
+    #: Bytes downloaded so far and in total, while downloading.
+    progress: Count | None = None
+    total: Count | None = None
+    #: Why the install failed or was reverted; names the failed step.
+    error: Reason | None = None
+
+
+class DeviceState(_Msg):
+    """Retained on ``…/state``. Ordered per device by ``(session, seq)``."""
+
+    KIND: ClassVar[str] = "device state"
+
+    device_id: DeviceId
+    status: Literal["online", "offline"]
+    #: Increases on every connection of the agent (e.g. connect time in ms).
+    session: Annotated[int, Field(ge=0, le=2**53)]
+    #: Increases with every state message within a session; FINAL_SEQ for the last.
+    seq: Seq
+    ts: AwareDatetime | None = None
+    reason: Literal["connected", "update", "shutdown", "lost"] | None = None
+    agent_version: Version | None = None
+    running: RunningBundle | None = None
+    install: InstallStatus | None = None
+
+
+def will_message(device_id: str, session: int) -> tuple[str, bytes]:
+    """Topic and payload of the last will the agent registers at connect."""
+    state = DeviceState(device_id=device_id, status="offline", session=session, seq=FINAL_SEQ, reason="lost")
+    return device_topic(device_id, TopicKind.STATE), encode(state)
+
+
+# --- hello --------------------------------------------------------------------
+
+
+class GpuInfo(WireModel):
+    name: ShortText
+    compute_capability: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,2}\.[0-9]{1,2}$")] | None = None
+    memory_bytes: Count | None = None
+    cuda: Version | None = None
+    tensorrt: Version | None = None
+
+
+class Fingerprint(WireModel):
+    arch: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{1,32}$")]
+    os: ShortText
+    python: Version
+    cpu_model: ShortText | None = None
+    cpu_count: Annotated[int, Field(ge=1, le=4096)]
+    memory_bytes: Count
+    disk_free_bytes: Count
+    #: ``/proc/device-tree/model`` where there is one, e.g. "Raspberry Pi 5 Model B Rev 1.0".
+    board: ShortText | None = None
+    #: Inference runtimes importable on the device and their versions.
+    runtimes: dict[Name, Version] = Field(default_factory=dict, max_length=16)
+    gpu: GpuInfo | None = None
+
+
+class Hello(_Msg):
+    KIND: ClassVar[str] = "hello"
+
+    device_id: DeviceId
+    session: Annotated[int, Field(ge=0, le=2**53)]
+    agent_version: Version
+    #: Payload schema versions the agent understands.
+    protocols: list[Annotated[int, Field(ge=1, le=1000)]] = Field(min_length=1, max_length=16)
+    profile: Name | None = None
+    fingerprint: Fingerprint
+
+
+# --- desired state ------------------------------------------------------------
+
+
+class DesiredState(_Msg):
+    """Retained on ``…/desired``: which artifact of which signed bundle to run."""
+
+    KIND: ClassVar[str] = "desired state"
+    MAX_BYTES: ClassVar[int] = SignedManifest.MAX_BYTES + 4096
+
+    device_id: DeviceId
+    #: Increases with every change of the desired state; older ones are ignored.
+    generation: Annotated[int, Field(ge=0, le=2**53)]
+    issued_at: AwareDatetime
+    #: ``null``: nothing new to run; the device keeps what it runs.
+    bundle: SignedManifest | None = None
+    artifact: Name | None = None
+    rollout_id: Name | None = None
+
+    @model_validator(mode="after")
+    def _artifact_in_bundle(self) -> DesiredState:
+        if (self.bundle is None) != (self.artifact is None):
+            raise ValueError("bundle and artifact must be given together")
+        if self.bundle is not None and self.artifact is not None:
+            names = [a.name for a in self.bundle.manifest.artifacts]
+            if self.artifact not in names:
+                raise ValueError(f"artifact {self.artifact!r} is not in the bundle (has {names})")
+        return self
+
+
+# --- artifact transfer --------------------------------------------------------
+
+
+class ChunkRequest(_Msg):
+    """Ask for bytes ``[offset, offset + length)`` of an artifact, in chunks of ``chunk_size``."""
+
+    KIND: ClassVar[str] = "chunk request"
+    MAX_BYTES: ClassVar[int] = 1024
+
+    request_id: RequestId
+    sha256: Sha256Hex
+    offset: Annotated[int, Field(ge=0, le=2**42)]
+    length: Annotated[int, Field(ge=1, le=MAX_REQUEST_BYTES)]
+    chunk_size: Annotated[int, Field(ge=4 * 1024, le=256 * 1024)] = 64 * 1024
+
+
+class ErrorCode(str, Enum):
+    NOT_FOUND = "not_found"
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    RATE_LIMITED = "rate_limited"
+    INTERNAL = "internal"
+
+
+class ErrorReply(_Msg):
+    KIND: ClassVar[str] = "error reply"
+    MAX_BYTES: ClassVar[int] = 4096
+
+    #: The request this answers, when the request could be parsed that far.
+    request_id: RequestId | None = None
+    code: ErrorCode
+    message: Reason
+    #: Seconds to wait before retrying, for ``rate_limited`` and ``internal``.
+    retry_after_s: Annotated[float, Field(ge=0, le=86400)] | None = None
+
+
+# --- telemetry and statistics -------------------------------------------------
+
+
+class LatencySummary(WireModel):
+    p50: Annotated[float, Field(ge=0)]
+    p95: Annotated[float, Field(ge=0)]
+    p99: Annotated[float, Field(ge=0)]
+    max: Annotated[float, Field(ge=0)]
+    mean: Annotated[float, Field(ge=0)]
+
+
+class TelemetryWindow(_Msg):
+    """Health of one reporting window. ``(device_id, session, window_seq)`` is its key."""
+
+    KIND: ClassVar[str] = "telemetry window"
+    MAX_BYTES: ClassVar[int] = 16 * 1024
+
+    device_id: DeviceId
+    session: Annotated[int, Field(ge=0, le=2**53)]
+    window_seq: Annotated[int, Field(ge=0, le=2**53)]
+    start: AwareDatetime
+    end: AwareDatetime
+    manifest_sha256: Sha256Hex | None = None
+    requests: Count
+    errors: Count
+    latency_ms: LatencySummary | None = None
+    #: Counts of request latencies on ``latency_edges_ms`` (len(edges) - 1 bins).
+    latency_edges_ms: list[Annotated[float, Field(ge=0)]] | None = Field(default=None, max_length=MAX_BINS + 1)
+    latency_counts: Counts | None = None
+    cpu_percent: Annotated[float, Field(ge=0, le=100_000)] | None = None
+    memory_bytes: Count | None = None
+    disk_free_bytes: Count | None = None
+    temperature_c: Annotated[float, Field(ge=-100, le=200)] | None = None
+    #: Windows dropped because the offline buffer was full.
+    dropped_windows: Count = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TelemetryWindow:
+        if self.errors > self.requests:
+            raise ValueError("errors cannot exceed requests")
+        if self.end < self.start:
+            raise ValueError("end is before start")
+        if (self.latency_edges_ms is None) != (self.latency_counts is None):
+            raise ValueError("latency_edges_ms and latency_counts go together")
+        if self.latency_edges_ms is not None and self.latency_counts is not None:
+            if len(self.latency_counts) != len(self.latency_edges_ms) - 1:
+                raise ValueError("latency_counts needs one count per pair of edges")
+        return self
+
+
+class FeatureWindow(WireModel):
+    """One feature's counts on the reference bins of the manifest, for one window."""
+
+    name: Name
+    version: Annotated[int, Field(ge=1)] | None = None
+    counts: Counts
+    below: Count = 0
+    above: Count = 0
+    nan: Count = 0
+    mean: float | None = None
+    #: Sum of squared deviations from the mean (Welford's M2) of finite values.
+    m2: Annotated[float, Field(ge=0)] | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+class FeatureStats(_Msg):
+    """Feature statistics of one window; counts add across windows and devices."""
+
+    KIND: ClassVar[str] = "feature statistics"
+    MAX_BYTES: ClassVar[int] = 512 * 1024
+
+    device_id: DeviceId
+    session: Annotated[int, Field(ge=0, le=2**53)]
+    window_seq: Annotated[int, Field(ge=0, le=2**53)]
+    start: AwareDatetime
+    end: AwareDatetime
+    #: The manifest whose reference profile defines the bins.
+    manifest_sha256: Sha256Hex
+    n: Count
+    features: list[FeatureWindow] = Field(max_length=MAX_FEATURES)
+    class_counts: list[Count] | None = Field(default=None, max_length=1000)
+    confidence_counts: Counts | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureStats:
+        if self.end < self.start:
+            raise ValueError("end is before start")
+        names = [(f.name, f.version) for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("each feature may appear once")
+        return self
+
+
+# --- commands -----------------------------------------------------------------
+
+
+class CommandKind(str, Enum):
+    REPORT_NOW = "report_now"
+    ROLLBACK = "rollback"
+    RESTART_AGENT = "restart_agent"
+    SET_LOG_LEVEL = "set_log_level"
+
+
+class Command(_Msg):
+    KIND: ClassVar[str] = "command"
+    MAX_BYTES: ClassVar[int] = 8 * 1024
+
+    command_id: RequestId
+    kind: CommandKind
+    args: dict[Name, Union[bool, int, float, ShortText]] = Field(default_factory=dict, max_length=16)
+    issued_at: AwareDatetime
+    #: The device ignores (and rejects) a command received after this time.
+    expires_at: AwareDatetime | None = None
+
+
+class CommandAck(_Msg):
+    KIND: ClassVar[str] = "command ack"
+    MAX_BYTES: ClassVar[int] = 4096
+
+    device_id: DeviceId
+    command_id: RequestId
+    status: Literal["accepted", "rejected", "done", "failed"]
+    message: Reason = ""
+    ts: AwareDatetime
+
+
+# --- codec --------------------------------------------------------------------
+
+Message = Union[
+    DeviceState, Hello, DesiredState, ChunkRequest, ErrorReply, TelemetryWindow, FeatureStats, Command, CommandAck
+]
+
+MESSAGE_FOR_TOPIC: dict[TopicKind, type[WireModel]] = {
+    TopicKind.STATE: DeviceState,
+    TopicKind.HELLO: Hello,
+    TopicKind.DESIRED: DesiredState,
+    TopicKind.ARTIFACT_REQUEST: ChunkRequest,
+    TopicKind.TELEMETRY: TelemetryWindow,
+    TopicKind.STATS: FeatureStats,
+    TopicKind.COMMAND: Command,
+    TopicKind.ACK: CommandAck,
+    TopicKind.ERROR: ErrorReply,
+}
+
+
+def encode(msg: WireModel) -> bytes:
+    """Canonical JSON bytes of a message."""
+    return encode_model(msg)
+
+
+def decode(cls: type[Message], payload: bytes) -> Message:  # type: ignore[type-var]
+    """Decode ``payload`` as ``cls``; raises only :class:`InvalidMessage`."""
+    return decode_model(cls, payload)
+
+
+def decode_for_topic(kind: TopicKind, payload: bytes) -> WireModel:
+    """Decode a JSON payload received on a topic of ``kind``.
+
+    Raises :class:`InvalidMessage`; for :attr:`TopicKind.ARTIFACT_CHUNK` use
+    :func:`protocol.chunks.decode_chunk` instead.
+    """
+    cls = MESSAGE_FOR_TOPIC.get(kind)
+    if cls is None:
+        raise ValueError(f"{kind.value} payloads are not JSON; use protocol.chunks.decode_chunk")
+    return decode_model(cls, payload)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real Mosquitto, PostgreSQL and SQLite databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._mosquitto import Broker, find_mosquitto, running_broker
+
+#: Admin connection used to create and drop per-session test databases.
+PG_ADMIN_DSN = os.environ.get("EDGEHERD_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[Broker]:
+    """A fresh Mosquitto (no retained state) on a free loopback port."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed; `make test` installs it (apt-get install mosquitto)")
+    with running_broker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """SQLAlchemy URL of a fresh PostgreSQL database for this test session.
+
+    Skipped, with the reason, only when no PostgreSQL server answers.
+    """
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'edgeherd[server]')")
+    try:
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server answers at {PG_ADMIN_DSN!r}: {exc}".strip())
+    name = f"edgeherd_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        params = psycopg.conninfo.conninfo_to_dict(PG_ADMIN_DSN)
+        user = params.get("user", "postgres")
+        host = params.get("host", "127.0.0.1")
+        port = params.get("port", "5432")
+        try:
+            yield f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """SQLAlchemy URL of a fresh SQLite file."""
+    return f"sqlite:///{tmp_path / 'edgeherd.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Runs a test once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("postgres_url"))

@@ -1,0 +1,113 @@
+"""Small blocking wrappers around paho-mqtt 2 (MQTT 5) for tests."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from tests._mosquitto import Broker
+
+
+class ConnectRefused(Exception):
+    def __init__(self, reason: ReasonCode) -> None:
+        super().__init__(f"connect refused: {reason} ({reason.value})")
+        self.reason = reason
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+
+class TestClient:
+    """A connected MQTT 5 client that records what it receives and PUBACK reason codes."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, broker: Broker, user: str, password: str, *, will: tuple[str, bytes] | None = None,
+                 timeout: float = 10.0) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(user, password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self.pubacks: dict[int, ReasonCode] = {}
+        self._puback_cv = threading.Condition()
+        self._connected = threading.Event()
+        self._suback = threading.Event()
+        self.connect_reason: ReasonCode | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+        self.client.connect(broker.host, broker.port, keepalive=10)
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise TimeoutError("no CONNACK from broker")
+        assert self.connect_reason is not None
+        if self.connect_reason.is_failure:
+            self.close()
+            raise ConnectRefused(self.connect_reason)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    props: Properties | None) -> None:
+        self.connect_reason = reason
+        if reason.is_failure:
+            client.disconnect()  # stop paho from retrying a refused login
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.messages.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    props: Properties | None) -> None:
+        with self._puback_cv:
+            self.pubacks[mid] = reason
+            self._puback_cv.notify_all()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                      props: Properties | None) -> None:
+        self._suback.set()
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> None:
+        self._suback.clear()
+        self.client.subscribe(topic, qos=qos)
+        if not self._suback.wait(timeout):
+            raise TimeoutError(f"no SUBACK for {topic}")
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                timeout: float = 5.0) -> ReasonCode:
+        """Publish at QoS 1 and return the PUBACK reason code."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        with self._puback_cv:
+            if not self._puback_cv.wait_for(lambda: info.mid in self.pubacks, timeout):
+                raise TimeoutError(f"no PUBACK for {topic}")
+            return self.pubacks.pop(info.mid)
+
+    def get(self, timeout: float = 5.0) -> Received:
+        return self.messages.get(timeout=timeout)
+
+    def drain(self, wait: float) -> list[Received]:
+        out = []
+        try:
+            while True:
+                out.append(self.messages.get(timeout=wait))
+        except queue.Empty:
+            return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,138 @@
+"""Round trips and validation rules of every wire message and the manifest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protocol import (
+    MESSAGE_FOR_TOPIC,
+    ChunkRequest,
+    DesiredState,
+    DeviceState,
+    FeatureStats,
+    InvalidMessage,
+    Manifest,
+    TelemetryWindow,
+    TopicKind,
+    decode,
+    decode_for_topic,
+    encode,
+    manifest_digest,
+    will_message,
+)
+from protocol._model import decode_model, encode_model
+from tests.samples import all_messages, manifest
+
+MESSAGES = all_messages()
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    data = encode(msg)
+    assert decode(type(msg), data) == msg
+    # canonical: encoding is stable and re-encoding the decoded value gives the same bytes
+    assert encode(decode(type(msg), data)) == data
+    assert json.loads(data) == json.loads(json.dumps(json.loads(data), sort_keys=True))
+
+
+def test_every_message_type_has_a_sample():
+    sampled = {type(m) for m in MESSAGES}
+    assert set(MESSAGE_FOR_TOPIC.values()) <= sampled
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_decode_for_topic_matches(msg):
+    kind = next(k for k, cls in MESSAGE_FOR_TOPIC.items() if cls is type(msg))
+    assert decode_for_topic(kind, encode(msg)) == msg
+
+
+def test_manifest_round_trip_and_digest():
+    m = manifest()
+    data = encode_model(m)
+    back = decode_model(Manifest, data)
+    assert back == m
+    assert manifest_digest(back) == manifest_digest(m)
+    assert json.loads(data)["schema"] == "edgeherd.manifest/1"
+
+
+def _mutate(msg, **changes):
+    obj = json.loads(encode(msg))
+    for key, value in changes.items():
+        if value is ...:
+            del obj[key]
+        else:
+            obj[key] = value
+    return json.dumps(obj).encode()
+
+
+STATE = next(m for m in MESSAGES if isinstance(m, DeviceState))
+TELEMETRY = next(m for m in MESSAGES if isinstance(m, TelemetryWindow))
+REQUEST = next(m for m in MESSAGES if isinstance(m, ChunkRequest))
+
+
+@pytest.mark.parametrize(
+    ("cls", "payload", "fragment"),
+    [
+        (DeviceState, _mutate(STATE, extra_field=1), "extra_field"),
+        (DeviceState, _mutate(STATE, device_id="Pi/5"), "device_id"),
+        (DeviceState, _mutate(STATE, device_id="a" * 64), "device_id"),
+        (DeviceState, _mutate(STATE, device_id="pi+"), "device_id"),
+        (DeviceState, _mutate(STATE, seq="3"), "seq"),
+        (DeviceState, _mutate(STATE, v=2), "v"),
+        (DeviceState, _mutate(STATE, status=...), "status"),
+        (DeviceState, _mutate(STATE, ts="2026-11-28T09:00:00"), "ts"),  # naive time
+        (TelemetryWindow, _mutate(TELEMETRY, errors=601), "errors cannot exceed requests"),
+        (TelemetryWindow, _mutate(TELEMETRY, requests=-1), "requests"),
+        (TelemetryWindow, _mutate(TELEMETRY, latency_counts=[1, 2]), "latency_counts"),
+        (ChunkRequest, _mutate(REQUEST, length=1024 * 1024 + 1), "length"),
+        (ChunkRequest, _mutate(REQUEST, chunk_size=1024), "chunk_size"),
+        (ChunkRequest, _mutate(REQUEST, sha256="3F" * 32), "sha256"),
+        (ChunkRequest, b'{"v":1,"v":1}', "duplicate key"),
+        (ChunkRequest, b'{"v":NaN}', "NaN"),
+        (ChunkRequest, b"\xff\xfe", "UTF-8"),
+        (FeatureStats, b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (ChunkRequest, b" " * 2048, "limit is 1024"),
+    ],
+)
+def test_rejections_name_the_problem(cls, payload, fragment):
+    with pytest.raises(InvalidMessage) as err:
+        decode(cls, payload)
+    assert fragment in str(err.value)
+
+
+def test_list_caps_are_enforced():
+    obj = json.loads(encode(TELEMETRY))
+    obj["latency_edges_ms"] = [float(i) for i in range(100)]
+    obj["latency_counts"] = [0] * 99
+    with pytest.raises(InvalidMessage, match="latency_edges_ms"):
+        decode(TelemetryWindow, json.dumps(obj).encode())
+
+
+def test_desired_state_artifact_must_be_in_bundle():
+    desired = next(m for m in MESSAGES if isinstance(m, DesiredState) and m.bundle is not None)
+    with pytest.raises(InvalidMessage, match="not in the bundle"):
+        decode(DesiredState, _mutate(desired, artifact="nope"))
+    with pytest.raises(InvalidMessage, match="together"):
+        decode(DesiredState, _mutate(desired, artifact=...))
+
+
+def test_will_message_is_a_retained_offline_state():
+    topic, payload = will_message("pi5-kitchen", session=99)
+    assert topic == "edgeherd/v1/devices/pi5-kitchen/state"
+    state = decode(DeviceState, payload)
+    assert (state.status, state.reason, state.session) == ("offline", "lost", 99)
+    # a will is the end of its session: it orders after every state of that session
+    assert state.seq > STATE.seq
+
+
+def test_decode_for_topic_refuses_binary_kind():
+    with pytest.raises(ValueError, match="decode_chunk"):
+        decode_for_topic(TopicKind.ARTIFACT_CHUNK, b"{}")
+
+
+def test_encode_refuses_oversize_message():
+    big = ChunkRequest.model_construct(**{**REQUEST.model_dump(), "sha256": "a" * 5000})
+    with pytest.raises(InvalidMessage, match="exceeds the limit"):
+        encode(big)
