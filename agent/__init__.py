@@ -1,0 +1,6 @@
+"""The edgeherd device agent.
+
+Runs on a Raspberry Pi, a Jetson or any Linux box with the core dependencies
+only (numpy, paho-mqtt, pydantic, cryptography, typer); inference runtimes are
+imported lazily, and torch, textual, sqlmodel and the server never are.
+"""

@@ -10,6 +10,7 @@ training data that drift detection compares against. It is signed as a whole
 from __future__ import annotations
 
 from enum import Enum
+from itertools import pairwise
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
@@ -33,7 +34,7 @@ __all__ = [
     "manifest_digest",
 ]
 
-MANIFEST_SCHEMA = "edgeherd.manifest/1"
+MANIFEST_SCHEMA: Literal["edgeherd.manifest/1"] = "edgeherd.manifest/1"
 MAX_ARTIFACT_BYTES = 4 * 1024**3
 MAX_FEATURES = 1024
 MAX_BINS = 64
@@ -119,7 +120,7 @@ class GoldenSet(WireModel):
 def _check_bins(edges: list[float], counts: list[int], what: str) -> None:
     if len(counts) != len(edges) - 1:
         raise ValueError(f"{what}: {len(edges)} edges need {len(edges) - 1} counts, got {len(counts)}")
-    if any(b <= a for a, b in zip(edges, edges[1:])):
+    if any(b <= a for a, b in pairwise(edges)):
         raise ValueError(f"{what}: bin edges must be strictly increasing")
 
 

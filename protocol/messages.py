@@ -10,11 +10,11 @@ payloads with :func:`decode` (or :func:`decode_for_topic`), which raises only
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
-from protocol._model import WireModel, decode_model, encode_model
+from protocol._model import M, WireModel, decode_model, encode_model
 from protocol.ids import DeviceId, Name, RequestId, Sha256Hex, Version
 from protocol.manifest import MAX_BINS, MAX_FEATURES
 from protocol.signing import SignedManifest
@@ -276,9 +276,12 @@ class TelemetryWindow(_Msg):
             raise ValueError("end is before start")
         if (self.latency_edges_ms is None) != (self.latency_counts is None):
             raise ValueError("latency_edges_ms and latency_counts go together")
-        if self.latency_edges_ms is not None and self.latency_counts is not None:
-            if len(self.latency_counts) != len(self.latency_edges_ms) - 1:
-                raise ValueError("latency_counts needs one count per pair of edges")
+        if (
+            self.latency_edges_ms is not None
+            and self.latency_counts is not None
+            and len(self.latency_counts) != len(self.latency_edges_ms) - 1
+        ):
+            raise ValueError("latency_counts needs one count per pair of edges")
         return self
 
 
@@ -323,6 +326,10 @@ class FeatureStats(_Msg):
         names = [(f.name, f.version) for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError("each feature may appear once")
+        for f in self.features:
+            seen = sum(f.counts) + f.below + f.above + f.nan
+            if seen != self.n:
+                raise ValueError(f"feature {f.name}: counts + below + above + nan = {seen}, but n = {self.n}")
         return self
 
 
@@ -342,7 +349,7 @@ class Command(_Msg):
 
     command_id: RequestId
     kind: CommandKind
-    args: dict[Name, Union[bool, int, float, ShortText]] = Field(default_factory=dict, max_length=16)
+    args: dict[Name, bool | int | float | ShortText] = Field(default_factory=dict, max_length=16)
     issued_at: AwareDatetime
     #: The device ignores (and rejects) a command received after this time.
     expires_at: AwareDatetime | None = None
@@ -361,9 +368,10 @@ class CommandAck(_Msg):
 
 # --- codec --------------------------------------------------------------------
 
-Message = Union[
-    DeviceState, Hello, DesiredState, ChunkRequest, ErrorReply, TelemetryWindow, FeatureStats, Command, CommandAck
-]
+Message = (
+    DeviceState | Hello | DesiredState | ChunkRequest | ErrorReply | TelemetryWindow | FeatureStats | Command
+    | CommandAck
+)
 
 MESSAGE_FOR_TOPIC: dict[TopicKind, type[WireModel]] = {
     TopicKind.STATE: DeviceState,
@@ -383,7 +391,7 @@ def encode(msg: WireModel) -> bytes:
     return encode_model(msg)
 
 
-def decode(cls: type[Message], payload: bytes) -> Message:  # type: ignore[type-var]
+def decode(cls: type[M], payload: bytes) -> M:
     """Decode ``payload`` as ``cls``; raises only :class:`InvalidMessage`."""
     return decode_model(cls, payload)
 

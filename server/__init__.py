@@ -1,0 +1,1 @@
+"""The edgeherd server: registry, MQTT bridge, rollouts, governance, CLI and TUI."""

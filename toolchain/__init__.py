@@ -1,0 +1,1 @@
+"""Dataset validation, training, export, quantization, compilation and signed bundles."""

@@ -1,0 +1,86 @@
+# edgeherd — set-up and checks. `make test` and `make demo` work on a fresh
+# Debian/Ubuntu machine: they install what is missing, then run.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.edgeherd-installed
+TORCH := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help test test-all check lint typecheck imports demo system-deps venv constraints clean
+
+help:
+	@echo "make test       set everything up, then run the test suite (what CI runs)"
+	@echo "make demo       set everything up, then run the end-to-end demo"
+	@echo "make check      ruff, mypy, import contracts and the fast tests"
+	@echo "make test-all   every test, slow ones included"
+	@echo "make constraints  re-pin constraints.txt from the current .venv"
+
+# --- system packages -----------------------------------------------------------
+# Mosquitto is needed by the tests (they start their own broker) and the demo.
+system-deps:
+	@missing=""; \
+	for tool in mosquitto mosquitto_pub mosquitto_sub; do \
+	  PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> missing:$$missing; installing mosquitto and mosquitto-clients with apt-get"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else \
+	    echo "error: mosquitto is missing and this user cannot run apt-get (not root, no sudo)."; \
+	    echo "       Install it yourself:  apt-get install mosquitto mosquitto-clients"; exit 1; fi; \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "error: mosquitto is missing and apt-get is not available on this system."; \
+	    echo "       Install Mosquitto 2.x (broker and clients) with your package manager, then rerun."; exit 1; fi; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null || { \
+	    echo "error: apt-get could not install mosquitto and mosquitto-clients (see above)."; \
+	    echo "       Fix the package sources or install them by hand, then rerun."; exit 1; }; \
+	fi
+
+# --- Python environment --------------------------------------------------------
+# torch goes in first, from the CPU wheel, so nothing else can pull a CUDA build;
+# then the project with every extra, held to constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+	  echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv"; exit 1; }
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -c constraints.txt -e '.[all,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+constraints: $(STAMP)
+	@{ grep '^#' constraints.txt; \
+	   $(PIP) freeze --exclude-editable | grep -v '^edgeherd' | sed 's/^torch==.*/$(TORCH)/' | sort -f; } > constraints.new
+	@mv constraints.new constraints.txt && echo "constraints.txt re-pinned"
+
+# --- tests and checks ----------------------------------------------------------
+test: system-deps $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: system-deps $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports --config pyproject.toml
+
+check: system-deps lint typecheck imports
+	$(PY) -m pytest -m "not slow and not integration" -q $(PYTEST_ARGS)
+
+# --- demo ----------------------------------------------------------------------
+demo: system-deps $(STAMP)
+	@echo "edgeherd $$($(VENV)/bin/edgeherd --version | cut -d' ' -f2): the end-to-end demo is not built yet."
+	@echo "What works today: 'make test', '.venv/bin/edgeherd keys generate', '.venv/bin/edgeherd-agent verify'."
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

@@ -1,0 +1,68 @@
+"""``edgeherd-agent``: the device-side command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from protocol import ProtocolError, decode_signed_manifest, key_id, load_public_key
+from protocol.version import __version__
+
+app = typer.Typer(
+    name="edgeherd-agent",
+    help="edgeherd device agent: runs signed models pushed by an edgeherd server over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgeherd-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """edgeherd device agent."""
+
+
+def _read_key(key: str) -> str | bytes:
+    path = Path(key)
+    if key.startswith("ed25519:") or not path.exists():
+        return key
+    return path.read_bytes()
+
+
+@app.command()
+def verify(
+    manifest: Annotated[Path, typer.Argument(help="Signed manifest JSON file (as the server publishes it).")],
+    key: Annotated[
+        str, typer.Option("--key", "-k", help="Pinned server public key: 'ed25519:<base64>' or a PEM file.")
+    ],
+) -> None:
+    """Check a signed manifest against the server's public key, as the agent does before installing."""
+    try:
+        payload = manifest.read_bytes()
+    except OSError as exc:
+        typer.echo(f"error: cannot read {manifest}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        pub = load_public_key(_read_key(key))
+        verified = decode_signed_manifest(payload, pub)
+    except ProtocolError as exc:
+        typer.echo(f"error: {manifest}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"OK  {verified.model} {verified.version}  signed by key {key_id(pub)}")
+    for art in verified.artifacts:
+        typer.echo(f"    {art.name}: {art.target.value}/{art.precision.value}, {art.size} bytes, sha256 {art.sha256}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,93 @@
+"""``edgeherd``: the operator command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hardware.mosquitto import write_file_atomic
+from protocol import (
+    KeyFormatError,
+    generate_signing_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    private_key_to_pem,
+    public_key_to_pem,
+    public_key_to_text,
+)
+from protocol.version import __version__
+
+app = typer.Typer(
+    name="edgeherd",
+    help="edgeherd: train, quantize, sign and roll out models to a fleet of edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="The server's Ed25519 bundle-signing key.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgeherd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """edgeherd operator CLI."""
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for signing.key and signing.pub.")] = Path(
+        "data/keys"
+    ),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing key (devices pinned to it will refuse new bundles).")
+    ] = False,
+) -> None:
+    """Create the signing key pair: signing.key (private, mode 0600) and signing.pub (PEM)."""
+    private_path, public_path = out / "signing.key", out / "signing.pub"
+    if private_path.exists() and not force:
+        typer.echo(
+            f"error: {private_path} already exists; devices are pinned to it. Use --force to replace it.", err=True
+        )
+        raise typer.Exit(1)
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    key = generate_signing_key()
+    write_file_atomic(private_path, private_key_to_pem(key).decode("ascii"), 0o600)
+    write_file_atomic(public_path, public_key_to_pem(key.public_key()).decode("ascii"), 0o644)
+    typer.echo(f"wrote {private_path} and {public_path}")
+    typer.echo(f"key id     {key_id(key.public_key())}")
+    typer.echo(f"pin on devices as  {public_key_to_text(key.public_key())}")
+
+
+@keys_app.command("show")
+def keys_show(path: Annotated[Path, typer.Argument(help="signing.key or signing.pub")]) -> None:
+    """Print a key's id and the one-line form devices pin."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        typer.echo(f"error: cannot read {path}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        pub = load_private_key(data).public_key() if b"PRIVATE KEY" in data else load_public_key(data)
+    except KeyFormatError as exc:
+        typer.echo(f"error: {path}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"key id  {key_id(pub)}")
+    typer.echo(public_key_to_text(pub))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,38 @@
+"""The device side must not drag in the server or training stacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ["torch", "textual", "sqlmodel", "sqlalchemy", "alembic", "server", "toolchain", "onnx", "sklearn"]
+
+
+@pytest.mark.parametrize("module", ["protocol", "agent", "agent.cli", "hardware", "hardware.mosquitto"])
+def test_device_side_imports_stay_light(module):
+    code = (
+        f"import sys, {module}\n"
+        f"print(','.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"importing {module} pulled in: {out.stdout.strip()}"
+
+
+def test_protocol_imports_no_numpy_or_paho():
+    code = "import sys, protocol; print([m for m in ('numpy', 'paho') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_import_linter_contracts_hold():
+    """The layer table of the design, as import-linter contracts in pyproject.toml."""
+    exe = Path(sys.executable).parent / "lint-imports"
+    out = subprocess.run([str(exe), "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 broken" in out.stdout
