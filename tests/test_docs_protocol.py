@@ -76,7 +76,7 @@ def test_chunk_artifact_sha_matches_manifest_example():
 
 def test_topic_table_matches_code():
     rows = re.findall(r"^\| `([a-z/]+)` \| (\S+) \| (\d) \| (yes|no) \| ([^|]+) \|$", DOC, re.M)
-    documented = {kind: (way, int(qos), retained == "yes", payload.strip()) for kind, way, qos, retained, payload in rows}
+    documented = {kind: (way, int(qos), ret == "yes", payload.strip()) for kind, way, qos, ret, payload in rows}
     expected = {s.kind.value: (s.direction.value, s.qos, s.retain, s.payload) for s in TOPICS.values()}
     assert documented == expected
 
