@@ -10,13 +10,14 @@ STAMP := $(VENV)/.edgeherd-installed
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help test test-all check lint typecheck imports demo system-deps venv constraints clean
+.PHONY: help test test-all check lint typecheck imports bench demo system-deps venv constraints clean
 
 help:
 	@echo "make test       set everything up, then run the test suite (what CI runs)"
 	@echo "make demo       set everything up, then run the end-to-end demo"
 	@echo "make check      ruff, mypy, import contracts and the fast tests"
 	@echo "make test-all   every test, slow ones included"
+	@echo "make bench      performance suites (ratios against in-run baselines)"
 	@echo "make constraints  re-pin constraints.txt from the current .venv"
 
 # --- system packages -----------------------------------------------------------
@@ -76,6 +77,9 @@ imports: $(STAMP)
 
 check: system-deps lint typecheck imports
 	$(PY) -m pytest -m "not slow and not integration" -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench_protocol
 
 # --- demo ----------------------------------------------------------------------
 demo: system-deps $(STAMP)
