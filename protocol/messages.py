@@ -57,6 +57,8 @@ MAX_REQUEST_BYTES = 1024 * 1024
 
 Count = Annotated[int, Field(ge=0, le=2**53)]
 Seq = Annotated[int, Field(ge=0, le=FINAL_SEQ)]
+#: Increases on every connection of the agent (e.g. connect time in ms).
+Session = Annotated[int, Field(ge=0, le=2**53)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 Reason = Annotated[str, StringConstraints(max_length=1000)]
 Counts = Annotated[list[Count], Field(max_length=MAX_BINS)]
@@ -112,7 +114,7 @@ class DeviceState(_Msg):
     device_id: DeviceId
     status: Literal["online", "offline"]
     #: Increases on every connection of the agent (e.g. connect time in ms).
-    session: Annotated[int, Field(ge=0, le=2**53)]
+    session: Session
     #: Increases with every state message within a session; FINAL_SEQ for the last.
     seq: Seq
     ts: AwareDatetime | None = None
@@ -158,7 +160,7 @@ class Hello(_Msg):
     KIND: ClassVar[str] = "hello"
 
     device_id: DeviceId
-    session: Annotated[int, Field(ge=0, le=2**53)]
+    session: Session
     agent_version: Version
     #: Payload schema versions the agent understands.
     protocols: list[Annotated[int, Field(ge=1, le=1000)]] = Field(min_length=1, max_length=16)
@@ -243,17 +245,28 @@ class LatencySummary(WireModel):
     mean: Annotated[float, Field(ge=0)]
 
 
-class TelemetryWindow(_Msg):
-    """Health of one reporting window. ``(device_id, session, window_seq)`` is its key."""
+class _Window(_Msg):
+    """A reporting window of one device; ``(device_id, session, window_seq)`` is its key."""
+
+    device_id: DeviceId
+    session: Session
+    window_seq: Annotated[int, Field(ge=0, le=2**53)]
+    start: AwareDatetime
+    end: AwareDatetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Window:
+        if self.end < self.start:
+            raise ValueError("end is before start")
+        return self
+
+
+class TelemetryWindow(_Window):
+    """Health of one reporting window."""
 
     KIND: ClassVar[str] = "telemetry window"
     MAX_BYTES: ClassVar[int] = 16 * 1024
 
-    device_id: DeviceId
-    session: Annotated[int, Field(ge=0, le=2**53)]
-    window_seq: Annotated[int, Field(ge=0, le=2**53)]
-    start: AwareDatetime
-    end: AwareDatetime
     manifest_sha256: Sha256Hex | None = None
     requests: Count
     errors: Count
@@ -272,8 +285,6 @@ class TelemetryWindow(_Msg):
     def _consistent(self) -> TelemetryWindow:
         if self.errors > self.requests:
             raise ValueError("errors cannot exceed requests")
-        if self.end < self.start:
-            raise ValueError("end is before start")
         if (self.latency_edges_ms is None) != (self.latency_counts is None):
             raise ValueError("latency_edges_ms and latency_counts go together")
         if (
@@ -301,17 +312,12 @@ class FeatureWindow(WireModel):
     max: float | None = None
 
 
-class FeatureStats(_Msg):
+class FeatureStats(_Window):
     """Feature statistics of one window; counts add across windows and devices."""
 
     KIND: ClassVar[str] = "feature statistics"
     MAX_BYTES: ClassVar[int] = 512 * 1024
 
-    device_id: DeviceId
-    session: Annotated[int, Field(ge=0, le=2**53)]
-    window_seq: Annotated[int, Field(ge=0, le=2**53)]
-    start: AwareDatetime
-    end: AwareDatetime
     #: The manifest whose reference profile defines the bins.
     manifest_sha256: Sha256Hex
     n: Count
@@ -321,8 +327,6 @@ class FeatureStats(_Msg):
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureStats:
-        if self.end < self.start:
-            raise ValueError("end is before start")
         names = [(f.name, f.version) for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError("each feature may appear once")

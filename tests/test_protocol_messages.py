@@ -70,6 +70,7 @@ def _mutate(msg, **changes):
 STATE = next(m for m in MESSAGES if isinstance(m, DeviceState))
 TELEMETRY = next(m for m in MESSAGES if isinstance(m, TelemetryWindow))
 REQUEST = next(m for m in MESSAGES if isinstance(m, ChunkRequest))
+STATS = next(m for m in MESSAGES if isinstance(m, FeatureStats))
 
 
 @pytest.mark.parametrize(
@@ -86,6 +87,9 @@ REQUEST = next(m for m in MESSAGES if isinstance(m, ChunkRequest))
         (TelemetryWindow, _mutate(TELEMETRY, errors=601), "errors cannot exceed requests"),
         (TelemetryWindow, _mutate(TELEMETRY, requests=-1), "requests"),
         (TelemetryWindow, _mutate(TELEMETRY, latency_counts=[1, 2]), "latency_counts"),
+        (TelemetryWindow, _mutate(TELEMETRY, end="2026-11-28T08:59:59Z"), "end is before start"),
+        (FeatureStats, _mutate(STATS, end="2026-11-28T08:59:59Z"), "end is before start"),
+        (FeatureStats, _mutate(STATS, n=601), "but n = 601"),
         (ChunkRequest, _mutate(REQUEST, length=1024 * 1024 + 1), "length"),
         (ChunkRequest, _mutate(REQUEST, chunk_size=1024), "chunk_size"),
         (ChunkRequest, _mutate(REQUEST, sha256="3F" * 32), "sha256"),
