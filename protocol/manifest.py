@@ -27,8 +27,11 @@ __all__ = [
     "Manifest",
     "Precision",
     "ReferenceProfile",
+    "Preprocessing",
     "RuntimeRequirement",
+    "ShapeRange",
     "SmokeExpectation",
+    "TensorRTBuild",
     "Target",
     "TensorSpec",
     "manifest_digest",
@@ -67,6 +70,8 @@ class RuntimeRequirement(WireModel):
     name: RuntimeName
     min_version: Version
     max_version: Version | None = None
+    #: ONNX opset the artifact uses (ONNX and TensorRT targets).
+    onnx_opset: Annotated[int, Field(ge=1, le=100)] | None = None
 
 
 class TensorSpec(WireModel):
@@ -89,6 +94,44 @@ class SmokeExpectation(WireModel):
     min_agreement: Annotated[float, Field(ge=0, le=1)] = 1.0
 
 
+class ShapeRange(WireModel):
+    """One input's TensorRT optimisation profile: the shapes the engine must accept."""
+
+    input: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    min: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=8)
+    opt: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=8)
+    max: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=8)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShapeRange:
+        if not len(self.min) == len(self.opt) == len(self.max):
+            raise ValueError(f"profile of {self.input}: min, opt and max need the same rank")
+        if any(not a <= b <= c for a, b, c in zip(self.min, self.opt, self.max, strict=True)):
+            raise ValueError(f"profile of {self.input}: need min <= opt <= max in every dimension")
+        return self
+
+
+class TensorRTBuild(WireModel):
+    """How the device builds a TensorRT engine from this artifact's ONNX file.
+
+    Engines are not portable across GPU architectures or TensorRT versions, so
+    the bundle ships the ONNX model and these settings; the agent builds and
+    caches the engine. ``validated_on`` lists the (compute capability,
+    TensorRT version) pairs these settings were tested on; empty means not
+    yet validated on any GPU.
+    """
+
+    precision: Precision
+    workspace_bytes: Annotated[int, Field(gt=0, le=64 * 1024**3)]
+    profiles: list[ShapeRange] = Field(min_length=1, max_length=16)
+    #: GPU compute capabilities the settings are intended for, e.g. "8.7" (Jetson Orin).
+    compute_capabilities: list[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,2}\.[0-9]{1,2}$")]] = Field(
+        min_length=1, max_length=32
+    )
+    min_tensorrt: Version
+    validated_on: list[Annotated[str, StringConstraints(max_length=64)]] = Field(default_factory=list, max_length=64)
+
+
 class ArtifactEntry(WireModel):
     name: Name
     target: Target
@@ -100,6 +143,13 @@ class ArtifactEntry(WireModel):
     outputs: list[TensorSpec] = Field(min_length=1, max_length=16)
     metrics: dict[Name, float] = Field(default_factory=dict, max_length=32)
     smoke: SmokeExpectation | None = None
+    tensorrt: TensorRTBuild | None = None
+
+    @model_validator(mode="after")
+    def _tensorrt_settings(self) -> ArtifactEntry:
+        if (self.target is Target.TENSORRT) != (self.tensorrt is not None):
+            raise ValueError(f"artifact {self.name}: TensorRT build settings go with target 'tensorrt' and only there")
+        return self
 
 
 class GoldenSet(WireModel):
@@ -145,11 +195,27 @@ class FeatureReference(WireModel):
         return self
 
 
+class Preprocessing(WireModel):
+    """What the model does to its input before the first layer.
+
+    With ``in_graph`` the steps are part of the exported graph: devices feed
+    raw inputs and cannot disagree with training about them.
+    """
+
+    kind: Literal["none", "normalize"]
+    mean: list[float] = Field(default_factory=list, max_length=4096)
+    std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list, max_length=4096)
+    in_graph: bool = True
+    description: ShortText = ""
+
+
 class ReferenceProfile(WireModel):
     """What the training data looked like; the device counts its inputs on these bins."""
 
-    #: ``raw``: features are the input tensor's values; ``image``: declared summaries.
+    #: ``raw``: features are the input tensor's values, in order; ``image``: the
+    #: summary features of ``summaries`` (see ``agent.summaries``).
     kind: Literal["raw", "image"]
+    summaries: Literal["image-summaries/1"] | None = None
     n: Annotated[int, Field(gt=0)]
     features: list[FeatureReference] = Field(min_length=1, max_length=MAX_FEATURES)
     class_counts: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1000)
@@ -161,6 +227,8 @@ class ReferenceProfile(WireModel):
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
+        if (self.kind == "image") != (self.summaries is not None):
+            raise ValueError("an image profile names its summary function in 'summaries', a raw one does not")
         if (self.confidence_edges is None) != (self.confidence_counts is None):
             raise ValueError("confidence_edges and confidence_counts go together")
         if self.confidence_edges is not None and self.confidence_counts is not None:
@@ -184,6 +252,7 @@ class Manifest(WireModel):
     #: Class names, index = class id.
     labels: list[ShortText] | None = Field(default=None, max_length=1000)
     artifacts: list[ArtifactEntry] = Field(min_length=1, max_length=16)
+    preprocessing: Preprocessing | None = None
     golden: GoldenSet | None = None
     reference: ReferenceProfile | None = None
     #: Where this version came from: dataset hash, code revision, seed, parent version.

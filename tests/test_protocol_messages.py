@@ -140,3 +140,30 @@ def test_encode_refuses_oversize_message():
     big = ChunkRequest.model_construct(**{**REQUEST.model_dump(), "sha256": "a" * 5000})
     with pytest.raises(InvalidMessage, match="exceeds the limit"):
         encode(big)
+
+
+def _manifest_with(mutate):
+    obj = json.loads(encode_model(manifest()))
+    mutate(obj)
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda m: m["artifacts"][2].update(target="onnx"), "TensorRT build settings"),
+        (lambda m: m["artifacts"][0].update(tensorrt=m["artifacts"][2]["tensorrt"]), "TensorRT build settings"),
+        (lambda m: m["artifacts"][2]["tensorrt"]["profiles"][0].update(max=[1, 1, 4, 8]), "min <= opt <= max"),
+        (lambda m: m["artifacts"][2]["tensorrt"]["profiles"][0].update(max=[1, 8, 8]), "same rank"),
+        (lambda m: m["artifacts"][2]["tensorrt"].update(compute_capabilities=["sm87"]), "compute_capabilities"),
+        (lambda m: m["reference"].update(kind="image"), "summary function"),
+        (lambda m: m["reference"]["features"][0].update(edges=[0.0, 1.0, 0.5, 16.0]), "strictly increasing"),
+        (lambda m: m["reference"]["features"][0].update(counts=[1, 2]), "need 3 counts"),
+        (lambda m: m["artifacts"][1].update(name="digits-onnx-int8"), "unique"),
+        (lambda m: m["golden"].update(labels=[0, 1]), "2 labels for 1 golden inputs"),
+        (lambda m: m["preprocessing"].update(std=[0.0]), "std"),
+    ],
+)
+def test_manifest_rules(mutate, fragment):
+    with pytest.raises(InvalidMessage, match=fragment):
+        decode_model(Manifest, _manifest_with(mutate))
