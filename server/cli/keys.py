@@ -1,4 +1,4 @@
-"""``edgeherd``: the operator command line."""
+"""``edgeherd keys``: the bundle-signing key pair."""
 
 from __future__ import annotations
 
@@ -19,31 +19,8 @@ from protocol import (
     public_key_to_pem,
     public_key_to_text,
 )
-from protocol.version import __version__
 
-app = typer.Typer(
-    name="edgeherd",
-    help="edgeherd: train, quantize, sign and roll out models to a fleet of edge devices.",
-    no_args_is_help=True,
-    add_completion=False,
-)
 keys_app = typer.Typer(help="The server's Ed25519 bundle-signing key.", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"edgeherd {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
-    ] = False,
-) -> None:
-    """edgeherd operator CLI."""
 
 
 @keys_app.command("generate")
@@ -88,6 +65,3 @@ def keys_show(path: Annotated[Path, typer.Argument(help="signing.key or signing.
     typer.echo(f"key id  {key_id(pub)}")
     typer.echo(public_key_to_text(pub))
 
-
-def main() -> None:
-    app()

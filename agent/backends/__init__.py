@@ -1,0 +1,30 @@
+"""Inference backends behind one interface.
+
+``open_backend(path, runtime)`` loads an artifact with the named runtime and
+returns a :class:`Backend`: float32 batch in, float32 batch out, whatever the
+artifact's own input and output dtypes (int8 tensors are quantised and
+dequantised at the edge of the backend). Runtimes are imported only when a
+backend is opened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.backends._base import Backend, IOSpec, installed_runtimes
+from agent.errors import RuntimeMissing
+
+__all__ = ["Backend", "IOSpec", "installed_runtimes", "open_backend"]
+
+
+def open_backend(path: Path, runtime: str, *, threads: int = 1) -> Backend:
+    """Load ``path`` with ``runtime`` (a manifest runtime name)."""
+    if runtime == "onnxruntime":
+        from agent.backends.onnx import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(path, threads=threads)
+    if runtime in ("ai-edge-litert", "tflite-runtime"):
+        from agent.backends.litert import LiteRTBackend
+
+        return LiteRTBackend(path, threads=threads)
+    raise RuntimeMissing(f"no backend for runtime {runtime!r} in this agent")

@@ -1,0 +1,87 @@
+"""The Backend interface and what the backends share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
+
+import numpy as np
+
+from agent.errors import InputError
+
+__all__ = ["Backend", "IOSpec", "check_input", "dequantize", "installed_runtimes", "quantize"]
+
+#: Manifest runtime name -> distribution that provides it.
+_DISTRIBUTIONS = {
+    "onnxruntime": "onnxruntime",
+    "ai-edge-litert": "ai-edge-litert",
+    "tflite-runtime": "tflite-runtime",
+    "tensorrt": "tensorrt",
+}
+
+
+def installed_runtimes() -> dict[str, str]:
+    """Runtimes installed here and their versions, read from package metadata (no import)."""
+    out = {}
+    for runtime, dist in _DISTRIBUTIONS.items():
+        try:
+            out[runtime] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """A model input or output as the runtime reports it (-1: dynamic dimension)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in ("int8", "uint8") and self.scale > 0
+
+
+class Backend(Protocol):
+    runtime: str
+    input: IOSpec
+    output: IOSpec
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Run a float32 batch shaped like ``input`` (any batch size); return float32 outputs."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def check_input(spec: IOSpec, x: np.ndarray) -> np.ndarray:
+    """Validate a batch against ``spec`` and return it as contiguous float32."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"input must be a numpy array, got {type(x).__name__}")
+    if x.dtype.kind not in "fiu":
+        raise InputError(f"input dtype {x.dtype} is not numeric; expected float32 shaped {_shape(spec)}")
+    want = spec.shape[1:]
+    if x.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(want, x.shape[1:], strict=True)):
+        raise InputError(f"input shape {tuple(x.shape)} does not match {_shape(spec)} for {spec.name!r}")
+    if x.shape[0] < 1:
+        raise InputError("input batch is empty")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _shape(spec: IOSpec) -> str:
+    return "(batch, " + ", ".join("?" if d < 0 else str(d) for d in spec.shape[1:]) + ")"
+
+
+def quantize(spec: IOSpec, x: np.ndarray) -> np.ndarray:
+    info = np.iinfo(np.dtype(spec.dtype))
+    q = np.round(x / spec.scale + spec.zero_point)
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(spec: IOSpec, q: np.ndarray) -> np.ndarray:
+    return ((q.astype(np.float32) - spec.zero_point) * spec.scale).astype(np.float32)

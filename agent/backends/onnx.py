@@ -1,0 +1,53 @@
+"""ONNX Runtime backend (CPU execution provider)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.backends._base import IOSpec, check_input
+from agent.errors import ModelLoadError, RuntimeMissing
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def _spec(node: Any) -> IOSpec:
+    shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+    return IOSpec(node.name, shape, _ORT_TYPES.get(node.type, node.type))
+
+
+class OnnxRuntimeBackend:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int = 1) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeMissing("onnxruntime is not installed: pip install 'edgeherd[onnx]'") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise ModelLoadError(f"{path}: expected one input and at least one output, got {len(inputs)} inputs")
+        self.input, self.output = _spec(inputs[0]), _spec(outputs[0])
+        log.info("loaded %s with onnxruntime %s", path, ort.__version__)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = check_input(self.input, x)
+        out = self.session.run([self.output.name], {self.input.name: x})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        del self.session

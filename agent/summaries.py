@@ -1,0 +1,43 @@
+"""Summary features of image inputs, computed identically at build time and on devices.
+
+Drift on images is measured on cheap per-image summaries rather than on raw
+pixels. The toolchain computes the reference profile with this function and
+the agent computes each window's statistics with it, so the two cannot
+disagree. The set is versioned: ``image-summaries/1`` is, per channel ``c``:
+
+- ``c{c}_mean``, ``c{c}_std``: brightness and contrast;
+- ``c{c}_min``, ``c{c}_max``: range (a saturated or dead sensor shows here);
+- ``c{c}_grad``: mean absolute difference between neighbouring pixels, a
+  sharpness measure (blur lowers it, noise raises it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["IMAGE_SUMMARIES", "image_summaries", "image_summary_names"]
+
+IMAGE_SUMMARIES: Literal["image-summaries/1"] = "image-summaries/1"
+_PER_CHANNEL = ("mean", "std", "min", "max", "grad")
+
+
+def image_summary_names(channels: int) -> list[str]:
+    return [f"c{c}_{what}" for c in range(channels) for what in _PER_CHANNEL]
+
+
+def image_summaries(x: np.ndarray) -> np.ndarray:
+    """Summaries of a batch of images shaped (n, channels, height, width): (n, 5 × channels) float64."""
+    if x.ndim != 4:
+        raise ValueError(f"image summaries need (n, channels, height, width), got shape {x.shape}")
+    x = x.astype(np.float64, copy=False)
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    grad = np.zeros((n, c))
+    if x.shape[3] > 1:
+        grad += np.abs(np.diff(x, axis=3)).mean(axis=(2, 3))
+    if x.shape[2] > 1:
+        grad += np.abs(np.diff(x, axis=2)).mean(axis=(2, 3))
+    cols = np.stack([flat.mean(axis=2), flat.std(axis=2), flat.min(axis=2), flat.max(axis=2), grad], axis=2)
+    return cols.reshape(n, c * len(_PER_CHANNEL))

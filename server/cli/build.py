@@ -1,0 +1,208 @@
+"""``edgeherd build`` and ``edgeherd bundle verify|inspect``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from toolchain.validate import ValidationReport
+
+bundle_app = typer.Typer(help="Check and read signed bundles.", no_args_is_help=True)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+RECIPES = ("digits", "tabular", "torch", "onnx")
+
+
+class _Step:
+    def __init__(self, progress: Progress, task: Any, title: str) -> None:
+        self.progress, self.task, self.title = progress, task, title
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def note(self, text: str) -> None:
+        self.progress.update(self.task, description=f"{self.title} [dim]({text})[/]")
+
+
+class RichReporter:
+    """Draws one line per build step: a spinner while it runs, a bar when its length is known."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    @contextmanager
+    def step(self, title: str, total: int | None = None) -> Iterator[_Step]:
+        task = self.progress.add_task(title, total=total)
+        step = _Step(self.progress, task, title)
+        try:
+            yield step
+        except BaseException:
+            self.progress.update(task, description=f"[red]✗[/] {self.progress.tasks[task].description}")
+            raise
+        done = self.progress.tasks[task]
+        self.progress.update(task, total=done.total or 1, completed=done.total or 1,
+                             description=f"[green]✓[/] {done.description}")
+
+    def info(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+def _print_validation(report: ValidationReport) -> None:
+    table = Table(title="data validation", show_lines=False)
+    for col in ("rule", "result", "detail"):
+        table.add_column(col)
+    colour = {"ok": "green", "warning": "yellow", "fatal": "red"}
+    for f in report.findings:
+        table.add_row(f.rule, f"[{colour[f.severity]}]{f.severity}[/]", f.message)
+    err_console.print(table)
+
+
+def build_command(
+    recipe: Annotated[str, typer.Argument(help=f"What to build from: {', '.join(RECIPES)}.")] = "digits",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create (must not exist).")] = Path(
+        "bundles/model"),
+    key: Annotated[Path, typer.Option("--key", "-k", envvar="EDGEHERD_SIGNING_KEY",
+                                      help="Ed25519 signing key (edgeherd keys generate).")] = Path(
+        "data/keys/signing.key"),
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset: .csv or .parquet (with --schema) or .npz "
+                                              "(arrays x, y).")] = None,
+    schema: Annotated[Path | None, typer.Option("--schema", help="TOML schema of a table: label, features, "
+                                                "types, ranges.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Your torch model as module:Class (torch recipe).")
+                     ] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="state_dict file for --model.")] = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="An existing ONNX model to quantize and bundle.")
+                    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the dataset's).")] = None,
+    version: Annotated[str, typer.Option("--version", help="Semantic version of this build.")] = "1.0.0",
+    description: Annotated[str, typer.Option("--description", help="Intended use, for the model card.")] = "",
+    parent: Annotated[str | None, typer.Option("--parent", help="Version this one replaces (lineage).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for splits and training.")] = 0,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs (recipe default).")] = None,
+    max_drop: Annotated[float, typer.Option("--max-drop", min=0.0, help="Largest accuracy drop against fp32, in "
+                                            "points, for an artifact to enter the bundle.")] = 1.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training run from its last "
+                                         "checkpoint.")] = False,
+    tar: Annotated[bool, typer.Option("--tar/--no-tar", help="Also write OUT.tar for transport.")] = True,
+) -> None:
+    """Validate data, train, export, quantize, evaluate and sign a bundle."""
+    if onnx is not None and recipe == "digits":
+        recipe = "onnx"
+    if model is not None and recipe == "digits":
+        recipe = "torch"
+    if recipe not in RECIPES:
+        err_console.print(f"error: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        raise typer.Exit(2)
+    from toolchain.errors import ToolchainError
+    from toolchain.pipeline import BuildSpec, ValidationFailed, build
+
+    spec = BuildSpec(recipe=recipe, out=out, key=key, data=data, schema=schema, model=model,  # type: ignore[arg-type]
+                     weights=weights, onnx=onnx, name=name, version=version, description=description,
+                     parent=parent, seed=seed, epochs=epochs, max_drop=max_drop, resume=resume, tar=tar)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err_console, transient=False) as progress:
+            result = build(spec, RichReporter(progress))
+    except ValidationFailed as exc:
+        _print_validation(exc.report)
+        err_console.print(f"[red]error:[/] {exc}; nothing was written")
+        raise typer.Exit(1) from None
+    except ToolchainError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    _print_artifacts(result.manifest)
+    for art_name, why in result.rejected.items():
+        console.print(f"[yellow]left out[/] {art_name}: {why}")
+    console.print(f"bundle written to {result.out}" + (f" and {result.tar}" if result.tar else ""))
+
+
+def _print_artifacts(manifest: Any) -> None:
+    table = Table(title=f"{manifest.model} {manifest.version}")
+    for col in ("artifact", "target", "precision", "size", "accuracy", "p50 ms"):
+        table.add_column(col, justify="right" if col in ("size", "accuracy", "p50 ms") else "left")
+    for a in manifest.artifacts:
+        acc, lat = a.metrics.get("accuracy"), a.metrics.get("latency_ms_p50")
+        table.add_row(a.name, a.target.value, a.precision.value, f"{a.size:,}",
+                      f"{acc:.4f}" if acc is not None else "—", f"{lat:.3f}" if lat is not None else "—")
+    console.print(table)
+
+
+def _public_key(key: Path) -> Any:
+    from protocol import KeyFormatError, load_private_key, load_public_key
+
+    text = str(key)
+    try:
+        if text.startswith("ed25519:"):
+            return load_public_key(text)
+        data = key.read_bytes()
+        return load_private_key(data).public_key() if b"PRIVATE KEY" in data else load_public_key(data)
+    except OSError as exc:
+        err_console.print(f"error: cannot read key {key}: {exc.strerror}")
+        raise typer.Exit(2) from None
+    except KeyFormatError as exc:
+        err_console.print(f"error: {key}: {exc}")
+        raise typer.Exit(2) from None
+
+
+KeyOption = Annotated[Path, typer.Option("--key", "-k", envvar="EDGEHERD_PUBLIC_KEY",
+                                         help="Server public key: signing.pub, or 'ed25519:<base64>'.")]
+
+
+@bundle_app.command("verify")
+def bundle_verify(
+    path: Annotated[Path, typer.Argument(help="Bundle directory or .tar.")],
+    key: KeyOption = Path("data/keys/signing.pub"),
+) -> None:
+    """Check the signature and every artifact's sha256 and size, as a device would."""
+    from toolchain.bundle import verify_bundle
+    from toolchain.errors import BundleError
+
+    pub = _public_key(key)
+    try:
+        manifest = verify_bundle(path, pub)
+    except BundleError as exc:
+        err_console.print(f"[red]FAILED[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]OK[/] {manifest.model} {manifest.version}: signature and "
+                  f"{len(manifest.artifacts)} artifacts verified")
+
+
+@bundle_app.command("inspect")
+def bundle_inspect(
+    path: Annotated[Path, typer.Argument(help="Bundle directory or .tar.")],
+    key: Annotated[Path | None, typer.Option("--key", "-k", help="Also check the signature with this key.")] = None,
+) -> None:
+    """Show a bundle's manifest, artifacts and metrics, and check its files."""
+    from protocol import manifest_digest
+    from toolchain.bundle import inspect_bundle
+    from toolchain.errors import BundleError
+
+    pub = _public_key(key) if key is not None else None
+    try:
+        ins = inspect_bundle(path, pub)
+    except BundleError as exc:
+        err_console.print(f"error: {exc}")
+        raise typer.Exit(1) from None
+    m = ins.manifest
+    console.print(f"[bold]{m.model} {m.version}[/]  {m.task}, created {m.created_at:%Y-%m-%d %H:%M} UTC")
+    console.print(f"digest {manifest_digest(m)}  signed by key {ins.signed_by}"
+                  + ("" if pub is None else ("  [green]signature OK[/]" if ins.verified else "  [red]signature "
+                                             "does NOT verify[/]")))
+    _print_artifacts(m)
+    bad = [n for n, ok in ins.files_ok.items() if not ok]
+    if bad:
+        console.print(f"[red]files missing or altered:[/] {', '.join(bad)}")
+    for k, v in sorted(m.lineage.items()):
+        console.print(f"  {k}: {v}")
+    if bad or (pub is not None and not ins.verified):
+        raise typer.Exit(1)

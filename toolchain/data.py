@@ -1,0 +1,276 @@
+"""Datasets: the built-in digits recipe, tables (CSV/Parquet) with a declared schema, NPZ arrays.
+
+Every loader returns a :class:`Dataset` of float32 inputs and integer class
+labels, plus a :class:`Schema` saying what valid data looks like, which
+:mod:`toolchain.validate` checks before anything trains.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from toolchain.errors import DataError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Dataset", "FeatureSpec", "Rules", "Schema", "load_digits", "load_npz", "load_schema", "load_table",
+           "split_indices"]
+
+MAX_ROWS = 5_000_000
+MAX_FILE_BYTES = 2 * 1024**3
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    dtype: Literal["float", "int"] = "float"
+    min: float | None = None
+    max: float | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _range(self) -> FeatureSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"feature {self.name}: min {self.min} is above max {self.max}")
+        return self
+
+
+class Rules(_Strict):
+    """Validation thresholds; anything beyond a ``max_*`` is fatal."""
+
+    max_nan_fraction: float = Field(0.0, ge=0, le=1)
+    max_out_of_range_fraction: float = Field(0.01, ge=0, le=1)
+    min_class_fraction: float = Field(0.01, ge=0, le=1)
+    max_duplicate_fraction: float = Field(0.5, ge=0, le=1)
+    max_leakage_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class Schema(_Strict):
+    label: str
+    features: list[FeatureSpec] = Field(min_length=1, max_length=1024)
+    classes: list[str] | None = None
+    rules: Rules = Rules()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Schema:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names must be unique")
+        if self.label in names:
+            raise ValueError(f"label column {self.label!r} is also listed as a feature")
+        return self
+
+
+@dataclass
+class Dataset:
+    name: str
+    kind: Literal["image", "tabular"]
+    x: np.ndarray  # float32, (n, *input_shape)
+    y: np.ndarray  # int64, (n,)
+    classes: list[str]
+    schema: Schema
+    sha256: str
+    source: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def table(self) -> np.ndarray:
+        """Inputs flattened to (n, features) for row-wise validation."""
+        return self.x.reshape(len(self.x), -1)
+
+
+def load_schema(path: Path) -> Schema:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"schema file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read schema {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DataError(f"schema {path} is not valid TOML: {exc}") from None
+    try:
+        return Schema.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise DataError(f"schema {path}: {where}: {first['msg']}") from None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"dataset {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"dataset {path} is not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"dataset {path} is empty")
+    if size > MAX_FILE_BYTES:
+        raise DataError(f"dataset {path} is {size} bytes; the limit is {MAX_FILE_BYTES}")
+
+
+def _read_csv(path: Path) -> dict[str, list[str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path} has no header row")
+            header = [h.strip() for h in header]
+            cols: dict[str, list[str]] = {h: [] for h in header}
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path} line {lineno}: {len(row)} fields, the header has {len(header)}")
+                for h, v in zip(header, row, strict=True):
+                    cols[h].append(v.strip())
+                if lineno > MAX_ROWS:
+                    raise DataError(f"{path} has more than {MAX_ROWS} rows")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); is it really a CSV file?") from None
+    except csv.Error as exc:
+        raise DataError(f"{path} is not valid CSV: {exc}") from None
+    return cols
+
+
+def _read_parquet(path: Path) -> dict[str, list[str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow: pip install 'edgeherd[toolchain]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{path} is not a readable Parquet file: {exc}") from None
+    if table.num_rows > MAX_ROWS:
+        raise DataError(f"{path} has {table.num_rows} rows; the limit is {MAX_ROWS}")
+    return {name: ["" if v is None else str(v) for v in table.column(name).to_pylist()] for name in table.column_names}
+
+
+def _to_float(path: Path, spec: FeatureSpec, values: list[str]) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.float64)
+    for i, v in enumerate(values):
+        if v == "" or v.lower() in ("nan", "na", "null", "none"):
+            out[i] = math.nan
+            continue
+        try:
+            out[i] = float(v)
+        except ValueError:
+            raise DataError(
+                f"{path}: column {spec.name!r} row {i + 1}: {v[:40]!r} is not a number (declared {spec.dtype})"
+            ) from None
+        if spec.dtype == "int" and math.isfinite(out[i]) and out[i] != int(out[i]):
+            raise DataError(f"{path}: column {spec.name!r} row {i + 1}: {v!r} is not an integer")
+    return out
+
+
+def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Dataset:
+    """Load a CSV or Parquet file described by ``schema``."""
+    _check_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        cols = _read_csv(path)
+    elif suffix in (".parquet", ".pq"):
+        cols = _read_parquet(path)
+    else:
+        raise DataError(f"{path}: unknown table format {suffix!r}; use .csv or .parquet")
+    missing = [c for c in [schema.label, *(f.name for f in schema.features)] if c not in cols]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {', '.join(missing)} declared in the schema "
+                        f"(it has: {', '.join(list(cols)[:20])})")
+    n = len(cols[schema.label])
+    if n == 0:
+        raise DataError(f"{path} has a header but no rows")
+    x = np.stack([_to_float(path, f, cols[f.name]) for f in schema.features], axis=1)
+    labels = cols[schema.label]
+    if any(v == "" for v in labels):
+        raise DataError(f"{path}: label column {schema.label!r} has empty values (row {labels.index('') + 1})")
+    classes = schema.classes if schema.classes is not None else sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise DataError(f"{path}: labels {unknown[:5]} are not among the declared classes {classes}")
+    y = np.array([index[v] for v in labels], dtype=np.int64)
+    return Dataset(name=name or path.stem, kind="tabular", x=x.astype(np.float32), y=y, classes=classes,
+                   schema=schema, sha256=_sha256_file(path), source=str(path))
+
+
+def load_npz(path: Path, *, name: str | None = None, value_range: tuple[float, float] | None = None) -> Dataset:
+    """Load arrays ``x`` (n, ...) and ``y`` (n,) from an ``.npz`` file."""
+    _check_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise DataError(f"{path} must hold arrays 'x' and 'y' (it has {sorted(data.files)})")
+            x, y = data["x"], data["y"]
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path} is not a readable .npz file: {exc}") from None
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{path}: need x shaped (n, ...) and y shaped (n,), got {x.shape} and {y.shape}")
+    if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
+        raise DataError(f"{path}: x must be numeric and y integer class ids, got {x.dtype} and {y.dtype}")
+    n_features = int(np.prod(x.shape[1:]))
+    lo, hi = value_range if value_range is not None else (None, None)
+    specs = [FeatureSpec(name=f"x{i}", min=lo, max=hi) for i in range(min(n_features, 1024))]
+    schema = Schema(label="y", features=specs)
+    classes = [str(i) for i in range(int(y.max()) + 1)] if len(y) else []
+    return Dataset(name=name or path.stem, kind="image" if x.ndim == 4 else "tabular", x=x.astype(np.float32),
+                   y=y.astype(np.int64), classes=classes, schema=schema, sha256=_sha256_file(path), source=str(path))
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8×8 digits (1797 images, values 0–16): no download."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    raw = sk_digits()
+    x = raw.data.astype(np.float32).reshape(-1, 1, 8, 8)
+    y = raw.target.astype(np.int64)
+    schema = Schema(label="digit", features=[FeatureSpec(name=f"px{i}", min=0.0, max=16.0) for i in range(64)],
+                    classes=[str(i) for i in range(10)])
+    digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+    return Dataset(name="digits", kind="image", x=x, y=y, classes=[str(i) for i in range(10)], schema=schema,
+                   sha256=digest, source="sklearn.datasets.load_digits")
+
+
+SPLITS = ("train", "calibration", "validation", "test")
+
+
+def split_indices(y: np.ndarray, seed: int, fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)
+                  ) -> dict[str, np.ndarray]:
+    """Stratified, seeded split into train / calibration / validation / test index arrays."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    bounds = np.cumsum(fractions)
+    for cls in np.unique(y):
+        idx = np.flatnonzero(y == cls)
+        rng.shuffle(idx)
+        cuts = np.round(bounds[:-1] * len(idx)).astype(int)
+        for name, chunk in zip(SPLITS, np.split(idx, cuts), strict=True):
+            parts[name].append(chunk)
+    return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}

@@ -1,0 +1,52 @@
+"""Exceptions raised by :mod:`toolchain`.
+
+::
+
+    ToolchainError
+    ├── DataError            the dataset is missing, malformed or fails a fatal validation rule
+    ├── ModelError           a user model (torch class, state dict, ONNX file) cannot be loaded
+    ├── TrainingError        training cannot start or resume (e.g. a checkpoint from another run)
+    ├── ConversionError      export, quantisation or compilation failed
+    ├── BundleError          a bundle cannot be written, or fails verification
+    └── SigningKeyError      the signing key is missing or unreadable
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "ConversionError",
+    "DataError",
+    "ModelError",
+    "SigningKeyError",
+    "ToolchainError",
+    "TrainingError",
+]
+
+
+class ToolchainError(Exception):
+    """Base class of everything :mod:`toolchain` raises."""
+
+
+class DataError(ToolchainError):
+    pass
+
+
+class ModelError(ToolchainError):
+    pass
+
+
+class TrainingError(ToolchainError):
+    pass
+
+
+class ConversionError(ToolchainError):
+    pass
+
+
+class BundleError(ToolchainError):
+    pass
+
+
+class SigningKeyError(ToolchainError):
+    pass

@@ -1,0 +1,392 @@
+"""``build()``: dataset → validated → trained → exported → quantised → evaluated → signed bundle.
+
+Steps report to a :class:`Reporter` (the CLI draws rich progress bars). A
+build that fails at any step raises a :class:`~toolchain.errors.ToolchainError`
+and leaves no bundle behind; training checkpoints stay in the work directory
+so ``resume=True`` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+
+# LiteRT's converter and its C++ dependencies log to stderr unless told otherwise
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from agent.backends import IOSpec, open_backend
+from protocol import (
+    ArtifactEntry,
+    GoldenSet,
+    Manifest,
+    Precision,
+    Preprocessing,
+    RuntimeRequirement,
+    ShapeRange,
+    SmokeExpectation,
+    Target,
+    TensorRTBuild,
+    TensorSpec,
+)
+from protocol.version import __version__
+from toolchain import data as datamod
+from toolchain.bundle import (
+    ARTIFACTS,
+    CARD,
+    REPORT,
+    bundle_staging,
+    load_signing_key,
+    pack_tar,
+    report_json,
+    sha256_file,
+    write_signed_manifest,
+)
+from toolchain.card import render_card
+from toolchain.errors import DataError, ModelError
+from toolchain.evaluate import Evaluation, evaluate, gate
+from toolchain.profile import golden_indices, reference_profile, softmax
+from toolchain.validate import ValidationReport, check_leakage, validate
+
+__all__ = ["BuildResult", "BuildSpec", "NullReporter", "Reporter", "build"]
+
+Recipe = Literal["digits", "tabular", "torch", "onnx"]
+#: ONNX opset -> first ONNX Runtime release that runs it.
+_ORT_FOR_OPSET = {17: "1.13.0", 18: "1.14.0", 19: "1.16.0", 20: "1.17.0", 21: "1.20.0", 22: "1.20.0", 23: "1.22.0"}
+#: GPUs the TensorRT settings are meant for: Jetson Xavier 7.2, Orin 8.7; x86 T4/A100/A10/L4/H100.
+_TRT_CAPABILITIES = ["7.2", "7.5", "8.0", "8.6", "8.7", "8.9", "9.0"]
+
+
+class Reporter(Protocol):
+    def step(self, title: str, total: int | None = None) -> Any:
+        """Context manager for one step; the yielded object has ``advance(n=1)`` and ``note(text)``."""
+
+    def info(self, text: str) -> None: ...
+
+
+class _NullStep:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+class NullReporter:
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    @contextmanager
+    def step(self, title: str, total: int | None = None) -> Iterator[_NullStep]:
+        self.steps.append(title)
+        yield _NullStep()
+
+    def info(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class BuildSpec:
+    recipe: Recipe
+    out: Path
+    key: Path
+    data: Path | None = None
+    schema: Path | None = None
+    model: str | None = None
+    weights: Path | None = None
+    onnx: Path | None = None
+    name: str | None = None
+    version: str = "1.0.0"
+    description: str = ""
+    author: str | None = None
+    parent: str | None = None
+    seed: int = 0
+    epochs: int | None = None
+    max_drop: float = 1.0
+    resume: bool = False
+    work_dir: Path | None = None
+    tar: bool = True
+    tflite: bool = True
+
+    @property
+    def workdir(self) -> Path:
+        return self.work_dir or self.out.parent / f".{self.out.name}.work"
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: Manifest
+    report: dict[str, Any]
+    tar: Path | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class ValidationFailed(DataError):
+    def __init__(self, report: ValidationReport) -> None:
+        super().__init__(f"data validation failed: {report.summary()}")
+        self.report = report
+
+
+def _load(spec: BuildSpec) -> datamod.Dataset:
+    if spec.recipe == "digits":
+        return datamod.load_digits()
+    if spec.data is None:
+        raise DataError(f"the {spec.recipe} recipe needs a dataset: --data FILE (.csv, .parquet or .npz)")
+    if spec.data.suffix.lower() == ".npz":
+        return datamod.load_npz(spec.data)
+    if spec.schema is None:
+        raise DataError(f"{spec.data} needs a schema: --schema FILE.toml (label, features, ranges)")
+    return datamod.load_table(spec.data, datamod.load_schema(spec.schema))
+
+
+def _tensor(spec: IOSpec, name: str) -> TensorSpec:
+    dtype = spec.dtype if spec.dtype in ("float32", "float16", "int8", "uint8", "int32", "int64") else "float32"
+    return TensorSpec(name=name or spec.name, shape=list(spec.shape), dtype=dtype,  # type: ignore[arg-type]
+                      scale=spec.scale if spec.quantized else None,
+                      zero_point=spec.zero_point if spec.quantized else None)
+
+
+@dataclass
+class _Candidate:
+    name: str
+    target: Target
+    precision: Precision
+    path: Path
+    runtime: str
+    evaluation: Evaluation | None = None
+    tensorrt: TensorRTBuild | None = None
+
+
+def _evaluated(c: _Candidate) -> Evaluation:
+    if c.evaluation is None:
+        raise RuntimeError(f"{c.name} was not evaluated")
+    return c.evaluation
+
+
+def _torch_model(spec: BuildSpec, ds: datamod.Dataset, train_x: np.ndarray) -> tuple[Any, Preprocessing, bool]:
+    """(model, preprocessing, needs_training)."""
+    import torch
+
+    from toolchain.models import DigitsCNN, Normalized, TabularMLP, load_user_model
+
+    torch.manual_seed(spec.seed)  # initial weights are part of the seeded run
+
+    if spec.recipe == "torch":
+        if spec.model is None or spec.weights is None:
+            raise ModelError("the torch recipe needs --model module:Class and --weights FILE")
+        return load_user_model(spec.model, spec.weights), Preprocessing(
+            kind="none", description="as defined by the supplied model"), False
+    if spec.recipe == "digits" or ds.kind == "image":
+        mean_px, std_px = float(train_x.mean()), float(train_x.std()) or 1.0
+        core = DigitsCNN(len(ds.classes)) if ds.input_shape == (1, 8, 8) else None
+        if core is None:
+            raise ModelError(f"no built-in model for images shaped {ds.input_shape}; bring one with --model")
+        pre = Preprocessing(kind="normalize", mean=[mean_px], std=[std_px], in_graph=True,
+                            description="one mean and std over all pixels of the training split")
+        return Normalized(core, np.float32(mean_px), np.float32(std_px)), pre, True
+    flat = train_x.reshape(len(train_x), -1)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    pre = Preprocessing(kind="normalize", mean=[float(v) for v in mean], std=[float(v) for v in std], in_graph=True,
+                        description="per-feature mean and std of the training split")
+    return Normalized(TabularMLP(flat.shape[1], len(ds.classes)), mean, std), pre, True
+
+
+def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
+    rep = reporter or NullReporter()
+    key = load_signing_key(spec.key)  # fail before any work, not after training
+    if spec.out.exists() and (not spec.out.is_dir() or any(spec.out.iterdir())):
+        with bundle_staging(spec.out):  # raises BundleError naming what is there
+            pass
+    if spec.recipe == "onnx" and (spec.onnx is None or not spec.onnx.is_file()):
+        raise ModelError(f"ONNX file {spec.onnx} does not exist" if spec.onnx else "the onnx recipe needs --onnx FILE")
+
+    with rep.step("load and validate data") as st:
+        ds = _load(spec)
+        report, kept = validate(ds)
+        splits_local = datamod.split_indices(ds.y[kept], spec.seed)
+        splits = {k: kept[v] for k, v in splits_local.items()}
+        check_leakage(report, ds, splits["train"], splits["test"])
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        st.note(f"{report.rows_kept}/{report.rows_in} rows kept, {sizes}")
+    if not report.ok:
+        raise ValidationFailed(report)
+    xs = {k: ds.x[v] for k, v in splits.items()}
+    ys = {k: ds.y[v] for k, v in splits.items()}
+    name = spec.name or ds.name
+    build_report: dict[str, Any] = {"validation": report.to_dict(), "splits": {k: len(v) for k, v in splits.items()}}
+
+    model = None
+    preprocessing = Preprocessing(kind="none", description="as defined by the supplied ONNX model")
+    if spec.recipe != "onnx":
+        model, preprocessing, needs_training = _torch_model(spec, ds, xs["train"])
+        if needs_training:
+            from toolchain.train import TrainConfig, train
+
+            cfg = TrainConfig(epochs=spec.epochs or (30 if spec.recipe == "digits" else 60), seed=spec.seed)
+            with rep.step("train", total=cfg.epochs) as st:
+                result = train(model, (xs["train"], ys["train"]), (xs["validation"], ys["validation"]), cfg,
+                               spec.workdir / "checkpoints", data_digest=ds.sha256, resume=spec.resume,
+                               on_epoch=lambda r: st.advance())
+                if result.resumed_from:
+                    rep.info(f"resumed from the checkpoint of epoch {result.resumed_from}")
+                last = result.history[-1]
+                st.note(f"{cfg.epochs} epochs, validation accuracy {last.val_accuracy:.4f}")
+            build_report["training"] = {"epochs": cfg.epochs, "seed": cfg.seed, "resumed_from": result.resumed_from,
+                                        "history": [vars(h) for h in result.history]}
+
+    with bundle_staging(spec.out) as staging:
+        work = staging / ".work"
+        work.mkdir()
+        candidates: list[_Candidate] = []
+        with rep.step("export ONNX") as st:
+            fp32 = work / "model.onnx"
+            if model is not None:
+                from toolchain.export import export_onnx, torch_logits
+
+                export_onnx(model, xs["test"], fp32)
+                onnx_out = open_backend(fp32, "onnxruntime").predict(xs["test"])
+                parity = float(np.abs(onnx_out - torch_logits(model, xs["test"])).max())
+                build_report["onnx_parity_max_abs_diff"] = parity
+                st.note(f"max abs diff vs torch {parity:.2e}")
+            else:
+                shutil.copyfile(spec.onnx, fp32)  # type: ignore[arg-type]  # checked at the start
+                try:
+                    probe = open_backend(fp32, "onnxruntime")
+                    probe.predict(xs["test"][:1])
+                except Exception as exc:
+                    raise ModelError(f"{spec.onnx} cannot run on this dataset: {exc}") from None
+            candidates.append(_Candidate(f"{name}-onnx-fp32", Target.ONNX, Precision.FP32, fp32, "onnxruntime"))
+        with rep.step("quantize ONNX int8 (QDQ, per-channel)") as st:
+            from toolchain.quantize import quantize_onnx
+
+            int8 = work / "model.int8.onnx"
+            quantize_onnx(fp32, int8, xs["calibration"])
+            sym = work / "model.int8-sym.onnx"
+            quantize_onnx(fp32, sym, xs["calibration"], symmetric=True)
+            candidates.append(_Candidate(f"{name}-onnx-int8", Target.ONNX, Precision.INT8, int8, "onnxruntime"))
+        if spec.tflite and model is not None:
+            with rep.step("convert TFLite fp32 and int8 (litert-torch)") as st:
+                from toolchain.export import export_tflite
+
+                tfl = work / "model.tflite"
+                export_tflite(model, xs["test"], tfl)
+                tfl8 = work / "model.int8.tflite"
+                export_tflite(model, xs["test"], tfl8, int8_calibration=xs["calibration"])
+                candidates += [
+                    _Candidate(f"{name}-tflite-fp32", Target.TFLITE, Precision.FP32, tfl, "ai-edge-litert"),
+                    _Candidate(f"{name}-tflite-int8", Target.TFLITE, Precision.INT8, tfl8, "ai-edge-litert"),
+                ]
+        elif model is None:
+            build_report["skipped"] = {"tflite": "needs a torch model; an ONNX input cannot be converted here"}
+        shape = list(ds.input_shape)
+        for prec, path in ((Precision.FP16, fp32), (Precision.INT8, sym)):
+            candidates.append(_Candidate(
+                f"{name}-tensorrt-{prec.value}", Target.TENSORRT, prec, path, "onnxruntime",
+                tensorrt=TensorRTBuild(
+                    precision=prec, workspace_bytes=256 * 1024**2,
+                    profiles=[ShapeRange(input="input", min=[1, *shape], opt=[1, *shape], max=[32, *shape])],
+                    compute_capabilities=_TRT_CAPABILITIES, min_tensorrt="10.0", validated_on=[],
+                ),
+            ))
+
+        with rep.step("evaluate on the test split", total=len(candidates)) as st:
+            for c in candidates:
+                c.evaluation = evaluate(c.path, c.runtime, xs["test"], ys["test"])
+                st.advance()
+        evals = {c.name: _evaluated(c) for c in candidates}
+        base = evals[candidates[0].name]
+        rejected: dict[str, str] = {}
+        for c in candidates[1:]:
+            why = gate(evals[c.name].accuracy, base.accuracy, spec.max_drop)
+            if why:
+                rejected[c.name] = why
+        build_report["rejected"] = rejected
+        kept_c = [c for c in candidates if c.name not in rejected]
+
+        with rep.step("reference profile and golden vectors") as st:
+            probs = softmax(open_backend(fp32, "onnxruntime").predict(xs["train"]))
+            feature_names = [f.name for f in ds.schema.features] if ds.kind == "tabular" else None
+            reference = reference_profile(xs["train"], ds.kind, feature_names, ys["train"], len(ds.classes), probs)
+            gi = golden_indices(ys["test"])
+            golden_labels = [int(v) for v in base.outputs[gi].argmax(1)]
+            golden = GoldenSet(inputs=[[float(v) for v in xs["test"][i].ravel()] for i in gi], labels=golden_labels)
+            st.note(f"{len(reference.features)} features, {len(gi)} golden inputs")
+
+        entries = []
+        files: dict[str, Path] = {}
+        for c in kept_c:
+            ev = evals[c.name]
+            backend = open_backend(c.path, c.runtime)
+            in_spec, out_spec = backend.input, backend.output
+            backend.close()
+            outputs = ev.outputs[gi]
+            agreement = float((outputs.argmax(1) == np.array(golden_labels)).mean())
+            span = float(np.abs(outputs).max()) or 1.0
+            atol = 1e-3 * span if c.precision is Precision.FP32 and c.target is not Target.TENSORRT else 0.05 * span
+            sha = sha256_file(c.path)
+            files[sha] = c.path
+            if c.runtime == "onnxruntime":
+                from toolchain.export import onnx_opset
+
+                opset = onnx_opset(c.path)
+                runtime = RuntimeRequirement(
+                    name="tensorrt" if c.target is Target.TENSORRT else "onnxruntime",
+                    min_version="10.0" if c.target is Target.TENSORRT else _ORT_FOR_OPSET.get(opset, "1.17.0"),
+                    onnx_opset=opset)
+            else:
+                runtime = RuntimeRequirement(name="ai-edge-litert", min_version=dist_version("ai-edge-litert"))
+            metrics = ev.metrics() | {"accuracy_drop_points": round((base.accuracy - ev.accuracy) * 100, 4)}
+            if c.target is Target.TENSORRT:
+                metrics["measured_with_onnxruntime"] = 1.0
+            entries.append(ArtifactEntry(
+                name=c.name, target=c.target, precision=c.precision, sha256=sha, size=c.path.stat().st_size,
+                runtime=runtime, inputs=[_tensor(in_spec, "input")], outputs=[_tensor(out_spec, "logits")],
+                metrics=metrics, tensorrt=c.tensorrt,
+                smoke=SmokeExpectation(outputs=[[float(v) for v in row] for row in outputs], atol=atol,
+                                       min_agreement=agreement),
+            ))
+
+        lineage = {
+            "recipe": spec.recipe, "dataset_sha256": ds.sha256, "dataset_source": ds.source[-256:],
+            "seed": str(spec.seed), "edgeherd": __version__, "split_sizes": "/".join(
+                str(len(splits[k])) for k in datamod.SPLITS),
+            "onnxruntime": dist_version("onnxruntime"),
+        }
+        if model is not None:
+            lineage["torch"] = dist_version("torch")
+        if spec.parent:
+            lineage["parent_version"] = spec.parent
+        if spec.model:
+            lineage["model_class"] = spec.model
+        manifest = Manifest(
+            model=name, version=spec.version, created_at=datetime.now(timezone.utc), author=spec.author,
+            description=spec.description or f"{spec.recipe} model trained on {ds.name}",
+            task="classification", labels=ds.classes, artifacts=entries, preprocessing=preprocessing,
+            golden=golden, reference=reference, lineage=lineage,
+        )
+        with rep.step("sign and write the bundle") as st:
+            for sha, path in files.items():  # content-addressed: two artifacts may share one file
+                os.replace(path, staging / ARTIFACTS / sha)
+            shutil.rmtree(work)
+            write_signed_manifest(staging, manifest, key)
+            (staging / CARD).write_text(render_card(manifest, build_report), encoding="utf-8")
+            (staging / REPORT).write_text(report_json(build_report), encoding="utf-8")
+    tar = None
+    if spec.tar:
+        tar = spec.out.with_name(spec.out.name + ".tar")
+        pack_tar(spec.out, tar)
+    shutil.rmtree(spec.workdir, ignore_errors=True)
+    return BuildResult(out=spec.out, manifest=manifest, report=build_report, tar=tar, rejected=rejected)

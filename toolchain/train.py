@@ -1,0 +1,134 @@
+"""Seeded training on CPU with a checkpoint after every epoch and resume.
+
+The checkpoint (``last.pt`` in the work directory, written atomically) holds
+the weights, optimiser state, the shuffling generator's state, the epoch and
+the history, plus a fingerprint of the run (config and data digest): resuming
+continues exactly where the run stopped and refuses a checkpoint of another
+run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.errors import TrainingError
+
+__all__ = ["EpochResult", "TrainConfig", "TrainResult", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise TrainingError(f"epochs, batch size and learning rate must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    loss: float
+    val_accuracy: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochResult] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _fingerprint(cfg: TrainConfig, data_digest: str, model: nn.Module) -> str:
+    shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    blob = json.dumps({"cfg": asdict(cfg), "data": data_digest, "shapes": shapes}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _save(path: Path, state: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def train(
+    model: nn.Module,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    val_xy: tuple[np.ndarray, np.ndarray],
+    cfg: TrainConfig,
+    workdir: Path,
+    *,
+    data_digest: str,
+    resume: bool = False,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; checkpoint to ``workdir/last.pt`` after every epoch."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = workdir / "last.pt"
+    fingerprint = _fingerprint(cfg, data_digest, model)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    result = TrainResult()
+    start = 0
+    if ckpt.exists():
+        if not resume:
+            raise TrainingError(
+                f"{ckpt} holds a checkpoint of an earlier run; pass --resume to continue it, "
+                f"or remove {workdir} to start over"
+            )
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            raise TrainingError(f"{ckpt} belongs to a run with other settings or data; remove {workdir} to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        result.history = [EpochResult(**h) for h in state["history"]]
+        start = result.resumed_from = int(state["epoch"])
+    x = torch.as_tensor(train_xy[0])
+    y = torch.as_tensor(train_xy[1])
+    xv, yv = torch.as_tensor(val_xy[0]), torch.as_tensor(val_xy[1])
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(start + 1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(0, len(x), cfg.batch_size):
+            batch = order[i : i + cfg.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(x[batch]), y[batch])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(batch)
+        res = EpochResult(epoch, total / len(x), _accuracy(model, xv, yv))
+        result.history.append(res)
+        _save(ckpt, {
+            "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optim": opt.state_dict(),
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in result.history],
+        })
+        if on_epoch is not None:
+            on_epoch(res)
+    model.eval()
+    return result
