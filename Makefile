@@ -80,6 +80,7 @@ check: system-deps lint typecheck imports
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_protocol
+	$(PY) -m benchmarks.toolchain_targets
 
 # --- demo ----------------------------------------------------------------------
 demo: system-deps $(STAMP)
