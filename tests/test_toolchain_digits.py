@@ -132,6 +132,9 @@ def test_model_card_and_report(built):
     report = json.loads((result.out / "build-report.json").read_text())
     assert report["validation"]["rows_in"] == 1797
     assert len(report["training"]["history"]) == 30
+    lineage = result.manifest.lineage
+    assert lineage["epochs"] == "30" and lineage["seed"] == "0" and len(lineage["split_sha256"]) == 64
+    assert lineage["split_sizes"] == "/".join(str(v) for v in report["splits"].values())
 
 
 def test_cli_verify_and_inspect(built, tmp_path):

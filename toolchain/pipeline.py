@@ -15,7 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import hashlib
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,6 +169,22 @@ class _Candidate:
     runtime: str
     evaluation: Evaluation | None = None
     tensorrt: TensorRTBuild | None = None
+
+
+def _code_revision() -> str | None:
+    """The git commit of this edgeherd checkout, when it is one (``+dirty`` with local changes)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],  # noqa: S603, S607
+                             capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],  # noqa: S603, S607
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "") if rev else None
 
 
 def _evaluated(c: _Candidate) -> Evaluation:
@@ -359,12 +377,18 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                                        min_agreement=agreement),
             ))
 
+        split_digest = hashlib.sha256(b"".join(splits[k].astype("<i8").tobytes() for k in datamod.SPLITS))
         lineage = {
             "recipe": spec.recipe, "dataset_sha256": ds.sha256, "dataset_source": ds.source[-256:],
-            "seed": str(spec.seed), "edgeherd": __version__, "split_sizes": "/".join(
-                str(len(splits[k])) for k in datamod.SPLITS),
-            "onnxruntime": dist_version("onnxruntime"),
+            "seed": str(spec.seed), "edgeherd": __version__, "max_drop_points": str(spec.max_drop),
+            "split_sizes": "/".join(str(len(splits[k])) for k in datamod.SPLITS),
+            "split_sha256": split_digest.hexdigest(), "onnxruntime": dist_version("onnxruntime"),
         }
+        if "training" in build_report:
+            lineage["epochs"] = str(build_report["training"]["epochs"])
+        revision = _code_revision()
+        if revision:
+            lineage["code_revision"] = revision
         if model is not None:
             lineage["torch"] = dist_version("torch")
         if spec.parent:
