@@ -134,7 +134,8 @@ def test_model_card_and_report(built):
     assert len(report["training"]["history"]) == 30
     lineage = result.manifest.lineage
     assert lineage["epochs"] == "30" and lineage["seed"] == "0" and len(lineage["split_sha256"]) == 64
-    assert lineage["split_sizes"] == "/".join(str(v) for v in report["splits"].values())
+    order = ("train", "calibration", "validation", "test")
+    assert lineage["split_sizes"] == "/".join(str(report["splits"][k]) for k in order)
 
 
 def test_cli_verify_and_inspect(built, tmp_path):
