@@ -64,5 +64,34 @@ def verify(
         typer.echo(f"    {art.name}: {art.target.value}/{art.precision.value}, {art.size} bytes, sha256 {art.sha256}")
 
 
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="agent.toml (see docs/agent.md).")] = Path(
+        "/etc/edgeherd/agent.toml"),
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Connect to the broker, install what the server wants, serve it, report. Runs until SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from agent.config import load_config
+    from agent.errors import AgentError
+    from agent.runtime import Agent
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        agent = Agent(load_config(config)).start()
+    except (AgentError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    agent.stop()
+
+
 def main() -> None:
     app()

@@ -82,6 +82,21 @@ class Broker:
     def log(self) -> str:
         return (self.workdir / "mosquitto.log").read_text(errors="replace")
 
+    def stop(self) -> None:
+        """Stop the broker (SIGTERM: with persistence on, it saves sessions and retained messages)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the broker again on the same port with the same files."""
+        exe = find_mosquitto()
+        assert exe is not None
+        with open(self.workdir / "mosquitto.log", "ab") as log:
+            self.proc = subprocess.Popen([exe, "-c", str(self.workdir / "mosquitto.conf")], stdout=log, stderr=log)
+        if not _wait_listening(self.host, self.port, self.proc, timeout):
+            raise RuntimeError(f"mosquitto did not restart; its log:\n{self.log()[-2000:]}")
+
 
 def _wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
@@ -95,7 +110,8 @@ def _wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], timeout
 
 
 @contextlib.contextmanager
-def running_broker(users: dict[str, str] | None = None, *, timeout: float = 10.0) -> Iterator[Broker]:
+def running_broker(users: dict[str, str] | None = None, *, timeout: float = 10.0,
+                   persistence: bool = False) -> Iterator[Broker]:
     """Start Mosquitto with a server user (and ``users``), yield it, stop it."""
     exe = find_mosquitto()
     if exe is None:
@@ -109,7 +125,12 @@ def running_broker(users: dict[str, str] | None = None, *, timeout: float = 10.0
             hashes = {SERVER_USER: hash_password(server_password)}
             for user, password in (users or {}).items():
                 hashes[user] = hash_password(password)
-            conf = render_config(port=port, password_file=workdir / "passwd", acl_file=workdir / "acl")
+            store = workdir / "store"
+            if persistence:
+                store.mkdir(exist_ok=True)
+                os.chmod(store, 0o777)  # noqa: S103 - mosquitto (dropped to its own user) writes here
+            conf = render_config(port=port, password_file=workdir / "passwd", acl_file=workdir / "acl",
+                                 persistence_dir=store if persistence else None)
             write_file_atomic(workdir / "mosquitto.conf", conf, 0o644)
             write_file_atomic(workdir / "passwd", render_password_file(hashes), 0o644)
             write_file_atomic(workdir / "acl", render_acl([SERVER_USER]), 0o644)
@@ -123,15 +144,15 @@ def running_broker(users: dict[str, str] | None = None, *, timeout: float = 10.0
             log.close()
         else:
             raise RuntimeError(f"mosquitto did not start; its log:\n{(workdir / 'mosquitto.log').read_text()}")
+        log.close()
         try:
             yield broker
         finally:
-            proc.terminate()
+            broker.proc.terminate()
             try:
-                proc.wait(timeout=5)
+                broker.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+                broker.proc.kill()
+                broker.proc.wait()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

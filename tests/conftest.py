@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +62,30 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("postgres_url"))
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    dir: Path
+    signed: Any
+    key: Any
+
+    @property
+    def artifacts(self) -> Path:
+        return self.dir / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> BuiltBundle:
+    """A digits bundle built once per test session (8 epochs: enough for the agent tests)."""
+    from protocol import generate_signing_key, private_key_to_pem
+    from protocol._model import decode_model
+    from protocol.signing import SignedManifest
+    from toolchain.pipeline import BuildSpec, build
+
+    root = tmp_path_factory.mktemp("digits-bundle")
+    key = generate_signing_key()
+    (root / "signing.key").write_bytes(private_key_to_pem(key))
+    result = build(BuildSpec(recipe="digits", out=root / "bundle", key=root / "signing.key", epochs=8, tar=False))
+    signed = decode_model(SignedManifest, (result.out / "manifest.json").read_bytes())
+    return BuiltBundle(result.out, signed, key)

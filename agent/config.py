@@ -1,0 +1,158 @@
+"""The agent's configuration: a TOML file plus ``EDGEHERD_AGENT_*`` environment overrides.
+
+Every field is documented below; an unknown key, a wrong type or a missing
+required key is an error naming the key, never a silent default.
+
+.. code-block:: toml
+
+    device_id = "pi5-kitchen"
+    broker_url = "mqtt://broker.example:1883"     # mqtts:// for TLS
+    password_file = "/etc/edgeherd/broker-password"
+    server_key = "ed25519:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
+    data_dir = "/var/lib/edgeherd"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+from protocol.ids import DEVICE_ID_PATTERN
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["AgentConfig", "load_config"]
+
+ENV_PREFIX = "EDGEHERD_AGENT_"
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: This device's id: its MQTT user name and topic level (a-z, 0-9, '-').
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    #: Broker to connect to: mqtt://host[:1883] or mqtts://host[:8883].
+    broker_url: str
+    #: Broker user name; defaults to the device id.
+    username: str | None = None
+    #: Broker password, inline. Prefer ``password_file``.
+    password: str | None = None
+    #: File holding the broker password (first line), readable only by the agent.
+    password_file: Path | None = None
+    #: CA bundle to verify the broker's certificate (mqtts only; default: system CAs).
+    tls_ca: Path | None = None
+    #: Client certificate and key for TLS client authentication.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: The server's bundle-signing public key, pinned: 'ed25519:<base64>' or a PEM file path.
+    server_key: str
+    #: Where slots, downloads, the install record and the offline queue live.
+    data_dir: Path
+    #: Local inference API address (127.0.0.1 only by default); port 0 disables the API.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8470, ge=0, le=65535)
+    #: Hardware profile name, or "auto" to detect it.
+    profile: str = "auto"
+    #: A reporting window closes after this many seconds or samples, whichever comes first.
+    window_seconds: float = Field(60.0, gt=0, le=86400)
+    window_samples: int = Field(10_000, ge=1, le=10_000_000)
+    #: Windows kept while offline; beyond this the oldest are dropped (and counted).
+    queue_max_windows: int = Field(10_000, ge=10, le=10_000_000)
+    #: MQTT keep-alive in seconds; the broker marks the device offline after 1.5 × this.
+    keepalive: int = Field(30, ge=5, le=3600)
+    #: Threads per inference session.
+    threads: int = Field(1, ge=1, le=64)
+    #: Largest request body the local API accepts.
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=1024**3)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> AgentConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+    @property
+    def broker_host(self) -> str:
+        return urlsplit(self.broker_url).hostname or ""
+
+    @property
+    def broker_port(self) -> int:
+        parts = urlsplit(self.broker_url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.broker_url).scheme == "mqtts"
+
+    def broker_password(self) -> str | None:
+        if self.password_file is None:
+            return self.password
+        try:
+            return self.password_file.read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise ConfigError(f"password_file {self.password_file} cannot be read: {exc}") from None
+
+    def server_key_bytes(self) -> bytes:
+        if self.server_key.startswith("ed25519:"):
+            return self.server_key.encode()
+        try:
+            return Path(self.server_key).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"server_key file {self.server_key} cannot be read: {exc.strerror}") from None
+
+
+def _env_overrides(fields: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name in fields:
+        value = os.environ.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def load_config(path: Path | None, **overrides: Any) -> AgentConfig:
+    """Read ``path`` (TOML), apply ``EDGEHERD_AGENT_<FIELD>`` variables, then ``overrides``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    raw |= _env_overrides(AgentConfig.model_fields)
+    raw |= {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors()[:5]:
+            key = ".".join(str(p) for p in err["loc"]) or "(config)"
+            problems.append(f"{key}: {err['msg']}")
+        where = f"{path}" if path else "agent config"
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None

@@ -1,0 +1,700 @@
+"""``Agent``: reconcile the desired state, install models safely, serve them, report.
+
+Threads:
+
+- the MQTT network thread (:mod:`agent.session`), which only enqueues;
+- the worker, which owns reconciliation and the install state machine
+  (:mod:`agent.install`), one event at a time;
+- the reporter, which closes statistics windows and drains the offline
+  queue (:mod:`agent.outbox`) to the broker, deleting each report only on
+  its PUBACK;
+- the local HTTP API (:mod:`agent.api`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+
+from agent import preflight
+from agent.api import ApiServer
+from agent.config import AgentConfig
+from agent.download import Download
+from agent.errors import AgentError, ConfigError
+from agent.files import atomic_write
+from agent.fingerprint import fingerprint
+from agent.install import ACTIVE_STEPS, MAX_ATTEMPTS, Event, InstallRecord, Step
+from agent.outbox import Outbox
+from agent.predictor import Predictor
+from agent.slots import SlotContents, Slots
+from agent.window import LATENCY_EDGES_MS
+from protocol import (
+    FINAL_SEQ,
+    PROTOCOL_VERSION,
+    ChunkFormatError,
+    ChunkRequest,
+    Command,
+    CommandAck,
+    CommandKind,
+    DesiredState,
+    DeviceState,
+    ErrorCode,
+    ErrorReply,
+    Hello,
+    InstallStatus,
+    InstallStep,
+    InvalidMessage,
+    ProtocolError,
+    RunningBundle,
+    TopicError,
+    TopicKind,
+    decode,
+    decode_chunk,
+    device_topic,
+    encode,
+    load_public_key,
+    manifest_digest,
+    parse_device_topic,
+    verify_manifest,
+)
+from protocol._model import decode_model, encode_model
+from protocol.signing import SignedManifest
+from protocol.version import __version__
+
+__all__ = ["Agent", "InstallFailure", "smoke_test"]
+
+log = logging.getLogger(__name__)
+CHUNK_SIZE = 64 * 1024
+MAX_IN_FLIGHT = 2
+
+
+class InstallFailure(AgentError):
+    """A step of an install failed; the message says why."""
+
+
+class _Stopping(Exception):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, download_timeout: float = 30.0, min_backoff: float = 1.0,
+                 max_backoff: float = 60.0, api: bool = True) -> None:
+        self.cfg = cfg
+        self.data = cfg.data_dir
+        for sub in ("downloads", "pending"):
+            (self.data / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            self.server_key = load_public_key(cfg.server_key_bytes())
+        except ProtocolError as exc:
+            raise ConfigError(f"server_key: {exc}") from None
+        self.slots = Slots(self.data)
+        self.outbox = Outbox(self.data / "outbox.sqlite", cfg.queue_max_windows)
+        self.record_path = self.data / "install.json"
+        self.record = InstallRecord.load(self.record_path)
+        self.download_timeout = download_timeout
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._deferred: deque[tuple[Any, ...]] = deque()
+        self._reporter_q: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._predictor: Predictor | None = None
+        self._candidate: Predictor | None = None
+        self._plock = threading.Lock()
+        self._state_seq = 0
+        self._run_id = time.time_ns() // 1_000_000
+        self._window_seq = 0
+        self._window_start = _now()
+        self._inflight: dict[int, int] = {}
+        self._acks_seen: deque[str] = deque(maxlen=256)
+        self._stopping = threading.Event()
+        #: Fault injection for the crash tests: SIGKILL this process on entry to the named install step
+        #: (or "download-mid", half-way through a download). Never set in production.
+        self._kill_at = os.environ.get("EDGEHERD_AGENT_FAULT_KILL_AT", "")
+        self.session = self._make_session(min_backoff, max_backoff)
+        self.api = ApiServer(self, cfg.api_host, cfg.api_port, max_body=cfg.max_body_bytes) if api and \
+            cfg.api_port else None
+        self._worker = threading.Thread(target=self._work_loop, name="edgeherd-worker", daemon=True)
+        self._reporter = threading.Thread(target=self._report_loop, name="edgeherd-reporter", daemon=True)
+
+    def _make_session(self, min_backoff: float, max_backoff: float) -> Any:
+        from agent.session import Session
+
+        def both(*event: Any) -> None:
+            self.events.put(event)
+            self._reporter_q.put(event)
+
+        return Session(
+            self.cfg, on_message=lambda t, p: self.events.put(("msg", t, p)),
+            on_connected=lambda s: both("connected", s),
+            on_disconnected=lambda: both("disconnected"),
+            on_puback=lambda mid, ok: self._reporter_q.put(("puback", mid, ok)),
+            next_session=self._next_session, min_backoff=min_backoff, max_backoff=max_backoff,
+        )
+
+    def _next_session(self) -> int:
+        path = self.data / "session"
+        try:
+            last = int(path.read_text())
+        except (OSError, ValueError):
+            last = 0
+        value = max(last + 1, time.time_ns() // 1_000_000)
+        atomic_write(path, str(value).encode())
+        return value
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> Agent:
+        active = self.slots.active()
+        if active is not None:
+            contents = self.slots.read(active)
+            if contents is not None:
+                try:
+                    self._predictor = self._load(contents)
+                except AgentError as exc:
+                    log.error("the active slot %s does not load: %s", active, exc)
+        if self.record.step in ACTIVE_STEPS:
+            self.events.put(("resume",))
+        if self.api is not None:
+            self.api.start()
+        self._worker.start()
+        self._reporter.start()
+        self.session.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.events.put(("stop",))
+        self._reporter_q.put(("stop",))
+        self._worker.join(15)
+        self._reporter.join(15)
+        state = self._state(status="offline", reason="shutdown", seq=FINAL_SEQ)
+        self.session.stop(final=(device_topic(self.cfg.device_id, TopicKind.STATE), encode(state)))
+        if self.api is not None:
+            self.api.stop()
+        with self._plock:
+            for p in (self._predictor, self._candidate):
+                if p is not None:
+                    p.close()
+            self._predictor = self._candidate = None
+        self.outbox.close()
+
+    # -- ModelHost (for the HTTP API) ------------------------------------------------
+
+    def predictor(self) -> Predictor | None:
+        return self._predictor
+
+    def model_info(self) -> dict[str, Any]:
+        pred = self._predictor
+        info: dict[str, Any] = {"device_id": self.cfg.device_id, "agent_version": __version__,
+                                "install": self.record.step.value}
+        if pred is not None:
+            info |= {"model": pred.manifest.model, "version": pred.manifest.version, "artifact": pred.artifact.name,
+                     "target": pred.artifact.target.value, "precision": pred.artifact.precision.value,
+                     "slot": self.slots.active(), "input_shape": list(pred.input_shape),
+                     "labels": pred.manifest.labels, "manifest_sha256": manifest_digest(pred.manifest)}
+        return info
+
+    def metrics_text(self) -> str:
+        pred = self._predictor
+        lines = [
+            "# HELP edgeherd_agent_connected 1 while connected to the broker.",
+            "# TYPE edgeherd_agent_connected gauge",
+            f"edgeherd_agent_connected {int(self.session.connected.is_set())}",
+            "# HELP edgeherd_agent_outbox_messages Reports waiting to be sent.",
+            "# TYPE edgeherd_agent_outbox_messages gauge",
+            f"edgeherd_agent_outbox_messages {len(self.outbox)}",
+            "# HELP edgeherd_agent_install_step Current step of the install state machine.",
+            "# TYPE edgeherd_agent_install_step gauge",
+            f'edgeherd_agent_install_step{{step="{self.record.step.value}"}} 1',
+        ]
+        if pred is not None:
+            s = pred.stats
+            m = pred.manifest
+            lines += [
+                "# HELP edgeherd_agent_model_info The model being served.",
+                "# TYPE edgeherd_agent_model_info gauge",
+                f'edgeherd_agent_model_info{{model="{m.model}",version="{m.version}",'
+                f'artifact="{pred.artifact.name}",slot="{self.slots.active()}"}} 1',
+                "# HELP edgeherd_agent_requests_total Inference requests served.",
+                "# TYPE edgeherd_agent_requests_total counter",
+                f"edgeherd_agent_requests_total {s.lifetime_requests}",
+                "# HELP edgeherd_agent_request_errors_total Inference requests refused or failed.",
+                "# TYPE edgeherd_agent_request_errors_total counter",
+                f"edgeherd_agent_request_errors_total {s.lifetime_errors}",
+                "# HELP edgeherd_agent_latency_ms Inference latency in milliseconds.",
+                "# TYPE edgeherd_agent_latency_ms histogram",
+            ]
+            cumulative = 0
+            for edge, count in zip(LATENCY_EDGES_MS[1:], s.lifetime_latency_counts, strict=True):
+                cumulative += count
+                lines.append(f'edgeherd_agent_latency_ms_bucket{{le="{edge}"}} {cumulative}')
+            lines += [f'edgeherd_agent_latency_ms_bucket{{le="+Inf"}} {cumulative}',
+                      f"edgeherd_agent_latency_ms_sum {s.lifetime_latency_sum}",
+                      f"edgeherd_agent_latency_ms_count {cumulative}"]
+        return "\n".join(lines) + "\n"
+
+    # -- reporting state -----------------------------------------------------------
+
+    def _running(self) -> RunningBundle | None:
+        pred, active = self._predictor, self.slots.active()
+        if pred is None or active is None:
+            return None
+        m = pred.manifest
+        return RunningBundle(model=m.model, version=m.version, manifest_sha256=manifest_digest(m),
+                             artifact=pred.artifact.name, slot=active)  # type: ignore[arg-type]
+
+    def _install_status(self, progress: int | None = None, total: int | None = None) -> InstallStatus | None:
+        r = self.record
+        if r.step is Step.IDLE or not r.manifest_sha256:
+            return None
+        if r.step is Step.FAILED:
+            step = InstallStep.REVERTED if self._predictor is not None else InstallStep.FAILED
+        else:
+            step = InstallStep(r.step.value)
+        return InstallStatus(model=r.model, version=r.version, manifest_sha256=r.manifest_sha256, step=step,
+                             progress=progress, total=total,
+                             error=f"{r.failed_step}: {r.error}"[:1000] if r.error else None)
+
+    def _state(self, *, status: str = "online", reason: str = "update", seq: int | None = None,
+               progress: int | None = None, total: int | None = None) -> DeviceState:
+        if seq is None:
+            self._state_seq += 1
+            seq = self._state_seq
+        return DeviceState(device_id=self.cfg.device_id, status=status, session=self.session.session_id,  # type: ignore[arg-type]
+                           seq=seq, ts=_now(), reason=reason, agent_version=__version__,  # type: ignore[arg-type]
+                           running=self._running(), install=self._install_status(progress, total))
+
+    def _publish_state(self, reason: str = "update", **kw: Any) -> None:
+        state = self._state(reason=reason, **kw)
+        self.session.publish(device_topic(self.cfg.device_id, TopicKind.STATE), encode(state), retain=True)
+
+    def _hello(self) -> None:
+        hello = Hello(device_id=self.cfg.device_id, session=self.session.session_id, agent_version=__version__,
+                      protocols=[PROTOCOL_VERSION], profile=None if self.cfg.profile == "auto" else self.cfg.profile,
+                      fingerprint=fingerprint(self.data))
+        self.session.publish(device_topic(self.cfg.device_id, TopicKind.HELLO), encode(hello))
+
+    # -- the worker ------------------------------------------------------------------
+
+    def _next_event(self, timeout: float | None = None) -> tuple[Any, ...]:
+        ev = self.events.get(timeout=timeout)
+        if ev[0] == "stop":
+            self.events.put(ev)  # stays visible to every loop that waits
+            raise _Stopping
+        if ev[0] == "connected":
+            self._state_seq = 0
+            self._publish_state(reason="connected", seq=0)
+            self._hello()
+        return ev
+
+    def _work_loop(self) -> None:
+        try:
+            while True:
+                ev = self._deferred.popleft() if self._deferred else self._next_event()
+                try:
+                    self._handle(ev)
+                except _Stopping:
+                    raise
+                except Exception:
+                    log.exception("error handling %s", ev[0])
+        except _Stopping:
+            return
+
+    def _handle(self, ev: tuple[Any, ...]) -> None:
+        if ev[0] == "resume":
+            self._resume()
+        elif ev[0] == "msg":
+            self._on_message(ev[1], ev[2])
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            device, kind = parse_device_topic(topic)
+        except TopicError:
+            return
+        if device != self.cfg.device_id:
+            return
+        try:
+            if kind is TopicKind.DESIRED:
+                self._on_desired(decode(DesiredState, payload), payload)
+            elif kind is TopicKind.COMMAND:
+                self._on_command(decode(Command, payload))
+        except InvalidMessage as exc:
+            log.warning("dropped a %s message: %s", kind.value, exc)
+
+    # -- reconciliation ----------------------------------------------------------------
+
+    def _on_desired(self, desired: DesiredState, payload: bytes) -> None:
+        if desired.device_id != self.cfg.device_id or desired.generation <= self.record.generation:
+            return
+        if desired.bundle is None or desired.artifact is None:
+            self.record = InstallRecord(step=self.record.step if self.record.step not in ACTIVE_STEPS else Step.IDLE,
+                                        generation=desired.generation)
+            self.record.save(self.record_path)
+            return
+        m = desired.bundle.manifest
+        base = InstallRecord(step=Step.IDLE, generation=desired.generation, manifest_sha256=manifest_digest(m),
+                             model=m.model, version=m.version, artifact=desired.artifact, slot=self.slots.idle())
+        try:
+            verify_manifest(desired.bundle, self.server_key)
+        except ProtocolError as exc:
+            self.record = base.advance(Event.START).advance(Event.FAIL, failed_step="verify", error=str(exc))
+            self.record.save(self.record_path)
+            log.error("refused bundle %s %s: %s", m.model, m.version, exc)
+            self._publish_state()
+            return
+        running = self._running()
+        if running and running.manifest_sha256 == base.manifest_sha256 and running.artifact == desired.artifact:
+            self.record = InstallRecord(step=Step.DONE, generation=desired.generation,
+                                        manifest_sha256=base.manifest_sha256, model=m.model, version=m.version,
+                                        artifact=desired.artifact, slot=running.slot)
+            self.record.save(self.record_path)
+            self._publish_state()
+            return
+        atomic_write(self.data / "pending" / "bundle.json", encode_model(desired.bundle))
+        self.record = base.advance(Event.START)
+        self._run_install()
+
+    def _resume(self) -> None:
+        r = self.record
+        if r.step not in ACTIVE_STEPS:
+            return
+        if r.attempts + 1 > MAX_ATTEMPTS:
+            self.record = r.advance(Event.FAIL, failed_step=r.step.value,
+                                    error=f"gave up after {MAX_ATTEMPTS} interrupted attempts")
+            self.record.save(self.record_path)
+            self._finish()
+            return
+        self.record = InstallRecord(**{**r.__dict__, "attempts": r.attempts + 1})
+        log.info("resuming the install of %s %s at step %s", r.model, r.version, r.step.value)
+        self._run_install()
+
+    def _pending(self) -> SignedManifest:
+        data = (self.data / "pending" / "bundle.json").read_bytes()
+        signed = decode_model(SignedManifest, data)
+        verify_manifest(signed, self.server_key)  # the file on disk is re-checked, not trusted
+        return signed
+
+    def _run_install(self) -> None:
+        steps = {
+            Step.PREFLIGHT: self._step_preflight, Step.DOWNLOAD: self._step_download, Step.VERIFY: self._step_verify,
+            Step.INSTALL: self._step_install, Step.LOAD: self._step_load, Step.SMOKE_TEST: self._step_smoke,
+            Step.SWITCH: self._step_switch,
+        }
+        guard = 0
+        while self.record.step in ACTIVE_STEPS:
+            guard += 1
+            if guard > 32:
+                self.record = self.record.advance(Event.FAIL, failed_step=self.record.step.value,
+                                                  error="install loop guard tripped")
+                break
+            self.record.save(self.record_path)  # persisted on entry to each step
+            self._publish_state()
+            step = self.record.step
+            if self._kill_at == step.value:
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                event = steps[step]() or Event.OK
+                self.record = self.record.advance(event)
+            except _Stopping:
+                raise
+            except Exception as exc:
+                log.warning("install of %s %s failed at %s: %s", self.record.model, self.record.version,
+                            step.value, exc)
+                self.record = self.record.advance(Event.FAIL, failed_step=step.value, error=str(exc)[:900])
+        self.record.save(self.record_path)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.record.step is Step.DONE:
+            log.info("now running %s %s from slot %s", self.record.model, self.record.version, self.slots.active())
+            Download(self.data / "downloads", self._artifact().sha256, self._artifact().size, CHUNK_SIZE).remove()
+        elif self._candidate is not None:
+            self._candidate.close()
+            self._candidate = None
+        self._publish_state()
+
+    def _artifact(self) -> Any:
+        return self._pending().manifest.artifact(self.record.artifact)
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def _step_preflight(self) -> None:
+        art = self._artifact()
+        problem = preflight.check(art, self.data)
+        if problem:
+            raise InstallFailure(problem)
+
+    def _step_download(self) -> None:
+        art = self._artifact()
+        dl = Download(self.data / "downloads", art.sha256, art.size, CHUNK_SIZE)
+        try:
+            self._download(dl)
+        finally:
+            dl.close()
+
+    def _download(self, dl: Download) -> None:
+        inflight: dict[str, tuple[int, int, float]] = {}
+        last_progress = time.monotonic()
+        backoff = self.download_timeout
+        reported = -1
+        while not dl.complete:
+            if self.session.connected.is_set():
+                busy = {(o, n) for o, n, _ in inflight.values()}
+                for off, length in dl.missing_ranges(busy, MAX_IN_FLIGHT - len(inflight)):
+                    req = ChunkRequest(request_id=uuid.uuid4().hex, sha256=dl.sha256, offset=off, length=length,
+                                       chunk_size=CHUNK_SIZE)
+                    if self.session.publish(device_topic(self.cfg.device_id, TopicKind.ARTIFACT_REQUEST),
+                                            encode(req)) is not None:
+                        inflight[req.request_id] = (off, length, time.monotonic())
+            try:
+                ev = self._next_event(timeout=0.5)
+            except queue.Empty:
+                ev = ("tick",)
+            if ev[0] == "msg":
+                try:
+                    _, kind = parse_device_topic(ev[1])
+                except TopicError:
+                    continue
+                if kind is TopicKind.ARTIFACT_CHUNK:
+                    try:
+                        chunk = decode_chunk(ev[2])
+                    except ChunkFormatError as exc:
+                        log.warning("dropped a chunk: %s", exc)
+                        continue
+                    if dl.accept(chunk):
+                        last_progress = time.monotonic()
+                        backoff = self.download_timeout
+                        for rid, (off, length, _) in list(inflight.items()):
+                            first, last = off // CHUNK_SIZE, (off + length - 1) // CHUNK_SIZE
+                            if all(i in dl.have for i in range(first, last + 1)):
+                                del inflight[rid]
+                        if self._kill_at == "download-mid" and len(dl.have) * 2 >= dl.chunks:
+                            dl.persist()
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        pct = dl.received * 4 // max(dl.size, 1)
+                        if pct != reported:
+                            reported = pct
+                            self._publish_state(progress=dl.received, total=dl.size)
+                elif kind is TopicKind.ERROR:
+                    self._on_download_error(ev[2], inflight)
+                else:
+                    self._deferred.append(ev)
+            elif ev[0] in ("connected", "disconnected"):
+                inflight.clear()  # requests in flight are lost with the connection; ask again
+            elif ev[0] != "tick":
+                self._deferred.append(ev)
+            if inflight and time.monotonic() - last_progress > backoff:
+                log.info("no chunk for %.0f s; asking again", backoff)
+                inflight.clear()
+                last_progress = time.monotonic()
+                backoff = min(backoff * 2, 300.0)
+        dl.persist()
+
+    def _on_download_error(self, payload: bytes, inflight: dict[str, tuple[int, int, float]]) -> None:
+        try:
+            err = decode(ErrorReply, payload)
+        except InvalidMessage:
+            return
+        if err.request_id is not None and err.request_id not in inflight:
+            return
+        if err.code in (ErrorCode.NOT_FOUND, ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE):
+            raise InstallFailure(f"the server cannot serve the artifact: {err.code.value}: {err.message}")
+        time.sleep(min(err.retry_after_s or 1.0, 30.0))
+        inflight.pop(err.request_id or "", None)
+
+    def _step_verify(self) -> Event:
+        art = self._artifact()
+        dl = Download(self.data / "downloads", art.sha256, art.size, CHUNK_SIZE)
+        try:
+            if dl.verify():
+                return Event.OK
+            if self.record.attempts + 1 >= MAX_ATTEMPTS:
+                raise InstallFailure(f"the downloaded artifact does not match its sha256 after {MAX_ATTEMPTS} tries")
+            dl.reset()
+            self.record = InstallRecord(**{**self.record.__dict__, "attempts": self.record.attempts + 1})
+            return Event.RETRY
+        finally:
+            dl.close()
+
+    def _step_install(self) -> None:
+        signed = self._pending()
+        art = signed.manifest.artifact(self.record.artifact)
+        self.slots.install(self.record.slot, self.data / "downloads" / f"{art.sha256}.part", encode_model(signed),
+                           art.name)
+
+    def _load(self, contents: SlotContents) -> Predictor:
+        verify_manifest(contents.signed, self.server_key)
+        art = contents.manifest.artifact(contents.artifact)
+        return Predictor(contents.model_path, contents.manifest, art, threads=self.cfg.threads)
+
+    def _step_load(self) -> None:
+        contents = self.slots.read(self.record.slot)
+        if contents is None:
+            raise InstallFailure(f"slot {self.record.slot} is incomplete")
+        if self._candidate is not None:
+            self._candidate.close()
+        self._candidate = self._load(contents)
+
+    def _step_smoke(self) -> None:
+        if self._candidate is None:
+            self._step_load()
+        cand = self._candidate
+        assert cand is not None  # noqa: S101 - set by _step_load
+        problem = smoke_test(cand)
+        if problem:
+            raise InstallFailure(problem)
+
+    def _step_switch(self) -> None:
+        if self._candidate is None:
+            self._step_load()
+        self.slots.switch(self.record.slot)
+        with self._plock:
+            old, self._predictor, self._candidate = self._predictor, self._candidate, None
+        if old is not None:
+            self._close_window(old)
+            old.close()
+
+    # -- commands --------------------------------------------------------------------
+
+    def _on_command(self, cmd: Command) -> None:
+        def ack(status: str, message: str = "") -> None:
+            reply = CommandAck(device_id=self.cfg.device_id, command_id=cmd.command_id, status=status,  # type: ignore[arg-type]
+                               message=message[:1000], ts=_now())
+            self.session.publish(device_topic(self.cfg.device_id, TopicKind.ACK), encode(reply))
+
+        if cmd.command_id in self._acks_seen:
+            ack("done", "already carried out")
+            return
+        self._acks_seen.append(cmd.command_id)
+        if cmd.expires_at is not None and cmd.expires_at < _now():
+            ack("rejected", "the command expired before it arrived")
+            return
+        ack("accepted")
+        if cmd.kind is CommandKind.REPORT_NOW:
+            self._reporter_q.put(("close_window",))
+            ack("done", "window closed and queued")
+        elif cmd.kind is CommandKind.SET_LOG_LEVEL:
+            level = str(cmd.args.get("level", "")).upper()
+            if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                ack("failed", "args.level must be DEBUG, INFO, WARNING or ERROR")
+                return
+            logging.getLogger("agent").setLevel(level)
+            ack("done", f"log level is {level}")
+        elif cmd.kind is CommandKind.ROLLBACK:
+            ack(*self._rollback())
+        else:
+            ack("rejected", f"{cmd.kind.value} is not supported by this agent")
+
+    def _rollback(self) -> tuple[str, str]:
+        active = self.slots.active()
+        other = "b" if active == "a" else "a"
+        contents = self.slots.read(other)
+        if contents is None:
+            return "failed", f"slot {other} holds no model to roll back to"
+        try:
+            cand = self._load(contents)
+            problem = smoke_test(cand)
+        except (AgentError, ProtocolError, KeyError) as exc:
+            return "failed", f"slot {other} does not load: {exc}"
+        if problem:
+            cand.close()
+            return "failed", problem
+        self.slots.switch(other)
+        with self._plock:
+            old, self._predictor = self._predictor, cand
+        if old is not None:
+            self._close_window(old)
+            old.close()
+        self._publish_state()
+        return "done", f"rolled back to {contents.manifest.model} {contents.manifest.version} in slot {other}"
+
+    # -- the reporter ----------------------------------------------------------------------
+
+    def _close_window(self, pred: Predictor) -> None:
+        end = _now()
+        telemetry, stats = pred.close_window(device_id=self.cfg.device_id, session=self._run_id,
+                                             window_seq=self._window_seq, start=self._window_start, end=end,
+                                             manifest_sha256=manifest_digest(pred.manifest))
+        dropped = self.outbox.take_dropped()
+        if dropped:
+            telemetry = telemetry.model_copy(update={"dropped_windows": dropped})
+        self._window_seq += 1
+        self._window_start = end
+        self.outbox.put(device_topic(self.cfg.device_id, TopicKind.TELEMETRY), encode(telemetry))
+        if stats is not None:
+            self.outbox.put(device_topic(self.cfg.device_id, TopicKind.STATS), encode(stats))
+        self._reporter_q.put(("drain",))
+
+    def close_window_now(self) -> None:
+        """Close the current window (used by ``report_now`` and by tests)."""
+        self._reporter_q.put(("close_window",))
+
+    def _report_loop(self) -> None:
+        sent: dict[int, int] = {}  # mqtt mid -> outbox id
+        last_id = 0
+        while True:
+            try:
+                ev = self._reporter_q.get(timeout=1.0)
+            except queue.Empty:
+                ev = ("tick",)
+            kind = ev[0]
+            if kind == "stop":
+                return
+            pred = self._predictor
+            if kind == "close_window" and pred is not None:
+                self._close_window(pred)
+            elif kind == "tick" and pred is not None:
+                age = (_now() - self._window_start) / timedelta(seconds=1)
+                if age >= self.cfg.window_seconds or pred.stats.requests >= self.cfg.window_samples:
+                    self._close_window(pred)
+            elif kind == "puback":
+                msg_id = sent.pop(ev[1], None)
+                if msg_id is not None and ev[2]:
+                    self.outbox.ack(msg_id)
+            elif kind in ("connected", "disconnected"):
+                sent.clear()
+                last_id = 0
+            if self.session.connected.is_set() and len(sent) < 20:
+                for item in self.outbox.peek(limit=20 - len(sent), after=last_id):
+                    mid = self.session.publish(item.topic, item.payload)
+                    if mid is None:
+                        break
+                    sent[mid] = item.id
+                    last_id = item.id
+
+
+def smoke_test(pred: Predictor) -> str | None:
+    """Run the manifest's golden inputs; why the model fails, or None when it passes."""
+    golden, smoke = pred.manifest.golden, pred.artifact.smoke
+    if golden is None or smoke is None:
+        return None
+    shape = [d if d > 0 else 1 for d in pred.input_shape[1:]]
+    try:
+        x = np.asarray(golden.inputs, dtype=np.float32).reshape(len(golden.inputs), *shape)
+        out = pred.backend.predict(x)
+    except (ValueError, AgentError) as exc:
+        return f"smoke test could not run the golden inputs: {exc}"
+    expected = np.asarray(smoke.outputs, dtype=np.float32)
+    if expected.shape != out.shape:
+        return f"smoke test: outputs shaped {out.shape}, the manifest expects {expected.shape}"
+    diff = float(np.abs(out - expected).max())
+    if diff > smoke.atol:
+        return f"smoke test: outputs differ from the manifest's by {diff:.4g} (tolerance {smoke.atol:.4g})"
+    if golden.labels is not None:
+        agreement = float((out.argmax(1) == np.asarray(golden.labels)).mean())
+        if agreement + 1e-9 < smoke.min_agreement:
+            return f"smoke test: top-1 agreement {agreement:.2f} is below the required {smoke.min_agreement:.2f}"
+    return None
+

@@ -1,0 +1,154 @@
+"""The agent's MQTT 5 session: connect with a last will, resubscribe, reconnect with jittered backoff.
+
+One network thread owns the paho client's loop. Callbacks only hand messages
+to the agent's queue, so nothing slow ever runs on the network thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import AgentConfig
+from protocol import TopicKind, device_topic, will_message
+
+__all__ = ["Session"]
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBED_KINDS = (TopicKind.DESIRED, TopicKind.COMMAND, TopicKind.ARTIFACT_CHUNK, TopicKind.ERROR)
+
+
+class Session:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        on_message: Callable[[str, bytes], None],
+        on_connected: Callable[[int], None],
+        on_disconnected: Callable[[], None],
+        on_puback: Callable[[int, bool], None],
+        next_session: Callable[[], int],
+        min_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+    ) -> None:
+        self.cfg = cfg
+        self._on_message, self._on_connected = on_message, on_connected
+        self._on_disconnected, self._on_puback = on_disconnected, on_puback
+        self._next_session = next_session
+        self.min_backoff, self.max_backoff = min_backoff, max_backoff
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.device_id, protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(cfg.username or cfg.device_id, cfg.broker_password())
+        if cfg.tls:
+            ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+            if cfg.tls_cert and cfg.tls_key:
+                ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+            self.client.tls_set_context(ctx)
+        self.client.on_connect = self._connect_cb
+        self.client.on_disconnect = self._disconnect_cb
+        self.client.on_message = self._message_cb
+        self.client.on_publish = self._publish_cb
+        self.connected = threading.Event()
+        self.session_id = 0
+        self.last_refusal: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgeherd-mqtt", daemon=True)
+
+    # -- paho callbacks (network thread: hand off, never block) ------------------
+
+    def _connect_cb(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    props: Properties | None) -> None:
+        if reason.is_failure:
+            self.last_refusal = str(reason)
+            log.warning("broker refused the connection: %s", reason)
+            client.disconnect()
+            return
+        self.last_refusal = None
+        client.subscribe([(device_topic(self.cfg.device_id, k), 1) for k in SUBSCRIBED_KINDS])
+        self.connected.set()
+        log.info("connected to %s as %s (session %d)", self.cfg.broker_url, self.cfg.device_id, self.session_id)
+        self._on_connected(self.session_id)
+
+    def _disconnect_cb(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       props: Properties | None) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            log.warning("disconnected from the broker: %s", reason)
+            self._on_disconnected()
+
+    def _message_cb(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._on_message(msg.topic, bytes(msg.payload))
+
+    def _publish_cb(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    props: Properties | None) -> None:
+        self._on_puback(mid, not reason.is_failure)
+
+    # -- network thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.min_backoff
+        while not self._stop.is_set():
+            self.session_id = self._next_session()
+            topic, payload = will_message(self.cfg.device_id, self.session_id)
+            self.client.will_set(topic, payload, qos=1, retain=True)
+            try:
+                self.client.connect(self.cfg.broker_host, self.cfg.broker_port, keepalive=self.cfg.keepalive,
+                                    clean_start=True)
+            except (OSError, ssl.SSLError) as exc:
+                wait = random.uniform(self.min_backoff / 2, delay)  # noqa: S311 - jitter, not crypto
+                log.info("cannot reach %s (%s); retrying in %.1f s", self.cfg.broker_url, exc, wait)
+                self._stop.wait(wait)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            while not self._stop.is_set():
+                rc = self.client.loop(timeout=0.5)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+            if self.connected.is_set():  # the loop ended without a disconnect callback
+                self.connected.clear()
+                self._on_disconnected()
+            if self._stop.is_set():
+                break
+            if self.last_refusal is None:
+                delay = self.min_backoff
+            wait = random.uniform(self.min_backoff / 2, delay)  # noqa: S311
+            self._stop.wait(wait)
+            delay = min(delay * 2, self.max_backoff)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
+        """Queue a publish; the message id, or None when not connected."""
+        if not self.connected.is_set():
+            return None
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        return int(info.mid)
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Publish ``final`` (the graceful offline state), disconnect, stop the thread."""
+        if final is not None and self.connected.is_set():
+            info = self.client.publish(final[0], final[1], qos=1, retain=True)
+            deadline = time.monotonic() + timeout
+            while not info.is_published() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if self.connected.is_set():
+            self.client.disconnect()  # the network thread sends it and sees the disconnect
+            deadline = time.monotonic() + timeout
+            while self.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(timeout)
