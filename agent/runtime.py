@@ -119,9 +119,10 @@ class Agent:
         self._inflight: dict[int, int] = {}
         self._acks_seen: deque[str] = deque(maxlen=256)
         self._stopping = threading.Event()
-        #: Fault injection for the crash tests: SIGKILL this process on entry to the named install step
-        #: (or "download-mid", half-way through a download). Never set in production.
-        self._kill_at = os.environ.get("EDGEHERD_AGENT_FAULT_KILL_AT", "")
+        #: Fault injection for the crash tests: "STEP" or "STEP@ARTIFACT" SIGKILLs this process on entry to
+        #: that install step ("download-mid": half-way through a download). Never set in production.
+        kill_step, _, kill_artifact = os.environ.get("EDGEHERD_AGENT_FAULT_KILL_AT", "").partition("@")
+        self._kill_at, self._kill_artifact = kill_step, kill_artifact
         self.session = self._make_session(min_backoff, max_backoff)
         self.api = ApiServer(self, cfg.api_host, cfg.api_port, max_body=cfg.max_body_bytes) if api and \
             cfg.api_port else None
@@ -403,7 +404,7 @@ class Agent:
             self._publish_state()
             step = self.record.step
             if self._kill_at == step.value:
-                os.kill(os.getpid(), signal.SIGKILL)
+                self._fault_kill()
             try:
                 event = steps[step]() or Event.OK
                 self.record = self.record.advance(event)
@@ -415,6 +416,11 @@ class Agent:
                 self.record = self.record.advance(Event.FAIL, failed_step=step.value, error=str(exc)[:900])
         self.record.save(self.record_path)
         self._finish()
+
+    def _fault_kill(self) -> None:
+        if not self._kill_artifact or self._kill_artifact == self.record.artifact:
+            log.warning("fault injection: SIGKILL at %s", self._kill_at)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _finish(self) -> None:
         if self.record.step is Step.DONE:
@@ -482,7 +488,7 @@ class Agent:
                                 del inflight[rid]
                         if self._kill_at == "download-mid" and len(dl.have) * 2 >= dl.chunks:
                             dl.persist()
-                            os.kill(os.getpid(), signal.SIGKILL)
+                            self._fault_kill()
                         pct = dl.received * 4 // max(dl.size, 1)
                         if pct != reported:
                             reported = pct
