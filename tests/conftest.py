@@ -89,3 +89,27 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> BuiltBundle:
     result = build(BuildSpec(recipe="digits", out=root / "bundle", key=root / "signing.key", epochs=8, tar=False))
     signed = decode_model(SignedManifest, (result.out / "manifest.json").read_bytes())
     return BuiltBundle(result.out, signed, key)
+
+
+@pytest.fixture
+def fleet(mosquitto: Broker, digits_bundle: BuiltBundle, tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """A fake server on a real broker, and a factory of in-process agents talking to it."""
+    from agent.runtime import Agent
+    from tests.agent_harness import FakeServer, agent_config
+
+    server = FakeServer(mosquitto, digits_bundle.artifacts)
+    agents: list[Any] = []
+
+    def make(device_id: str = "pi-1", **kw: Any) -> Any:
+        password = mosquitto.add_user(device_id)
+        cfg = agent_config(mosquitto, tmp_path / device_id, device_id, password, digits_bundle.key.public_key(),
+                           window_seconds=3600)
+        agent = Agent(cfg, download_timeout=kw.pop("download_timeout", 2.0), min_backoff=0.2, max_backoff=1.0,
+                      **kw).start()
+        agents.append(agent)
+        return agent
+
+    yield server, make
+    for a in agents:
+        a.stop()
+    server.close()

@@ -8,7 +8,6 @@ import pytest
 
 from protocol import Chunk, Manifest, decode_chunk, encode_chunk, generate_signing_key, sign_manifest
 from protocol._model import decode_model
-from tests.test_agent_install import fleet  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
 

@@ -9,31 +9,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from agent.runtime import Agent
-from tests.agent_harness import FakeServer, agent_config
 from toolchain.data import load_digits, split_indices
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def fleet(mosquitto, digits_bundle, tmp_path):
-    server = FakeServer(mosquitto, digits_bundle.artifacts)
-    agents: list[Agent] = []
-
-    def make(device_id: str = "pi-1", **kw):
-        password = mosquitto.add_user(device_id)
-        cfg = agent_config(mosquitto, tmp_path / device_id, device_id, password, digits_bundle.key.public_key(),
-                           window_seconds=3600)
-        agent = Agent(cfg, download_timeout=kw.pop("download_timeout", 2.0), min_backoff=0.2, max_backoff=1.0,
-                      **kw).start()
-        agents.append(agent)
-        return agent
-
-    yield server, make
-    for a in agents:
-        a.stop()
-    server.close()
 
 
 def _test_split():
