@@ -643,9 +643,12 @@ class Agent:
             self.outbox.put(device_topic(self.cfg.device_id, TopicKind.STATS), encode(stats))
         self._reporter_q.put(("drain",))
 
-    def close_window_now(self) -> None:
-        """Close the current window (used by ``report_now`` and by tests)."""
-        self._reporter_q.put(("close_window",))
+    def close_window_now(self, wait: float | None = None) -> None:
+        """Close the current window now (``report_now``); with ``wait``, until it is queued."""
+        done = threading.Event()
+        self._reporter_q.put(("close_window", done))
+        if wait is not None:
+            done.wait(wait)
 
     def _report_loop(self) -> None:
         sent: dict[int, int] = {}  # mqtt mid -> outbox id
@@ -659,8 +662,11 @@ class Agent:
             if kind == "stop":
                 return
             pred = self._predictor
-            if kind == "close_window" and pred is not None:
-                self._close_window(pred)
+            if kind == "close_window":
+                if pred is not None:
+                    self._close_window(pred)
+                if len(ev) > 1:
+                    ev[1].set()
             elif kind == "tick" and pred is not None:
                 age = (_now() - self._window_start) / timedelta(seconds=1)
                 if age >= self.cfg.window_seconds or pred.stats.requests >= self.cfg.window_samples:

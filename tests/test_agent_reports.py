@@ -1,0 +1,164 @@
+"""Store-and-forward of reports, and the local HTTP API under bad input."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+
+import numpy as np
+import pytest
+
+from agent.runtime import Agent
+from tests._mosquitto import running_broker
+from tests.agent_harness import FakeServer, agent_config
+from toolchain.data import load_digits
+
+pytestmark = pytest.mark.integration
+
+FP32 = "digits-onnx-fp32"
+
+
+def test_windows_made_offline_survive_a_restart_and_arrive_exactly_once(digits_bundle, tmp_path):
+    with running_broker(persistence=True) as broker:
+        password = broker.add_user("pi-1")
+        server = FakeServer(broker, digits_bundle.artifacts, persistent=True)
+        cfg = agent_config(broker, tmp_path / "data", "pi-1", password, digits_bundle.key.public_key(),
+                           window_seconds=3600)
+        agent = Agent(cfg, min_backoff=0.2, max_backoff=1.0).start()
+        try:
+            server.desire("pi-1", 1, digits_bundle.signed, FP32)
+            server.wait_running(FP32)
+            broker.stop()
+            x = load_digits().x[:10]
+            for _ in range(100):
+                agent.predictor().predict(x)
+                agent.close_window_now(wait=10)
+            _wait_outbox(agent, 200)
+        finally:
+            agent.stop()
+        # restarted while the broker is still down
+        agent = Agent(cfg, min_backoff=0.2, max_backoff=1.0).start()
+        try:
+            assert len(agent.outbox) == 200
+            broker.start()
+            server.wait(lambda s: len(s.telemetry) >= 100 and len(s.stats) >= 100, timeout=90,
+                        what="100 windows")
+            _wait_outbox(agent, 0)
+        finally:
+            agent.stop()
+            server.close()
+    keys = [(t.session, t.window_seq) for t in server.seen.telemetry]
+    assert len(keys) == 100 and len(set(keys)) == 100
+    assert sorted(k[1] for k in keys) == list(range(100))
+    assert all(t.requests == 1 for t in server.seen.telemetry)
+    assert len({(s.session, s.window_seq) for s in server.seen.stats}) == 100
+    assert all(s.n == 10 for s in server.seen.stats)
+
+
+def _wait_outbox(agent, n, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(agent.outbox) != n:
+        assert time.monotonic() < deadline, f"outbox holds {len(agent.outbox)}, expected {n}"
+        time.sleep(0.05)
+
+
+def test_outbox_is_bounded_and_counts_what_it_drops(tmp_path):
+    from agent.outbox import Outbox
+
+    box = Outbox(tmp_path / "o.sqlite", max_rows=10)
+    for i in range(25):
+        box.put("t", str(i).encode())
+    assert len(box) == 10
+    assert [m.payload for m in box.peek(limit=3)] == [b"15", b"16", b"17"]
+    assert box.take_dropped() == 15 and box.take_dropped() == 0
+    box.close()
+    reopened = Outbox(tmp_path / "o.sqlite", max_rows=10)
+    assert len(reopened) == 10
+    reopened.close()
+
+
+@pytest.fixture
+def serving(fleet, digits_bundle):
+    server, make = fleet
+    agent = make()
+    server.desire("pi-1", 1, digits_bundle.signed, FP32)
+    server.wait_running(FP32)
+    return agent
+
+
+def _request(port, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def _npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+BAD = [
+    ("wrong shape", "POST", "/v1/predict", json.dumps({"inputs": [[1.0, 2.0, 3.0]]}).encode(),
+     {"Content-Type": "application/json"}, 400, "does not match"),
+    ("wrong dtype", "POST", "/v1/predict", json.dumps({"inputs": [["a"] * 8] * 8}).encode(),
+     {"Content-Type": "application/json"}, 400, "rectangular array of numbers"),
+    ("ragged", "POST", "/v1/predict", json.dumps({"inputs": [[1.0], [1.0, 2.0]]}).encode(),
+     {"Content-Type": "application/json"}, 400, "rectangular"),
+    ("malformed json", "POST", "/v1/predict", b'{"inputs": [1, 2', {"Content-Type": "application/json"}, 400,
+     "not valid JSON"),
+    ("no inputs key", "POST", "/v1/predict", b'{"x": 1}', {"Content-Type": "application/json"}, 400, '"inputs"'),
+    ("string npy", "POST", "/v1/predict", _npy(np.array(["a", "b"])), {"Content-Type": "application/x-npy"}, 400,
+     "not numeric"),
+    ("garbage npy", "POST", "/v1/predict", b"\x93NUMPY garbage", {"Content-Type": "application/x-npy"}, 400,
+     "not a .npy array"),
+    ("pickled npy", "POST", "/v1/predict", _npy(np.array([object()], dtype=object)),
+     {"Content-Type": "application/x-npy"}, 400, "not a .npy array"),
+    # refused on the declared length, before the body is read
+    ("oversize", "POST", "/v1/predict", b"{}", {"Content-Type": "application/json",
+                                                "Content-Length": str(9 * 1024 * 1024)}, 413, "exceeds the limit"),
+    ("content type", "POST", "/v1/predict", b"1,2,3", {"Content-Type": "text/csv"}, 415, "application/json"),
+    ("unknown path", "GET", "/v2/whatever", b"", {}, 404, "no such endpoint"),
+    ("post elsewhere", "POST", "/v1/health", b"{}", {"Content-Type": "application/json"}, 404, "/v1/predict"),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "path", "body", "headers", "status", "fragment"), BAD,
+                         ids=[b[0] for b in BAD])
+def test_bad_requests_get_4xx_and_the_agent_keeps_serving(serving, name, method, path, body, headers, status,
+                                                          fragment):
+    port = serving.api.port
+    got, text = _request(port, method, path, body, headers)
+    assert got == status, text
+    message = json.loads(text)["message"]
+    assert fragment in message
+    if status == 400 and path == "/v1/predict":
+        assert "(batch, 1, 8, 8)" in message or "shaped (1, 8, 8)" in message
+    ok, text = _request(port, "POST", "/v1/predict", json.dumps({"inputs": np.zeros((1, 8, 8)).tolist()}).encode(),
+                        {"Content-Type": "application/json"})
+    assert ok == 200, text
+
+
+def test_health_model_and_metrics(serving):
+    port = serving.api.port
+    status, text = _request(port, "GET", "/v1/health")
+    assert status == 200 and json.loads(text)["status"] == "ok"
+    status, text = _request(port, "GET", "/v1/model")
+    info = json.loads(text)
+    assert info["artifact"] == FP32 and info["input_shape"] == [-1, 1, 8, 8] and info["slot"] in ("a", "b")
+    _request(port, "POST", "/v1/predict", json.dumps({"inputs": np.zeros((2, 1, 8, 8)).tolist()}).encode(),
+             {"Content-Type": "application/json"})
+    _request(port, "POST", "/v1/predict", b"[", {"Content-Type": "application/json"})
+    status, text = _request(port, "GET", "/metrics")
+    assert status == 200
+    assert "edgeherd_agent_requests_total 1" in text
+    assert "edgeherd_agent_connected 1" in text
+    assert 'edgeherd_agent_model_info{model="digits"' in text
+    assert 'edgeherd_agent_latency_ms_bucket{le="+Inf"} 1' in text
