@@ -21,8 +21,9 @@ def version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(m) for m in re.findall(r"\d+", v.split("+")[0].split("rc")[0].split("dev")[0])[:4])
 
 
-def check(art: ArtifactEntry, data_dir: Path, runtimes: dict[str, str] | None = None) -> str | None:
-    """Why the device cannot take ``art``, or None when it can."""
+def check(art: ArtifactEntry, data_dir: Path, runtimes: dict[str, str] | None = None, *,
+          disk_free: int | None = None, memory: int | None = None) -> str | None:
+    """Why the device cannot take ``art``, or None when it can (measured values may be passed in)."""
     runtimes = installed_runtimes() if runtimes is None else runtimes
     need = art.runtime
     have = runtimes.get(need.name)
@@ -33,10 +34,10 @@ def check(art: ArtifactEntry, data_dir: Path, runtimes: dict[str, str] | None = 
         return f"{art.name} needs {need.name} >= {need.min_version}; this device has {have}"
     if need.max_version is not None and version_tuple(have) > version_tuple(need.max_version):
         return f"{art.name} needs {need.name} <= {need.max_version}; this device has {have}"
-    free = shutil.disk_usage(data_dir).free
+    free = shutil.disk_usage(data_dir).free if disk_free is None else disk_free
     if free < 2 * art.size + DISK_HEADROOM:
         return f"not enough disk: {art.size} bytes need {2 * art.size + DISK_HEADROOM} free, {free} are"
-    available = memory_available()
+    available = memory_available() if memory is None else memory
     if available is not None and available < 3 * art.size:
         return f"not enough memory: {art.size}-byte model, {available} bytes available"
     return None

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "textual", "sqlmodel", "sqlalchemy", "alembic", "server", "toolchain", "onnx", "sklearn"]
 
 
-@pytest.mark.parametrize("module", ["protocol", "agent", "agent.cli", "hardware", "hardware.mosquitto"])
+@pytest.mark.parametrize("module", ["protocol", "agent", "agent.cli", "agent.runtime", "hardware", "hardware.mosquitto"])
 def test_device_side_imports_stay_light(module):
     code = (
         f"import sys, {module}\n"
