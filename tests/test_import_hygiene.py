@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "textual", "sqlmodel", "sqlalchemy", "alembic", "server", "toolchain", "onnx", "sklearn"]
 
 
-@pytest.mark.parametrize("module", ["protocol", "agent", "agent.cli", "agent.runtime", "hardware", "hardware.mosquitto"])
+DEVICE_MODULES = ["protocol", "agent", "agent.cli", "agent.runtime", "hardware", "hardware.mosquitto"]
+
+
+@pytest.mark.parametrize("module", DEVICE_MODULES)
 def test_device_side_imports_stay_light(module):
     code = (
         f"import sys, {module}\n"
