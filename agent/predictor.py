@@ -36,11 +36,12 @@ class Predictor:
     """One loaded artifact. Thread-safe: concurrent ``predict`` calls are serialised on the backend."""
 
     def __init__(self, path: Path, manifest: Manifest, artifact: ArtifactEntry, *, threads: int = 1,
-                 stats: bool = True, backend: Backend | None = None) -> None:
+                 stats: bool = True, backend: Backend | None = None, engine_cache: Path | None = None) -> None:
         self.manifest = manifest
         self.artifact = artifact
         self.path = path
-        self.backend = backend or open_backend(path, runtime_for(artifact), threads=threads)
+        self.backend = backend or open_backend(path, runtime_for(artifact), threads=threads,
+                                               tensorrt=artifact.tensorrt, engine_cache=engine_cache)
         classes = len(manifest.labels) if manifest.labels else int(self.backend.output.shape[-1])
         self.stats = WindowStats(manifest.reference if stats else None, max(classes, 1))
         self._lock = threading.Lock()

@@ -543,7 +543,8 @@ class Agent:
     def _load(self, contents: SlotContents) -> Predictor:
         verify_manifest(contents.signed, self.server_key)
         art = contents.manifest.artifact(contents.artifact)
-        return Predictor(contents.model_path, contents.manifest, art, threads=self.cfg.threads)
+        return Predictor(contents.model_path, contents.manifest, art, threads=self.cfg.threads,
+                         engine_cache=self.data / "engines")
 
     def _step_load(self) -> None:
         contents = self.slots.read(self.record.slot)

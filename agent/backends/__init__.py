@@ -13,12 +13,18 @@ from pathlib import Path
 
 from agent.backends._base import Backend, IOSpec, installed_runtimes
 from agent.errors import RuntimeMissing
+from protocol import TensorRTBuild
 
 __all__ = ["Backend", "IOSpec", "installed_runtimes", "open_backend"]
 
 
-def open_backend(path: Path, runtime: str, *, threads: int = 1) -> Backend:
-    """Load ``path`` with ``runtime`` (a manifest runtime name)."""
+def open_backend(path: Path, runtime: str, *, threads: int = 1, tensorrt: TensorRTBuild | None = None,
+                 engine_cache: Path | None = None) -> Backend:
+    """Load ``path`` with ``runtime`` (a manifest runtime name).
+
+    For ``tensorrt``, ``tensorrt`` are the artifact's build settings and
+    ``engine_cache`` the directory where built engines are kept.
+    """
     if runtime == "onnxruntime":
         from agent.backends.onnx import OnnxRuntimeBackend
 
@@ -27,4 +33,10 @@ def open_backend(path: Path, runtime: str, *, threads: int = 1) -> Backend:
         from agent.backends.litert import LiteRTBackend
 
         return LiteRTBackend(path, threads=threads)
+    if runtime == "tensorrt":
+        if tensorrt is None or engine_cache is None:
+            raise RuntimeMissing("a TensorRT artifact needs its build settings and an engine cache directory")
+        from agent.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(path, tensorrt, engine_cache)
     raise RuntimeMissing(f"no backend for runtime {runtime!r} in this agent")
