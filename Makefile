@@ -81,6 +81,7 @@ check: system-deps lint typecheck imports
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_protocol
 	$(PY) -m benchmarks.toolchain_targets
+	$(PY) -m benchmarks.agent_overhead
 
 # --- demo ----------------------------------------------------------------------
 demo: system-deps $(STAMP)

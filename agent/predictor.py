@@ -1,9 +1,11 @@
 """``Predictor``: an installed model, ready to answer, with statistics captured on the side.
 
 ``predict`` runs the backend and records the request's latency (O(1)); the
-inputs and outputs are copied into a batch buffer that a background thread
-turns into window statistics 64 rows at a time, so the vectorised counting
-stays off the request path.
+inputs and outputs are copied into reused batch buffers that a background
+thread turns into window statistics 64 rows at a time, so the vectorised
+counting stays off the request path. Buffers are allocated as bursts need
+them, up to 32 MiB; beyond that, rows are left out of the statistics (and
+counted in ``stats_dropped_rows``) rather than delaying a request.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +29,15 @@ __all__ = ["Predictor", "runtime_for"]
 
 log = logging.getLogger(__name__)
 _FLUSH_ROWS = 64
+_MIN_BUFFERS = 4
+#: Memory the batch buffers may take while the statistics thread catches up with a burst.
+_BUFFER_BUDGET = 32 * 1024 * 1024
+
+
+@dataclass
+class _Buffer:
+    x: np.ndarray
+    out: np.ndarray
 
 
 def runtime_for(artifact: ArtifactEntry) -> str:
@@ -45,9 +57,18 @@ class Predictor:
         classes = len(manifest.labels) if manifest.labels else int(self.backend.output.shape[-1])
         self.stats = WindowStats(manifest.reference if stats else None, max(classes, 1))
         self._lock = threading.Lock()
-        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
-        self._nrows = 0
-        self._work: queue.SimpleQueue[list[tuple[np.ndarray, np.ndarray]] | None] = queue.SimpleQueue()
+        # preallocated batch buffers (no allocation, hence no page faults, on the request path)
+        row_shape = tuple(d if d > 0 else 1 for d in self.backend.input.shape[1:])
+        n_out = self.backend.output.shape[-1] if self.backend.output.shape[-1] > 0 else max(classes, 1)
+        self._row_shape, self._n_out = row_shape, n_out
+        buffer_bytes = _FLUSH_ROWS * 4 * (int(np.prod(row_shape)) + n_out)
+        self._max_buffers = max(_MIN_BUFFERS, min(256, _BUFFER_BUDGET // buffer_bytes))
+        self._buffers = 0
+        self._free: queue.SimpleQueue[_Buffer] = queue.SimpleQueue()
+        self._cur: _Buffer | None = None
+        self._fill = 0
+        self.stats_dropped_rows = 0
+        self._work: queue.SimpleQueue[tuple[_Buffer, int] | None] = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
         self._pending = 0
@@ -71,29 +92,58 @@ class Predictor:
             raise
         self.stats.record_request((time.perf_counter() - t0) * 1000)
         if self.stats.reference is not None:
-            self._buffer(np.array(x, dtype=np.float32, copy=True), out)
+            self._buffer(x, out)
         return out
 
     def _buffer(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Copy rows into the current batch buffer; hand full buffers to the statistics thread."""
         with self._pending_lock:
-            self._rows.append((x, out))
-            self._nrows += len(x)
-            if self._nrows < _FLUSH_ROWS:
-                return
-            batch, self._rows, self._nrows = self._rows, [], 0
-            self._pending += 1
-            self._idle.clear()
-        self._work.put(batch)
+            i = 0
+            while i < len(x):
+                if self._cur is None:
+                    self._cur = self._take_buffer()
+                    if self._cur is None:  # the statistics thread is far behind: never block a request
+                        self.stats_dropped_rows += len(x) - i
+                        return
+                    self._fill = 0
+                take = min(len(x) - i, _FLUSH_ROWS - self._fill)
+                self._cur.x[self._fill : self._fill + take] = x[i : i + take]
+                self._cur.out[self._fill : self._fill + take] = out[i : i + take]
+                self._fill += take
+                i += take
+                if self._fill == _FLUSH_ROWS:
+                    self._hand_off()
+
+    def _take_buffer(self) -> _Buffer | None:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._buffers >= self._max_buffers:
+                return None
+            self._buffers += 1
+            return _Buffer(np.empty((_FLUSH_ROWS, *self._row_shape), np.float32),
+                           np.empty((_FLUSH_ROWS, self._n_out), np.float32))
+
+    def _hand_off(self) -> None:
+        """With ``_pending_lock`` held: send the current buffer, as filled so far, to the statistics thread."""
+        if self._cur is None or self._fill == 0:
+            return
+        self._pending += 1
+        self._idle.clear()
+        self._work.put((self._cur, self._fill))
+        self._cur, self._fill = None, 0
 
     def _stats_loop(self) -> None:
         while True:
-            batch = self._work.get()
-            if batch is None:
+            item = self._work.get()
+            if item is None:
                 return
+            buf, n = item
             try:
-                self.stats.add_rows(np.concatenate([b[0] for b in batch]), np.concatenate([b[1] for b in batch]))
+                self.stats.add_rows(buf.x[:n], buf.out[:n])
             except Exception:  # statistics must never take inference down
                 log.exception("feature statistics update failed; batch skipped")
+            self._free.put(buf)
             with self._pending_lock:
                 self._pending -= 1
                 if self._pending == 0:
@@ -102,12 +152,7 @@ class Predictor:
     def flush(self, timeout: float = 10.0) -> None:
         """Count every buffered row now (before closing a window)."""
         with self._pending_lock:
-            batch, self._rows, self._nrows = self._rows, [], 0
-            if batch:
-                self._pending += 1
-                self._idle.clear()
-        if batch:
-            self._work.put(batch)
+            self._hand_off()
         self._idle.wait(timeout)
 
     def close_window(self, *, device_id: str, session: int, window_seq: int, start: datetime, end: datetime,

@@ -234,6 +234,9 @@ class Agent:
                 "# HELP edgeherd_agent_request_errors_total Inference requests refused or failed.",
                 "# TYPE edgeherd_agent_request_errors_total counter",
                 f"edgeherd_agent_request_errors_total {s.lifetime_errors}",
+                "# HELP edgeherd_agent_stats_dropped_rows_total Rows left out of statistics under overload.",
+                "# TYPE edgeherd_agent_stats_dropped_rows_total counter",
+                f"edgeherd_agent_stats_dropped_rows_total {pred.stats_dropped_rows}",
                 "# HELP edgeherd_agent_latency_ms Inference latency in milliseconds.",
                 "# TYPE edgeherd_agent_latency_ms histogram",
             ]
