@@ -128,7 +128,8 @@ def main() -> None:
             in_name = pred.backend.input.name
             for batch in (1, 32):
                 x = sample[:batch] if batch <= len(sample) else sample
-                res = _interleaved({"bare": lambda v: bare.run(None, {in_name: v}), "agent": pred.predict}, x,
+                res = _interleaved({"bare": lambda v, s=bare, n=in_name: s.run(None, {n: v}),
+                                    "agent": pred.predict}, x,
                                    seconds=4.0 if batch == 1 else 6.0)
                 print(f"{name:26s} {batch:5d} {res['bare'] * 1e6:10.1f} {res['agent'] * 1e6:10.1f} "
                       f"{(res['agent'] / res['bare'] - 1) * 100:+8.1f}%")
