@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,18 +18,19 @@ app = typer.Typer(
 )
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"edgeherd-agent {__version__}")
-        raise typer.Exit()
+def version_option(prog: str) -> Any:
+    """A ``--version`` option for a Typer callback that prints ``prog <version>`` and exits."""
+
+    def show(value: bool) -> None:
+        if value:
+            typer.echo(f"{prog} {__version__}")
+            raise typer.Exit()
+
+    return typer.Option("--version", help="Print the version and exit.", callback=show, is_eager=True)
 
 
 @app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, version_option("edgeherd-agent")] = False) -> None:
     """edgeherd device agent."""
 
 

@@ -8,12 +8,11 @@ chunk; the whole file is hashed at the end.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from agent.files import atomic_write
+from agent.files import atomic_write, sha256_file
 from protocol import MAX_CHUNK_SIZE, Chunk
 from protocol.messages import MAX_REQUEST_BYTES
 
@@ -98,11 +97,7 @@ class Download:
 
     def verify(self) -> bool:
         os.fsync(self._fd)
-        h = hashlib.sha256()
-        with self.part.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest() == self.sha256
+        return sha256_file(self.part) == self.sha256
 
     def reset(self) -> None:
         self.have.clear()

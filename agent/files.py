@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
-__all__ = ["atomic_copy", "atomic_write"]
+__all__ = ["atomic_copy", "atomic_write", "sha256_file"]
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's contents, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -13,7 +13,6 @@ into place at the end, so a failed or interrupted build leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.files import sha256_file
 from protocol import (
     KeyFormatError,
     Manifest,
@@ -45,14 +45,6 @@ CARD = "MODEL_CARD.md"
 REPORT = "build-report.json"
 ARTIFACTS = "artifacts"
 MAX_MANIFEST_BYTES = SignedManifest.MAX_BYTES
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:

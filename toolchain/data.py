@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.files import sha256_file
 from toolchain.errors import DataError
 
 if sys.version_info >= (3, 11):
@@ -112,14 +113,6 @@ def load_schema(path: Path) -> Schema:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise DataError(f"schema {path}: {where}: {first['msg']}") from None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_file(path: Path) -> None:
@@ -218,7 +211,7 @@ def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Datase
         raise DataError(f"{path}: labels {unknown[:5]} are not among the declared classes {classes}")
     y = np.array([index[v] for v in labels], dtype=np.int64)
     return Dataset(name=name or path.stem, kind="tabular", x=x.astype(np.float32), y=y, classes=classes,
-                   schema=schema, sha256=_sha256_file(path), source=str(path))
+                   schema=schema, sha256=sha256_file(path), source=str(path))
 
 
 def load_npz(path: Path, *, name: str | None = None, value_range: tuple[float, float] | None = None) -> Dataset:
@@ -241,7 +234,7 @@ def load_npz(path: Path, *, name: str | None = None, value_range: tuple[float, f
     schema = Schema(label="y", features=specs)
     classes = [str(i) for i in range(int(y.max()) + 1)] if len(y) else []
     return Dataset(name=name or path.stem, kind="image" if x.ndim == 4 else "tabular", x=x.astype(np.float32),
-                   y=y.astype(np.int64), classes=classes, schema=schema, sha256=_sha256_file(path), source=str(path))
+                   y=y.astype(np.int64), classes=classes, schema=schema, sha256=sha256_file(path), source=str(path))
 
 
 def load_digits() -> Dataset:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from protocol.version import __version__
+from agent.cli import version_option
 from server.cli.build import build_command, bundle_app
 from server.cli.keys import keys_app
 
@@ -25,18 +25,8 @@ app.add_typer(bundle_app, name="bundle")
 app.command("build")(build_command)
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"edgeherd {__version__}")
-        raise typer.Exit()
-
-
 @app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, version_option("edgeherd")] = False) -> None:
     """edgeherd operator CLI."""
 
 
