@@ -1,0 +1,153 @@
+"""The registry schema (SQLModel). Changes go through Alembic migrations in ``server/db/migrations``.
+
+Tables: devices, model versions and their artifacts, telemetry windows, feature
+statistics windows, drift reports and alerts. Report rows are keyed by
+``(device_id, session, window_seq)``, so a replayed or duplicated window is
+stored once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = ["Alert", "ArtifactRow", "Device", "DriftReportRow", "ModelVersion", "StatsWindow", "TelemetryRow",
+           "VersionArtifact"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(default_factory=_now, sa_column=Column(DateTime(timezone=True), **kw))
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    id: str = Field(primary_key=True, max_length=63)
+    profile: str = Field(max_length=64)
+    groups: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    #: Where the device's broker credentials live (e.g. "mosquitto:passwd"); never the secret itself.
+    credentials_ref: str = Field(default="", max_length=256)
+    revoked: bool = False
+    status: str = Field(default="unknown", max_length=16)
+    state_session: int = Field(default=-1, sa_type=BigInteger)
+    state_seq: int = Field(default=-1, sa_type=BigInteger)
+    last_seen: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    agent_version: str | None = Field(default=None, max_length=32)
+    fingerprint: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    running_manifest: str | None = Field(default=None, max_length=64)
+    running_artifact: str | None = Field(default=None, max_length=64)
+    install_step: str | None = Field(default=None, max_length=16)
+    install_error: str | None = Field(default=None, max_length=1000)
+    desired_generation: int = Field(default=0, sa_type=BigInteger)
+    desired_manifest: str | None = Field(default=None, max_length=64)
+    desired_artifact: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(nullable=False)
+
+
+class ModelVersion(SQLModel, table=True):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, index=True)
+    version: str = Field(max_length=32)
+    manifest_sha256: str = Field(max_length=64, unique=True)
+    #: The signed manifest exactly as pushed (canonical JSON).
+    signed_manifest: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    stage: str = Field(default="registered", max_length=16)
+    author: str | None = Field(default=None, max_length=256)
+    lineage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _ts(nullable=False)
+
+
+class ArtifactRow(SQLModel, table=True):
+    """A file in the content-addressed store."""
+
+    __tablename__ = "artifacts"
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    size: int = Field(sa_type=BigInteger)
+    location: str = Field(max_length=512)
+
+
+class VersionArtifact(SQLModel, table=True):
+    """An artifact of a model version (several may share one file)."""
+
+    __tablename__ = "version_artifacts"
+
+    version_id: int = Field(foreign_key="model_versions.id", primary_key=True)
+    name: str = Field(primary_key=True, max_length=64)
+    sha256: str = Field(foreign_key="artifacts.sha256", max_length=64)
+    target: str = Field(max_length=16)
+    precision: str = Field(max_length=8)
+    runtime: str = Field(max_length=32)
+    metrics: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class TelemetryRow(SQLModel, table=True):
+    __tablename__ = "telemetry"
+    __table_args__ = (Index("ix_telemetry_device_end", "device_id", "end"),)
+
+    device_id: str = Field(primary_key=True, max_length=63)
+    session: int = Field(primary_key=True, sa_type=BigInteger)
+    window_seq: int = Field(primary_key=True, sa_type=BigInteger)
+    start: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    end: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    manifest_sha256: str | None = Field(default=None, max_length=64)
+    requests: int = Field(sa_type=BigInteger)
+    errors: int = Field(sa_type=BigInteger)
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    dropped_windows: int = 0
+    received_at: datetime = _ts(nullable=False)
+
+
+class StatsWindow(SQLModel, table=True):
+    __tablename__ = "feature_stats"
+    __table_args__ = (Index("ix_stats_manifest_end", "manifest_sha256", "end"),)
+
+    device_id: str = Field(primary_key=True, max_length=63)
+    session: int = Field(primary_key=True, sa_type=BigInteger)
+    window_seq: int = Field(primary_key=True, sa_type=BigInteger)
+    manifest_sha256: str = Field(max_length=64)
+    end: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    n: int = Field(sa_type=BigInteger)
+    #: The FeatureStats message as received (canonical JSON).
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    received_at: datetime = _ts(nullable=False)
+
+
+class DriftReportRow(SQLModel, table=True):
+    __tablename__ = "drift_reports"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=16)  # "device" or "fleet"
+    device_id: str | None = Field(default=None, max_length=63, index=True)
+    manifest_sha256: str = Field(max_length=64, index=True)
+    n: int = Field(sa_type=BigInteger)
+    drifted: bool
+    worst: str | None = Field(default=None, max_length=64)
+    report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    computed_at: datetime = _ts(nullable=False)
+
+
+class Alert(SQLModel, table=True):
+    __tablename__ = "alerts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32)
+    device_id: str | None = Field(default=None, max_length=63, index=True)
+    manifest_sha256: str | None = Field(default=None, max_length=64)
+    active: bool = True
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    raised_at: datetime = _ts(nullable=False)
+    cleared_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))

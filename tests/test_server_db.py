@@ -1,0 +1,120 @@
+"""The registry schema and ingestion, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlmodel import Session, SQLModel, select
+
+from protocol import DeviceState, FeatureStats, TelemetryWindow, TopicKind, device_topic, encode
+from server.db import make_engine, migrate
+from server.db.models import Device, StatsWindow, TelemetryRow
+from server.ingest import Ingestor
+from tests.samples import T0, all_messages
+
+pytestmark = pytest.mark.integration
+
+SAMPLES = all_messages()
+STATE = next(m for m in SAMPLES if isinstance(m, DeviceState))
+TELEMETRY = next(m for m in SAMPLES if isinstance(m, TelemetryWindow))
+STATS = next(m for m in SAMPLES if isinstance(m, FeatureStats))
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = make_engine(db_url)
+    migrate(eng)
+    with Session(eng) as db:
+        db.add(Device(id="pi5-kitchen", profile="raspberry-pi-5"))
+        db.add(Device(id="pi5-garage", profile="raspberry-pi-5"))
+        db.commit()
+    yield eng
+    SQLModel.metadata.drop_all(eng)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    eng.dispose()
+
+
+def test_migrations_match_the_models(engine):
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    assert diff == []
+
+
+def _topic(kind, device="pi5-kitchen"):
+    return device_topic(device, kind)
+
+
+def _device(engine, device_id="pi5-kitchen"):
+    with Session(engine) as db:
+        return db.get(Device, device_id)
+
+
+def test_state_is_order_tolerant(engine):
+    ing = Ingestor(engine)
+    newer = STATE.model_copy(update={"seq": 7, "status": "online"})
+    older = STATE.model_copy(update={"seq": 5, "status": "offline"})
+    assert ing.handle(_topic(TopicKind.STATE), encode(newer)) == "ok"
+    assert ing.handle(_topic(TopicKind.STATE), encode(older)) == "stale"
+    assert ing.handle(_topic(TopicKind.STATE), encode(newer)) == "stale"
+    d = _device(engine)
+    assert (d.status, d.state_seq) == ("online", 7)
+    assert d.running_artifact == STATE.running.artifact and d.install_step == "download"
+    # the will of the previous session never overrides a newer session
+    will = DeviceState(device_id="pi5-kitchen", status="offline", session=STATE.session - 1, seq=2**31 - 1)
+    assert ing.handle(_topic(TopicKind.STATE), encode(will)) == "stale"
+    assert _device(engine).status == "online"
+
+
+def test_windows_are_stored_once_whatever_the_order(engine):
+    ing = Ingestor(engine)
+    windows = [TELEMETRY.model_copy(update={"window_seq": i, "start": T0 + timedelta(minutes=i),
+                                            "end": T0 + timedelta(minutes=i + 1)}) for i in range(5)]
+    for w in [*reversed(windows), *windows]:
+        ing.handle(_topic(TopicKind.TELEMETRY), encode(w))
+    for _ in range(2):
+        ing.handle(_topic(TopicKind.STATS), encode(STATS))
+    with Session(engine) as db:
+        rows = db.exec(select(TelemetryRow).order_by(TelemetryRow.window_seq)).all()
+        stats = db.exec(select(StatsWindow)).all()
+    assert [r.window_seq for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0].p95_ms == TELEMETRY.latency_ms.p95 and rows[0].requests == 600
+    assert len(stats) == 1 and FeatureStats.model_validate_json(stats[0].payload) == STATS
+    assert ing.accepted["ok"] == 6 and ing.accepted["duplicate"] == 6
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("edgeherd/v1/devices/pi5-kitchen/telemetry", b"\x00\xff garbage", "invalid"),
+        ("edgeherd/v1/devices/pi5-kitchen/telemetry", encode(TELEMETRY)[:-7], "invalid"),
+        ("edgeherd/v1/devices/pi5-kitchen/telemetry", json.dumps({**json.loads(encode(TELEMETRY)), "x": 1}).encode(),
+         "invalid"),
+        ("edgeherd/v1/devices/pi5-kitchen/stats", b"[" * 600_000, "invalid"),
+        ("edgeherd/v1/devices/pi5-garage/telemetry", encode(TELEMETRY), "impersonation"),
+        ("edgeherd/v1/devices/stranger/telemetry", encode(TELEMETRY.model_copy(update={"device_id": "stranger"})),
+         "unknown_device"),
+        ("edgeherd/v1/devices/pi5-kitchen/desired", b"{}", "not_ingested"),
+        ("edgeherd/v2/devices/pi5-kitchen/state", b"{}", "bad_topic"),
+    ],
+)
+def test_bad_messages_are_dropped_and_counted(engine, topic, payload, reason):
+    ing = Ingestor(engine)
+    assert ing.handle(topic, payload) == reason
+    assert ing.dropped[reason] == 1
+    with Session(engine) as db:
+        assert db.exec(select(TelemetryRow)).all() == []
+        assert db.get(Device, "pi5-garage").last_seen is None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from([TopicKind.STATE, TopicKind.HELLO, TopicKind.TELEMETRY, TopicKind.STATS]),
+       payload=st.binary(max_size=300))
+def test_random_bytes_never_crash_ingestion(engine, kind, payload):
+    assert Ingestor(engine).handle(_topic(kind), payload) == "invalid"
