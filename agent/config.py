@@ -145,6 +145,13 @@ def load_config(path: Path | None, **overrides: Any) -> AgentConfig:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        # relative file paths in the file are relative to the file, not to the working directory
+        for name in ("password_file", "tls_ca", "tls_cert", "tls_key", "data_dir"):
+            if isinstance(raw.get(name), str) and not Path(raw[name]).is_absolute():
+                raw[name] = str(path.parent / raw[name])
+        server_key = raw.get("server_key")
+        if isinstance(server_key, str) and not server_key.startswith("ed25519:") and not Path(server_key).is_absolute():
+            raw["server_key"] = str(path.parent / server_key)
     raw |= _env_overrides(AgentConfig.model_fields)
     raw |= {k: v for k, v in overrides.items() if v is not None}
     try:

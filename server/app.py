@@ -1,0 +1,269 @@
+"""``edgeherd server run``: the MQTT bridge, artifact distribution, drift evaluation, metrics.
+
+The server subscribes to the device→server topics with MQTT 5 shared
+subscriptions (so several replicas split the load), ingests through
+:class:`server.ingest.Ingestor`, answers chunk requests from the
+content-addressed store (only for artifacts of the bundle the device is
+meant to run), evaluates drift on new statistics windows and raises and
+clears alerts with hysteresis. With no ``--broker`` it starts and supervises
+a Mosquitto of its own on loopback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlmodel import Session, col, select
+
+from protocol import (
+    ChunkRequest,
+    ErrorCode,
+    ErrorReply,
+    FeatureStats,
+    InvalidMessage,
+    SignedManifest,
+    TopicError,
+    TopicKind,
+    decode,
+    device_topic,
+    encode,
+    parse_device_topic,
+    server_subscriptions,
+)
+from protocol._model import decode_model
+from server.broker import SERVER_USER
+from server.db.models import Alert, Device, DriftReportRow, ModelVersion, StatsWindow
+from server.distribution import DirectoryStore, answer
+from server.drift import Hysteresis, score
+from server.ingest import Ingestor
+from server.registry import Registry
+
+__all__ = ["ServerApp"]
+
+log = logging.getLogger(__name__)
+
+
+class ServerApp:
+    def __init__(self, data_dir: Path, *, broker_url: str | None = None, metrics_port: int = 9470,
+                 workers: int = 2, drift_interval: float = 10.0) -> None:
+        self.managed = broker_url is None
+        self.registry = Registry(data_dir, broker_url=broker_url)
+        self.ingestor = Ingestor(self.registry.engine)
+        self.store = DirectoryStore(self.registry.store)
+        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
+        self.workers = workers
+        self.drift_interval = drift_interval
+        self.metrics_port = metrics_port
+        self.chunks_sent = 0
+        self.chunk_errors = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._alerts: dict[tuple[str, str], Hysteresis] = defaultdict(Hysteresis)
+        self._last_stats: Any = None
+        self._error_sent: dict[str, float] = {}
+        self.client: mqtt.Client | None = None
+        self._http: ThreadingHTTPServer | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> ServerApp:
+        if self.managed:
+            self.registry.broker.start()
+            self._spawn(self._supervise, "broker-supervisor")
+        parts = urlsplit(self.registry.broker_url)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgeherd-server-{uuid.uuid4().hex[:8]}",
+                             protocol=mqtt.MQTTv5)
+        client.username_pw_set(SERVER_USER, self.registry.broker.server_password())
+        client.reconnect_delay_set(1, 5)
+        client.on_connect = self._on_connect
+        client.on_message = lambda c, u, m: self._enqueue(m.topic, bytes(m.payload))
+        client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
+        client.loop_start()
+        self.client = client
+        for i in range(self.workers):
+            self._spawn(self._work, f"worker-{i}")
+        self._spawn(self._drift_loop, "drift")
+        if self.metrics_port:
+            self._http = _metrics_server(self, self.metrics_port)
+            self._spawn(self._http.serve_forever, "metrics")
+        log.info("server running; broker %s", self.registry.broker_url)
+        return self
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=f"edgeherd-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for _ in range(self.workers):
+            self.queue.put(None)
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        for t in self._threads:
+            t.join(5)
+        if self.managed:
+            self.registry.broker.stop()
+        self.registry.engine.dispose()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(2.0):
+            if not self.registry.broker.alive():
+                log.error("the managed mosquitto exited; restarting it")
+                try:
+                    self.registry.broker.start()
+                except Exception:
+                    log.exception("could not restart mosquitto")
+
+    # -- MQTT -------------------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the server: %s", reason)
+            return
+        client.subscribe(server_subscriptions(shared=True))
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        try:
+            self.queue.put_nowait((topic, payload))
+        except queue.Full:
+            self.ingestor.dropped["overload"] += 1
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            topic, payload = item
+            try:
+                if topic.endswith("/" + TopicKind.ARTIFACT_REQUEST.value):
+                    self._serve_chunks(topic, payload)
+                else:
+                    self.ingestor.handle(topic, payload)
+            except Exception:  # one bad message must never stop a worker
+                log.exception("error handling a message on %s", topic[:200])
+
+    def _reply_error(self, device_id: str, reply: ErrorReply) -> None:
+        now = time.monotonic()
+        if reply.request_id is None and now - self._error_sent.get(device_id, 0.0) < 1.0:
+            return  # at most one unsolicited error reply per device per second
+        self._error_sent[device_id] = now
+        self.chunk_errors += 1
+        assert self.client is not None  # noqa: S101
+        self.client.publish(device_topic(device_id, TopicKind.ERROR), encode(reply), qos=1)
+
+    def _serve_chunks(self, topic: str, payload: bytes) -> None:
+        try:
+            device_id, _ = parse_device_topic(topic)
+        except TopicError:
+            return
+        try:
+            req = decode(ChunkRequest, payload)
+        except InvalidMessage as exc:
+            self._reply_error(device_id, ErrorReply(code=ErrorCode.BAD_REQUEST, message=str(exc)[:1000]))
+            return
+        if req.sha256 not in self.registry.desired_bundle_artifacts(device_id):
+            self._reply_error(device_id, ErrorReply(request_id=req.request_id, code=ErrorCode.NOT_FOUND,
+                                                    message="no artifact with that sha256 for this device"))
+            return
+        assert self.client is not None  # noqa: S101
+        for frame in answer(req, self.store):
+            if isinstance(frame, ErrorReply):
+                self._reply_error(device_id, frame)
+                return
+            self.client.publish(device_topic(device_id, TopicKind.ARTIFACT_CHUNK), frame, qos=1)
+            self.chunks_sent += 1
+
+    # -- drift --------------------------------------------------------------------------------
+
+    def _drift_loop(self) -> None:
+        while not self._stop.wait(self.drift_interval):
+            try:
+                self.evaluate_drift()
+            except Exception:
+                log.exception("drift evaluation failed")
+
+    def evaluate_drift(self) -> int:
+        """Score every statistics window received since the last call; returns how many were scored."""
+        references: dict[str, Any] = {}
+        scored = 0
+        with Session(self.registry.engine) as db:
+            q = select(StatsWindow).order_by(col(StatsWindow.received_at))
+            if self._last_stats is not None:
+                q = q.where(col(StatsWindow.received_at) > self._last_stats)
+            for row in db.exec(q).all():
+                self._last_stats = row.received_at
+                if row.manifest_sha256 not in references:
+                    version = db.exec(select(ModelVersion).where(
+                        ModelVersion.manifest_sha256 == row.manifest_sha256)).first()
+                    references[row.manifest_sha256] = decode_model(
+                        SignedManifest, version.signed_manifest).manifest.reference if version else None
+                ref = references[row.manifest_sha256]
+                if ref is None:
+                    continue
+                report = score(ref, [FeatureStats.model_validate_json(row.payload)])
+                db.add(DriftReportRow(scope="device", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
+                                      n=report.n, drifted=report.drifted, worst=report.worst,
+                                      report=report.to_dict()))
+                scored += 1
+                event = self._alerts[(row.device_id, row.manifest_sha256)].update(report.drifted)
+                if event == "raised":
+                    db.add(Alert(kind="drift", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
+                                 detail={"worst": report.worst, "n": report.n}))
+                elif event == "cleared":
+                    for alert in db.exec(select(Alert).where(Alert.device_id == row.device_id,
+                                                             Alert.manifest_sha256 == row.manifest_sha256,
+                                                             col(Alert.active))).all():
+                        alert.active = False
+                        alert.cleared_at = datetime.now(timezone.utc)
+                        db.add(alert)
+            db.commit()
+        return scored
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        with Session(self.registry.engine) as db:
+            online = len(db.exec(select(Device.id).where(Device.status == "online")).all())
+        lines = ["# TYPE edgeherd_server_devices_online gauge", f"edgeherd_server_devices_online {online}",
+                 "# TYPE edgeherd_server_queue_depth gauge", f"edgeherd_server_queue_depth {self.queue.qsize()}",
+                 "# TYPE edgeherd_server_chunks_sent_total counter", f"edgeherd_server_chunks_sent_total "
+                 f"{self.chunks_sent}", "# TYPE edgeherd_server_messages_total counter"]
+        lines += [f'edgeherd_server_messages_total{{result="{k}"}} {v}' for k, v in self.ingestor.accepted.items()]
+        lines.append("# TYPE edgeherd_server_dropped_total counter")
+        lines += [f'edgeherd_server_dropped_total{{reason="{k}"}} {v}' for k, v in self.ingestor.dropped.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _metrics_server(app: ServerApp, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = app.metrics_text().encode() if self.path == "/metrics" else b"not found\n"
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,165 @@
+"""``edgeherd server run``, ``edgeherd device …``, ``edgeherd model …`` and ``edgeherd deploy``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+server_app = typer.Typer(help="Run the server.", no_args_is_help=True)
+device_app = typer.Typer(help="Enrol, list and revoke devices.", no_args_is_help=True)
+model_app = typer.Typer(help="Register and inspect model versions.", no_args_is_help=True)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="EDGEHERD_DATA_DIR",
+                                       help="Server data directory (database, store, keys, broker files).")]
+Broker = Annotated[str | None, typer.Option("--broker", envvar="EDGEHERD_BROKER_URL",
+                                            help="Broker URL; default: the managed Mosquitto of the data dir.")]
+
+
+def _registry(data_dir: Path, broker: str | None = None) -> Any:
+    from server.registry import Registry
+
+    return Registry(data_dir, broker_url=broker)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[red]error:[/] {exc}")
+    raise typer.Exit(1)
+
+
+@server_app.command("run")
+def server_run(
+    data_dir: DataDir = Path("data"),
+    broker: Broker = None,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Port of /metrics on 127.0.0.1; 0: off.")
+                            ] = 9470,
+    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+) -> None:
+    """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM."""
+    import logging
+    import signal
+    import threading
+
+    from server.app import ServerApp
+    from server.broker import BrokerError
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port).start()
+    except (BrokerError, OSError) as exc:
+        _fail(exc)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    app.stop()
+
+
+@device_app.command("add")
+def device_add(
+    name: Annotated[str, typer.Argument(help="Device id: a-z, 0-9 and '-'.")],
+    profile: Annotated[str, typer.Option("--profile", help="Hardware profile, e.g. raspberry-pi-5.")],
+    group: Annotated[list[str] | None, typer.Option("--group", help="Group(s) the device belongs to.")] = None,
+    data_dir: DataDir = Path("data"),
+    broker: Broker = None,
+) -> None:
+    """Create the device and its broker credentials, and write the agent config it needs."""
+    from server.registry import RegistryError
+
+    try:
+        enrolled = _registry(data_dir, broker).add_device(name, profile, group or [])
+    except RegistryError as exc:
+        _fail(exc)
+    console.print(f"enrolled {name}; agent config and password in {enrolled.agent_config.parent}")
+
+
+@device_app.command("revoke")
+def device_revoke(name: str, data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
+    """Remove the device's credentials and drop its broker session."""
+    from server.registry import RegistryError
+
+    try:
+        _registry(data_dir, broker).revoke_device(name)
+    except RegistryError as exc:
+        _fail(exc)
+    console.print(f"revoked {name}")
+
+
+@device_app.command("list")
+def device_list(data_dir: DataDir = Path("data")) -> None:
+    """Every device with its state."""
+    table = Table()
+    for col in ("device", "profile", "groups", "status", "running", "install", "last seen"):
+        table.add_column(col)
+    for d in _registry(data_dir).devices():
+        table.add_row(d.id, d.profile, ",".join(d.groups), "revoked" if d.revoked else d.status,
+                      d.running_artifact or "—", d.install_step or "—",
+                      f"{d.last_seen:%Y-%m-%d %H:%M:%S}" if d.last_seen else "—")
+    console.print(table)
+
+
+@model_app.command("push")
+def model_push(bundle: Path, data_dir: DataDir = Path("data")) -> None:
+    """Verify a signed bundle against the server key and register it."""
+    from server.registry import RegistryError
+
+    try:
+        version = _registry(data_dir).push_model(bundle)
+    except RegistryError as exc:
+        _fail(exc)
+    console.print(f"registered {version.name} {version.version} (digest {version.manifest_sha256[:12]}…)")
+
+
+@model_app.command("list")
+def model_list(data_dir: DataDir = Path("data")) -> None:
+    """Registered model versions."""
+    table = Table()
+    for col in ("model", "version", "stage", "digest", "registered"):
+        table.add_column(col)
+    for v in _registry(data_dir).models():
+        table.add_row(v.name, v.version, v.stage, v.manifest_sha256[:12], f"{v.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@model_app.command("show")
+def model_show(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], data_dir: DataDir = Path("data")) -> None:
+    """A version's artifacts, metrics and lineage."""
+    from server.registry import RegistryError
+
+    name, _, version = ref.partition(":")
+    try:
+        row, signed = _registry(data_dir).model(name, version)
+    except RegistryError as exc:
+        _fail(exc)
+    m = signed.manifest
+    console.print(f"[bold]{m.model} {m.version}[/] ({row.stage}), digest {row.manifest_sha256}")
+    for a in m.artifacts:
+        console.print(f"  {a.name}: {a.target.value}/{a.precision.value}, {a.size} bytes, "
+                      f"accuracy {a.metrics.get('accuracy', float('nan')):.4f}")
+    for k, v in sorted(m.lineage.items()):
+        console.print(f"  {k}: {v}")
+
+
+def deploy_command(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    device: Annotated[str, typer.Option("--device", help="The device to run it.")],
+    artifact: Annotated[str | None, typer.Option("--artifact", help="Which artifact (default: best for the "
+                                                 "device).")] = None,
+    data_dir: DataDir = Path("data"),
+    broker: Broker = None,
+) -> None:
+    """Set one device's desired state to a registered version (published retained)."""
+    from server.registry import RegistryError
+
+    name, _, version = ref.partition(":")
+    try:
+        desired = _registry(data_dir, broker).deploy(name, version, device, artifact)
+    except RegistryError as exc:
+        _fail(exc)
+    console.print(f"{device} should now run {name} {version} ({desired.artifact}), generation {desired.generation}")

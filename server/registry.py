@@ -1,0 +1,258 @@
+"""The registry's operations, shared by the CLI, the server process and (later) the TUI.
+
+Devices: enrol (row + broker credentials + agent config), revoke (credentials
+removed, broker reloaded, the live session kicked), list. Models: push a
+signed bundle (verified against the server key, artifacts copied into the
+content-addressed store), list, show. Deploy: set one device's desired state
+and publish it, retained.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from agent.files import atomic_copy, atomic_write, sha256_file
+from protocol import (
+    DesiredState,
+    SignedManifest,
+    TopicKind,
+    device_topic,
+    encode,
+    load_public_key,
+    manifest_digest,
+    public_key_to_text,
+)
+from protocol._model import decode_model
+from protocol.ids import is_device_id
+from server.broker import SERVER_USER, MosquittoBroker
+from server.db import database_url, make_engine, migrate
+from server.db.models import ArtifactRow, Device, ModelVersion, VersionArtifact
+from toolchain.bundle import MANIFEST, verify_bundle
+from toolchain.errors import BundleError
+
+__all__ = ["Enrolled", "Registry", "RegistryError"]
+
+log = logging.getLogger(__name__)
+#: Artifact preference when a deploy does not name one (hardware profiles refine this).
+PREFERENCE = ["onnx-int8", "onnx-fp32", "tflite-int8", "tflite-fp32"]
+
+
+class RegistryError(Exception):
+    """An operation cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class Enrolled:
+    device: Device
+    agent_config: Path
+
+
+class Registry:
+    def __init__(self, data_dir: Path, *, broker_url: str | None = None, engine: Engine | None = None) -> None:
+        self.data = data_dir
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.store = data_dir / "store"
+        self.store.mkdir(exist_ok=True)
+        self.engine = engine or make_engine(database_url(data_dir))
+        migrate(self.engine)
+        self.broker = MosquittoBroker(data_dir)
+        self.broker_url = broker_url or self.broker.url
+
+    def public_key_text(self) -> str:
+        pub = self.data / "keys" / "signing.pub"
+        try:
+            return public_key_to_text(load_public_key(pub.read_bytes()))
+        except FileNotFoundError:
+            raise RegistryError(f"{pub} does not exist; create the key pair with "
+                                f"`edgeherd keys generate --out {pub.parent}`") from None
+
+    # -- devices -------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, profile: str, groups: list[str] | None = None,
+                   agent_data_dir: str = "/var/lib/edgeherd") -> Enrolled:
+        if not is_device_id(device_id):
+            raise RegistryError(f"{device_id!r} is not a valid device name: use a-z, 0-9 and '-', at most 63")
+        server_key = self.public_key_text()
+        with Session(self.engine) as db:
+            existing = db.get(Device, device_id)
+            if existing is not None and not existing.revoked:
+                raise RegistryError(f"device {device_id} already exists; revoke it first to re-enrol")
+            device = existing or Device(id=device_id, profile=profile)
+            device.profile, device.groups, device.revoked = profile, groups or [], False
+            device.credentials_ref = "mosquitto:passwd"
+            db.add(device)
+            db.commit()
+            db.refresh(device)
+        password = self.broker.add_device(device_id)
+        out = self.data / "devices" / device_id
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(out / "broker-password", (password + "\n").encode(), 0o600)
+        config = "\n".join([
+            "# edgeherd agent configuration (docs/agent.md)",
+            f'device_id = "{device_id}"',
+            f'broker_url = "{self.broker_url}"',
+            'password_file = "broker-password"',
+            f'server_key = "{server_key}"',
+            f'data_dir = "{agent_data_dir}"',
+            f'profile = "{profile}"',
+            "",
+        ])
+        atomic_write(out / "agent.toml", config.encode(), 0o600)
+        log.info("enrolled device %s (%s)", device_id, profile)
+        return Enrolled(device, out / "agent.toml")
+
+    def revoke_device(self, device_id: str) -> None:
+        with Session(self.engine) as db:
+            device = db.get(Device, device_id)
+            if device is None:
+                raise RegistryError(f"no device named {device_id}")
+            device.revoked = True
+            db.add(device)
+            db.commit()
+        self.broker.revoke_device(device_id)
+        self._kick(device_id)
+        shutil.rmtree(self.data / "devices" / device_id, ignore_errors=True)
+        log.info("revoked device %s", device_id)
+
+    def _client(self, client_id: str | None = None) -> mqtt.Client:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.broker_url)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"edgeherd-cli-{uuid.uuid4().hex[:8]}",
+                             protocol=mqtt.MQTTv5)
+        client.username_pw_set(SERVER_USER, self.broker.server_password())
+        connected = threading.Event()
+        client.on_connect = lambda c, u, f, rc, p: connected.set()
+        unreachable = f"cannot reach the broker at {self.broker_url}; is `edgeherd server run` running?"
+        try:
+            client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=10)
+        except OSError:
+            raise RegistryError(unreachable) from None
+        client.loop_start()
+        if not connected.wait(10):
+            client.loop_stop()
+            raise RegistryError(unreachable)
+        return client
+
+    def _kick(self, device_id: str) -> None:
+        """Take over the device's MQTT session (same client id), which makes the broker drop it."""
+        try:
+            client = self._client(client_id=device_id)
+        except (RegistryError, OSError) as exc:
+            log.warning("could not kick %s off the broker now: %s", device_id, exc)
+            return
+        client.disconnect()
+        client.loop_stop()
+
+    def devices(self) -> list[Device]:
+        with Session(self.engine) as db:
+            return list(db.exec(select(Device).order_by(Device.id)).all())
+
+    # -- models ----------------------------------------------------------------------------
+
+    def push_model(self, bundle: Path) -> ModelVersion:
+        pub = load_public_key(self.public_key_text())
+        try:
+            manifest = verify_bundle(bundle, pub)
+        except BundleError as exc:
+            raise RegistryError(str(exc)) from None
+        root = bundle if bundle.is_dir() else None
+        if root is None:
+            raise RegistryError("push the bundle directory (unpack the .tar first)")
+        signed_bytes = (root / MANIFEST).read_bytes()
+        digest = manifest_digest(manifest)
+        with Session(self.engine) as db:
+            same: ModelVersion | None = db.exec(select(ModelVersion).where(ModelVersion.name == manifest.model,
+                                                      ModelVersion.version == manifest.version)).first()
+            if same is not None:
+                if same.manifest_sha256 == digest:
+                    return same
+                raise RegistryError(f"{manifest.model} {manifest.version} is already registered with other contents "
+                                    f"(digest {same.manifest_sha256[:12]}…); give this build a new version")
+            for art in manifest.artifacts:
+                dest = self.store / art.sha256
+                if not dest.exists():
+                    atomic_copy(root / "artifacts" / art.sha256, dest)
+                    if sha256_file(dest) != art.sha256:
+                        dest.unlink()
+                        raise RegistryError(f"artifact {art.name} changed while it was copied; push again")
+                if db.get(ArtifactRow, art.sha256) is None:
+                    db.add(ArtifactRow(sha256=art.sha256, size=art.size, location=str(dest)))
+            version = ModelVersion(name=manifest.model, version=manifest.version, manifest_sha256=digest,
+                                   signed_manifest=signed_bytes, author=manifest.author, lineage=manifest.lineage)
+            db.add(version)
+            db.flush()
+            for art in manifest.artifacts:
+                db.add(VersionArtifact(version_id=version.id, name=art.name, sha256=art.sha256,
+                                       target=art.target.value, precision=art.precision.value,
+                                       runtime=art.runtime.name, metrics=art.metrics))
+            db.commit()
+            db.refresh(version)
+            return version
+
+    def models(self) -> list[ModelVersion]:
+        with Session(self.engine) as db:
+            return list(db.exec(select(ModelVersion).order_by(col(ModelVersion.name), col(ModelVersion.id))).all())
+
+    def model(self, name: str, version: str) -> tuple[ModelVersion, SignedManifest]:
+        with Session(self.engine) as db:
+            row = db.exec(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+                          ).first()
+        if row is None:
+            raise RegistryError(f"no model {name}:{version}; see `edgeherd model list`")
+        return row, decode_model(SignedManifest, row.signed_manifest)
+
+    # -- deploy -----------------------------------------------------------------------------
+
+    def deploy(self, name: str, version: str, device_id: str, artifact: str | None = None) -> DesiredState:
+        _, signed = self.model(name, version)
+        names = [a.name for a in signed.manifest.artifacts]
+        if artifact is None:
+            artifact = next((n for pref in PREFERENCE for n in names if n.endswith(pref)), names[0])
+        elif artifact not in names:
+            raise RegistryError(f"{name}:{version} has no artifact {artifact!r} (it has {', '.join(names)})")
+        with Session(self.engine) as db:
+            device = db.get(Device, device_id)
+            if device is None or device.revoked:
+                raise RegistryError(f"no enrolled device named {device_id}")
+            generation = device.desired_generation + 1
+            desired = DesiredState(device_id=device_id, generation=generation,
+                                   issued_at=datetime.now(timezone.utc), bundle=signed, artifact=artifact)
+            client = self._client()  # before anything changes: no broker, no deploy
+            try:
+                info = client.publish(device_topic(device_id, TopicKind.DESIRED), encode(desired), qos=1,
+                                      retain=True)
+                info.wait_for_publish(10)
+            finally:
+                client.disconnect()
+                client.loop_stop()
+            device.desired_generation = generation
+            device.desired_manifest, device.desired_artifact = manifest_digest(signed.manifest), artifact
+            db.add(device)
+            db.commit()
+        return desired
+
+    def desired_bundle_artifacts(self, device_id: str) -> set[str]:
+        """sha256 of the artifacts this device may fetch: those of the bundle it is meant to run."""
+        with Session(self.engine) as db:
+            device = db.get(Device, device_id)
+            if device is None or device.revoked or device.desired_manifest is None:
+                return set()
+            version = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == device.desired_manifest)
+                              ).first()
+            if version is None:
+                return set()
+            rows = db.exec(select(VersionArtifact).where(VersionArtifact.version_id == version.id)).all()
+            return {r.sha256 for r in rows}
+

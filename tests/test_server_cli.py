@@ -1,0 +1,58 @@
+"""The fleet commands as an operator types them (no server running)."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from protocol import generate_signing_key, private_key_to_pem, public_key_to_pem
+from server.cli import app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def data(tmp_path, digits_bundle):
+    d = tmp_path / "data"
+    (d / "keys").mkdir(parents=True)
+    (d / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
+    (d / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    return d
+
+
+def run(*args):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_device_and_model_commands(data, digits_bundle):
+    out = run("device", "add", "pi-7", "--profile", "raspberry-pi-5", "--group", "lab", "--data-dir", str(data))
+    assert out.exit_code == 0, out.output
+    config = data / "devices" / "pi-7" / "agent.toml"
+    assert 'device_id = "pi-7"' in config.read_text() and "ed25519:" in config.read_text()
+    assert stat.S_IMODE((data / "devices" / "pi-7" / "broker-password").stat().st_mode) == 0o600
+    again = run("device", "add", "pi-7", "--profile", "raspberry-pi-5", "--data-dir", str(data))
+    assert again.exit_code == 1 and "already exists" in again.output
+    bad = run("device", "add", "Pi_7", "--profile", "x", "--data-dir", str(data))
+    assert bad.exit_code == 1 and "not a valid device name" in bad.output
+    listed = run("device", "list", "--data-dir", str(data))
+    assert "pi-7" in listed.output and "raspberry-pi-5" in listed.output
+
+    pushed = run("model", "push", str(digits_bundle.dir), "--data-dir", str(data))
+    assert pushed.exit_code == 0 and "registered digits 1.0.0" in pushed.output
+    assert "digits" in run("model", "list", "--data-dir", str(data)).output
+    shown = run("model", "show", "digits:1.0.0", "--data-dir", str(data))
+    assert "digits-onnx-int8" in shown.output and "dataset_sha256" in shown.output
+    missing = run("model", "show", "digits:9.9.9", "--data-dir", str(data))
+    assert missing.exit_code == 1 and "no model digits:9.9.9" in missing.output
+
+    deploy = run("deploy", "digits:1.0.0", "--device", "pi-7", "--data-dir", str(data))
+    assert deploy.exit_code == 1 and "is `edgeherd server run` running?" in " ".join(deploy.output.split())
+
+
+def test_push_refuses_a_bundle_signed_by_another_key(data, digits_bundle, tmp_path):
+    other = generate_signing_key()
+    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(other.public_key()))
+    out = run("model", "push", str(digits_bundle.dir), "--data-dir", str(data))
+    assert out.exit_code == 1 and "pinned server key" in " ".join(out.output.split())

@@ -1,0 +1,99 @@
+"""The whole path on a real Mosquitto: enrol, push, deploy, the real agent installs and serves,
+reports land in the database, drift is scored; then revoke, and the device is cut off."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+from sqlmodel import Session, select
+
+from protocol import private_key_to_pem, public_key_to_pem
+from server.app import ServerApp
+from server.db.models import Device, DriftReportRow, StatsWindow, TelemetryRow
+from tests._mosquitto import free_port
+from tests.agent_harness import AgentProcess
+from toolchain.data import load_digits
+
+pytestmark = pytest.mark.integration
+
+
+def _wait(fn, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
+    data = tmp_path / "server"
+    (data / "keys").mkdir(parents=True)
+    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
+    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
+    agent = None
+    try:
+        reg = app.registry
+        enrolled = reg.add_device("pi-1", "x86-64", ["lab"])
+        version = reg.push_model(digits_bundle.dir)
+        assert reg.push_model(digits_bundle.dir).id == version.id  # pushing the same bundle again is a no-op
+        desired = reg.deploy("digits", "1.0.0", "pi-1")
+        assert desired.artifact == "digits-onnx-int8"
+
+        api_port = free_port()
+        agent = AgentProcess(enrolled.agent_config, tmp_path / "agent.log", env={
+            "EDGEHERD_AGENT_DATA_DIR": str(tmp_path / "agent"), "EDGEHERD_AGENT_API_PORT": str(api_port),
+            "EDGEHERD_AGENT_WINDOW_SECONDS": "1"})
+
+        def running():
+            with Session(app.registry.engine) as db:
+                d = db.get(Device, "pi-1")
+                return d if d and d.running_artifact == "digits-onnx-int8" and d.install_step == "done" else None
+
+        device = _wait(running, 90, "the agent to install the bundle")
+        assert device.status == "online" and device.fingerprint["cpu_count"] >= 1
+
+        x = load_digits().x[:40]
+        req = urllib.request.Request(f"http://127.0.0.1:{api_port}/v1/predict",
+                                     data=json.dumps({"inputs": x.tolist()}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert len(json.loads(resp.read())["classes"]) == 40
+
+        def reported():
+            with Session(app.registry.engine) as db:
+                stats = db.exec(select(StatsWindow).where(StatsWindow.device_id == "pi-1")).all()
+                telemetry = db.exec(select(TelemetryRow).where(TelemetryRow.device_id == "pi-1",
+                                                               TelemetryRow.requests > 0)).all()
+                return (stats, telemetry) if stats and telemetry else None
+
+        stats, telemetry = _wait(reported, 60, "telemetry and statistics in the database")
+        assert sum(s.n for s in stats) == 40 and sum(t.requests for t in telemetry) == 1
+        assert app.evaluate_drift() >= 1
+        with Session(app.registry.engine) as db:
+            reports = db.exec(select(DriftReportRow).where(DriftReportRow.device_id == "pi-1")).all()
+        assert reports and reports[0].report["features"] and reports[0].manifest_sha256 == version.manifest_sha256
+
+        # revoke: the broker refuses the device from now on
+        password = (enrolled.agent_config.parent / "broker-password").read_text().strip()
+        reg.revoke_device("pi-1")
+        from tests.mqtt_helpers import ConnectRefused, TestClient
+
+        class _B:  # the broker's address for the test client
+            host, port = "127.0.0.1", reg.broker.port
+
+        with pytest.raises(ConnectRefused):
+            TestClient(_B, "pi-1", password)  # type: ignore[arg-type]
+        _wait(lambda: "refused" in (tmp_path / "agent.log").read_text() or "Not authorized" in (
+            tmp_path / "agent.log").read_text(), 30, "the agent to be refused")
+        with Session(app.registry.engine) as db:
+            assert db.get(Device, "pi-1").revoked
+    finally:
+        if agent is not None:
+            agent.stop()
+        app.stop()
