@@ -109,6 +109,9 @@ def render_config(
         f"password_file {password_file}",
         f"acl_file {acl_file}",
         f"max_packet_size {max_packet_size}",
+        # a busy server subscription must not lose QoS 1 reports while it catches up
+        "max_queued_messages 200000",
+        "max_inflight_messages 100",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

@@ -53,6 +53,8 @@ from server.registry import Registry
 __all__ = ["ServerApp"]
 
 log = logging.getLogger(__name__)
+#: Messages ingested per database transaction, at most.
+_BATCH = 500
 
 
 class ServerApp:
@@ -146,18 +148,41 @@ class ServerApp:
             self.ingestor.dropped["overload"] += 1
 
     def _work(self) -> None:
+        """Take what is queued (up to a batch), serve chunk requests, ingest the rest in one transaction."""
         while True:
             item = self.queue.get()
             if item is None:
                 return
-            topic, payload = item
-            try:
+            batch = [item]
+            while len(batch) < _BATCH:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)
+                    break
+                batch.append(more)
+            reports = []
+            for topic, payload in batch:
                 if topic.endswith("/" + TopicKind.ARTIFACT_REQUEST.value):
-                    self._serve_chunks(topic, payload)
+                    try:
+                        self._serve_chunks(topic, payload)
+                    except Exception:
+                        log.exception("error serving chunks on %s", topic[:200])
                 else:
-                    self.ingestor.handle(topic, payload)
-            except Exception:  # one bad message must never stop a worker
-                log.exception("error handling a message on %s", topic[:200])
+                    reports.append((topic, payload))
+            if not reports:
+                continue
+            try:
+                self.ingestor.handle_batch(reports)
+            except Exception:  # e.g. a database error: retry one by one so one message cannot sink a batch
+                log.exception("batch ingest failed; retrying %d messages one by one", len(reports))
+                for topic, payload in reports:
+                    try:
+                        self.ingestor.handle(topic, payload)
+                    except Exception:
+                        log.exception("error ingesting a message on %s", topic[:200])
 
     def _reply_error(self, device_id: str, reply: ErrorReply) -> None:
         now = time.monotonic()

@@ -106,12 +106,17 @@ class MosquittoBroker:
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def add_device(self, device_id: str) -> str:
-        password = new_password()
+        return self.add_devices([device_id])[device_id]
+
+    def add_devices(self, device_ids: list[str]) -> dict[str, str]:
+        """Credentials for many devices with one rewrite of the files and one reload."""
         users = self._users()
-        users[device_id] = hash_password(password)
+        passwords = {d: new_password() for d in device_ids}
+        for d, password in passwords.items():
+            users[d] = hash_password(password)
         self._save(users)
         self.reload()
-        return password
+        return passwords
 
     def revoke_device(self, device_id: str) -> None:
         users = self._users()

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from protocol import InvalidMessage, TopicError, TopicKind, decode_for_topic, parse_device_topic
 from server.db.models import Device, StatsWindow, TelemetryRow
@@ -47,8 +47,8 @@ class Ingestor:
         log.warning("dropped a message from %s: %s: %s", device or "?", reason, detail[:300])
         return reason
 
-    def handle(self, topic: str, payload: bytes) -> str:
-        """Ingest one message; returns "ok", "duplicate", "stale" or the reason it was dropped."""
+    def _check(self, topic: str, payload: bytes) -> tuple[str, TopicKind, Any] | str:
+        """The pure part: (device_id, kind, message), or the reason to drop it."""
         try:
             device_id, kind = parse_device_topic(topic)
         except TopicError as exc:
@@ -61,24 +61,62 @@ class Ingestor:
             return self._drop("invalid", device_id, str(exc))
         if msg.device_id != device_id:
             return self._drop("impersonation", device_id, f"payload claims device {msg.device_id!r}")
+        return device_id, kind, msg
+
+    def handle(self, topic: str, payload: bytes) -> str:
+        """Ingest one message; returns "ok", "duplicate", "stale" or the reason it was dropped."""
+        return self.handle_batch([(topic, payload)])[0]
+
+    def handle_batch(self, messages: list[tuple[str, bytes]]) -> list[str]:
+        """Ingest several messages in one transaction (results in order)."""
+        results: list[str] = []
+        checked = [self._check(t, p) for t, p in messages]
+        now = datetime.now(timezone.utc)
         with Session(self.engine) as db:
-            device = db.get(Device, device_id)
-            if device is None or device.revoked:
-                return self._drop("unknown_device", device_id, "not enrolled or revoked")
-            result = self._apply(db, device, kind, msg, payload)
+            wanted = {item[0] for item in checked if not isinstance(item, str)}
+            devices = {d.id: d for d in db.exec(select(Device).where(col(Device.id).in_(wanted))).all()} \
+                if wanted else {}
+            windows: dict[Any, list[tuple[int, dict[str, Any]]]] = {TelemetryRow: [], StatsWindow: []}
+            for item, (_, payload) in zip(checked, messages, strict=True):
+                if isinstance(item, str):
+                    results.append(item)
+                    continue
+                device_id, kind, msg = item
+                device = devices.get(device_id)
+                if device is None or device.revoked:
+                    results.append(self._drop("unknown_device", device_id, "not enrolled or revoked"))
+                    continue
+                device.last_seen = now
+                if kind is TopicKind.TELEMETRY:
+                    windows[TelemetryRow].append((len(results), _telemetry_row(msg, now)))
+                    results.append("pending")
+                elif kind is TopicKind.STATS:
+                    windows[StatsWindow].append((len(results), _stats_row(msg, payload, now)))
+                    results.append("pending")
+                else:
+                    results.append(self._apply(db, device, kind, msg))
+            for device in devices.values():
+                db.add(device)
+            for table, rows in windows.items():
+                if rows:
+                    inserted = self._insert_once(db, table, [r for _, r in rows])
+                    for pos, row in rows:
+                        key = (row["device_id"], row["session"], row["window_seq"])
+                        results[pos] = "ok" if key in inserted else "duplicate"
             db.commit()
         with self._lock:
-            self.accepted[result] += 1
-        return result
+            for r in results:
+                if r in ("ok", "duplicate", "stale"):
+                    self.accepted[r] += 1
+        return results
 
-    def _apply(self, db: Session, device: Device, kind: TopicKind, msg: Any, payload: bytes) -> str:
-        now = datetime.now(timezone.utc)
+    def _apply(self, db: Session, device: Device, kind: TopicKind, msg: Any) -> str:
+        """State and hello: update the device row."""
         if kind is TopicKind.STATE:
             if (msg.session, msg.seq) <= (device.state_session, device.state_seq):
                 return "stale"
             device.state_session, device.state_seq = msg.session, msg.seq
             device.status = msg.status
-            device.last_seen = now
             if msg.agent_version:
                 device.agent_version = msg.agent_version
             if msg.running is not None:
@@ -89,31 +127,31 @@ class Ingestor:
                 device.install_step, device.install_error = msg.install.step.value, msg.install.error
             db.add(device)
             return "ok"
-        if kind is TopicKind.HELLO:
-            device.fingerprint = msg.fingerprint.model_dump(mode="json", exclude_none=True)
-            device.agent_version = msg.agent_version
-            device.last_seen = now
-            db.add(device)
-            return "ok"
-        device.last_seen = now
-        db.add(device)
-        if kind is TopicKind.TELEMETRY:
-            lat = msg.latency_ms
-            row = {"device_id": msg.device_id, "session": msg.session, "window_seq": msg.window_seq,
-                   "start": msg.start, "end": msg.end, "manifest_sha256": msg.manifest_sha256,
-                   "requests": msg.requests, "errors": msg.errors, "p50_ms": lat.p50 if lat else None,
-                   "p95_ms": lat.p95 if lat else None, "p99_ms": lat.p99 if lat else None,
-                   "dropped_windows": msg.dropped_windows, "received_at": now}
-            return self._insert_once(db, TelemetryRow, row)
-        row = {"device_id": msg.device_id, "session": msg.session, "window_seq": msg.window_seq,
-               "manifest_sha256": msg.manifest_sha256, "end": msg.end, "n": msg.n, "payload": bytes(payload),
-               "received_at": now}
-        return self._insert_once(db, StatsWindow, row)
+        device.fingerprint = msg.fingerprint.model_dump(mode="json", exclude_none=True)
+        device.agent_version = msg.agent_version
+        return "ok"
 
-    def _insert_once(self, db: Session, table: Any, row: dict[str, Any]) -> str:
-        dialect = self.engine.dialect.name
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = insert(table).values(**row).on_conflict_do_nothing(
-            index_elements=["device_id", "session", "window_seq"]).returning(table.window_seq)
-        inserted = db.execute(stmt).first()
-        return "ok" if inserted is not None else "duplicate"
+    def _insert_once(self, db: Session, table: Any, rows: list[dict[str, Any]]) -> set[tuple[str, int, int]]:
+        """Insert the rows that are not stored yet, in one statement; returns the keys inserted."""
+        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        keys = (table.device_id, table.session, table.window_seq)
+        unique: dict[tuple[str, int, int], dict[str, Any]] = {}
+        for row in rows:
+            unique.setdefault((row["device_id"], row["session"], row["window_seq"]), row)
+        stmt = insert(table).values(list(unique.values())).on_conflict_do_nothing(
+            index_elements=["device_id", "session", "window_seq"]).returning(*keys)
+        return {(str(d), int(s), int(w)) for d, s, w in db.execute(stmt).all()}
+
+
+def _telemetry_row(msg: Any, now: datetime) -> dict[str, Any]:
+    lat = msg.latency_ms
+    return {"device_id": msg.device_id, "session": msg.session, "window_seq": msg.window_seq, "start": msg.start,
+            "end": msg.end, "manifest_sha256": msg.manifest_sha256, "requests": msg.requests, "errors": msg.errors,
+            "p50_ms": lat.p50 if lat else None, "p95_ms": lat.p95 if lat else None,
+            "p99_ms": lat.p99 if lat else None, "dropped_windows": msg.dropped_windows, "received_at": now}
+
+
+def _stats_row(msg: Any, payload: bytes, now: datetime) -> dict[str, Any]:
+    return {"device_id": msg.device_id, "session": msg.session, "window_seq": msg.window_seq,
+            "manifest_sha256": msg.manifest_sha256, "end": msg.end, "n": msg.n, "payload": bytes(payload),
+            "received_at": now}

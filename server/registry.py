@@ -112,6 +112,21 @@ class Registry:
         log.info("enrolled device %s (%s)", device_id, profile)
         return Enrolled(device, out / "agent.toml")
 
+    def add_devices_bulk(self, device_ids: list[str], profile: str, groups: list[str] | None = None
+                         ) -> dict[str, str]:
+        """Enrol many devices at once (simulators, fleet imports); returns their broker passwords."""
+        bad = [d for d in device_ids if not is_device_id(d)]
+        if bad:
+            raise RegistryError(f"not valid device names: {bad[:5]}")
+        with Session(self.engine) as db:
+            taken = set(db.exec(select(Device.id).where(col(Device.id).in_(device_ids))).all())
+            if taken:
+                raise RegistryError(f"{len(taken)} of these devices already exist, e.g. {sorted(taken)[:3]}")
+            for d in device_ids:
+                db.add(Device(id=d, profile=profile, groups=groups or [], credentials_ref="mosquitto:passwd"))
+            db.commit()
+        return self.broker.add_devices(device_ids)
+
     def revoke_device(self, device_id: str) -> None:
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
