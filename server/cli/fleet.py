@@ -61,6 +61,32 @@ def server_run(
     app.stop()
 
 
+@server_app.command("backup")
+def server_backup(dest: Annotated[Path, typer.Argument(help="New directory for the backup.")],
+                  data_dir: DataDir = Path("data")) -> None:
+    """Back up the database, artifact store, keys and broker files; safe while the server runs."""
+    from server.backup import BackupError, backup
+
+    try:
+        info = backup(data_dir, dest)
+    except BackupError as exc:
+        _fail(exc)
+    console.print(f"backed up to {dest}: {info['counts']}")
+
+
+@server_app.command("restore")
+def server_restore(src: Annotated[Path, typer.Argument(help="A directory made by `edgeherd server backup`.")],
+                   data_dir: DataDir = Path("data")) -> None:
+    """Restore a backup into an empty data directory (and, for PostgreSQL, an empty database)."""
+    from server.backup import BackupError, restore
+
+    try:
+        info = restore(src, data_dir)
+    except BackupError as exc:
+        _fail(exc)
+    console.print(f"restored {info['counts']} from {src} into {data_dir}")
+
+
 @device_app.command("add")
 def device_add(
     name: Annotated[str, typer.Argument(help="Device id: a-z, 0-9 and '-'.")],

@@ -1,0 +1,133 @@
+"""Backups of a server's state, safe while it runs, and restore.
+
+A backup directory holds:
+
+- ``database.sqlite`` (SQLite's online backup API: a consistent snapshot even
+  while the server writes) or ``database.dump`` (``pg_dump -Fc``);
+- ``store/``: the content-addressed artifacts (immutable, copied as they are);
+- ``keys/``, ``broker/`` (users, password and ACL files, listener) and
+  ``devices/`` (agent configs): what the fleet needs to reconnect unchanged;
+- ``backup.json``: when, from what, and row counts.
+
+``restore`` refuses to overwrite an existing database or data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from server.db import database_url, make_engine
+from server.db.models import Device, ModelVersion, TelemetryRow
+
+__all__ = ["BackupError", "backup", "restore"]
+
+_TREES = ("store", "keys", "broker", "devices")
+_SKIP = {"mosquitto.pid", "mosquitto.log"}
+
+
+class BackupError(RuntimeError):
+    pass
+
+
+def _pg_args(url: str) -> tuple[list[str], str]:
+    parts = urlsplit(url.replace("postgresql+psycopg", "postgresql"))
+    args = ["-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432), "-U", parts.username or "postgres"]
+    return args, parts.path.lstrip("/")
+
+
+def _tool(name: str) -> str:
+    exe = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))),
+                                     None)
+    if exe is None:
+        raise BackupError(f"{name} is not installed (apt-get install postgresql-client)")
+    return exe
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    if not src.exists():
+        return
+    for path in src.rglob("*"):
+        if path.is_dir() or path.name in _SKIP:
+            continue
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.stat().st_size != path.stat().st_size:
+            shutil.copy2(path, target)
+
+
+def backup(data_dir: Path, dest: Path) -> dict[str, object]:
+    """Back up the server at ``data_dir`` into ``dest`` (created; must be empty)."""
+    if dest.exists() and any(dest.iterdir()):
+        raise BackupError(f"{dest} is not empty; back up into a new directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    url = database_url(data_dir)
+    if url.startswith("sqlite"):
+        src_path = url.split("///", 1)[1]
+        src = sqlite3.connect(src_path)
+        dst = sqlite3.connect(str(dest / "database.sqlite"))
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        kind = "sqlite"
+    else:
+        args, name = _pg_args(url)
+        out = subprocess.run([_tool("pg_dump"), *args, "-Fc", "-f", str(dest / "database.dump"), name],  # noqa: S603
+                             capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise BackupError(f"pg_dump failed: {out.stderr.strip()[:500]}")
+        kind = "postgresql"
+    for tree in _TREES:
+        _copy_tree(data_dir / tree, dest / tree)
+    engine = make_engine(f"sqlite:///{dest / 'database.sqlite'}" if kind == "sqlite" else url)
+    with Session(engine) as db:
+        counts = {name: db.exec(select(func.count()).select_from(table)).one()
+                  for name, table in (("devices", Device), ("model_versions", ModelVersion),
+                                      ("telemetry", TelemetryRow))}
+    engine.dispose()
+    info: dict[str, object] = {"created_at": datetime.now(timezone.utc).isoformat(), "database": kind,
+                               "source": str(data_dir),
+            "counts": counts}
+    (dest / "backup.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def restore(src: Path, data_dir: Path) -> dict[str, object]:
+    """Restore a backup made by :func:`backup` into ``data_dir`` (which must not hold a server yet)."""
+    try:
+        info = json.loads((src / "backup.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"{src} is not an edgeherd backup: {exc}") from None
+    if data_dir.exists() and any(p.name in (*_TREES, "edgeherd.db") for p in data_dir.iterdir()):
+        raise BackupError(f"{data_dir} already holds a server; restore into an empty or new directory")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = database_url(data_dir)
+    if info["database"] == "sqlite":
+        if not url.startswith("sqlite"):
+            raise BackupError("this backup is of a SQLite server; unset EDGEHERD_DATABASE_URL to restore it")
+        shutil.copy2(src / "database.sqlite", url.split("///", 1)[1])
+    else:
+        if url.startswith("sqlite"):
+            raise BackupError("this backup is of a PostgreSQL server; set EDGEHERD_DATABASE_URL to an empty database")
+        args, name = _pg_args(url)
+        out = subprocess.run([_tool("pg_restore"), *args, "--no-owner", "-d", name,  # noqa: S603
+                              str(src / "database.dump")], capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise BackupError(f"pg_restore failed: {out.stderr.strip()[:500]}")
+    for tree in _TREES:
+        _copy_tree(src / tree, data_dir / tree)
+    for secret in (data_dir / "keys" / "signing.key", data_dir / "broker" / "server.password"):
+        if secret.exists():
+            os.chmod(secret, 0o600)
+    return dict(info)
