@@ -227,6 +227,7 @@ class ServerApp:
     def evaluate_drift(self) -> int:
         """Score every statistics window received since the last call; returns how many were scored."""
         references: dict[str, Any] = {}
+        fresh: dict[str, list[FeatureStats]] = defaultdict(list)
         scored = 0
         with Session(self.registry.engine) as db:
             q = select(StatsWindow).order_by(col(StatsWindow.received_at))
@@ -242,7 +243,9 @@ class ServerApp:
                 ref = references[row.manifest_sha256]
                 if ref is None:
                     continue
-                report = score(ref, [FeatureStats.model_validate_json(row.payload)])
+                window = FeatureStats.model_validate_json(row.payload)
+                fresh[row.manifest_sha256].append(window)
+                report = score(ref, [window])
                 db.add(DriftReportRow(scope="device", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
                                       n=report.n, drifted=report.drifted, worst=report.worst,
                                       report=report.to_dict()))
@@ -258,6 +261,10 @@ class ServerApp:
                         alert.active = False
                         alert.cleared_at = datetime.now(timezone.utc)
                         db.add(alert)
+            for manifest_sha256, windows in fresh.items():  # fleet-wide: the summed counts of the new windows
+                fleet = score(references[manifest_sha256], windows)
+                db.add(DriftReportRow(scope="fleet", manifest_sha256=manifest_sha256, n=fleet.n,
+                                      drifted=fleet.drifted, worst=fleet.worst, report=fleet.to_dict()))
             db.commit()
         return scored
 

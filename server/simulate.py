@@ -17,10 +17,22 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol import DeviceState, Hello, LatencySummary, TelemetryWindow, TopicKind, device_topic, encode
+from protocol import (
+    DeviceState,
+    FeatureStats,
+    FeatureWindow,
+    Hello,
+    LatencySummary,
+    ReferenceProfile,
+    TelemetryWindow,
+    TopicKind,
+    device_topic,
+    encode,
+)
 from protocol.messages import Fingerprint, will_message
 
 __all__ = ["SimConfig", "SimResult", "simulate"]
@@ -34,6 +46,13 @@ class SimConfig:
     seconds: float = 60.0
     interval: float = 1.0
     processes: int = 4
+    #: With a reference profile, each window also carries feature statistics drawn from it...
+    reference: ReferenceProfile | None = None
+    manifest_sha256: str | None = None
+    samples: int = 50
+    #: ...and these devices' inputs drift: every feature's mass tilts towards its low bins by ``drift``.
+    drifting: frozenset[str] = frozenset()
+    drift: float = 1.5
 
 
 @dataclass
@@ -79,6 +98,7 @@ def _run_shard(cfg: SimConfig, ids: list[str], out: mp.Queue) -> None:  # type: 
             device_id=device_id, session=session, agent_version="0.0.0-sim", protocols=[1], fingerprint=fp)), qos=1)
     sent = 2 * len(clients)
     per_device = dict.fromkeys(clients, 0)
+    rng = np.random.default_rng(abs(hash(tuple(ids))) % 2**32)
     start = time.monotonic()
     seq = 0
     while time.monotonic() - start < cfg.seconds:
@@ -92,6 +112,10 @@ def _run_shard(cfg: SimConfig, ids: list[str], out: mp.Queue) -> None:  # type: 
             if c.publish(device_topic(device_id, TopicKind.TELEMETRY), encode(window), qos=1).rc == 0:
                 sent += 1
                 per_device[device_id] += 1
+            if cfg.reference is not None and cfg.manifest_sha256 is not None:
+                stats = _stats(cfg, rng, device_id, session, seq, window.start, now)
+                if c.publish(device_topic(device_id, TopicKind.STATS), encode(stats), qos=1).rc == 0:
+                    sent += 1
         seq += 1
         time.sleep(max(0.0, cfg.interval - (time.monotonic() - tick)))
     deadline = time.monotonic() + 30
@@ -104,6 +128,25 @@ def _run_shard(cfg: SimConfig, ids: list[str], out: mp.Queue) -> None:  # type: 
         c.disconnect()
         c.loop_stop()
     out.put((sent, acked, failed, per_device))
+
+
+def _stats(cfg: SimConfig, rng: np.random.Generator, device_id: str, session: int, seq: int, start: datetime,
+           end: datetime) -> FeatureStats:
+    ref = cfg.reference
+    assert ref is not None and cfg.manifest_sha256 is not None  # noqa: S101 - checked by the caller
+    feats = []
+    for f in ref.features:
+        p = np.asarray(f.counts, dtype=np.float64) + 0.5
+        if device_id in cfg.drifting:
+            p *= np.exp(cfg.drift * np.linspace(1.0, -1.0, len(p)))
+        counts = rng.multinomial(cfg.samples, p / p.sum())
+        feats.append(FeatureWindow(name=f.name, version=f.version, counts=[int(c) for c in counts]))
+    classes = None
+    if ref.class_counts is not None:
+        cp = np.asarray(ref.class_counts, dtype=np.float64) + 0.5
+        classes = [int(c) for c in rng.multinomial(cfg.samples, cp / cp.sum())]
+    return FeatureStats(device_id=device_id, session=session, window_seq=seq, start=start, end=end,
+                        manifest_sha256=cfg.manifest_sha256, n=cfg.samples, features=feats, class_counts=classes)
 
 
 def simulate(cfg: SimConfig) -> SimResult:

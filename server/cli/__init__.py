@@ -12,7 +12,7 @@ import typer
 
 from agent.cli import version_option
 from server.cli.build import build_command, bundle_app
-from server.cli.fleet import deploy_command, device_app, model_app, server_app
+from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, server_app
 from server.cli.keys import keys_app
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.add_typer(bundle_app, name="bundle")
 app.add_typer(server_app, name="server")
 app.add_typer(device_app, name="device")
 app.add_typer(model_app, name="model")
+app.add_typer(fleet_app, name="fleet")
 app.command("build")(build_command)
 app.command("deploy")(deploy_command)
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 server_app = typer.Typer(help="Run the server.", no_args_is_help=True)
+fleet_app = typer.Typer(help="Simulated fleets for tests and load.", no_args_is_help=True)
 device_app = typer.Typer(help="Enrol, list and revoke devices.", no_args_is_help=True)
 model_app = typer.Typer(help="Register and inspect model versions.", no_args_is_help=True)
 console = Console(highlight=False)
@@ -189,3 +190,51 @@ def deploy_command(
     except RegistryError as exc:
         _fail(exc)
     console.print(f"{device} should now run {name} {version} ({desired.artifact}), generation {desired.generation}")
+
+
+@fleet_app.command("simulate")
+def fleet_simulate(
+    devices: Annotated[int, typer.Option("--devices", min=1, max=100_000, help="How many simulated devices.")] = 100,
+    seconds: Annotated[float, typer.Option("--seconds", min=1, help="How long to run.")] = 60.0,
+    interval: Annotated[float, typer.Option("--interval", min=0.05, help="Seconds between windows.")] = 1.0,
+    model: Annotated[str | None, typer.Option("--model", help="NAME:VERSION whose reference profile the "
+                                              "simulated statistics follow.")] = None,
+    drifting: Annotated[int, typer.Option("--drifting", min=0, help="How many devices get drifting inputs.")] = 0,
+    processes: Annotated[int, typer.Option("--processes", min=1, max=64)] = 4,
+    data_dir: DataDir = Path("data"),
+    broker: Broker = None,
+) -> None:
+    """Run simulated devices that speak the real protocol with real credentials (enrolled on first use)."""
+    import json
+    from urllib.parse import urlsplit
+
+    from agent.files import atomic_write
+    from protocol import manifest_digest
+    from server.registry import RegistryError
+    from server.simulate import SimConfig, simulate
+
+    reg = _registry(data_dir, broker)
+    creds = data_dir / "simulator" / "passwords.json"
+    known: dict[str, str] = json.loads(creds.read_text()) if creds.exists() else {}
+    ids = [f"sim-{i:05d}" for i in range(devices)]
+    missing = [d for d in ids if d not in known]
+    try:
+        if missing:
+            known |= reg.add_devices_bulk(missing, "simulated", ["simulated"])
+            creds.parent.mkdir(exist_ok=True, mode=0o700)
+            atomic_write(creds, json.dumps(known).encode(), 0o600)
+        reference = digest = None
+        if model is not None:
+            name, _, version = model.partition(":")
+            _, signed = reg.model(name, version)
+            reference, digest = signed.manifest.reference, manifest_digest(signed.manifest)
+    except RegistryError as exc:
+        _fail(exc)
+    parts = urlsplit(reg.broker_url)
+    cfg = SimConfig(parts.hostname or "127.0.0.1", parts.port or 1883, {d: known[d] for d in ids}, seconds=seconds,
+                    interval=interval, processes=min(processes, devices), reference=reference,
+                    manifest_sha256=digest, drifting=frozenset(ids[:drifting]))
+    with console.status(f"{devices} simulated devices for {seconds:.0f} s ..."):
+        result = simulate(cfg)
+    console.print(f"sent {result.sent} messages, {result.acked} acknowledged by the broker; "
+                  f"{result.failed_connects} devices could not connect")
