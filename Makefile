@@ -10,7 +10,7 @@ STAMP := $(VENV)/.edgeherd-installed
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help test test-all check lint typecheck imports bench demo system-deps venv constraints clean
+.PHONY: help test test-all check lint typecheck imports bench bench-load demo system-deps venv constraints clean
 
 help:
 	@echo "make test       set everything up, then run the test suite (what CI runs)"
@@ -18,6 +18,7 @@ help:
 	@echo "make check      ruff, mypy, import contracts and the fast tests"
 	@echo "make test-all   every test, slow ones included"
 	@echo "make bench      performance suites (ratios against in-run baselines)"
+	@echo "make bench-load server load: 1,000-device ingest and artifact fan-out (several minutes)"
 	@echo "make constraints  re-pin constraints.txt from the current .venv"
 
 # --- system packages -----------------------------------------------------------
@@ -82,6 +83,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_protocol
 	$(PY) -m benchmarks.toolchain_targets
 	$(PY) -m benchmarks.agent_overhead
+
+bench-load: system-deps $(STAMP)
+	$(PY) -m benchmarks.ingest
+	$(PY) -m benchmarks.artifact_fanout
 
 # --- demo ----------------------------------------------------------------------
 demo: system-deps $(STAMP)
