@@ -65,7 +65,7 @@ def _baseline(host: str, port: int, user: str, password: str, payload: Path, dev
     return devices * count * CHUNK / (time.monotonic() - t0)
 
 
-def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: int, chunk: int,
+def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: int, chunk_size: int,
           out: mp.Queue) -> None:  # type: ignore[type-arg]
     done = threading.Event()
     remaining = [len(creds)]
@@ -85,7 +85,7 @@ def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: in
                 length = min(1024 * 1024, size - next_off[0])
                 inflight[rid] = length
                 c.publish(device_topic(device_id, TopicKind.ARTIFACT_REQUEST), encode(ChunkRequest(
-                    request_id=rid, sha256=sha, offset=next_off[0], length=length, chunk_size=chunk)), qos=1)
+                    request_id=rid, sha256=sha, offset=next_off[0], length=length, chunk_size=chunk_size)), qos=1)
                 next_off[0] += length
 
         def on_message(cl: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
@@ -95,7 +95,7 @@ def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: in
             if inflight[chunk.request_id] <= 0:
                 del inflight[chunk.request_id]
                 request()
-            if len(have) * chunk >= size:
+            if len(have) * chunk_size >= size:
                 with lock:
                     remaining[0] -= 1
                     if remaining[0] == 0:

@@ -56,3 +56,27 @@ def test_push_refuses_a_bundle_signed_by_another_key(data, digits_bundle, tmp_pa
     (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(other.public_key()))
     out = run("model", "push", str(digits_bundle.dir), "--data-dir", str(data))
     assert out.exit_code == 1 and "pinned server key" in " ".join(out.output.split())
+
+
+def test_push_refuses_the_same_version_with_other_contents(data, digits_bundle, tmp_path):
+    import json
+    import shutil
+
+    from protocol import Manifest, sign_manifest
+    from protocol._model import decode_model, encode_model
+
+    assert run("model", "push", str(digits_bundle.dir), "--data-dir", str(data)).exit_code == 0
+    other = tmp_path / "other"
+    shutil.copytree(digits_bundle.dir, other)
+    doc = json.loads(digits_bundle.signed.manifest.model_dump_json(by_alias=True, exclude_none=True))
+    doc["description"] = "the same version number, different contents"
+    altered = sign_manifest(decode_model(Manifest, json.dumps(doc).encode()), digits_bundle.key)
+    (other / "manifest.json").write_bytes(encode_model(altered))
+    out = run("model", "push", str(other), "--data-dir", str(data))
+    assert out.exit_code == 1 and "already registered with other contents" in " ".join(out.output.split())
+    tampered = tmp_path / "tampered"
+    shutil.copytree(digits_bundle.dir, tampered)
+    blob = next((tampered / "artifacts").iterdir())
+    blob.write_bytes(b"\0" + blob.read_bytes()[1:])
+    out = run("model", "push", str(tampered), "--data-dir", str(data))
+    assert out.exit_code == 1 and "not matching their sha256" in " ".join(out.output.split())
