@@ -72,26 +72,36 @@ def run(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Connect to the broker, install what the server wants, serve it, report. Runs until SIGTERM."""
-    import logging
-    import signal
-    import threading
-
     from agent.config import load_config
     from agent.errors import AgentError
     from agent.runtime import Agent
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     try:
         agent = Agent(load_config(config)).start()
     except (AgentError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    wait_for_termination()
+    agent.stop()
+
+
+def configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def wait_for_termination() -> None:
+    """Block until SIGTERM or SIGINT (for long-running commands)."""
+    import signal
+    import threading
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
-    agent.stop()
 
 
 def main() -> None:

@@ -42,23 +42,16 @@ def server_run(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM."""
-    import logging
-    import signal
-    import threading
-
+    from agent.cli import configure_logging, wait_for_termination
     from server.app import ServerApp
     from server.broker import BrokerError
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     try:
         app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port).start()
     except (BrokerError, OSError) as exc:
         _fail(exc)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+    wait_for_termination()
     app.stop()
 
 
