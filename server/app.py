@@ -96,7 +96,8 @@ class ServerApp:
         self.client = client
         for i in range(self.workers):
             self._spawn(self._work, f"worker-{i}")
-        self._spawn(self._drift_loop, "drift")
+        if self.drift_interval > 0:  # 0: this replica leaves drift to another one
+            self._spawn(self._drift_loop, "drift")
         if self.metrics_port:
             self._http = _metrics_server(self, self.metrics_port)
             self._spawn(self._http.serve_forever, "metrics")

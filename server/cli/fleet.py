@@ -39,6 +39,8 @@ def server_run(
     broker: Broker = None,
     metrics_port: Annotated[int, typer.Option("--metrics-port", help="Port of /metrics on 127.0.0.1; 0: off.")
                             ] = 9470,
+    drift_interval: Annotated[float, typer.Option("--drift-interval", min=0, help="Seconds between drift "
+                                                  "evaluations; 0 turns them off (for all replicas but one).")] = 10.0,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM."""
@@ -48,7 +50,7 @@ def server_run(
 
     configure_logging(log_level)
     try:
-        app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port).start()
+        app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval).start()
     except (BrokerError, OSError) as exc:
         _fail(exc)
     wait_for_termination()
