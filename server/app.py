@@ -110,17 +110,18 @@ class ServerApp:
         self._threads.append(t)
 
     def stop(self) -> None:
+        """Graceful: stop taking messages, ingest what is queued, then close everything."""
         self._stop.set()
-        for _ in range(self.workers):
-            self.queue.put(None)
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
+        for _ in range(self.workers):
+            self.queue.put(None)  # after the backlog: the workers drain it first
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
         for t in self._threads:
-            t.join(5)
+            t.join(120 if t.name.startswith("edgeherd-worker") else 5)
         if self.managed:
             self.registry.broker.stop()
         self.registry.engine.dispose()

@@ -65,6 +65,30 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(path, target)
 
 
+_COUNTED = (("devices", Device), ("model_versions", ModelVersion), ("telemetry", TelemetryRow))
+
+
+def _pg_dump(url: str, out_file: Path) -> dict[str, int]:
+    """pg_dump from an exported snapshot, counting rows in that same snapshot."""
+    import psycopg
+
+    args, name = _pg_args(url)
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None  # noqa: S101
+        counts = {}
+        for label, table in _COUNTED:
+            got = conn.execute(f"SELECT count(*) FROM {table.__tablename__}").fetchone()  # noqa: S608 - our names
+            counts[label] = int(got[0]) if got else 0
+        out = subprocess.run([_tool("pg_dump"), *args, "-Fc", f"--snapshot={row[0]}", "-f", str(out_file),  # noqa: S603
+                              name], capture_output=True, text=True, timeout=3600)
+        conn.rollback()
+    if out.returncode != 0:
+        raise BackupError(f"pg_dump failed: {out.stderr.strip()[:500]}")
+    return counts
+
+
 def backup(data_dir: Path, dest: Path) -> dict[str, object]:
     """Back up the server at ``data_dir`` into ``dest`` (created; must be empty)."""
     if dest.exists() and any(dest.iterdir()):
@@ -81,24 +105,17 @@ def backup(data_dir: Path, dest: Path) -> dict[str, object]:
             dst.close()
             src.close()
         kind = "sqlite"
+        engine = make_engine(f"sqlite:///{dest / 'database.sqlite'}")
+        with Session(engine) as db:
+            counts = {name: db.exec(select(func.count()).select_from(table)).one() for name, table in _COUNTED}
+        engine.dispose()
     else:
-        args, name = _pg_args(url)
-        out = subprocess.run([_tool("pg_dump"), *args, "-Fc", "-f", str(dest / "database.dump"), name],  # noqa: S603
-                             capture_output=True, text=True, timeout=3600)
-        if out.returncode != 0:
-            raise BackupError(f"pg_dump failed: {out.stderr.strip()[:500]}")
+        counts = _pg_dump(url, dest / "database.dump")
         kind = "postgresql"
     for tree in _TREES:
         _copy_tree(data_dir / tree, dest / tree)
-    engine = make_engine(f"sqlite:///{dest / 'database.sqlite'}" if kind == "sqlite" else url)
-    with Session(engine) as db:
-        counts = {name: db.exec(select(func.count()).select_from(table)).one()
-                  for name, table in (("devices", Device), ("model_versions", ModelVersion),
-                                      ("telemetry", TelemetryRow))}
-    engine.dispose()
     info: dict[str, object] = {"created_at": datetime.now(timezone.utc).isoformat(), "database": kind,
-                               "source": str(data_dir),
-            "counts": counts}
+                               "source": str(data_dir), "counts": counts}
     (dest / "backup.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
