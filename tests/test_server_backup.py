@@ -85,10 +85,12 @@ def test_backup_under_load_then_restore(database, digits_bundle, tmp_path, monke
     with pytest.raises(BackupError, match="already holds a server"):
         restore(tmp_path / "backup", data)
     reg2 = Registry(data)
-    devices, versions, windows = _keys(reg2.engine)
+    try:
+        devices, versions, windows = _keys(reg2.engine)
+    finally:
+        reg2.engine.dispose()
     assert before[0] <= devices and before[1] <= versions and before[2] <= windows
     assert len(windows) == info["counts"]["telemetry"]
-    reg2.engine.dispose()
 
     # the restored server carries on with the same fleet: same broker credentials, more windows ingested
     app2 = ServerApp(data, metrics_port=0, drift_interval=3600).start()
