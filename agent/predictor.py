@@ -23,7 +23,7 @@ import numpy as np
 from agent.backends import Backend, open_backend
 from agent.errors import InputError
 from agent.window import WindowStats
-from protocol import ArtifactEntry, FeatureStats, Manifest, Target, TelemetryWindow
+from protocol import ArtifactEntry, FeatureStats, Manifest, Target, TelemetryWindow, manifest_digest
 
 __all__ = ["Predictor", "runtime_for"]
 
@@ -50,6 +50,8 @@ class Predictor:
     def __init__(self, path: Path, manifest: Manifest, artifact: ArtifactEntry, *, threads: int = 1,
                  stats: bool = True, backend: Backend | None = None, engine_cache: Path | None = None) -> None:
         self.manifest = manifest
+        #: The bundle's content address, reported with every state and window (computed once).
+        self.manifest_sha256 = manifest_digest(manifest)
         self.artifact = artifact
         self.path = path
         self.backend = backend or open_backend(path, runtime_for(artifact), threads=threads,

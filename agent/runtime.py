@@ -204,7 +204,7 @@ class Agent:
             info |= {"model": pred.manifest.model, "version": pred.manifest.version, "artifact": pred.artifact.name,
                      "target": pred.artifact.target.value, "precision": pred.artifact.precision.value,
                      "slot": self.slots.active(), "input_shape": list(pred.input_shape),
-                     "labels": pred.manifest.labels, "manifest_sha256": manifest_digest(pred.manifest)}
+                     "labels": pred.manifest.labels, "manifest_sha256": pred.manifest_sha256}
         return info
 
     def metrics_text(self) -> str:
@@ -256,7 +256,7 @@ class Agent:
         if pred is None or active is None:
             return None
         m = pred.manifest
-        return RunningBundle(model=m.model, version=m.version, manifest_sha256=manifest_digest(m),
+        return RunningBundle(model=m.model, version=m.version, manifest_sha256=pred.manifest_sha256,
                              artifact=pred.artifact.name, slot=active)  # type: ignore[arg-type]
 
     def _install_status(self, progress: int | None = None, total: int | None = None) -> InstallStatus | None:
@@ -428,7 +428,8 @@ class Agent:
     def _finish(self) -> None:
         if self.record.step is Step.DONE:
             log.info("now running %s %s from slot %s", self.record.model, self.record.version, self.slots.active())
-            Download(self.data / "downloads", self._artifact().sha256, self._artifact().size, CHUNK_SIZE).remove()
+            art = self._artifact()
+            Download(self.data / "downloads", art.sha256, art.size, CHUNK_SIZE).remove()
         elif self._candidate is not None:
             self._candidate.close()
             self._candidate = None
@@ -636,7 +637,7 @@ class Agent:
         end = _now()
         telemetry, stats = pred.close_window(device_id=self.cfg.device_id, session=self._run_id,
                                              window_seq=self._window_seq, start=self._window_start, end=end,
-                                             manifest_sha256=manifest_digest(pred.manifest))
+                                             manifest_sha256=pred.manifest_sha256)
         dropped = self.outbox.take_dropped()
         if dropped:
             telemetry = telemetry.model_copy(update={"dropped_windows": dropped})
