@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends import open_backend
+from agent.backends import IOSpec, open_backend
 
 __all__ = ["Evaluation", "evaluate", "gate"]
 
@@ -20,6 +20,8 @@ class Evaluation:
     size: int
     latency_ms_p50: float
     outputs: np.ndarray  # model outputs on the test inputs
+    input: IOSpec  # the model's input and output as its runtime reports them
+    output: IOSpec
 
     def metrics(self) -> dict[str, float]:
         return {"accuracy": round(self.accuracy, 6), "size_bytes": float(self.size),
@@ -42,7 +44,8 @@ def evaluate(path: Path, runtime: str, x: np.ndarray, y: np.ndarray, *, latency_
     finally:
         backend.close()
     accuracy = float((outputs.argmax(1) == y).mean())
-    return Evaluation(accuracy, path.stat().st_size, statistics.median(times) * 1000, outputs)
+    return Evaluation(accuracy, path.stat().st_size, statistics.median(times) * 1000, outputs, backend.input,
+                      backend.output)
 
 
 def gate(accuracy: float, baseline: float, max_drop_points: float) -> str | None:
