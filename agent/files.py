@@ -7,7 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["atomic_copy", "atomic_write", "sha256_file"]
+from hardware.files import atomic_write, fsync_dir
+
+__all__ = ["atomic_copy", "atomic_write", "sha256_file"]  # atomic_write lives in hardware.files
 
 
 def sha256_file(path: Path) -> str:
@@ -19,28 +21,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     with src.open("rb") as fin, tmp.open("wb") as fout:
@@ -48,4 +28,4 @@ def atomic_copy(src: Path, dst: Path) -> None:
         fout.flush()
         os.fsync(fout.fileno())
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)

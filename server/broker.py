@@ -22,16 +22,16 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from hardware.files import atomic_write
 from hardware.mosquitto import (
     hash_password,
     new_password,
     render_acl,
     render_config,
     render_password_file,
-    write_file_atomic,
 )
 
-__all__ = ["SERVER_USER", "BrokerCredentials", "BrokerError", "MosquittoBroker"]
+__all__ = ["SERVER_USER", "BrokerCredentials", "BrokerError", "MosquittoBroker", "find_mosquitto", "free_port"]
 
 log = logging.getLogger(__name__)
 SERVER_USER = "edgeherd-server"
@@ -50,7 +50,8 @@ class BrokerCredentials(Protocol):
     def server_password(self) -> str: ...
 
 
-def _mosquitto_exe() -> str | None:
+def find_mosquitto() -> str | None:
+    """The mosquitto binary, also where Debian puts it (/usr/sbin, often not on a user's PATH)."""
     return shutil.which("mosquitto", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
 
 
@@ -65,15 +66,15 @@ class MosquittoBroker:
         users = self._users()
         if SERVER_USER not in users:
             password = new_password()
-            write_file_atomic(self.dir / "server.password", password + "\n", 0o600)
+            atomic_write(self.dir / "server.password", password + "\n", 0o600)
             users[SERVER_USER] = hash_password(password)
             self._save(users)
         settings = self.dir / "listener.json"
         if settings.exists():
             self.port = int(json.loads(settings.read_text())["port"])
         else:
-            self.port = port or _free_port(host)
-            write_file_atomic(settings, json.dumps({"host": host, "port": self.port}), 0o600)
+            self.port = port or free_port(host)
+            atomic_write(settings, json.dumps({"host": host, "port": self.port}), 0o600)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,9 +90,9 @@ class MosquittoBroker:
             return {}
 
     def _save(self, users: dict[str, str]) -> None:
-        write_file_atomic(self._users_file, json.dumps(users, sort_keys=True), 0o600)
-        write_file_atomic(self.dir / "passwd", render_password_file(users), 0o600)
-        write_file_atomic(self.dir / "acl", render_acl([SERVER_USER]), 0o600)
+        atomic_write(self._users_file, json.dumps(users, sort_keys=True), 0o600)
+        atomic_write(self.dir / "passwd", render_password_file(users), 0o600)
+        atomic_write(self.dir / "acl", render_acl([SERVER_USER]), 0o600)
         self._hand_to_broker_user()
 
     def _hand_to_broker_user(self) -> None:
@@ -151,19 +152,19 @@ class MosquittoBroker:
                              acl_file=self.dir / "acl")
         if self._run_as_root():
             text += "user root\n"
-        write_file_atomic(conf, text, 0o600)
+        atomic_write(conf, text, 0o600)
         self._hand_to_broker_user()
         return conf
 
     def start(self, timeout: float = 10.0) -> None:
-        exe = _mosquitto_exe()
+        exe = find_mosquitto()
         if exe is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto), and no --broker was given")
         conf = self.write_config()
         log_file = (self.dir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log_file, stderr=log_file)  # noqa: S603
         log_file.close()
-        write_file_atomic(self.dir / "mosquitto.pid", str(self.proc.pid), 0o600)
+        atomic_write(self.dir / "mosquitto.pid", str(self.proc.pid), 0o600)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -201,7 +202,8 @@ class MosquittoBroker:
                 self.proc.wait()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -20,27 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hardware.files import atomic_write
 from hardware.mosquitto import (
     hash_password,
     new_password,
     render_acl,
     render_config,
     render_password_file,
-    write_file_atomic,
 )
-
-SERVER_USER = "edgeherd-server"
-
-
-def find_mosquitto() -> str | None:
-    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin"
-    return shutil.which("mosquitto", path=path)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from server.broker import SERVER_USER, find_mosquitto, free_port
 
 
 @dataclass
@@ -60,8 +48,8 @@ class Broker:
         return f"mqtt://{self.host}:{self.port}"
 
     def write_files(self) -> None:
-        write_file_atomic(self.workdir / "passwd", render_password_file(self._hashes), 0o644)
-        write_file_atomic(self.workdir / "acl", render_acl([self.server_user]), 0o644)
+        atomic_write(self.workdir / "passwd", render_password_file(self._hashes), 0o644)
+        atomic_write(self.workdir / "acl", render_acl([self.server_user]), 0o644)
 
     def add_user(self, user: str, password: str | None = None) -> str:
         """Add (or re-key) a broker user, reload the broker, return the password."""
@@ -131,9 +119,9 @@ def running_broker(users: dict[str, str] | None = None, *, timeout: float = 10.0
                 os.chmod(store, 0o777)  # noqa: S103 - mosquitto (dropped to its own user) writes here
             conf = render_config(port=port, password_file=workdir / "passwd", acl_file=workdir / "acl",
                                  persistence_dir=store if persistence else None)
-            write_file_atomic(workdir / "mosquitto.conf", conf, 0o644)
-            write_file_atomic(workdir / "passwd", render_password_file(hashes), 0o644)
-            write_file_atomic(workdir / "acl", render_acl([SERVER_USER]), 0o644)
+            atomic_write(workdir / "mosquitto.conf", conf, 0o644)
+            atomic_write(workdir / "passwd", render_password_file(hashes), 0o644)
+            atomic_write(workdir / "acl", render_acl([SERVER_USER]), 0o644)
             log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115 - closed below
             proc = subprocess.Popen([exe, "-c", str(workdir / "mosquitto.conf")], stdout=log, stderr=log)
             broker = Broker("127.0.0.1", port, workdir, proc, server_password=server_password, _hashes=hashes)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from hardware.mosquitto import write_file_atomic
+from hardware.files import atomic_write
 from protocol import (
     KeyFormatError,
     generate_signing_key,
@@ -42,8 +42,8 @@ def keys_generate(
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     key = generate_signing_key()
-    write_file_atomic(private_path, private_key_to_pem(key).decode("ascii"), 0o600)
-    write_file_atomic(public_path, public_key_to_pem(key.public_key()).decode("ascii"), 0o644)
+    atomic_write(private_path, private_key_to_pem(key).decode("ascii"), 0o600)
+    atomic_write(public_path, public_key_to_pem(key.public_key()).decode("ascii"), 0o644)
     typer.echo(f"wrote {private_path} and {public_path}")
     typer.echo(f"key id     {key_id(key.public_key())}")
     typer.echo(f"pin on devices as  {public_key_to_text(key.public_key())}")
