@@ -71,6 +71,9 @@ class AgentConfig(BaseModel):
     keepalive: int = Field(30, ge=5, le=3600)
     #: Threads per inference session.
     threads: int = Field(1, ge=1, le=64)
+    #: Artifact chunk size asked of the server, in KiB (4-256): larger moves a rollout wave faster,
+    #: smaller loses less to a dropped connection on a slow link.
+    chunk_kib: int = Field(256, ge=4, le=256)
     #: Largest request body the local API accepts.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=1024**3)
 

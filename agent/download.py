@@ -8,6 +8,7 @@ chunk; the whole file is hashed at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,40 @@ from agent.files import atomic_write, sha256_file
 from protocol import MAX_CHUNK_SIZE, Chunk
 from protocol.messages import MAX_REQUEST_BYTES
 
-__all__ = ["Download"]
+__all__ = ["Download", "download_slot", "missing_ranges"]
+
+
+def missing_ranges(have: set[int], size: int, chunk_size: int, exclude: set[tuple[int, int]], limit: int,
+                   start: int = 0) -> list[tuple[int, int]]:
+    """Up to ``limit`` ranges (offset, length) of the chunks not in ``have``, ≤ 1 MiB each, not in ``exclude``.
+
+    The search begins at the 1 MiB request slot ``start`` (modulo the number of slots) and wraps around,
+    so the devices of a wave, starting at different slots, keep different bytes in flight and share
+    them all on the artifact's broadcast topic.
+    """
+    chunks = (size + chunk_size - 1) // chunk_size
+    per = max(MAX_REQUEST_BYTES // chunk_size, 1)
+    first = (start % ((chunks + per - 1) // per)) * per if chunks else 0
+    out: list[tuple[int, int]] = []
+    for lo, hi in ((first, chunks), (0, first)):
+        i = lo
+        while i < hi and len(out) < limit:
+            if i in have:
+                i += 1
+                continue
+            j = i
+            while j < hi and j not in have and j - i < per:
+                j += 1
+            rng = (i * chunk_size, min(j * chunk_size, size) - i * chunk_size)
+            if rng not in exclude:
+                out.append(rng)
+            i = j
+    return out
+
+
+def download_slot(device_id: str) -> int:
+    """Where a device starts asking in an artifact (see :func:`missing_ranges`): stable, spread by id."""
+    return int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "big")
 
 
 class Download:
@@ -60,23 +94,9 @@ class Download:
     def complete(self) -> bool:
         return len(self.have) == self.chunks
 
-    def missing_ranges(self, exclude: set[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` ranges (offset, length) of missing bytes, ≤ 1 MiB each, not in ``exclude``."""
-        per = max(MAX_REQUEST_BYTES // self.chunk_size, 1)
-        out: list[tuple[int, int]] = []
-        i = 0
-        while i < self.chunks and len(out) < limit:
-            if i in self.have:
-                i += 1
-                continue
-            j = i
-            while j < self.chunks and j not in self.have and j - i < per:
-                j += 1
-            rng = (i * self.chunk_size, min(j * self.chunk_size, self.size) - i * self.chunk_size)
-            if rng not in exclude:
-                out.append(rng)
-            i = j
-        return out
+    def missing_ranges(self, exclude: set[tuple[int, int]], limit: int, start: int = 0) -> list[tuple[int, int]]:
+        """Up to ``limit`` ranges of missing bytes to ask for next: see :func:`missing_ranges`."""
+        return missing_ranges(self.have, self.size, self.chunk_size, exclude, limit, start)
 
     def accept(self, chunk: Chunk) -> bool:
         """Write a chunk if it belongs here and fills a gap; True when it did."""

@@ -29,7 +29,7 @@ import numpy as np
 from agent import preflight
 from agent.api import ApiServer
 from agent.config import AgentConfig
-from agent.download import Download
+from agent.download import Download, download_slot
 from agent.errors import AgentError, ConfigError
 from agent.files import atomic_write
 from agent.fingerprint import fingerprint
@@ -58,6 +58,7 @@ from protocol import (
     RunningBundle,
     TopicError,
     TopicKind,
+    artifact_topic,
     decode,
     decode_chunk,
     device_topic,
@@ -74,7 +75,6 @@ from protocol.version import __version__
 __all__ = ["Agent", "InstallFailure", "smoke_test"]
 
 log = logging.getLogger(__name__)
-CHUNK_SIZE = 64 * 1024
 MAX_IN_FLIGHT = 2
 
 
@@ -106,6 +106,7 @@ class Agent:
         self.record_path = self.data / "install.json"
         self.record = InstallRecord.load(self.record_path)
         self.download_timeout = download_timeout
+        self.chunk_size = cfg.chunk_kib * 1024
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._deferred: deque[tuple[Any, ...]] = deque()
         self._reporter_q: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -429,7 +430,7 @@ class Agent:
         if self.record.step is Step.DONE:
             log.info("now running %s %s from slot %s", self.record.model, self.record.version, self.slots.active())
             art = self._artifact()
-            Download(self.data / "downloads", art.sha256, art.size, CHUNK_SIZE).remove()
+            Download(self.data / "downloads", art.sha256, art.size, self.chunk_size).remove()
         elif self._candidate is not None:
             self._candidate.close()
             self._candidate = None
@@ -448,23 +449,38 @@ class Agent:
 
     def _step_download(self) -> None:
         art = self._artifact()
-        dl = Download(self.data / "downloads", art.sha256, art.size, CHUNK_SIZE)
+        dl = Download(self.data / "downloads", art.sha256, art.size, self.chunk_size)
         try:
             self._download(dl)
         finally:
             dl.close()
 
     def _download(self, dl: Download) -> None:
+        # Listen to the artifact's broadcast topic: devices fetching the same artifact at the same time
+        # (a rollout wave) share every chunk the server sends, and each asks only for what it still lacks.
+        shared = artifact_topic(dl.sha256)
+        self.session.listen(shared)
+        self.session.wait_granted(shared, 2.0)  # so that even the first request may be answered to the wave
+        try:
+            self._download_loop(dl, shared)
+        finally:
+            self.session.unlisten(shared)
+
+    def _download_loop(self, dl: Download, shared: str) -> None:
         inflight: dict[str, tuple[int, int, float]] = {}
         last_progress = time.monotonic()
         backoff = self.download_timeout
         reported = -1
+        slot = download_slot(self.cfg.device_id)
         while not dl.complete:
             if self.session.connected.is_set():
                 busy = {(o, n) for o, n, _ in inflight.values()}
-                for off, length in dl.missing_ranges(busy, MAX_IN_FLIGHT - len(inflight)):
+                granted = self.session.granted.get(shared)
+                listening_ms = int((time.monotonic() - granted) * 1000) if granted is not None else 0
+                for off, length in dl.missing_ranges(busy, MAX_IN_FLIGHT - len(inflight), start=slot):
                     req = ChunkRequest(request_id=uuid.uuid4().hex, sha256=dl.sha256, offset=off, length=length,
-                                       chunk_size=CHUNK_SIZE)
+                                       chunk_size=self.chunk_size, broadcast=granted is not None,
+                                       listening_ms=min(listening_ms, 86_400_000))
                     if self.session.publish(device_topic(self.cfg.device_id, TopicKind.ARTIFACT_REQUEST),
                                             encode(req)) is not None:
                         inflight[req.request_id] = (off, length, time.monotonic())
@@ -473,10 +489,13 @@ class Agent:
             except queue.Empty:
                 ev = ("tick",)
             if ev[0] == "msg":
-                try:
-                    _, kind = parse_device_topic(ev[1])
-                except TopicError:
-                    continue
+                if ev[1] == shared:
+                    kind = TopicKind.ARTIFACT_CHUNK
+                else:
+                    try:
+                        _, kind = parse_device_topic(ev[1])
+                    except TopicError:
+                        continue
                 if kind is TopicKind.ARTIFACT_CHUNK:
                     try:
                         chunk = decode_chunk(ev[2])
@@ -487,7 +506,7 @@ class Agent:
                         last_progress = time.monotonic()
                         backoff = self.download_timeout
                         for rid, (off, length, _) in list(inflight.items()):
-                            first, last = off // CHUNK_SIZE, (off + length - 1) // CHUNK_SIZE
+                            first, last = off // self.chunk_size, (off + length - 1) // self.chunk_size
                             if all(i in dl.have for i in range(first, last + 1)):
                                 del inflight[rid]
                         if self._kill_at == "download-mid" and len(dl.have) * 2 >= dl.chunks:
@@ -526,7 +545,7 @@ class Agent:
 
     def _step_verify(self) -> Event:
         art = self._artifact()
-        dl = Download(self.data / "downloads", art.sha256, art.size, CHUNK_SIZE)
+        dl = Download(self.data / "downloads", art.sha256, art.size, self.chunk_size)
         try:
             if dl.verify():
                 return Event.OK

@@ -58,9 +58,17 @@ class Session:
         self.client.on_disconnect = self._disconnect_cb
         self.client.on_message = self._message_cb
         self.client.on_publish = self._publish_cb
+        self.client.on_subscribe = self._subscribe_cb
         self.connected = threading.Event()
         self.session_id = 0
         self.last_refusal: str | None = None
+        #: Topics subscribed on top of the device's own (an artifact's broadcast chunks while downloading it),
+        #: renewed on every connection; ``granted`` holds those the broker has accepted on this connection,
+        #: with the monotonic time it did.
+        self._extra: set[str] = set()
+        self.granted: dict[str, float] = {}
+        self._pending_subs: dict[int, str] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgeherd-mqtt", daemon=True)
 
@@ -75,6 +83,10 @@ class Session:
             return
         self.last_refusal = None
         client.subscribe([(device_topic(self.cfg.device_id, k), 1) for k in SUBSCRIBED_KINDS])
+        with self._lock:
+            self.granted.clear()
+            for topic in self._extra:
+                self._subscribe_extra(topic)
         self.connected.set()
         log.info("connected to %s as %s (session %d)", self.cfg.broker_url, self.cfg.device_id, self.session_id)
         self._on_connected(self.session_id)
@@ -89,6 +101,20 @@ class Session:
 
     def _message_cb(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._on_message(msg.topic, bytes(msg.payload))
+
+    def _subscribe_cb(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                      props: Properties | None) -> None:
+        with self._lock:
+            topic = self._pending_subs.pop(mid, None)
+            if topic is not None and topic in self._extra and reasons and not reasons[0].is_failure:
+                self.granted[topic] = time.monotonic()
+            elif topic is not None:
+                log.info("the broker did not grant a subscription to %s: %s", topic, reasons[0] if reasons else "-")
+
+    def _subscribe_extra(self, topic: str) -> None:
+        rc, mid = self.client.subscribe(topic, qos=1)
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._pending_subs[mid] = topic
 
     def _publish_cb(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     props: Properties | None) -> None:
@@ -137,6 +163,33 @@ class Session:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         return int(info.mid)
+
+    def listen(self, topic: str) -> None:
+        """Also subscribe to ``topic``, now and after every reconnect, until :meth:`unlisten`."""
+        with self._lock:
+            if topic in self._extra:
+                return
+            self._extra.add(topic)
+            if self.connected.is_set():
+                self._subscribe_extra(topic)
+
+    def wait_granted(self, topic: str, timeout: float) -> bool:
+        """Wait until the broker has granted the subscription to ``topic`` (False when it has not in time)."""
+        deadline = time.monotonic() + timeout
+        while topic not in self.granted:
+            if time.monotonic() >= deadline or not self.connected.is_set():
+                return False
+            time.sleep(0.01)
+        return True
+
+    def unlisten(self, topic: str) -> None:
+        with self._lock:
+            if topic not in self._extra:
+                return
+            self._extra.discard(topic)
+            self.granted.pop(topic, None)
+            if self.connected.is_set():
+                self.client.unsubscribe(topic)
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Publish ``final`` (the graceful offline state), disconnect, stop the thread."""

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from protocol.topics import DEVICES, PREFIX
+from protocol.topics import ARTIFACTS, DEVICES, PREFIX
 
 __all__ = [
     "DEVICE_PATTERN",
@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 DEVICE_PATTERN = f"pattern readwrite {DEVICES}/%u/#"
+ARTIFACT_PATTERN = f"pattern read {ARTIFACTS}/+/chunk"
 _PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes; the hash cost is per broker login
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -80,7 +81,8 @@ def render_acl(server_users: Iterable[str]) -> str:
     for user in sorted(set(server_users)):
         _check_user(user)
         out += [f"user {user}", f"topic readwrite {PREFIX}/#", ""]
-    out += ["# every other user is a device and sees only its own topics", DEVICE_PATTERN, ""]
+    out += ["# every other user is a device and sees only its own topics,", DEVICE_PATTERN,
+            "# and may listen to artifact chunks the server broadcasts", ARTIFACT_PATTERN, ""]
     return "\n".join(out)
 
 

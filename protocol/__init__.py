@@ -78,7 +78,16 @@ from protocol.signing import (
     sign_manifest,
     verify_manifest,
 )
-from protocol.topics import TOPICS, Direction, TopicKind, device_topic, parse_device_topic, server_subscriptions
+from protocol.topics import (
+    TOPICS,
+    Direction,
+    TopicKind,
+    artifact_topic,
+    device_topic,
+    parse_artifact_topic,
+    parse_device_topic,
+    server_subscriptions,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -129,6 +138,7 @@ __all__ = [
     "TensorSpec",
     "TopicError",
     "TopicKind",
+    "artifact_topic",
     "canonical_json",
     "decode",
     "decode_chunk",
@@ -143,6 +153,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "manifest_digest",
+    "parse_artifact_topic",
     "parse_device_topic",
     "private_key_to_pem",
     "public_key_to_pem",

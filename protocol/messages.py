@@ -211,6 +211,11 @@ class ChunkRequest(_Msg):
     offset: Annotated[int, Field(ge=0, le=2**42)]
     length: Annotated[int, Field(ge=1, le=MAX_REQUEST_BYTES)]
     chunk_size: Annotated[int, Field(ge=4 * 1024, le=256 * 1024)] = 64 * 1024
+    #: The device listens on the artifact's broadcast topic, so the answer may go there and be shared
+    #: with every other device fetching the same bytes (docs/protocol.md §6) ...
+    broadcast: bool = False
+    #: ... and has done so for this long (since its subscription was granted on this connection).
+    listening_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 0
 
 
 class ErrorCode(str, Enum):

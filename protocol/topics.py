@@ -10,6 +10,7 @@ flag; ``docs/protocol.md`` mirrors it and a test keeps the two in step.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -17,6 +18,7 @@ from protocol.errors import TopicError
 from protocol.ids import is_device_id
 
 __all__ = [
+    "ARTIFACTS",
     "DEVICES",
     "PREFIX",
     "SHARE_GROUP",
@@ -24,13 +26,17 @@ __all__ = [
     "Direction",
     "TopicKind",
     "TopicSpec",
+    "artifact_topic",
     "device_topic",
+    "parse_artifact_topic",
     "parse_device_topic",
     "server_subscriptions",
 ]
 
 PREFIX = "edgeherd/v1"
 DEVICES = f"{PREFIX}/devices"
+#: Broadcast chunks of one artifact, for every device downloading it at the same time.
+ARTIFACTS = f"{PREFIX}/artifacts"
 #: MQTT 5 shared-subscription group that server replicas join.
 SHARE_GROUP = "edgeherd"
 
@@ -117,6 +123,25 @@ def parse_device_topic(topic: str) -> tuple[str, TopicKind]:
     if kind is None:
         raise TopicError(f"topic {topic!r}: unknown kind {suffix!r}")
     return device_id, kind
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def artifact_topic(sha256: str) -> str:
+    """The broadcast topic of one artifact's chunks: ``edgeherd/v1/artifacts/{sha256}/chunk``."""
+    if not _SHA256_RE.match(sha256):
+        raise TopicError(f"{sha256!r} is not a sha256 (64 lowercase hex characters)")
+    return f"{ARTIFACTS}/{sha256}/chunk"
+
+
+def parse_artifact_topic(topic: str) -> str | None:
+    """The sha256 named by a broadcast chunk topic, or None for any other topic."""
+    head, tail = f"{ARTIFACTS}/", "/chunk"
+    if not (topic.startswith(head) and topic.endswith(tail)):
+        return None
+    sha = topic[len(head):-len(tail)]
+    return sha if _SHA256_RE.match(sha) else None
 
 
 def server_subscriptions(*, shared: bool = True) -> list[tuple[str, int]]:

@@ -36,6 +36,7 @@ from protocol import (
     SignedManifest,
     TopicError,
     TopicKind,
+    artifact_topic,
     decode,
     device_topic,
     encode,
@@ -45,7 +46,7 @@ from protocol import (
 from protocol._model import decode_model
 from server.broker import SERVER_USER
 from server.db.models import Alert, Device, DriftReportRow, ModelVersion, StatsWindow
-from server.distribution import DirectoryStore, answer
+from server.distribution import BroadcastLedger, DirectoryStore, Route, answer
 from server.drift import Hysteresis, score
 from server.ingest import Ingestor
 from server.registry import Registry
@@ -59,16 +60,22 @@ _BATCH = 500
 
 class ServerApp:
     def __init__(self, data_dir: Path, *, broker_url: str | None = None, metrics_port: int = 9470,
-                 workers: int = 2, drift_interval: float = 10.0) -> None:
+                 workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True) -> None:
         self.managed = broker_url is None
         self.registry = Registry(data_dir, broker_url=broker_url)
         self.ingestor = Ingestor(self.registry.engine)
         self.store = DirectoryStore(self.registry.store)
-        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
+        #: (topic, payload, monotonic time received)
+        self.queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=100_000)
         self.workers = workers
         self.drift_interval = drift_interval
         self.metrics_port = metrics_port
+        #: Answer requests that allow it on the artifact's broadcast topic (False: every answer unicast,
+        #: for fleets whose devices must not see each other's artifacts).
+        self.broadcast = broadcast
         self.chunks_sent = 0
+        self.chunks_shared = 0
+        self.ledger = BroadcastLedger()
         self.chunk_errors = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -145,7 +152,7 @@ class ServerApp:
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
         try:
-            self.queue.put_nowait((topic, payload))
+            self.queue.put_nowait((topic, payload, time.monotonic()))
         except queue.Full:
             self.ingestor.dropped["overload"] += 1
 
@@ -166,10 +173,10 @@ class ServerApp:
                     break
                 batch.append(more)
             reports = []
-            for topic, payload in batch:
+            for topic, payload, received in batch:
                 if topic.endswith("/" + TopicKind.ARTIFACT_REQUEST.value):
                     try:
-                        self._serve_chunks(topic, payload)
+                        self._serve_chunks(topic, payload, received)
                     except Exception:
                         log.exception("error serving chunks on %s", topic[:200])
                 else:
@@ -195,7 +202,7 @@ class ServerApp:
         assert self.client is not None  # noqa: S101
         self.client.publish(device_topic(device_id, TopicKind.ERROR), encode(reply), qos=1)
 
-    def _serve_chunks(self, topic: str, payload: bytes) -> None:
+    def _serve_chunks(self, topic: str, payload: bytes, received: float) -> None:
         try:
             device_id, _ = parse_device_topic(topic)
         except TopicError:
@@ -210,11 +217,25 @@ class ServerApp:
                                                     message="no artifact with that sha256 for this device"))
             return
         assert self.client is not None  # noqa: S101
-        for frame in answer(req, self.store):
+        own = device_topic(device_id, TopicKind.ARTIFACT_CHUNK)
+        shared = artifact_topic(req.sha256)
+        listening = req.broadcast and self.broadcast
+        since = received - req.listening_ms / 1000
+        routes: list[str] = []  # the topic of each frame answer() yields, decided just before it reads it
+
+        def skip(off: int, n: int) -> bool:
+            route = self.ledger.route(req.sha256, off, n, since, time.monotonic())
+            if route is Route.SKIP:
+                self.chunks_shared += 1
+                return True
+            routes.append(shared if route is Route.SHARED else own)
+            return False
+
+        for frame in answer(req, self.store, skip=skip if listening else None):
             if isinstance(frame, ErrorReply):
                 self._reply_error(device_id, frame)
                 return
-            self.client.publish(device_topic(device_id, TopicKind.ARTIFACT_CHUNK), frame, qos=1)
+            self.client.publish(routes[-1] if listening else own, frame, qos=1)
             self.chunks_sent += 1
 
     # -- drift --------------------------------------------------------------------------------
@@ -278,7 +299,9 @@ class ServerApp:
         lines = ["# TYPE edgeherd_server_devices_online gauge", f"edgeherd_server_devices_online {online}",
                  "# TYPE edgeherd_server_queue_depth gauge", f"edgeherd_server_queue_depth {self.queue.qsize()}",
                  "# TYPE edgeherd_server_chunks_sent_total counter", f"edgeherd_server_chunks_sent_total "
-                 f"{self.chunks_sent}", "# TYPE edgeherd_server_messages_total counter"]
+                 f"{self.chunks_sent}", "# TYPE edgeherd_server_chunks_shared_total counter",
+                 f"edgeherd_server_chunks_shared_total {self.chunks_shared}",
+                 "# TYPE edgeherd_server_messages_total counter"]
         lines += [f'edgeherd_server_messages_total{{result="{k}"}} {v}' for k, v in self.ingestor.accepted.items()]
         lines.append("# TYPE edgeherd_server_dropped_total counter")
         lines += [f'edgeherd_server_dropped_total{{reason="{k}"}} {v}' for k, v in self.ingestor.dropped.items()]

@@ -3,17 +3,23 @@
 ``answer(request, store)`` yields the chunk frames of one request (docs/protocol.md §6)
 one at a time, reading only one chunk from disk per frame, or yields a
 single :class:`~protocol.ErrorReply` when the request cannot be served.
+Requests that allow a broadcast answer go to the artifact's broadcast topic,
+which every device downloading that artifact listens to; the
+:class:`BroadcastLedger` keeps a rollout wave's crossing requests for the
+same bytes from sending them twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 from protocol import Chunk, ChunkRequest, ErrorCode, ErrorReply, encode_chunk
 
-__all__ = ["ArtifactStore", "DirectoryStore", "answer"]
+__all__ = ["ArtifactStore", "BroadcastLedger", "DirectoryStore", "Route", "answer"]
 
 
 class ArtifactStore(Protocol):
@@ -42,7 +48,50 @@ class DirectoryStore:
             return fh.read(length)
 
 
-def answer(req: ChunkRequest, store: ArtifactStore) -> Iterator[bytes | ErrorReply]:
+class Route(Enum):
+    SHARED = "shared"  #: publish on the artifact's broadcast topic
+    DIRECT = "direct"  #: publish on the asking device's own chunk topic
+    SKIP = "skip"  #: already on its way to the device
+
+
+class BroadcastLedger:
+    """When each chunk last went out on its artifact's broadcast topic: whether to send it again, and where.
+
+    A request that allows a broadcast answer says how long the device has listened to the artifact's
+    topic (its subscription granted on the same connection), so the device receives every chunk the
+    server broadcasts after ``since`` = (time the request arrived − that duration); network delays only
+    make ``since`` later than the truth, never earlier. For each chunk asked for, :meth:`route` says:
+
+    - broadcast after ``since`` and within ``window`` seconds: it is on its way, so SKIP;
+    - broadcast within ``window`` but before ``since`` (the device joined late and may have missed it):
+      DIRECT, to that device alone, so the rest of the wave does not receive it twice;
+    - otherwise (never, or long ago, so possibly lost): SHARED, recorded.
+
+    Memory is bounded: at most ``max_entries`` chunks remembered.
+    """
+
+    def __init__(self, window: float = 10.0, max_entries: int = 200_000) -> None:
+        self.window, self.max_entries = window, max_entries
+        self._sent: dict[tuple[str, int, int], float] = {}
+        self._lock = threading.Lock()
+
+    def route(self, sha256: str, offset: int, length: int, since: float, now: float) -> Route:
+        key = (sha256, offset, length)
+        with self._lock:
+            sent = self._sent.get(key)
+            if sent is not None and now - sent < self.window:
+                return Route.SKIP if since < sent else Route.DIRECT
+            if len(self._sent) >= self.max_entries:
+                self._sent = {k: t for k, t in self._sent.items() if now - t < self.window}
+                if len(self._sent) >= self.max_entries:
+                    self._sent.clear()
+            self._sent[key] = now
+            return Route.SHARED
+
+
+def answer(req: ChunkRequest, store: ArtifactStore, *,
+           skip: Callable[[int, int], bool] | None = None) -> Iterator[bytes | ErrorReply]:
+    """The frames answering ``req``, leaving out the chunks ``(offset, length)`` for which ``skip`` says so."""
     size = store.size(req.sha256)
     if size is None:
         yield ErrorReply(request_id=req.request_id, code=ErrorCode.NOT_FOUND,
@@ -54,5 +103,8 @@ def answer(req: ChunkRequest, store: ArtifactStore) -> Iterator[bytes | ErrorRep
         return
     end = min(req.offset + req.length, size)
     for off in range(req.offset, end, req.chunk_size):
-        data = store.read(req.sha256, off, min(req.chunk_size, end - off))
+        n = min(req.chunk_size, end - off)
+        if skip is not None and skip(off, n):
+            continue
+        data = store.read(req.sha256, off, n)
         yield encode_chunk(Chunk(req.request_id, req.sha256, off, size, data))

@@ -169,9 +169,10 @@ class FakeServer:
 
 def agent_config(broker: Broker, data_dir: Path, device_id: str, password: str, server_pub: Any,
                  **extra: Any) -> AgentConfig:
+    # small chunks, so the test artifacts (a few hundred KiB) take many frames and resumes mean something
     return AgentConfig(device_id=device_id, broker_url=broker.url, password=password,
                        server_key=public_key_to_text(server_pub), data_dir=data_dir,
-                       api_port=extra.pop("api_port", _free_port()), **extra)
+                       api_port=extra.pop("api_port", _free_port()), chunk_kib=extra.pop("chunk_kib", 16), **extra)
 
 
 def write_agent_toml(path: Path, cfg: AgentConfig) -> Path:

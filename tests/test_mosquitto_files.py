@@ -5,6 +5,7 @@ import base64
 import pytest
 
 from hardware.mosquitto import (
+    ARTIFACT_PATTERN,
     DEVICE_PATTERN,
     hash_password,
     render_acl,
@@ -37,8 +38,10 @@ def test_password_file_refuses_plain_passwords_and_bad_names():
 def test_acl_confines_devices_and_grants_server_the_tree():
     acl = render_acl(["edgeherd-server"])
     assert "user edgeherd-server\ntopic readwrite edgeherd/v1/#" in acl
-    assert acl.rstrip().endswith(DEVICE_PATTERN)
+    patterns = [line for line in acl.splitlines() if line.startswith("pattern ")]
+    assert patterns == [DEVICE_PATTERN, ARTIFACT_PATTERN]  # after every user section: they apply to all users
     assert DEVICE_PATTERN == "pattern readwrite edgeherd/v1/devices/%u/#"
+    assert ARTIFACT_PATTERN == "pattern read edgeherd/v1/artifacts/+/chunk"  # listen only, never publish
 
 
 def test_config_is_closed_by_default(tmp_path):

@@ -10,8 +10,9 @@ import urllib.request
 import pytest
 from sqlmodel import Session, select
 
-from protocol import private_key_to_pem, public_key_to_pem
+from protocol import artifact_topic, decode_chunk, private_key_to_pem, public_key_to_pem
 from server.app import ServerApp
+from server.broker import SERVER_USER
 from server.db.models import Device, DriftReportRow, StatsWindow, TelemetryRow
 from tests._mosquitto import free_port
 from tests.agent_harness import AgentProcess
@@ -45,6 +46,13 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
         desired = reg.deploy("digits", "1.0.0", "pi-1")
         assert desired.artifact == "digits-onnx-int8"
 
+        from tests.mqtt_helpers import TestClient
+
+        class _B:  # the broker's address for the test clients
+            host, port = "127.0.0.1", reg.broker.port
+
+        watcher = TestClient(_B, SERVER_USER, reg.broker.server_password())  # type: ignore[arg-type]
+        watcher.subscribe("edgeherd/v1/artifacts/+/chunk")
         api_port = free_port()
         agent = AgentProcess(enrolled.agent_config, tmp_path / "agent.log", env={
             "EDGEHERD_AGENT_DATA_DIR": str(tmp_path / "agent"), "EDGEHERD_AGENT_API_PORT": str(api_port),
@@ -56,6 +64,12 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
                 return d if d and d.running_artifact == "digits-onnx-int8" and d.install_step == "done" else None
 
         device = _wait(running, 90, "the agent to install the bundle")
+        # the agent listened on the artifact's broadcast topic and asked for a shared answer
+        int8 = next(a for a in digits_bundle.signed.manifest.artifacts if a.name == "digits-onnx-int8")
+        shared = watcher.drain(0.5)
+        watcher.close()
+        assert shared and {m.topic for m in shared} == {artifact_topic(int8.sha256)}
+        assert sum(len(decode_chunk(m.payload).data) for m in shared) >= int8.size
         assert device.status == "online" and device.fingerprint["cpu_count"] >= 1
 
         x = load_digits().x[:40]
@@ -82,10 +96,7 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
         # revoke: the broker refuses the device from now on
         password = (enrolled.agent_config.parent / "broker-password").read_text().strip()
         reg.revoke_device("pi-1")
-        from tests.mqtt_helpers import ConnectRefused, TestClient
-
-        class _B:  # the broker's address for the test client
-            host, port = "127.0.0.1", reg.broker.port
+        from tests.mqtt_helpers import ConnectRefused
 
         with pytest.raises(ConnectRefused):
             TestClient(_B, "pi-1", password)  # type: ignore[arg-type]

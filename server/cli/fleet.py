@@ -41,6 +41,10 @@ def server_run(
                             ] = 9470,
     drift_interval: Annotated[float, typer.Option("--drift-interval", min=0, help="Seconds between drift "
                                                   "evaluations; 0 turns them off (for all replicas but one).")] = 10.0,
+    unicast_artifacts: Annotated[bool, typer.Option(
+        "--unicast-artifacts", help="Answer every chunk request on the asking device's own topic, never on the "
+        "artifact's shared broadcast topic (slower fan-out; for fleets whose devices must not see each other's "
+        "artifacts).")] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM."""
@@ -50,7 +54,8 @@ def server_run(
 
     configure_logging(log_level)
     try:
-        app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval).start()
+        app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval,
+                        broadcast=not unicast_artifacts).start()
     except (BrokerError, OSError) as exc:
         _fail(exc)
     wait_for_termination()
