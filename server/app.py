@@ -44,11 +44,13 @@ from protocol import (
     server_subscriptions,
 )
 from protocol._model import decode_model
+from server import leases
 from server.broker import SERVER_USER
 from server.db.models import Alert, Device, DriftReportRow, ModelVersion, StatsWindow
 from server.distribution import BroadcastLedger, DirectoryStore, Route, answer
 from server.drift import Hysteresis, score
 from server.ingest import Ingestor
+from server.orchestrator import Orchestrator
 from server.registry import Registry
 
 __all__ = ["ServerApp"]
@@ -60,7 +62,8 @@ _BATCH = 500
 
 class ServerApp:
     def __init__(self, data_dir: Path, *, broker_url: str | None = None, metrics_port: int = 9470,
-                 workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True) -> None:
+                 workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True,
+                 rollout_interval: float = 2.0) -> None:
         self.managed = broker_url is None
         self.registry = Registry(data_dir, broker_url=broker_url)
         self.ingestor = Ingestor(self.registry.engine)
@@ -69,6 +72,10 @@ class ServerApp:
         self.queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=100_000)
         self.workers = workers
         self.drift_interval = drift_interval
+        self.holder = f"server-{uuid.uuid4().hex[:8]}"
+        #: Steps active rollouts every ``rollout_interval`` seconds (0: this replica never does).
+        self.orchestrator = Orchestrator(self.registry, holder=self.holder, interval=rollout_interval or 1.0)
+        self.rollout_interval = rollout_interval
         self.metrics_port = metrics_port
         #: Answer requests that allow it on the artifact's broadcast topic (False: every answer unicast,
         #: for fleets whose devices must not see each other's artifacts).
@@ -103,8 +110,10 @@ class ServerApp:
         self.client = client
         for i in range(self.workers):
             self._spawn(self._work, f"worker-{i}")
-        if self.drift_interval > 0:  # 0: this replica leaves drift to another one
+        if self.drift_interval > 0:  # 0: this replica leaves drift to the others
             self._spawn(self._drift_loop, "drift")
+        if self.rollout_interval > 0:
+            self._spawn(lambda: self.orchestrator.run(self._stop), "rollouts")
         if self.metrics_port:
             self._http = _metrics_server(self, self.metrics_port)
             self._spawn(self._http.serve_forever, "metrics")
@@ -129,6 +138,10 @@ class ServerApp:
             self._http.server_close()
         for t in self._threads:
             t.join(120 if t.name.startswith("edgeherd-worker") else 5)
+        try:
+            leases.release(self.registry.engine, "drift", self.holder)  # another replica takes over at once
+        except Exception:
+            log.exception("could not release the drift lease; it expires by itself")
         if self.managed:
             self.registry.broker.stop()
         self.registry.engine.dispose()
@@ -241,9 +254,12 @@ class ServerApp:
     # -- drift --------------------------------------------------------------------------------
 
     def _drift_loop(self) -> None:
+        """Evaluate drift while holding the "drift" lease: with several replicas, one does it at a time."""
+        ttl = max(3 * self.drift_interval, 30.0)
         while not self._stop.wait(self.drift_interval):
             try:
-                self.evaluate_drift()
+                if leases.acquire(self.registry.engine, "drift", self.holder, ttl):
+                    self.evaluate_drift()
             except Exception:
                 log.exception("drift evaluation failed")
 

@@ -35,17 +35,31 @@ from protocol import (
 )
 from protocol._model import decode_model
 from protocol.ids import is_device_id
+from server import audit
 from server.broker import SERVER_USER, MosquittoBroker
 from server.db import database_url, make_engine, migrate
-from server.db.models import ArtifactRow, Device, ModelVersion, VersionArtifact
+from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, VersionArtifact
 from toolchain.bundle import MANIFEST, verify_bundle
 from toolchain.errors import BundleError
 
-__all__ = ["Enrolled", "Registry", "RegistryError"]
+__all__ = ["Enrolled", "Registry", "RegistryError", "choose_artifact"]
 
 log = logging.getLogger(__name__)
 #: Artifact preference when a deploy does not name one (hardware profiles refine this).
+#: Actor recorded in the audit log when the caller names nobody (tests, the simulator, the demo).
+SYSTEM = "system"
 PREFERENCE = ["onnx-int8", "onnx-fp32", "tflite-int8", "tflite-fp32"]
+
+
+def choose_artifact(signed: SignedManifest, artifact: str | None = None) -> str:
+    """``artifact`` when the bundle has it, else the first by :data:`PREFERENCE`; RegistryError otherwise."""
+    names = [a.name for a in signed.manifest.artifacts]
+    if artifact is None:
+        return next((n for pref in PREFERENCE for n in names if n.endswith(pref)), names[0])
+    if artifact not in names:
+        raise RegistryError(f"{signed.manifest.model}:{signed.manifest.version} has no artifact {artifact!r} "
+                            f"(it has {', '.join(names)})")
+    return artifact
 
 
 class RegistryError(Exception):
@@ -80,7 +94,7 @@ class Registry:
     # -- devices -------------------------------------------------------------------------
 
     def add_device(self, device_id: str, profile: str, groups: list[str] | None = None,
-                   agent_data_dir: str = "/var/lib/edgeherd") -> Enrolled:
+                   agent_data_dir: str = "/var/lib/edgeherd", actor: str = SYSTEM) -> Enrolled:
         if not is_device_id(device_id):
             raise RegistryError(f"{device_id!r} is not a valid device name: use a-z, 0-9 and '-', at most 63")
         server_key = self.public_key_text()
@@ -92,8 +106,11 @@ class Registry:
             device.profile, device.groups, device.revoked = profile, groups or [], False
             device.credentials_ref = "mosquitto:passwd"
             db.add(device)
+            entry = audit.append(db, actor, "device.add", f"device:{device_id}",
+                                 {"profile": profile, "groups": groups or []})
             db.commit()
             db.refresh(device)
+            self.anchor_audit(entry)
         password = self.broker.add_device(device_id)
         out = self.data / "devices" / device_id
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -112,8 +129,8 @@ class Registry:
         log.info("enrolled device %s (%s)", device_id, profile)
         return Enrolled(device, out / "agent.toml")
 
-    def add_devices_bulk(self, device_ids: list[str], profile: str, groups: list[str] | None = None
-                         ) -> dict[str, str]:
+    def add_devices_bulk(self, device_ids: list[str], profile: str, groups: list[str] | None = None,
+                         actor: str = SYSTEM) -> dict[str, str]:
         """Enrol many devices at once (simulators, fleet imports); returns their broker passwords."""
         bad = [d for d in device_ids if not is_device_id(d)]
         if bad:
@@ -124,23 +141,29 @@ class Registry:
                 raise RegistryError(f"{len(taken)} of these devices already exist, e.g. {sorted(taken)[:3]}")
             for d in device_ids:
                 db.add(Device(id=d, profile=profile, groups=groups or [], credentials_ref="mosquitto:passwd"))
+            entry = audit.append(db, actor, "device.add_bulk", f"devices:{len(device_ids)}", {
+                "profile": profile, "groups": groups or [], "count": len(device_ids), "first": device_ids[:5]})
             db.commit()
+            self.anchor_audit(entry)
         return self.broker.add_devices(device_ids)
 
-    def revoke_device(self, device_id: str) -> None:
+    def revoke_device(self, device_id: str, actor: str = SYSTEM) -> None:
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
             if device is None:
                 raise RegistryError(f"no device named {device_id}")
             device.revoked = True
             db.add(device)
+            entry = audit.append(db, actor, "device.revoke", f"device:{device_id}", {})
             db.commit()
+            self.anchor_audit(entry)
         self.broker.revoke_device(device_id)
         self._kick(device_id)
         shutil.rmtree(self.data / "devices" / device_id, ignore_errors=True)
         log.info("revoked device %s", device_id)
 
-    def _client(self, client_id: str | None = None) -> mqtt.Client:
+    def client(self, client_id: str | None = None) -> mqtt.Client:
+        """A connected MQTT client as the server user (the caller disconnects it)."""
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.broker_url)
@@ -163,7 +186,7 @@ class Registry:
     def _kick(self, device_id: str) -> None:
         """Take over the device's MQTT session (same client id), which makes the broker drop it."""
         try:
-            client = self._client(client_id=device_id)
+            client = self.client(client_id=device_id)
         except (RegistryError, OSError) as exc:
             log.warning("could not kick %s off the broker now: %s", device_id, exc)
             return
@@ -176,7 +199,8 @@ class Registry:
 
     # -- models ----------------------------------------------------------------------------
 
-    def push_model(self, bundle: Path) -> ModelVersion:
+    def push_model(self, bundle: Path, actor: str = SYSTEM) -> ModelVersion:
+        """Verify and register a signed bundle; its author is the manifest's, else whoever pushes it."""
         pub = load_public_key(self.public_key_text())
         try:
             manifest = verify_bundle(bundle, pub)
@@ -205,14 +229,19 @@ class Registry:
                 if db.get(ArtifactRow, art.sha256) is None:
                     db.add(ArtifactRow(sha256=art.sha256, size=art.size, location=str(dest)))
             version = ModelVersion(name=manifest.model, version=manifest.version, manifest_sha256=digest,
-                                   signed_manifest=signed_bytes, author=manifest.author, lineage=manifest.lineage)
+                                   signed_manifest=signed_bytes, author=manifest.author or actor,
+                                   lineage=manifest.lineage)
             db.add(version)
             db.flush()
             for art in manifest.artifacts:
                 db.add(VersionArtifact(version_id=version.id, name=art.name, sha256=art.sha256,
                                        target=art.target.value, precision=art.precision.value,
                                        runtime=art.runtime.name, metrics=art.metrics))
+            entry = audit.append(db, actor, "model.push", f"model:{manifest.model}:{manifest.version}", {
+                "manifest_sha256": digest, "artifacts": [a.name for a in manifest.artifacts],
+                "author": version.author})
             db.commit()
+            self.anchor_audit(entry)
             db.refresh(version)
             return version
 
@@ -230,33 +259,57 @@ class Registry:
 
     # -- deploy -----------------------------------------------------------------------------
 
-    def deploy(self, name: str, version: str, device_id: str, artifact: str | None = None) -> DesiredState:
+    def deploy(self, name: str, version: str, device_id: str, artifact: str | None = None,
+               actor: str = SYSTEM) -> DesiredState:
         _, signed = self.model(name, version)
-        names = [a.name for a in signed.manifest.artifacts]
-        if artifact is None:
-            artifact = next((n for pref in PREFERENCE for n in names if n.endswith(pref)), names[0])
-        elif artifact not in names:
-            raise RegistryError(f"{name}:{version} has no artifact {artifact!r} (it has {', '.join(names)})")
+        artifact = choose_artifact(signed, artifact)
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
             if device is None or device.revoked:
                 raise RegistryError(f"no enrolled device named {device_id}")
-            generation = device.desired_generation + 1
-            desired = DesiredState(device_id=device_id, generation=generation,
-                                   issued_at=datetime.now(timezone.utc), bundle=signed, artifact=artifact)
-            client = self._client()  # before anything changes: no broker, no deploy
+            client = self.client()  # before anything changes: no broker, no deploy
             try:
-                info = client.publish(device_topic(device_id, TopicKind.DESIRED), encode(desired), qos=1,
-                                      retain=True)
-                info.wait_for_publish(10)
+                desired = self.set_desired(db, client, device, signed, artifact)
             finally:
                 client.disconnect()
                 client.loop_stop()
-            device.desired_generation = generation
-            device.desired_manifest, device.desired_artifact = manifest_digest(signed.manifest), artifact
-            db.add(device)
+            entry = audit.append(db, actor, "device.deploy", f"device:{device_id}", {
+                "model": name, "version": version, "artifact": artifact, "generation": desired.generation})
             db.commit()
+            self.anchor_audit(entry)
         return desired
+
+    def anchor_audit(self, entry: AuditEntry) -> None:
+        """Advance the audit anchor in the data directory (after the entry's commit)."""
+        try:
+            audit.write_anchor(self.data, entry)
+        except OSError as exc:
+            log.warning("could not write the audit anchor: %s", exc)
+
+    def set_desired(self, db: Session, client: mqtt.Client, device: Device, signed: SignedManifest,
+                    artifact: str, rollout: str | None = None) -> DesiredState:
+        """Publish ``device``'s next desired state (retained, QoS 1) and record it in ``db``; the caller commits.
+
+        Published first: if the commit then fails, the next attempt publishes the same generation again,
+        which the agent ignores as already seen.
+        """
+        generation = device.desired_generation + 1
+        desired = DesiredState(device_id=device.id, generation=generation, issued_at=datetime.now(timezone.utc),
+                               bundle=signed, artifact=artifact, rollout_id=rollout)
+        info = client.publish(device_topic(device.id, TopicKind.DESIRED), encode(desired), qos=1, retain=True)
+        info.wait_for_publish(10)
+        if not info.is_published():
+            raise RegistryError(f"the broker did not acknowledge the desired state of {device.id}")
+        device.desired_generation = generation
+        device.desired_manifest, device.desired_artifact = manifest_digest(signed.manifest), artifact
+        if device.running_manifest != device.desired_manifest:
+            device.install_step, device.install_error = None, None  # what it reports next is about this one
+        db.add(device)
+        return desired
+
+    def signed_manifest(self, db: Session, manifest_sha256: str) -> SignedManifest | None:
+        row = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == manifest_sha256)).first()
+        return None if row is None else decode_model(SignedManifest, row.signed_manifest)
 
     def desired_bundle_artifacts(self, device_id: str) -> set[str]:
         """sha256 of the artifacts this device may fetch: those of the bundle it is meant to run."""

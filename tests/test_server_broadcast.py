@@ -4,37 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-from datetime import datetime, timezone
 
 import pytest
 
 from agent.download import download_slot, missing_ranges
 from protocol import (
-    ArtifactEntry,
     ChunkRequest,
     ErrorReply,
-    Manifest,
-    Precision,
-    RuntimeRequirement,
-    Target,
-    TensorSpec,
     TopicKind,
     artifact_topic,
     decode,
     decode_chunk,
     device_topic,
     encode,
-    generate_signing_key,
     parse_artifact_topic,
-    private_key_to_pem,
-    public_key_to_pem,
 )
-from protocol._model import encode_model
 from protocol.errors import TopicError
-from protocol.signing import sign_manifest
 from server.app import ServerApp
 from server.distribution import BroadcastLedger, Route
 from tests.mqtt_helpers import TestClient
+from tests.server_helpers import blob_bundle, server_dir
 
 CHUNK = 16 * 1024
 SHA = "ab" * 32
@@ -110,23 +99,9 @@ def test_artifact_topics_round_trip_and_reject_anything_else():
 @pytest.fixture
 def served(tmp_path):
     """A server holding one 20-chunk artifact deployed to devices a, b and c (d has nothing deployed)."""
-    data = tmp_path / "server"
-    key = generate_signing_key()
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
-    blob = os.urandom(20 * CHUNK)
+    data, key = server_dir(tmp_path / "server")
+    bundle, blob, _ = blob_bundle(tmp_path / "bundle", key, size=20 * CHUNK)
     sha = hashlib.sha256(blob).hexdigest()
-    bundle = tmp_path / "bundle"
-    (bundle / "artifacts").mkdir(parents=True)
-    (bundle / "artifacts" / sha).write_bytes(blob)
-    art = ArtifactEntry(name="blob", target=Target.ONNX, precision=Precision.FP32, sha256=sha, size=len(blob),
-                        runtime=RuntimeRequirement(name="onnxruntime", min_version="1.17"),
-                        inputs=[TensorSpec(name="x", shape=[-1, 1], dtype="float32")],
-                        outputs=[TensorSpec(name="y", shape=[-1, 1], dtype="float32")])
-    m = Manifest(model="blob", version="1.0.0", created_at=datetime.now(timezone.utc), task="classification",
-                 artifacts=[art])
-    (bundle / "manifest.json").write_bytes(encode_model(sign_manifest(m, key)))
     apps: list[ServerApp] = []
     clients: list[TestClient] = []
 

@@ -56,3 +56,24 @@ def test_two_replicas_split_the_load_and_store_each_window_once(pg_database, tmp
     finally:
         second.stop()
         first.stop()
+
+
+def test_only_the_replica_holding_the_drift_lease_evaluates_drift(tmp_path):
+    from server import leases
+
+    app = ServerApp(tmp_path / "data", metrics_port=0, drift_interval=0.1, rollout_interval=0)
+    calls = []
+    app.evaluate_drift = lambda: calls.append(1) or 0  # type: ignore[method-assign]
+    assert leases.acquire(app.registry.engine, "drift", "another-replica", ttl=60)
+    app.start()
+    try:
+        time.sleep(1.0)
+        assert calls == []  # another replica holds it
+        leases.release(app.registry.engine, "drift", "another-replica")
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert calls and leases.holder_of(app.registry.engine, "drift") == app.holder
+    finally:
+        app.stop()
+    assert leases.holder_of(app.registry.engine, "drift") is None  # handed back on a graceful stop

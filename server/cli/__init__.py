@@ -13,7 +13,9 @@ import typer
 from agent.cli import version_option
 from server.cli.build import build_command, bundle_app
 from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, server_app
+from server.cli.governance import CliState, audit_app, model_approve, model_promote, model_reject, model_retire
 from server.cli.keys import keys_app
+from server.cli.rollout import rollout_app
 
 app = typer.Typer(
     name="edgeherd",
@@ -27,13 +29,26 @@ app.add_typer(server_app, name="server")
 app.add_typer(device_app, name="device")
 app.add_typer(model_app, name="model")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(audit_app, name="audit")
+app.add_typer(rollout_app, name="rollout")
+model_app.command("promote")(model_promote)
+model_app.command("approve")(model_approve)
+model_app.command("reject")(model_reject)
+model_app.command("retire")(model_retire)
 app.command("build")(build_command)
 app.command("deploy")(deploy_command)
 
 
 @app.callback()
-def _root(version: Annotated[bool, version_option("edgeherd")] = False) -> None:
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, version_option("edgeherd")] = False,
+    as_user: Annotated[str | None, typer.Option(
+        "--as", metavar="USER", help="Act as this operator (default: $EDGEHERD_OPERATOR, else your OS user name); "
+        "roles come from operators.toml in the data directory.")] = None,
+) -> None:
     """edgeherd operator CLI."""
+    ctx.obj = CliState(as_user=as_user)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,9 +28,22 @@ def _registry(data_dir: Path, broker: str | None = None) -> Any:
     return Registry(data_dir, broker_url=broker)
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     err.print(f"[red]error:[/] {exc}")
     raise typer.Exit(1)
+
+
+def _actor(ctx: typer.Context, data_dir: Path, permission: str) -> str:
+    """The operator acting (``--as``), once their role allows ``permission`` (a Permission name)."""
+    from server.cli.governance import acting_operator
+    from server.governance import Governance, GovernanceError, Permission
+
+    try:
+        actor = acting_operator(ctx)
+        Governance.load(data_dir).require(actor, Permission[permission])
+    except GovernanceError as exc:
+        _fail(exc)
+    return actor
 
 
 @server_app.command("run")
@@ -40,7 +53,11 @@ def server_run(
     metrics_port: Annotated[int, typer.Option("--metrics-port", help="Port of /metrics on 127.0.0.1; 0: off.")
                             ] = 9470,
     drift_interval: Annotated[float, typer.Option("--drift-interval", min=0, help="Seconds between drift "
-                                                  "evaluations; 0 turns them off (for all replicas but one).")] = 10.0,
+                                                  "evaluations (one replica at a time holds the drift lease); "
+                                                  "0: this replica never evaluates drift.")] = 10.0,
+    rollout_interval: Annotated[float, typer.Option("--rollout-interval", min=0, help="Seconds between steps of "
+                                                    "the active rollouts (each under its lease); 0: this replica "
+                                                    "never steps rollouts.")] = 2.0,
     unicast_artifacts: Annotated[bool, typer.Option(
         "--unicast-artifacts", help="Answer every chunk request on the asking device's own topic, never on the "
         "artifact's shared broadcast topic (slower fan-out; for fleets whose devices must not see each other's "
@@ -55,7 +72,7 @@ def server_run(
     configure_logging(log_level)
     try:
         app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval,
-                        broadcast=not unicast_artifacts).start()
+                        broadcast=not unicast_artifacts, rollout_interval=rollout_interval).start()
     except (BrokerError, OSError) as exc:
         _fail(exc)
     wait_for_termination()
@@ -90,6 +107,7 @@ def server_restore(src: Annotated[Path, typer.Argument(help="A directory made by
 
 @device_app.command("add")
 def device_add(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Device id: a-z, 0-9 and '-'.")],
     profile: Annotated[str, typer.Option("--profile", help="Hardware profile, e.g. raspberry-pi-5.")],
     group: Annotated[list[str] | None, typer.Option("--group", help="Group(s) the device belongs to.")] = None,
@@ -99,20 +117,22 @@ def device_add(
     """Create the device and its broker credentials, and write the agent config it needs."""
     from server.registry import RegistryError
 
+    actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
     try:
-        enrolled = _registry(data_dir, broker).add_device(name, profile, group or [])
+        enrolled = _registry(data_dir, broker).add_device(name, profile, group or [], actor=actor)
     except RegistryError as exc:
         _fail(exc)
     console.print(f"enrolled {name}; agent config and password in {enrolled.agent_config.parent}")
 
 
 @device_app.command("revoke")
-def device_revoke(name: str, data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
+def device_revoke(ctx: typer.Context, name: str, data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
     """Remove the device's credentials and drop its broker session."""
     from server.registry import RegistryError
 
+    actor = _actor(ctx, data_dir, "REVOKE_DEVICE")
     try:
-        _registry(data_dir, broker).revoke_device(name)
+        _registry(data_dir, broker).revoke_device(name, actor=actor)
     except RegistryError as exc:
         _fail(exc)
     console.print(f"revoked {name}")
@@ -132,12 +152,14 @@ def device_list(data_dir: DataDir = Path("data")) -> None:
 
 
 @model_app.command("push")
-def model_push(bundle: Path, data_dir: DataDir = Path("data")) -> None:
-    """Verify a signed bundle against the server key and register it."""
+def model_push(ctx: typer.Context, bundle: Path, data_dir: DataDir = Path("data")) -> None:
+    """Verify a signed bundle against the server key and register it (as a draft; its author: the bundle's,
+    else whoever pushes it)."""
     from server.registry import RegistryError
 
+    actor = _actor(ctx, data_dir, "PUSH_MODEL")
     try:
-        version = _registry(data_dir).push_model(bundle)
+        version = _registry(data_dir).push_model(bundle, actor=actor)
     except RegistryError as exc:
         _fail(exc)
     console.print(f"registered {version.name} {version.version} (digest {version.manifest_sha256[:12]}…)")
@@ -156,24 +178,45 @@ def model_list(data_dir: DataDir = Path("data")) -> None:
 
 @model_app.command("show")
 def model_show(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], data_dir: DataDir = Path("data")) -> None:
-    """A version's artifacts, metrics and lineage."""
+    """A version's stage, author, approvals, artifacts, lineage and the devices running it."""
+    from sqlmodel import Session
+
+    from server.governance import version_card
     from server.registry import RegistryError
 
     name, _, version = ref.partition(":")
     try:
-        row, signed = _registry(data_dir).model(name, version)
+        reg = _registry(data_dir)
+        row, signed = reg.model(name, version)
     except RegistryError as exc:
         _fail(exc)
+    with Session(reg.engine) as db:
+        card = version_card(db, row, history=10)
     m = signed.manifest
     console.print(f"[bold]{m.model} {m.version}[/] ({row.stage}), digest {row.manifest_sha256}")
+    console.print(f"  author: {row.author or '— (not recorded: it cannot be approved)'}")
+    console.print("  artifacts:")
     for a in m.artifacts:
-        console.print(f"  {a.name}: {a.target.value}/{a.precision.value}, {a.size} bytes, "
+        console.print(f"    {a.name}: {a.target.value}/{a.precision.value}, {a.size} bytes, "
                       f"accuracy {a.metrics.get('accuracy', float('nan')):.4f}")
+    console.print("  lineage:" if m.lineage else "  lineage: — (none recorded)")
     for k, v in sorted(m.lineage.items()):
-        console.print(f"  {k}: {v}")
+        console.print(f"    {k}: {v}")
+    console.print("  approvals:" if card["approvals"] else "  approvals: none")
+    for a in card["approvals"]:
+        verb = {"approve": "approved", "reject": "rejected"}.get(a["decision"], a["decision"])
+        console.print(f"    {a['at']:%Y-%m-%d %H:%M} {a['actor']} {verb}: {a['reason']}")
+    running = card["devices"]
+    console.print(f"  running on {len(running)} device(s)" + (f": {', '.join(running[:20])}" if running else "")
+                  + (f" and {len(running) - 20} more" if len(running) > 20 else ""))
+    if card["history"]:
+        console.print("  history (newest first):")
+    for e in card["history"]:
+        console.print(f"    #{e['seq']} {e['at']:%Y-%m-%d %H:%M} {e['actor']} {e['action']}")
 
 
 def deploy_command(
+    ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
     device: Annotated[str, typer.Option("--device", help="The device to run it.")],
     artifact: Annotated[str | None, typer.Option("--artifact", help="Which artifact (default: best for the "
@@ -184,9 +227,10 @@ def deploy_command(
     """Set one device's desired state to a registered version (published retained)."""
     from server.registry import RegistryError
 
+    actor = _actor(ctx, data_dir, "DEPLOY")
     name, _, version = ref.partition(":")
     try:
-        desired = _registry(data_dir, broker).deploy(name, version, device, artifact)
+        desired = _registry(data_dir, broker).deploy(name, version, device, artifact, actor=actor)
     except RegistryError as exc:
         _fail(exc)
     console.print(f"{device} should now run {name} {version} ({desired.artifact}), generation {desired.generation}")

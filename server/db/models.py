@@ -1,7 +1,8 @@
 """The registry schema (SQLModel). Changes go through Alembic migrations in ``server/db/migrations``.
 
 Tables: devices, model versions and their artifacts, telemetry windows, feature
-statistics windows, drift reports and alerts. Report rows are keyed by
+statistics windows, drift reports and alerts; rollouts, their devices and gate
+evaluations; approvals, the hash-chained audit log and leases. Report rows are keyed by
 ``(device_id, session, window_seq)``, so a replayed or duplicated window is
 stored once.
 """
@@ -14,8 +15,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-__all__ = ["Alert", "ArtifactRow", "Device", "DriftReportRow", "ModelVersion", "StatsWindow", "TelemetryRow",
-           "VersionArtifact"]
+__all__ = ["Alert", "Approval", "ArtifactRow", "AuditEntry", "Device", "DriftReportRow", "GateEvaluation", "Lease",
+           "ModelVersion", "Rollout", "RolloutDevice", "StatsWindow", "TelemetryRow", "VersionArtifact"]
 
 
 def _now() -> datetime:
@@ -62,7 +63,8 @@ class ModelVersion(SQLModel, table=True):
     manifest_sha256: str = Field(max_length=64, unique=True)
     #: The signed manifest exactly as pushed (canonical JSON).
     signed_manifest: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    stage: str = Field(default="registered", max_length=16)
+    #: Lifecycle: draft → candidate → approved → deployed → retired (server/governance.py).
+    stage: str = Field(default="draft", max_length=16)
     author: str | None = Field(default=None, max_length=256)
     lineage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _ts(nullable=False)
@@ -151,3 +153,94 @@ class Alert(SQLModel, table=True):
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     raised_at: datetime = _ts(nullable=False)
     cleared_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class Rollout(SQLModel, table=True):
+    """A version rolled out to a target in waves (server/rollouts.py plans it, server/orchestrator.py runs it)."""
+
+    __tablename__ = "rollouts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    version_id: int = Field(foreign_key="model_versions.id", index=True)
+    artifact: str | None = Field(default=None, max_length=64)
+    #: {"groups": [...], "tags": [...], "devices": [...]}, resolved again on every step.
+    target: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    production: bool = False
+    #: The RolloutSpec: strategy, waves, soak, timeouts, failure threshold, gates, failure policy.
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    state: str = Field(default="pending", max_length=16, index=True)
+    wave: int = 0
+    #: Epoch seconds the current wave started (its devices were assigned).
+    wave_started_at: float | None = None
+    reason: str | None = Field(default=None, max_length=1000)
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class RolloutDevice(SQLModel, table=True):
+    """A device of a rollout: its wave, its progress, and what it ran before (for a rollback)."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: int = Field(foreign_key="rollouts.id", primary_key=True)
+    device_id: str = Field(primary_key=True, max_length=63)
+    wave: int
+    state: str = Field(max_length=16)
+    previous_manifest: str | None = Field(default=None, max_length=64)
+    previous_artifact: str | None = Field(default=None, max_length=64)
+    assigned_at: float
+    finished_at: float | None = None
+    error: str | None = Field(default=None, max_length=1000)
+
+
+class GateEvaluation(SQLModel, table=True):
+    """One gate's verdict on one wave, with the numbers it was decided on."""
+
+    __tablename__ = "gate_evaluations"
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: int = Field(foreign_key="rollouts.id", index=True)
+    wave: int
+    gate: str = Field(max_length=32)
+    verdict: str = Field(max_length=16)  # pass, fail, insufficient
+    numbers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    at: datetime = _ts(nullable=False)
+
+
+class Approval(SQLModel, table=True):
+    __tablename__ = "approvals"
+
+    id: int | None = Field(default=None, primary_key=True)
+    version_id: int = Field(foreign_key="model_versions.id", index=True)
+    actor: str = Field(max_length=64)
+    decision: str = Field(max_length=16)  # approve, reject
+    reason: str = Field(max_length=1000)
+    at: datetime = _ts(nullable=False)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One entry of the append-only audit log; ``hash`` chains it to the one before (server/audit.py)."""
+
+    __tablename__ = "audit_log"
+
+    seq: int = Field(primary_key=True, sa_type=BigInteger)
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    actor: str = Field(max_length=64)
+    action: str = Field(max_length=64, index=True)
+    subject: str = Field(max_length=256)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64, unique=True)
+
+
+class Lease(SQLModel, table=True):
+    """A named lease: which replica acts (a rollout, the drift evaluation) until when (server/leases.py)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True, max_length=128)
+    holder: str = Field(max_length=128)
+    #: Epoch seconds, by the database's clock.
+    expires_at: float

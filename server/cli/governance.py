@@ -1,0 +1,183 @@
+"""``edgeherd model promote|approve|reject|retire`` and ``edgeherd audit list|verify``.
+
+Who acts is ``edgeherd --as USER``, else ``$EDGEHERD_OPERATOR``, else the OS
+user name; their role comes from ``<data dir>/operators.toml`` (docs/governance.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.table import Table
+
+from server.cli.fleet import DataDir, console, err
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from server.governance import Permission, Transition
+
+__all__ = ["CliState", "acting_operator", "audit_app", "model_approve", "model_promote", "model_reject",
+           "model_retire"]
+
+audit_app = typer.Typer(help="Read and verify the hash-chained audit log.", no_args_is_help=True)
+
+Ref = Annotated[str, typer.Argument(help="NAME:VERSION")]
+Reason = Annotated[str, typer.Option("--reason", help="Why (recorded with the decision and in the audit log).")]
+
+
+@dataclass
+class CliState:
+    """What the root ``edgeherd`` callback parsed, for the sub-commands (``ctx.obj``)."""
+
+    as_user: str | None = None
+
+
+def acting_operator(ctx: typer.Context) -> str:
+    """The operator a command acts as: ``--as``, ``$EDGEHERD_OPERATOR`` or the OS user."""
+    from server.governance import current_operator
+
+    state = ctx.find_object(CliState)
+    return current_operator(state.as_user if state is not None else None)
+
+
+def _fail(exc: Exception | str) -> NoReturn:
+    err.print(f"[red]error:[/] {exc}")
+    raise typer.Exit(1)
+
+
+def open_engine(data_dir: Path) -> Engine:
+    """The registry database of ``data_dir`` (``EDGEHERD_DATABASE_URL`` if set), migrated to the current schema."""
+    from server.db import database_url, make_engine, migrate
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(database_url(data_dir))
+    migrate(engine)
+    return engine
+
+
+def _lifecycle(ctx: typer.Context, ref: str, data_dir: Path, permission: Permission,
+               move: Callable[..., Transition], *args: Any) -> None:
+    """Check the role, make the move (it commits with its audit entry), advance the anchor, say what changed."""
+    from sqlmodel import Session
+
+    from server import audit
+    from server.db.models import AuditEntry
+    from server.governance import Governance, GovernanceError, find_version
+
+    try:
+        actor = acting_operator(ctx)
+        Governance.load(data_dir).require(actor, permission)
+        engine = open_engine(data_dir)
+        try:
+            with Session(engine) as db:
+                moved = move(db, find_version(db, ref), actor, *args)
+                entry = db.get(AuditEntry, moved.audit_seq) if moved.audit_seq is not None else None
+                if entry is not None:
+                    audit.write_anchor(data_dir, entry)
+        finally:
+            engine.dispose()
+    except (GovernanceError, audit.AuditError) as exc:
+        _fail(exc)
+    console.print(f"{moved.ref}: {moved.before.value} → [bold]{moved.after.value}[/] by {actor} "
+                  f"(audit #{moved.audit_seq})")
+
+
+def model_promote(ctx: typer.Context, ref: Ref, data_dir: DataDir = Path("data")) -> None:
+    """Put a draft version up for approval (draft → candidate)."""
+    from server.governance import Permission, promote
+
+    _lifecycle(ctx, ref, data_dir, Permission.PROMOTE, promote)
+
+
+def model_approve(ctx: typer.Context, ref: Ref, reason: Reason, data_dir: DataDir = Path("data")) -> None:
+    """Approve a candidate for production (candidate → approved); the author cannot approve their own version."""
+    from server.governance import Permission, approve
+
+    _lifecycle(ctx, ref, data_dir, Permission.APPROVE, approve, reason)
+
+
+def model_reject(ctx: typer.Context, ref: Ref, reason: Reason, data_dir: DataDir = Path("data")) -> None:
+    """Send a candidate back to draft, saying why."""
+    from server.governance import Permission, reject
+
+    _lifecycle(ctx, ref, data_dir, Permission.REJECT, reject, reason)
+
+
+def model_retire(ctx: typer.Context, ref: Ref, data_dir: DataDir = Path("data")) -> None:
+    """Retire a version: no rollout may use it again (admin)."""
+    from server.governance import Permission, retire
+
+    _lifecycle(ctx, ref, data_dir, Permission.RETIRE, retire)
+
+
+@audit_app.command("list")
+def audit_list(
+    action: Annotated[str | None, typer.Option("--action", help="Only this action, e.g. model.approve.")] = None,
+    actor: Annotated[str | None, typer.Option("--actor", help="Only entries by this operator.")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="Only subjects containing this text.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")
+                     ] = 50,
+    data_dir: DataDir = Path("data"),
+) -> None:
+    """Audit entries, newest first."""
+    from sqlmodel import Session
+
+    from server import audit
+
+    engine = open_engine(data_dir)
+    try:
+        with Session(engine) as db:
+            rows = audit.entries(db, action=action, actor=actor, subject_contains=subject, limit=limit)
+    finally:
+        engine.dispose()
+    table = Table()
+    for name in ("seq", "at (UTC)", "actor", "action", "subject", "detail"):
+        table.add_column(name, overflow="fold")
+    for e in rows:
+        at = e.at if e.at.tzinfo is None else e.at.astimezone(timezone.utc)  # SQLite: naive, stored as UTC
+        table.add_row(str(e.seq), f"{at:%Y-%m-%d %H:%M:%S}", e.actor, e.action, e.subject,
+                      json.dumps(e.detail, sort_keys=True, ensure_ascii=False))
+    console.print(table)
+    if not rows:
+        console.print("no audit entries match")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    anchor: Annotated[Path | None, typer.Option("--anchor", help="An anchor file (default: the data directory's "
+                                                "audit-anchor.json; pass a copy kept off this host).")] = None,
+    data_dir: DataDir = Path("data"),
+) -> None:
+    """Recompute the hash chain; exit 1 and name every broken entry if it does not hold."""
+    from sqlmodel import Session
+
+    from server import audit
+
+    try:
+        pinned = audit.read_anchor(anchor if anchor is not None else data_dir)
+    except audit.AuditError as exc:
+        _fail(exc)
+    if anchor is not None and pinned is None:
+        _fail(f"anchor file {anchor} does not exist")
+    engine = open_engine(data_dir)
+    try:
+        with Session(engine) as db:
+            report = audit.verify(db, anchor=pinned)
+    finally:
+        engine.dispose()
+    if not report.ok:
+        err.print(f"[red]audit log FAILED verification:[/] {len(report.problems)} problem(s) in "
+                  f"{report.entries} entries")
+        for problem in report.problems:
+            err.print(f"  [red]✗[/] {problem}")
+        raise typer.Exit(1)
+    anchored = (f"anchored entry #{pinned.seq} matches" if pinned is not None
+                else "no anchor, so removal of the newest entries would not show")
+    console.print(f"[green]audit log OK[/]: {report.entries} entries, chain intact; {anchored}")

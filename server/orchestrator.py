@@ -1,0 +1,356 @@
+"""Runs rollouts: loads each from the database, observes the fleet, plans a step, applies it.
+
+:func:`server.rollouts.plan` decides; this module is its I/O edge. Every
+step of a rollout happens under its lease (server/leases.py), in one
+transaction: the desired states it publishes (retained, before the commit,
+so a crash in between re-publishes the same generation, which agents ignore
+as seen), the rollout's new state, each device's progress, the gates'
+numbers and the audit entries. Everything the planner needs is in the
+database, so a restarted server (or another replica) carries on exactly
+where the last step left off.
+
+Operator commands (:func:`create_rollout`, :func:`command_rollout`) go
+through the same lease and the same transaction shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from sqlalchemy import case, func
+from sqlmodel import Session, col, select
+
+from protocol.ids import is_device_id
+from server import audit, leases
+from server.db.models import Device, DriftReportRow, GateEvaluation, ModelVersion, Rollout, RolloutDevice, TelemetryRow
+from server.registry import Registry, RegistryError, choose_artifact
+from server.rollouts import (
+    ACTIVE,
+    Assign,
+    Assignment,
+    DeviceView,
+    Metrics,
+    Observation,
+    Plan,
+    Revert,
+    RolloutSpec,
+    RolloutView,
+    State,
+    apply_command,
+    plan,
+    soak_start,
+)
+
+__all__ = ["Orchestrator", "RolloutError", "command_rollout", "create_rollout", "describe", "resolve_target",
+           "rollout_view", "store_view", "target_devices"]
+
+log = logging.getLogger(__name__)
+
+#: Actor recorded in the audit log for what the orchestrator decides by itself.
+ORCHESTRATOR = "orchestrator"
+_LEASE_TTL = 60.0
+
+
+class RolloutError(Exception):
+    """A rollout cannot be created or commanded; the message says why."""
+
+
+# -- database ⇄ planner -------------------------------------------------------------------------
+
+
+def rollout_view(db: Session, row: Rollout) -> RolloutView:
+    version = db.get(ModelVersion, row.version_id)
+    if version is None:
+        raise RolloutError(f"rollout {row.name}: its model version is gone")
+    devices = db.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == row.id)).all()
+    return RolloutView(
+        name=row.name, state=State(row.state), wave=row.wave, wave_started_at=row.wave_started_at,
+        spec=RolloutSpec.model_validate(row.spec), manifest=version.manifest_sha256, artifact=row.artifact,
+        reason=row.reason,
+        assignments={d.device_id: Assignment(d.device_id, d.wave, d.state, d.previous_manifest, d.previous_artifact,
+                                             d.assigned_at, d.finished_at, d.error) for d in devices})
+
+
+def store_view(db: Session, row: Rollout, view: RolloutView) -> None:
+    """Write the planner's view of a rollout back into its row and its device rows (the caller commits)."""
+    row.state, row.wave, row.wave_started_at, row.reason = view.state.value, view.wave, view.wave_started_at, (
+        view.reason[:1000] if view.reason else None)
+    row.updated_at = datetime.now(timezone.utc)
+    db.add(row)
+    existing = {d.device_id: d for d in db.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == row.id))}
+    for did, a in view.assignments.items():
+        rec = existing.get(did) or RolloutDevice(rollout_id=row.id, device_id=did, wave=a.wave, state=a.state,
+                                                  assigned_at=a.assigned_at)
+        rec.wave, rec.state, rec.previous_manifest, rec.previous_artifact = (a.wave, a.state, a.previous_manifest,
+                                                                              a.previous_artifact)
+        rec.assigned_at, rec.finished_at, rec.error = a.assigned_at, a.finished_at, (a.error or None) and a.error[:1000]
+        db.add(rec)
+
+
+def target_devices(db: Session, target: dict[str, Any]) -> list[Device]:
+    """Enrolled, unrevoked devices named by the target's devices, groups or tags, sorted by id."""
+    names, groups, tags = set(target.get("devices", [])), set(target.get("groups", [])), set(target.get("tags", []))
+    return sorted((d for d in db.exec(select(Device).where(Device.revoked == False))  # noqa: E712 - SQL comparison
+                   if d.id in names or groups.intersection(d.groups) or tags.intersection(d.tags)),
+                  key=lambda d: d.id)
+
+
+def resolve_target(db: Session, target: dict[str, Any]) -> tuple[str, ...]:
+    """Ids of :func:`target_devices`."""
+    return tuple(d.id for d in target_devices(db, target))
+
+
+def _metrics(db: Session, ids: list[str], since: float, *, manifest: str | None = None,
+             other_than: str | None = None) -> Metrics:
+    if not ids:
+        return Metrics()
+    since_dt = datetime.fromtimestamp(since, tz=timezone.utc)
+    q = select(func.coalesce(func.sum(TelemetryRow.requests), 0), func.coalesce(func.sum(TelemetryRow.errors), 0),
+               func.sum(col(TelemetryRow.p95_ms) * col(TelemetryRow.requests)),
+               func.sum(TelemetryRow.requests).filter(col(TelemetryRow.p95_ms).is_not(None))).where(
+        col(TelemetryRow.device_id).in_(ids), TelemetryRow.received_at >= since_dt)
+    drifted_sum = func.coalesce(func.sum(case((col(DriftReportRow.drifted), 1), else_=0)), 0)
+    d = select(func.count(), drifted_sum).where(
+        DriftReportRow.scope == "device", col(DriftReportRow.device_id).in_(ids),
+        DriftReportRow.computed_at >= since_dt)
+    if manifest is not None:
+        q = q.where(TelemetryRow.manifest_sha256 == manifest)
+        d = d.where(DriftReportRow.manifest_sha256 == manifest)
+    if other_than is not None:
+        q = q.where(col(TelemetryRow.manifest_sha256).is_not(None), TelemetryRow.manifest_sha256 != other_than)
+        d = d.where(DriftReportRow.manifest_sha256 != other_than)
+    requests, errors, p95_weighted, p95_requests = db.exec(q).one()
+    windows, drifted = db.exec(d).one()
+    p95 = float(p95_weighted) / float(p95_requests) if p95_weighted is not None and p95_requests else None
+    return Metrics(requests=int(requests), errors=int(errors), p95_ms=p95, drift_windows=int(windows),
+                   drifted_windows=int(drifted))
+
+
+def observe(db: Session, row: Rollout, view: RolloutView) -> Observation:
+    target = resolve_target(db, row.target)
+    ids = set(target) | set(view.assignments)
+    devices = {d.id: DeviceView(d.id, d.status == "online", d.running_manifest, d.running_artifact, d.install_step,
+                                d.install_error, d.desired_manifest)
+               for d in db.exec(select(Device).where(col(Device.id).in_(ids)))}
+    start = soak_start(view)
+    if start is None:
+        return Observation(target, devices)
+    new_ids = [d for d, a in view.assignments.items() if a.state == "installed"]
+    base_ids = [d for d in target if d not in view.assignments]
+    new = _metrics(db, new_ids, start, manifest=view.manifest)
+    baseline = _metrics(db, base_ids, start, other_than=view.manifest) if base_ids else None
+    return Observation(target, devices, new, baseline)
+
+
+# -- applying a plan ------------------------------------------------------------------------------
+
+
+def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rollout, result: Plan,
+           actor: str) -> None:
+    view = result.rollout
+    version = db.get(ModelVersion, row.version_id)
+    assert version is not None  # noqa: S101 - checked by rollout_view
+    signed = registry.signed_manifest(db, version.manifest_sha256)
+    for action in result.actions:
+        device = db.get(Device, action.device_id)
+        if device is None or client is None:
+            continue
+        if isinstance(action, Assign) and signed is not None:
+            registry.set_desired(db, client, device, signed, choose_artifact(signed, row.artifact), rollout=row.name)
+        elif isinstance(action, Revert) and action.manifest is not None:
+            previous = registry.signed_manifest(db, action.manifest)
+            if previous is not None:
+                registry.set_desired(db, client, device, previous, choose_artifact(previous, action.artifact),
+                                     rollout=row.name)
+    store_view(db, row, view)
+    for g in result.gates:
+        last = db.exec(select(GateEvaluation).where(GateEvaluation.rollout_id == row.id, GateEvaluation.wave == g.wave,
+                                                    GateEvaluation.gate == g.gate)
+                       .order_by(col(GateEvaluation.id).desc())).first()
+        if last is not None and last.verdict == g.verdict == "insufficient":  # still waiting: refresh, don't pile up
+            last.numbers, last.at = _jsonable(g.numbers), datetime.now(timezone.utc)
+            db.add(last)
+        else:
+            db.add(GateEvaluation(rollout_id=row.id, wave=g.wave, gate=g.gate, verdict=g.verdict,
+                                  numbers=_jsonable(g.numbers)))
+    for action_name, detail in result.events:
+        audit.append(db, actor, action_name, f"rollout:{row.name}", _jsonable(detail))
+    if view.state is State.COMPLETED and version.stage == "approved":
+        version.stage = "deployed"
+        db.add(version)
+        audit.append(db, actor, "model.deployed", f"model:{version.name}:{version.version}", {"rollout": row.name})
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+class _LeaseBusy(Exception):
+    pass
+
+
+def _under_lease(registry: Registry, rollout_name: str, holder: str, wait: float,
+                 fn: Callable[[Session, Rollout], None]) -> None:
+    lease = f"rollout:{rollout_name}"
+    deadline = time.monotonic() + wait
+    while not leases.acquire(registry.engine, lease, holder, _LEASE_TTL):
+        if time.monotonic() >= deadline:
+            raise _LeaseBusy(f"rollout {rollout_name} is being changed by {leases.holder_of(registry.engine, lease)}")
+        time.sleep(0.1)
+    try:
+        with Session(registry.engine) as db:
+            row = db.exec(select(Rollout).where(Rollout.name == rollout_name)).first()
+            if row is None:
+                raise RolloutError(f"no rollout named {rollout_name}")
+            fn(db, row)
+            db.commit()
+            last = audit.head(db)
+            if last is not None:
+                registry.anchor_audit(last)
+    finally:
+        leases.release(registry.engine, lease, holder)
+
+
+# -- operator entry points --------------------------------------------------------------------------
+
+
+def create_rollout(registry: Registry, *, name: str, model: str, version: str, target: dict[str, list[str]],
+                   spec: RolloutSpec, actor: str, production: bool = False, artifact: str | None = None) -> Rollout:
+    """Record a new rollout (state pending); the orchestrator starts it on its next step.
+
+    The caller has checked the actor's role and the governance rules (server/governance.py).
+    """
+    if not is_device_id(name):
+        raise RolloutError(f"rollout name {name!r}: a-z, 0-9 and '-', at most 63 characters")
+    if not any(target.get(k) for k in ("devices", "groups", "tags")):
+        raise RolloutError("give a target: --group, --tag or --device")
+    try:
+        row_version, signed = registry.model(model, version)
+        choose_artifact(signed, artifact)
+    except RegistryError as exc:
+        raise RolloutError(str(exc)) from None
+    if row_version.stage == "retired":
+        raise RolloutError(f"{model}:{version} is retired")
+    with Session(registry.engine) as db:
+        if db.exec(select(Rollout).where(Rollout.name == name)).first() is not None:
+            raise RolloutError(f"a rollout named {name} exists; choose another name")
+        clash = [r.name for r in db.exec(select(Rollout).where(col(Rollout.state).in_([s.value for s in ACTIVE])))
+                 if set(resolve_target(db, r.target)) & set(resolve_target(db, target))]
+        if clash:
+            raise RolloutError(f"rollout {', '.join(clash)} is still active on some of these devices; "
+                               "let it finish, or abort it first")
+        row = Rollout(name=name, version_id=row_version.id, artifact=artifact,
+                      target={k: sorted(set(v)) for k, v in target.items() if v}, production=production,
+                      spec=spec.model_dump(mode="json"), created_by=actor)
+        db.add(row)
+        db.flush()
+        entry = audit.append(db, actor, "rollout.create", f"rollout:{name}", {
+            "model": model, "version": version, "target": row.target, "production": production,
+            "spec": row.spec, "devices_now": len(resolve_target(db, target))})
+        db.commit()
+        registry.anchor_audit(entry)
+        db.refresh(row)
+        return row
+
+
+def command_rollout(registry: Registry, name: str, command: str, actor: str, reason: str | None = None,
+                    clock: Callable[[], float] = time.time) -> RolloutView:
+    """Pause, resume, abort or roll back a rollout now (under its lease); RolloutError when not allowed."""
+    out: list[RolloutView] = []
+
+    def act(db: Session, row: Rollout) -> None:
+        view = rollout_view(db, row)
+        try:
+            result = apply_command(view, command, clock(), reason)
+        except ValueError as exc:
+            raise RolloutError(f"rollout {name}: {exc}") from None
+        client = registry.client() if result.actions else None
+        try:
+            _apply(db, registry, client, row, result, actor)
+        finally:
+            if client is not None:
+                client.disconnect()
+                client.loop_stop()
+        out.append(result.rollout)
+
+    try:
+        _under_lease(registry, name, f"cli-{uuid.uuid4().hex[:8]}", 30.0, act)
+    except _LeaseBusy as exc:
+        raise RolloutError(str(exc)) from None
+    return out[0]
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+
+class Orchestrator:
+    """Steps every active rollout, each under its lease, every ``interval`` seconds."""
+
+    def __init__(self, registry: Registry, *, holder: str | None = None, interval: float = 2.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry, self.interval, self.clock = registry, interval, clock
+        self.holder = holder or f"server-{uuid.uuid4().hex[:8]}"
+        self.steps = 0
+        self._client: mqtt.Client | None = None
+
+    def _mqtt(self) -> mqtt.Client:
+        if self._client is None or not self._client.is_connected():
+            self.close()
+            self._client = self.registry.client(client_id=f"edgeherd-orchestrator-{uuid.uuid4().hex[:8]}")
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def step(self) -> int:
+        """One pass over the active rollouts; how many this replica stepped."""
+        with Session(self.registry.engine) as db:
+            names = list(db.exec(select(Rollout.name).where(col(Rollout.state).in_([s.value for s in ACTIVE]))
+                                 .order_by(col(Rollout.id))))
+        done = 0
+        for name in names:
+            try:
+                _under_lease(self.registry, name, self.holder, 0.0, self._step_one)
+                done += 1
+            except _LeaseBusy:
+                log.debug("rollout %s is held by another replica", name)
+            except Exception:
+                log.exception("rollout %s: step failed; it is retried on the next pass", name)
+        self.steps += 1
+        return done
+
+    def _step_one(self, db: Session, row: Rollout) -> None:
+        view = rollout_view(db, row)
+        if view.state not in ACTIVE:
+            return
+        result = plan(view, observe(db, row, view), self.clock())
+        _apply(db, self.registry, self._mqtt() if result.actions else None, row, result, ORCHESTRATOR)
+        for action, detail in result.events:
+            log.info("rollout %s: %s %s", row.name, action, {k: v for k, v in detail.items() if k != "gates"})
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            self.step()
+        self.close()
+
+
+def describe(view: RolloutView) -> dict[str, Any]:
+    """A plain summary of a rollout's state, for the CLI and the TUI."""
+    waves: dict[int, dict[str, int]] = {}
+    for a in view.assignments.values():
+        w = waves.setdefault(a.wave, {})
+        w[a.state] = w.get(a.state, 0) + 1
+    return {"name": view.name, "state": view.state.value, "wave": view.wave, "reason": view.reason,
+            "waves": {k: waves[k] for k in sorted(waves)}, "spec": view.spec.model_dump(mode="json"),
+            "devices": {d: asdict(a) for d, a in sorted(view.assignments.items())}}

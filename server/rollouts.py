@@ -1,0 +1,494 @@
+"""The rollout planner: (rollout, observations, clock) → (new rollout state, actions). Pure.
+
+A rollout moves a model version onto a target (groups, tags or devices,
+resolved again on every step, so devices joining the target mid-rollout get
+it) in waves. Each step the orchestrator (server/orchestrator.py) loads the
+rollout and what the fleet reports, calls :func:`plan`, and applies the
+result in one transaction; nothing here touches a clock, a socket or the
+database, so every decision is a table-driven test.
+
+States::
+
+    pending → running ⇄ paused
+    running → completed                  (every wave passed its gates)
+    running/paused/completed → rolling_back → rolled_back
+    pending/running/paused → aborted     (devices keep what they run)
+
+A wave's devices get the new version; once every one of them has installed
+it (or failed, or timed out), the wave soaks for ``soak_s`` and then the
+gates compare the new version's devices with the devices still on the old
+version over the soak (or with the manifest's numbers when there is no
+baseline). Not enough data keeps the wave soaking, up to
+``max_soak_factor`` × the soak, after which the gate fails. A failed gate
+or more failed installs than ``failure_threshold_pct`` of the wave pauses
+the rollout or rolls back every device it changed (``on_failure``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ACTIVE",
+    "TERMINAL",
+    "Assign",
+    "Assignment",
+    "DeviceView",
+    "GateResult",
+    "Gates",
+    "Metrics",
+    "Observation",
+    "Plan",
+    "Revert",
+    "RolloutSpec",
+    "RolloutView",
+    "State",
+    "apply_command",
+    "evaluate_gates",
+    "plan",
+    "soak_start",
+    "wave_sizes",
+]
+
+
+class State(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+ACTIVE = frozenset({State.PENDING, State.RUNNING, State.PAUSED, State.ROLLING_BACK})
+TERMINAL = frozenset({State.COMPLETED, State.ROLLED_BACK, State.ABORTED})
+
+_WAVE_RE = re.compile(r"^(?:[1-9][0-9]{0,6}|(?:100|[1-9]?[0-9](?:\.[0-9]+)?)%)$")
+
+
+class Gates(BaseModel):
+    """What a wave must show, over its soak, before the next one starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The new version's error rate may exceed the baseline's by at most this (absolute, 0.01 = 1 point).
+    error_margin: float = Field(0.01, ge=0, le=1)
+    #: Its p95 latency may exceed the baseline's by at most this fraction (0.2 = 20 %)...
+    latency_margin: float = Field(0.2, ge=0, le=100)
+    #: ...and must stay within this budget (ms), the hardware profile's unless set here.
+    latency_budget_ms: float | None = Field(None, gt=0)
+    #: The share of its statistics windows flagged as drifting may exceed the baseline's by at most this.
+    drift_margin: float = Field(0.0, ge=0, le=1)
+    #: Fewer requests than this over the soak is not enough data to judge error rate and latency.
+    min_requests: int = Field(50, ge=1)
+    #: Fewer drift-scored windows than this is not enough data to judge drift (0: no drift gate).
+    min_drift_windows: int = Field(1, ge=0)
+
+
+class RolloutSpec(BaseModel):
+    """How a rollout proceeds; stored with it as JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["canary", "all-at-once"] = "canary"
+    #: Cumulative wave sizes: device counts ("1") or shares of the target ("10%"); the last is always 100 %.
+    waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
+    soak_s: float = Field(300.0, ge=0, le=30 * 86400)
+    install_timeout_s: float = Field(900.0, gt=0, le=7 * 86400)
+    #: Share of a wave's devices (percent) that may fail to install before the rollout stops.
+    failure_threshold_pct: float = Field(0.0, ge=0, le=100)
+    on_failure: Literal["pause", "rollback"] = "rollback"
+    #: A gate with not enough data waits up to this many soaks, then fails.
+    max_soak_factor: float = Field(3.0, ge=1, le=100)
+    gates: Gates = Gates()
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not 1 <= len(v) <= 20:
+            raise ValueError("give 1 to 20 waves")
+        for w in v:
+            if not _WAVE_RE.match(w):
+                raise ValueError(f"wave {w!r}: a device count (e.g. 5) or a percentage (e.g. 10%)")
+        return v
+
+    def effective_waves(self) -> tuple[str, ...]:
+        return ("100%",) if self.strategy == "all-at-once" else self.waves
+
+
+def wave_sizes(waves: tuple[str, ...], n: int) -> list[int]:
+    """Cumulative device counts per wave for a target of ``n`` devices.
+
+    Percentages round up, every wave adds at least one device while any are
+    left (so 10 % of a 7-device fleet after a 1-device canary is 2), waves
+    after the whole target is reached are dropped, and the last wave always
+    takes the whole target.
+    """
+    if n <= 0:
+        return [0]
+    out: list[int] = []
+    for w in waves:
+        size = math.ceil(n * float(w[:-1]) / 100 - 1e-9) if w.endswith("%") else int(w)
+        size = min(max(size, (out[-1] + 1) if out else 1), n)
+        if not out or size > out[-1]:
+            out.append(size)
+    if out[-1] < n:
+        out.append(n)
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What the server knows about a device right now."""
+
+    id: str
+    online: bool
+    running_manifest: str | None
+    running_artifact: str | None = None
+    install_step: str | None = None
+    install_error: str | None = None
+    desired_manifest: str | None = None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A device of the rollout. ``state``: assigned, installed, failed, reverting, reverted, revert_failed."""
+
+    device_id: str
+    wave: int
+    state: str
+    previous_manifest: str | None
+    previous_artifact: str | None
+    assigned_at: float
+    finished_at: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Health of a set of devices over a period: from telemetry windows and drift reports."""
+
+    requests: int = 0
+    errors: int = 0
+    #: Requests-weighted mean of the windows' p95 latency; None without latency data.
+    p95_ms: float | None = None
+    drift_windows: int = 0
+    drifted_windows: int = 0
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def drift_share(self) -> float | None:
+        return self.drifted_windows / self.drift_windows if self.drift_windows else None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the planner may look at besides the rollout itself."""
+
+    #: Device ids in the target now (revoked devices excluded), in a stable order.
+    target: tuple[str, ...]
+    devices: dict[str, DeviceView]
+    #: The new version's devices over the current soak, and the devices on other versions (None: no baseline).
+    new: Metrics = Metrics()
+    baseline: Metrics | None = None
+    #: The version's own numbers from its manifest (e.g. the artifact's measured p95), used without a baseline.
+    expected_p95_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    name: str
+    state: State
+    wave: int
+    wave_started_at: float | None
+    spec: RolloutSpec
+    manifest: str
+    artifact: str | None
+    assignments: dict[str, Assignment] = field(default_factory=dict)
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Set the device's desired state to the rollout's version; remember what it ran."""
+
+    device_id: str
+    wave: int
+
+
+@dataclass(frozen=True)
+class Revert:
+    """Set the device's desired state back to what it ran before the rollout."""
+
+    device_id: str
+    manifest: str | None
+    artifact: str | None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    verdict: Literal["pass", "fail", "insufficient"]
+    numbers: dict[str, Any]
+    #: The wave it judged.
+    wave: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    rollout: RolloutView
+    actions: list[Assign | Revert] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)
+    #: Audit-worthy happenings: (action, detail).
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+# -- gates ------------------------------------------------------------------------------------------
+
+
+def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
+    """Error rate, p95 latency and drift of the new version's devices against the baseline."""
+    g, new, base = spec.gates, obs.new, obs.baseline
+    out: list[GateResult] = []
+    enough = new.requests >= g.min_requests
+    base_ok = base is not None and base.requests >= g.min_requests
+    # error rate: not worse than the baseline (or than zero errors without one) by more than the margin
+    base_rate = base.error_rate if base_ok and base is not None else 0.0
+    numbers: dict[str, Any] = {"new_requests": new.requests, "new_errors": new.errors,
+                               "new_error_rate": new.error_rate, "baseline_error_rate": base_rate,
+                               "baseline": "fleet" if base_ok else "none", "margin": g.error_margin,
+                               "min_requests": g.min_requests}
+    if not enough:
+        out.append(GateResult("error_rate", "insufficient", numbers))
+    else:
+        limit = (base_rate or 0.0) + g.error_margin
+        numbers["limit"] = limit
+        out.append(GateResult("error_rate", "pass" if (new.error_rate or 0.0) <= limit + 1e-12 else "fail", numbers))
+    # latency: within the budget, and not worse than the baseline (or the manifest's number) by the margin
+    base_p95 = base.p95_ms if base_ok and base is not None else obs.expected_p95_ms
+    numbers = {"new_p95_ms": new.p95_ms, "baseline_p95_ms": base_p95, "budget_ms": g.latency_budget_ms,
+               "margin": g.latency_margin}
+    if not enough or new.p95_ms is None:
+        out.append(GateResult("latency", "insufficient", numbers))
+    else:
+        limits = [lim for lim in (g.latency_budget_ms,
+                                  base_p95 * (1 + g.latency_margin) if base_p95 is not None else None)
+                  if lim is not None]
+        numbers["limit_ms"] = min(limits) if limits else None
+        ok = not limits or new.p95_ms <= min(limits) + 1e-9
+        out.append(GateResult("latency", "pass" if ok else "fail", numbers))
+    # drift: the share of drifting windows not above the baseline's by more than the margin
+    if g.min_drift_windows > 0:
+        base_share = base.drift_share if base is not None and base.drift_windows >= g.min_drift_windows else None
+        numbers = {"new_windows": new.drift_windows, "new_drifted": new.drifted_windows,
+                   "new_share": new.drift_share, "baseline_share": base_share if base_share is not None else 0.0,
+                   "margin": g.drift_margin}
+        if new.drift_windows < g.min_drift_windows:
+            out.append(GateResult("drift", "insufficient", numbers))
+        else:
+            limit = (base_share or 0.0) + g.drift_margin
+            numbers["limit"] = limit
+            out.append(GateResult("drift", "pass" if (new.drift_share or 0.0) <= limit + 1e-12 else "fail",
+                                  numbers))
+    return out
+
+
+# -- planning ---------------------------------------------------------------------------------------
+
+
+def soak_start(view: RolloutView) -> float | None:
+    """When the current wave's soak began: its last device finished installing (None: not yet)."""
+    wave = [a for a in view.assignments.values() if a.wave == view.wave]
+    if not wave or any(a.state == "assigned" for a in wave):
+        return None
+    return max([a.finished_at or 0.0 for a in wave] + [view.wave_started_at or 0.0])
+
+
+Events = list[tuple[str, dict[str, Any]]]
+
+
+def _refresh(view: RolloutView, obs: Observation, now: float) -> tuple[dict[str, Assignment], Events]:
+    """Move each assigned or reverting device on by what it reports."""
+    out = dict(view.assignments)
+    events: list[tuple[str, dict[str, Any]]] = []
+    timeout = view.spec.install_timeout_s
+    for did, a in view.assignments.items():
+        d = obs.devices.get(did)
+        if a.state == "assigned":
+            if d is not None and d.running_manifest == view.manifest and d.install_step in (None, "done"):
+                out[did] = replace(a, state="installed", finished_at=now)
+            elif (d is not None and d.desired_manifest == view.manifest and d.install_step in ("failed", "reverted")
+                  and d.running_manifest != view.manifest):
+                out[did] = replace(a, state="failed", finished_at=now, error=d.install_error or d.install_step)
+                events.append(("rollout.device_failed", {"device": did, "error": out[did].error}))
+            elif now - a.assigned_at > timeout:
+                why = "install timed out" + ("" if d is not None and d.online else " (device offline)")
+                out[did] = replace(a, state="failed", finished_at=now, error=why)
+                events.append(("rollout.device_failed", {"device": did, "error": why}))
+        elif a.state == "reverting":
+            if a.previous_manifest is None or (d is not None and d.running_manifest == a.previous_manifest):
+                out[did] = replace(a, state="reverted", finished_at=now)
+            elif now - (a.finished_at or a.assigned_at) > timeout:
+                out[did] = replace(a, state="revert_failed", finished_at=now, error="rollback timed out")
+                events.append(("rollout.device_revert_failed", {"device": did}))
+    return out, events
+
+
+def _start_rollback(view: RolloutView, assignments: dict[str, Assignment], now: float, reason: str,
+                    events: list[tuple[str, dict[str, Any]]]) -> Plan:
+    actions: list[Assign | Revert] = []
+    out = dict(assignments)
+    for did, a in sorted(assignments.items()):
+        if a.state in ("assigned", "installed", "failed"):
+            actions.append(Revert(did, a.previous_manifest, a.previous_artifact))
+            out[did] = replace(a, state="reverting", finished_at=now)
+    events.append(("rollout.rollback_started", {"reason": reason, "devices": len(actions)}))
+    view = replace(view, state=State.ROLLING_BACK, assignments=out, reason=reason)
+    return Plan(view, actions, [], events)
+
+
+def _fail(view: RolloutView, assignments: dict[str, Assignment], now: float, reason: str,
+          events: list[tuple[str, dict[str, Any]]], gates: list[GateResult]) -> Plan:
+    events.append(("rollout.wave_failed", {"wave": view.wave, "reason": reason,
+                                           "gates": [{"gate": g.gate, "verdict": g.verdict, **g.numbers}
+                                                     for g in gates]}))
+    if view.spec.on_failure == "rollback":
+        p = _start_rollback(view, assignments, now, reason, events)
+        return Plan(p.rollout, p.actions, gates, p.events)
+    events.append(("rollout.paused", {"reason": reason, "by": "gate"}))
+    return Plan(replace(view, state=State.PAUSED, assignments=assignments, reason=reason), [], gates, events)
+
+
+def _assign(view: RolloutView, obs: Observation, assignments: dict[str, Assignment], now: float,
+            wave: int) -> tuple[dict[str, Assignment], list[Assign | Revert]]:
+    """Assign target devices until the wave's cumulative size is reached (online devices first)."""
+    sizes = wave_sizes(view.spec.effective_waves(), len(obs.target))
+    want = sizes[min(wave, len(sizes) - 1)]
+    have = sum(1 for did in obs.target if did in assignments)
+    fresh = [did for did in obs.target if did not in assignments]
+    fresh.sort(key=lambda did: (not (obs.devices.get(did) and obs.devices[did].online), did))
+    out = dict(assignments)
+    actions: list[Assign | Revert] = []
+    for did in fresh[: max(want - have, 0)]:
+        d = obs.devices.get(did)
+        out[did] = Assignment(did, wave, "assigned", d.running_manifest if d else None,
+                              d.running_artifact if d else None, now)
+        actions.append(Assign(did, wave))
+    return out, actions
+
+
+def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
+    """One step of the rollout at time ``now`` (epoch seconds)."""
+    if view.state in TERMINAL:
+        return Plan(view)
+    assignments, events = _refresh(view, obs, now)
+    if view.state is State.ROLLING_BACK:
+        if any(a.state == "reverting" for a in assignments.values()):
+            return Plan(replace(view, assignments=assignments), [], [], events)
+        stuck = sorted(d for d, a in assignments.items() if a.state == "revert_failed")
+        events.append(("rollout.rolled_back", {"revert_failed": stuck}))
+        return Plan(replace(view, state=State.ROLLED_BACK, assignments=assignments), [], [], events)
+    if view.state is State.PAUSED:
+        return Plan(replace(view, assignments=assignments), [], [], events)
+    if view.state is State.PENDING:
+        view = replace(view, state=State.RUNNING, wave=0, wave_started_at=now)
+        assignments, actions = _assign(view, obs, assignments, now, 0)
+        events.append(("rollout.started", {"waves": wave_sizes(view.spec.effective_waves(), len(obs.target)),
+                                           "target": len(obs.target)}))
+        events.append(("rollout.wave_started", {"wave": 0, "devices": [a.device_id for a in actions
+                                                                        if isinstance(a, Assign)]}))
+    else:  # keep the current wave filled: devices joining the target mid-rollout get the version too
+        assignments, actions = _assign(view, obs, assignments, now, view.wave)
+        if actions:
+            events.append(("rollout.devices_joined", {"wave": view.wave, "devices": [
+                a.device_id for a in actions if isinstance(a, Assign)]}))
+    current = replace(view, assignments=assignments)
+    wave = [a for a in assignments.values() if a.wave == view.wave]
+    if not wave:
+        if obs.target:  # the target shrank: earlier waves already cover this one's size
+            return _advance(current, obs, now, actions, events, [])
+        return Plan(current, actions, [], events)
+    failed = [a for a in wave if a.state == "failed"]
+    installed = [a for a in wave if a.state == "installed"]
+    install_gate = GateResult("installed", "pass", {
+        "wave_devices": len(wave), "installed": len(installed), "failed": len(failed),
+        "threshold_pct": view.spec.failure_threshold_pct}, view.wave)
+    if len(failed) * 100 > view.spec.failure_threshold_pct * len(wave):
+        # more failures than the threshold allows: more successes cannot undo that, so stop now
+        reason = (f"wave {view.wave}: {len(failed)} of {len(wave)} devices failed to install "
+                  f"(threshold {view.spec.failure_threshold_pct:g} %)")
+        return _fail(current, assignments, now, reason, events, [replace(install_gate, verdict="fail")])
+    start = soak_start(current)
+    if start is None or now - start < view.spec.soak_s:
+        return Plan(current, actions, [], events)
+    gates = [install_gate, *(replace(g, wave=view.wave) for g in evaluate_gates(view.spec, obs))]
+    bad = [g for g in gates if g.verdict == "fail"]
+    if bad:
+        reason = f"wave {view.wave}: gate {', '.join(g.gate for g in bad)} failed"
+        return _fail(current, assignments, now, reason, events, gates)
+    if any(g.verdict == "insufficient" for g in gates):
+        if now - start < view.spec.soak_s * view.spec.max_soak_factor:
+            return Plan(current, actions, gates, events)
+        short = [g for g in gates if g.verdict == "insufficient"]
+        reason = f"wave {view.wave}: not enough data for {', '.join(g.gate for g in short)} after the longest soak"
+        return _fail(current, assignments, now, reason,
+                     events, [replace(g, verdict="fail") if g.verdict == "insufficient" else g for g in gates])
+    return _advance(current, obs, now, actions, events, gates)
+
+
+def _advance(view: RolloutView, obs: Observation, now: float, actions: list[Assign | Revert],
+             events: list[tuple[str, dict[str, Any]]], gates: list[GateResult]) -> Plan:
+    sizes = wave_sizes(view.spec.effective_waves(), len(obs.target))
+    events.append(("rollout.wave_passed", {"wave": view.wave,
+                                           "gates": [{"gate": g.gate, "verdict": g.verdict, **g.numbers}
+                                                     for g in gates]}))
+    if view.wave + 1 >= len(sizes):
+        events.append(("rollout.completed", {"devices": len(view.assignments)}))
+        return Plan(replace(view, state=State.COMPLETED, reason=None), actions, gates, events)
+    nxt = replace(view, wave=view.wave + 1, wave_started_at=now)
+    assignments, more = _assign(nxt, obs, dict(view.assignments), now, nxt.wave)
+    events.append(("rollout.wave_started", {"wave": nxt.wave, "devices": [
+        a.device_id for a in more if isinstance(a, Assign)]}))
+    return Plan(replace(nxt, assignments=assignments), actions + more, gates, events)
+
+
+# -- operator commands ------------------------------------------------------------------------------
+
+_COMMANDS: dict[str, frozenset[State]] = {
+    "pause": frozenset({State.PENDING, State.RUNNING}),
+    "resume": frozenset({State.PAUSED}),
+    "abort": frozenset({State.PENDING, State.RUNNING, State.PAUSED}),
+    "rollback": frozenset({State.PENDING, State.RUNNING, State.PAUSED, State.COMPLETED}),
+}
+
+
+def apply_command(view: RolloutView, command: str, now: float, reason: str | None = None) -> Plan:
+    """An operator's pause, resume, abort or rollback; ValueError when the state does not allow it."""
+    allowed = _COMMANDS.get(command)
+    if allowed is None:
+        raise ValueError(f"unknown command {command!r} (pause, resume, abort, rollback)")
+    if view.state not in allowed:
+        raise ValueError(f"cannot {command} a rollout that is {view.state.value} "
+                         f"(only when {', '.join(sorted(s.value for s in allowed))})")
+    why = reason or f"{command} by an operator"
+    if command == "pause":
+        return Plan(replace(view, state=State.PAUSED, reason=why), events=[("rollout.paused", {"reason": why})])
+    if command == "resume":
+        # the soak starts again: what happened while paused does not count towards it
+        out = {d: replace(a, finished_at=now) if a.wave == view.wave and a.state != "assigned" else a
+               for d, a in view.assignments.items()}
+        return Plan(replace(view, state=State.RUNNING, reason=None, wave_started_at=now, assignments=out),
+                    events=[("rollout.resumed", {"wave": view.wave})])
+    if command == "abort":
+        return Plan(replace(view, state=State.ABORTED, reason=why), events=[("rollout.aborted", {"reason": why})])
+    return _start_rollback(view, dict(view.assignments), now, why, [])

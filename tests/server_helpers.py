@@ -1,0 +1,51 @@
+"""A server data directory with a signing key, and small signed bundles of random bytes to push to it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import (
+    ArtifactEntry,
+    Manifest,
+    Precision,
+    RuntimeRequirement,
+    Target,
+    TensorSpec,
+    generate_signing_key,
+    manifest_digest,
+    private_key_to_pem,
+    public_key_to_pem,
+)
+from protocol._model import encode_model
+from protocol.signing import sign_manifest
+
+
+def server_dir(path: Path) -> tuple[Path, Ed25519PrivateKey]:
+    """A data directory holding a fresh signing key pair, as `edgeherd keys init` leaves it."""
+    key = generate_signing_key()
+    (path / "keys").mkdir(parents=True)
+    (path / "keys" / "signing.key").write_bytes(private_key_to_pem(key))
+    (path / "keys" / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
+    return path, key
+
+
+def blob_bundle(path: Path, key: Ed25519PrivateKey, *, model: str = "blob", version: str = "1.0.0",
+                size: int = 64 * 1024, author: str | None = None) -> tuple[Path, bytes, str]:
+    """A signed bundle whose one artifact ("blob") is ``size`` random bytes; (dir, the bytes, manifest digest)."""
+    blob = os.urandom(size)
+    sha = hashlib.sha256(blob).hexdigest()
+    (path / "artifacts").mkdir(parents=True)
+    (path / "artifacts" / sha).write_bytes(blob)
+    art = ArtifactEntry(name="blob", target=Target.ONNX, precision=Precision.FP32, sha256=sha, size=size,
+                        runtime=RuntimeRequirement(name="onnxruntime", min_version="1.17"),
+                        inputs=[TensorSpec(name="x", shape=[-1, 1], dtype="float32")],
+                        outputs=[TensorSpec(name="y", shape=[-1, 1], dtype="float32")])
+    m = Manifest(model=model, version=version, created_at=datetime.now(timezone.utc), task="classification",
+                 artifacts=[art], author=author)
+    (path / "manifest.json").write_bytes(encode_model(sign_manifest(m, key)))
+    return path, blob, manifest_digest(m)
