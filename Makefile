@@ -83,6 +83,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_protocol
 	$(PY) -m benchmarks.toolchain_targets
 	$(PY) -m benchmarks.agent_overhead
+	$(PY) -m benchmarks.tui_refresh
 
 bench-load: system-deps $(STAMP)
 	$(PY) -m benchmarks.ingest

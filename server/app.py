@@ -287,7 +287,7 @@ class ServerApp:
                 report = score(ref, [window])
                 db.add(DriftReportRow(scope="device", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
                                       n=report.n, drifted=report.drifted, worst=report.worst,
-                                      report=report.to_dict()))
+                                      score=report.score, report=report.to_dict()))
                 scored += 1
                 event = self._alerts[(row.device_id, row.manifest_sha256)].update(report.drifted)
                 if event == "raised":
@@ -303,7 +303,8 @@ class ServerApp:
             for manifest_sha256, windows in fresh.items():  # fleet-wide: the summed counts of the new windows
                 fleet = score(references[manifest_sha256], windows)
                 db.add(DriftReportRow(scope="fleet", manifest_sha256=manifest_sha256, n=fleet.n,
-                                      drifted=fleet.drifted, worst=fleet.worst, report=fleet.to_dict()))
+                                      drifted=fleet.drifted, worst=fleet.worst, score=fleet.score,
+                                      report=fleet.to_dict()))
             db.commit()
         return scored
 

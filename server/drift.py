@@ -100,6 +100,12 @@ class DriftReport:
     worst: str | None = None
     alpha: float = ALPHA
 
+    @property
+    def score(self) -> float | None:
+        """The largest PSI / its size-aware threshold over the features: ≥ 1 is beyond the threshold."""
+        ratios = [f.psi / f.psi_threshold for f in self.features if f.n > 0 and f.psi_threshold > 0]
+        return max(ratios) if ratios else None
+
     def to_dict(self) -> dict[str, object]:
         return {"n": self.n, "drifted": self.drifted, "worst": self.worst, "alpha": self.alpha,
                 "features": [vars(f) for f in self.features], "output": vars(self.output) if self.output else None}

@@ -39,13 +39,15 @@ from server import audit
 from server.broker import SERVER_USER, MosquittoBroker
 from server.db import database_url, make_engine, migrate
 from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, VersionArtifact
-from toolchain.bundle import MANIFEST, verify_bundle
+from toolchain.bundle import CARD, MANIFEST, verify_bundle
 from toolchain.errors import BundleError
 
 __all__ = ["Enrolled", "Registry", "RegistryError", "choose_artifact"]
 
 log = logging.getLogger(__name__)
 #: Artifact preference when a deploy does not name one (hardware profiles refine this).
+#: Model cards longer than this are cut when stored (they are generated, a few KiB).
+MAX_CARD = 256 * 1024
 #: Actor recorded in the audit log when the caller names nobody (tests, the simulator, the demo).
 SYSTEM = "system"
 PREFERENCE = ["onnx-int8", "onnx-fp32", "tflite-int8", "tflite-fp32"]
@@ -228,9 +230,11 @@ class Registry:
                         raise RegistryError(f"artifact {art.name} changed while it was copied; push again")
                 if db.get(ArtifactRow, art.sha256) is None:
                     db.add(ArtifactRow(sha256=art.sha256, size=art.size, location=str(dest)))
+            card_path = root / CARD
+            card = card_path.read_text(errors="replace")[:MAX_CARD] if card_path.is_file() else None
             version = ModelVersion(name=manifest.model, version=manifest.version, manifest_sha256=digest,
                                    signed_manifest=signed_bytes, author=manifest.author or actor,
-                                   lineage=manifest.lineage)
+                                   lineage=manifest.lineage, card=card)
             db.add(version)
             db.flush()
             for art in manifest.artifacts:

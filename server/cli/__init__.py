@@ -16,6 +16,7 @@ from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, s
 from server.cli.governance import CliState, audit_app, model_approve, model_promote, model_reject, model_retire
 from server.cli.keys import keys_app
 from server.cli.rollout import rollout_app
+from server.cli.tui import tui_command
 
 app = typer.Typer(
     name="edgeherd",
@@ -37,6 +38,7 @@ model_app.command("reject")(model_reject)
 model_app.command("retire")(model_retire)
 app.command("build")(build_command)
 app.command("deploy")(deploy_command)
+app.command("tui")(tui_command)
 
 
 @app.callback()

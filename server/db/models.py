@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 __all__ = ["Alert", "Approval", "ArtifactRow", "AuditEntry", "Device", "DriftReportRow", "GateEvaluation", "Lease",
@@ -67,6 +67,8 @@ class ModelVersion(SQLModel, table=True):
     stage: str = Field(default="draft", max_length=16)
     author: str | None = Field(default=None, max_length=256)
     lineage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    #: The bundle's MODEL_CARD.md as pushed (Markdown), if it had one.
+    card: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = _ts(nullable=False)
 
 
@@ -138,6 +140,8 @@ class DriftReportRow(SQLModel, table=True):
     n: int = Field(sa_type=BigInteger)
     drifted: bool
     worst: str | None = Field(default=None, max_length=64)
+    #: The largest PSI / threshold over the features (≥ 1: beyond it), for sorting and display.
+    score: float | None = None
     report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     computed_at: datetime = _ts(nullable=False)
 

@@ -1,0 +1,1 @@
+"""The fleet TUI (Textual): see server/tui/app.py."""

@@ -1,0 +1,101 @@
+"""``edgeherd tui``: the fleet, rollouts, models, drift and the audit log, live, from the keyboard.
+
+Each top-level screen is a mode with its own stack (Fleet → Device, …);
+``f r m d l`` switch between them, Esc goes back, ``?`` shows every key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.widgets import Input
+
+from server.governance import Governance
+from server.registry import Registry
+from server.tui.data import FleetData
+from server.tui.screens import AuditScreen, DriftScreen, FleetScreen, HelpScreen, ModelsScreen, RolloutsScreen
+
+__all__ = ["EdgeherdApp", "make_app"]
+
+CSS = """
+.hidden { display: none; }
+#summary, #chain, #rollout-head { height: 1; padding: 0 1; }
+#fleet { height: 1fr; }
+#rollouts { height: 12; }
+#waves { height: auto; max-height: 8; padding: 0 1; }
+.wave { height: 1; }
+.wave Label { width: 24; }
+#gates { height: 1fr; }
+#models { width: 3fr; }
+#card-pane { width: 2fr; border-left: solid $primary; }
+Sparkline { height: 3; margin: 0 1; }
+#history, #alerts { height: auto; max-height: 12; }
+#device-head, #fingerprint, #features { padding: 0 1; height: auto; }
+ModalScreen { align: center middle; }
+.dialog { width: 72; height: auto; max-height: 90%; border: thick $primary; background: $surface; padding: 1 2; }
+.dialog.wide { width: 96; }
+.buttons { height: auto; align-horizontal: right; margin-top: 1; }
+.buttons Button { margin-left: 2; }
+.form { grid-size: 2; grid-columns: 14 1fr; grid-rows: 1; height: auto; grid-gutter: 1 1; margin-top: 1; }
+#error { height: auto; }
+"""
+
+
+class EdgeherdApp(App[None]):
+    TITLE = "edgeherd"
+    CSS = CSS
+    MODES: ClassVar[dict[str, type]] = {  # type: ignore[assignment]
+        "fleet": FleetScreen, "rollouts": RolloutsScreen, "models": ModelsScreen, "drift": DriftScreen,
+        "audit": AuditScreen,
+    }
+    DEFAULT_MODE = "fleet"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f", "switch_mode('fleet')", "Fleet"),
+        Binding("r", "switch_mode('rollouts')", "Rollouts"),
+        Binding("m", "switch_mode('models')", "Models"),
+        Binding("d", "switch_mode('drift')", "Drift"),
+        Binding("l", "switch_mode('audit')", "Audit log"),
+        Binding("question_mark", "help", "Help"),
+        Binding("escape", "go_back", "Back", show=False),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, data: FleetData, *, refresh_s: float = 2.0) -> None:
+        super().__init__()
+        self.data = data
+        #: Seconds between refreshes of the screen shown; 0: only on entering it and after actions (tests).
+        self.refresh_s = refresh_s
+
+    def action_go_back(self) -> None:
+        """Esc: out of a filter box back to the table, else back one screen."""
+        if isinstance(self.focused, Input):
+            target = self.screen.AUTO_FOCUS
+            if target:
+                self.screen.query_one(target).focus()
+                return
+        if len(self.screen_stack) > 1:
+            self.pop_screen()
+
+    def action_help(self) -> None:
+        sections = [("Everywhere", [(b.key, b.description) for b in self._bindings_of(EdgeherdApp)])]
+        for title, screen in (("Fleet", FleetScreen), ("Rollouts", RolloutsScreen), ("Models", ModelsScreen),
+                              ("Audit", AuditScreen)):
+            sections.append((title, [(b.key, b.description) for b in self._bindings_of(screen)]))
+        from server.tui.screens import DeviceScreen
+
+        sections.append(("Device", [(b.key, b.description) for b in self._bindings_of(DeviceScreen)]))
+        self.push_screen(HelpScreen(sections))
+
+    @staticmethod
+    def _bindings_of(cls: type) -> list[Binding]:
+        names = {"question_mark": "?", "slash": "/", "escape": "Esc", "enter": "Enter"}
+        return [Binding(names.get(b.key, b.key), b.action, b.description)
+                for b in getattr(cls, "BINDINGS", []) if isinstance(b, Binding)]
+
+
+def make_app(data_dir: Path, actor: str, *, broker_url: str | None = None, refresh_s: float = 2.0) -> EdgeherdApp:
+    registry = Registry(data_dir, broker_url=broker_url)
+    return EdgeherdApp(FleetData(registry, Governance.load(data_dir), actor), refresh_s=refresh_s)

@@ -1,0 +1,437 @@
+"""What the TUI shows and does, as plain values: queries over the registry database, and the same actions
+the CLI takes (orchestrator, governance, registry), checked against the operator's role.
+
+Every method here may block on the database or the broker; the app calls them from worker threads only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy import select as sa_select  # more columns than sqlmodel's select types
+from sqlmodel import Session, col, select
+
+from server import audit
+from server.db.models import (
+    Alert,
+    Approval,
+    AuditEntry,
+    Device,
+    DriftReportRow,
+    GateEvaluation,
+    ModelVersion,
+    Rollout,
+    RolloutDevice,
+    TelemetryRow,
+    VersionArtifact,
+)
+from server.governance import (
+    Governance,
+    GovernanceError,
+    Permission,
+    approve,
+    check_rollout,
+    find_version,
+    reject,
+)
+from server.orchestrator import (
+    RolloutError,
+    command_rollout,
+    create_rollout,
+    describe,
+    resolve_target,
+    rollout_view,
+    target_devices,
+)
+from server.registry import Registry, RegistryError
+from server.rollouts import RolloutSpec, wave_sizes
+
+__all__ = ["ActionError", "DeviceDetail", "DeviceRow", "DriftRow", "FleetData", "ModelRow", "RolloutDetail",
+           "RolloutRow"]
+
+#: Telemetry newer than this feeds the fleet table's latency and error columns.
+RECENT = timedelta(minutes=5)
+
+
+class ActionError(Exception):
+    """An action was refused or failed; the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    id: str
+    profile: str
+    groups: str
+    tags: str
+    status: str
+    running: str
+    desired: str
+    install: str
+    last_seen: datetime | None
+    p95_ms: float | None
+    error_rate: float | None
+    drift: float | None
+
+    @property
+    def health(self) -> str:
+        """ok, warn, bad or off (offline or revoked): what colour the row gets."""
+        if self.status != "online":
+            return "off"
+        if self.install == "failed" or (self.error_rate or 0) > 0.05 or (self.drift or 0) >= 1:
+            return "bad"
+        if self.install not in ("done", "—") or (self.error_rate or 0) > 0.01 or (self.drift or 0) >= 0.5:
+            return "warn"
+        return "ok"
+
+    def matches(self, text: str) -> bool:
+        """``text`` words all found in the id, profile, groups, tags, status, versions or health."""
+        hay = " ".join([self.id, self.profile, self.groups, self.tags, self.status, self.running, self.desired,
+                        self.install, self.health]).lower()
+        return all(word in hay for word in text.lower().split())
+
+
+@dataclass(frozen=True)
+class DeviceDetail:
+    row: DeviceRow
+    fingerprint: dict[str, Any]
+    history: list[tuple[datetime, str, str]]  # when, what, who
+    latency: list[float]
+    errors: list[float]
+    features: list[tuple[str, float]]  # feature, PSI / threshold of the latest window
+    alerts: list[tuple[datetime, str, bool]]  # raised at, what, active
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    name: str
+    version: str
+    state: str
+    wave: str
+    done: int
+    total: int
+    target: str
+    production: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolloutDetail:
+    row: RolloutRow
+    waves: list[tuple[int, int, int]]  # wave, installed, size
+    gates: list[tuple[int, str, str, dict[str, Any]]]  # wave, gate, verdict, numbers
+    created_by: str
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    ref: str
+    stage: str
+    author: str
+    artifacts: int
+    accuracy: str
+    int8_delta: str
+    approvals: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class DriftRow:
+    version: str
+    feature: str
+    score: float
+    windows: int
+    worst_devices: str
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class FleetData:
+    registry: Registry
+    governance: Governance
+    actor: str
+    #: "Now", for what counts as recent (injectable, so a fixed database renders the same every time).
+    clock: Callable[[], datetime] = _utcnow
+    _versions: dict[str, str] = field(default_factory=dict)
+
+    # -- who may do what ------------------------------------------------------------------------
+
+    def may(self, permission: Permission) -> bool:
+        return self.governance.allows(self.actor, permission)
+
+    def role(self) -> str:
+        try:
+            return self.governance.role(self.actor).value
+        except GovernanceError:
+            return "unknown"
+
+    def _require(self, permission: Permission) -> None:
+        try:
+            self.governance.require(self.actor, permission)
+        except GovernanceError as exc:
+            raise ActionError(str(exc)) from None
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _names(self, db: Session) -> dict[str, str]:
+        """manifest digest → "name:version" (versions are few; cached, refreshed when one is missing)."""
+        if not self._versions or len(self._versions) != db.exec(select(func.count()).select_from(ModelVersion)).one():
+            self._versions = {v.manifest_sha256: f"{v.name}:{v.version}" for v in db.exec(select(ModelVersion))}
+        return self._versions
+
+    def devices(self) -> list[DeviceRow]:
+        now = self.clock()
+        with Session(self.registry.engine) as db:
+            names = self._names(db)
+            since = now - RECENT
+            health = {r[0]: r[1:] for r in db.connection().execute(
+                sa_select(col(TelemetryRow.device_id), func.sum(TelemetryRow.requests), func.sum(TelemetryRow.errors),
+                       func.sum(col(TelemetryRow.p95_ms) * col(TelemetryRow.requests)),
+                       func.sum(TelemetryRow.requests).filter(col(TelemetryRow.p95_ms).is_not(None)))
+                .where(col(TelemetryRow.received_at) >= since).group_by(col(TelemetryRow.device_id)))}
+            latest = select(func.max(DriftReportRow.id)).where(DriftReportRow.scope == "device").group_by(
+                col(DriftReportRow.device_id))
+            drift = {r[0]: r[1] for r in db.exec(select(DriftReportRow.device_id, DriftReportRow.score).where(
+                col(DriftReportRow.id).in_(latest)))}
+            out = []
+            for d in db.exec(select(Device)):
+                req, err, p95w, p95n = health.get(d.id, (0, 0, None, None))
+                out.append(DeviceRow(
+                    id=d.id, profile=d.profile, groups=",".join(d.groups), tags=",".join(d.tags),
+                    status="revoked" if d.revoked else d.status,
+                    running=names.get(d.running_manifest or "", "—") if d.running_manifest else "—",
+                    desired=names.get(d.desired_manifest or "", "—") if d.desired_manifest else "—",
+                    install=d.install_step or "—", last_seen=d.last_seen,
+                    p95_ms=float(p95w) / float(p95n) if p95w is not None and p95n else None,
+                    error_rate=float(err) / float(req) if req else None, drift=drift.get(d.id)))
+        return out
+
+    def device(self, device_id: str) -> DeviceDetail:
+        rows = {r.id: r for r in self.devices()}
+        if device_id not in rows:
+            raise ActionError(f"no device {device_id}")
+        with Session(self.registry.engine) as db:
+            d = db.get(Device, device_id)
+            assert d is not None  # noqa: S101 - listed just now
+            windows = list(db.exec(select(TelemetryRow).where(TelemetryRow.device_id == device_id)
+                                   .order_by(col(TelemetryRow.end).desc()).limit(60)))[::-1]
+            report = db.exec(select(DriftReportRow).where(DriftReportRow.scope == "device",
+                                                          DriftReportRow.device_id == device_id)
+                             .order_by(col(DriftReportRow.id).desc())).first()
+            features = [(f["name"], f["psi"] / f["psi_threshold"] if f["psi_threshold"] else 0.0)
+                        for f in (report.report.get("features", []) if report else [])]
+            history = [(e.at, e.action, e.actor) for e in audit.entries(db, subject=f"device:{device_id}", limit=20)]
+            names = self._names(db)
+            for rd, r in db.exec(select(RolloutDevice, Rollout).where(RolloutDevice.rollout_id == Rollout.id,
+                                                                      RolloutDevice.device_id == device_id)):
+                when = datetime.fromtimestamp(rd.finished_at or rd.assigned_at, tz=timezone.utc)
+                v = db.get(ModelVersion, r.version_id)
+                history.append((when, f"rollout {r.name} ({names.get(v.manifest_sha256, '?') if v else '?'}): "
+                                      f"{rd.state}" + (f" — {rd.error}" if rd.error else ""), r.created_by))
+            alerts = [(a.raised_at, f"{a.kind}: {a.detail.get('worst', '')}", a.active) for a in db.exec(
+                select(Alert).where(Alert.device_id == device_id).order_by(col(Alert.id).desc()).limit(10))]
+        history.sort(key=lambda h: h[0], reverse=True)
+        return DeviceDetail(rows[device_id], d.fingerprint or {}, history[:20],
+                            [w.p95_ms or 0.0 for w in windows],
+                            [w.errors / w.requests if w.requests else 0.0 for w in windows], features, alerts)
+
+    def rollouts(self) -> list[RolloutRow]:
+        with Session(self.registry.engine) as db:
+            names = self._names(db)
+            counts: dict[int, dict[str, int]] = {}
+            for rid, state, n in db.exec(select(RolloutDevice.rollout_id, RolloutDevice.state, func.count())
+                                         .group_by(col(RolloutDevice.rollout_id), col(RolloutDevice.state))):
+                counts.setdefault(rid, {})[state] = n
+            out = []
+            for r in db.exec(select(Rollout).order_by(col(Rollout.id).desc())):
+                v = db.get(ModelVersion, r.version_id)
+                c = counts.get(r.id or 0, {})
+                total = len(resolve_target(db, r.target))
+                sizes = wave_sizes(RolloutSpec.model_validate(r.spec).effective_waves(), total)
+                out.append(RolloutRow(
+                    name=r.name, version=names.get(v.manifest_sha256, "?") if v else "?", state=r.state,
+                    wave=f"{min(r.wave + 1, len(sizes))}/{len(sizes)}", done=c.get("installed", 0),
+                    total=total, target=" ".join(f"{k}={','.join(x)}" for k, x in sorted(r.target.items()) if x),
+                    production=r.production, reason=r.reason or ""))
+        return out
+
+    def rollout(self, name: str) -> RolloutDetail:
+        rows = {r.name: r for r in self.rollouts()}
+        if name not in rows:
+            raise ActionError(f"no rollout {name}")
+        with Session(self.registry.engine) as db:
+            r = db.exec(select(Rollout).where(Rollout.name == name)).one()
+            view = rollout_view(db, r)
+            summary = describe(view)
+            sizes = wave_sizes(view.spec.effective_waves(), rows[name].total)
+            waves = []
+            for i, cumulative in enumerate(sizes):
+                size = cumulative - (sizes[i - 1] if i else 0)
+                done = summary["waves"].get(i, {}).get("installed", 0)
+                waves.append((i, done, size))
+            latest: dict[tuple[int, str], GateEvaluation] = {}
+            for g in db.exec(select(GateEvaluation).where(GateEvaluation.rollout_id == r.id)
+                             .order_by(col(GateEvaluation.id))):
+                latest[(g.wave, g.gate)] = g
+            gates = [(w, gate, g.verdict, g.numbers) for (w, gate), g in sorted(latest.items())]
+            return RolloutDetail(rows[name], waves, gates, r.created_by)
+
+    def models(self) -> list[ModelRow]:
+        with Session(self.registry.engine) as db:
+            out = []
+            for v in db.exec(select(ModelVersion).order_by(col(ModelVersion.id).desc())):
+                arts = list(db.exec(select(VersionArtifact).where(VersionArtifact.version_id == v.id)))
+                acc = {a.name: a.metrics.get("accuracy") for a in arts}
+                fp32 = next((x for n, x in acc.items() if n.endswith("fp32") and x is not None), None)
+                int8 = next((x for n, x in acc.items() if n.endswith("int8") and x is not None), None)
+                decisions = [f"{a.actor} {a.decision}" for a in db.exec(
+                    select(Approval).where(Approval.version_id == v.id))]
+                out.append(ModelRow(
+                    ref=f"{v.name}:{v.version}", stage=v.stage, author=v.author or "—", artifacts=len(arts),
+                    accuracy=f"{fp32:.4f}" if fp32 is not None else "—",
+                    int8_delta=f"{int8 - fp32:+.4f}" if fp32 is not None and int8 is not None else "—",
+                    approvals=", ".join(decisions) or "—", created=v.created_at))
+        return out
+
+    def card(self, ref: str) -> str:
+        """The version's model card (Markdown), with its lifecycle, approvals and where it runs."""
+        from server.governance import version_card
+
+        with Session(self.registry.engine) as db:
+            try:
+                v = find_version(db, ref)
+            except GovernanceError as exc:
+                raise ActionError(str(exc)) from None
+            info = version_card(db, v, history=10)
+        lines = [f"# {ref}", "", f"**Stage:** {v.stage} · **author:** {v.author or '—'} · "
+                 f"**digest:** `{v.manifest_sha256[:16]}…`", ""]
+        if info["approvals"]:
+            lines += ["## Approvals", ""] + [f"- {a['at']:%Y-%m-%d %H:%M} **{a['actor']}** {a['decision']}: "
+                                             f"{a['reason']}" for a in info["approvals"]] + [""]
+        lines += [f"**Running on** {len(info['devices'])} device(s).", ""]
+        if v.card:
+            lines += ["---", "", v.card]
+        else:
+            lines += ["## Lineage", "", "```json", json.dumps(v.lineage, indent=2, sort_keys=True), "```"]
+        return "\n".join(lines)
+
+    def drift(self, hours: float = 24.0) -> list[DriftRow]:
+        """Fleet-wide drift per version and feature over the last ``hours``, worst first."""
+        since = self.clock() - timedelta(hours=hours)
+        with Session(self.registry.engine) as db:
+            names = self._names(db)
+            per: dict[tuple[str, str], list[float]] = {}
+            worst: dict[tuple[str, str], dict[str, float]] = {}
+            for r in db.exec(select(DriftReportRow).where(DriftReportRow.computed_at >= since)
+                             .order_by(col(DriftReportRow.id).desc()).limit(20_000)):
+                for f in r.report.get("features", []):
+                    ratio = f["psi"] / f["psi_threshold"] if f.get("psi_threshold") else 0.0
+                    key = (names.get(r.manifest_sha256, r.manifest_sha256[:12]), f["name"])
+                    if r.scope == "fleet":
+                        per.setdefault(key, []).append(ratio)
+                    elif r.device_id is not None:
+                        w = worst.setdefault(key, {})
+                        w[r.device_id] = max(w.get(r.device_id, 0.0), ratio)
+        out = []
+        for key, ratios in per.items():
+            devs = sorted(worst.get(key, {}).items(), key=lambda kv: -kv[1])[:3]
+            out.append(DriftRow(key[0], key[1], max(ratios[:5]), len(ratios),
+                                ", ".join(f"{d} {s:.1f}" for d, s in devs)))
+        return sorted(out, key=lambda r: -r.score)
+
+    def drift_series(self, version: str, feature: str, points: int = 60) -> list[float]:
+        """The fleet's PSI / threshold of one feature of one version, oldest first."""
+        with Session(self.registry.engine) as db:
+            digest = next((d for d, n in self._names(db).items() if n == version), version)
+            rows = list(db.exec(select(DriftReportRow).where(DriftReportRow.scope == "fleet",
+                                                             DriftReportRow.manifest_sha256 == digest)
+                                .order_by(col(DriftReportRow.id).desc()).limit(points)))[::-1]
+        out = []
+        for r in rows:
+            f = next((f for f in r.report.get("features", []) if f["name"] == feature), None)
+            out.append(f["psi"] / f["psi_threshold"] if f and f.get("psi_threshold") else 0.0)
+        return out
+
+    def audit_log(self, text: str = "", limit: int = 500) -> tuple[list[AuditEntry], audit.AuditReport]:
+        with Session(self.registry.engine) as db:
+            entries = audit.entries(db, limit=limit)
+            report = audit.verify(db, audit.read_anchor(self.registry.data / audit.ANCHOR_FILE))
+            for e in entries:
+                db.expunge(e)
+        words = text.lower().split()
+        if words:
+            entries = [e for e in entries if all(w in f"{e.actor} {e.action} {e.subject} "
+                                                     f"{json.dumps(e.detail)}".lower() for w in words)]
+        return entries, report
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def start_rollout(self, *, name: str, model: str, target: dict[str, list[str]], spec: RolloutSpec) -> None:
+        self._require(Permission.START_ROLLOUT)
+        model_name, sep, version = model.partition(":")
+        if not sep:
+            raise ActionError(f"model {model!r}: give NAME:VERSION")
+        try:
+            with Session(self.registry.engine) as db:
+                reached = {g for d in target_devices(db, target) for g in d.groups}
+                production = self.governance.is_production(sorted(reached | set(target.get("groups", []))))
+                check_rollout(db, find_version(db, model), production=production)
+            create_rollout(self.registry, name=name, model=model_name, version=version, target=target, spec=spec,
+                           actor=self.actor, production=production)
+        except (GovernanceError, RolloutError, RegistryError) as exc:
+            raise ActionError(str(exc)) from None
+
+    def command(self, name: str, command: str, reason: str | None = None) -> None:
+        permission = {"pause": Permission.PAUSE_ROLLOUT, "resume": Permission.RESUME_ROLLOUT,
+                      "abort": Permission.ABORT_ROLLOUT, "rollback": Permission.ROLLBACK_ROLLOUT}[command]
+        self._require(permission)
+        try:
+            command_rollout(self.registry, name, command, self.actor, reason)
+        except (RolloutError, RegistryError) as exc:
+            raise ActionError(str(exc)) from None
+
+    def decide(self, ref: str, decision: str, reason: str) -> None:
+        """Approve or reject a candidate version."""
+        self._require(Permission.APPROVE if decision == "approve" else Permission.REJECT)
+        try:
+            with Session(self.registry.engine) as db:
+                v = find_version(db, ref)
+                (approve if decision == "approve" else reject)(db, v, self.actor, reason)
+                last = audit.head(db)
+            if last is not None:
+                self.registry.anchor_audit(last)
+        except GovernanceError as exc:
+            raise ActionError(str(exc)) from None
+
+    def can_decide(self, ref: str) -> bool:
+        """Whether this operator may approve ``ref`` now: the role allows it and they are not its author."""
+        if not self.may(Permission.APPROVE):
+            return False
+        with Session(self.registry.engine) as db:
+            try:
+                v = find_version(db, ref)
+            except GovernanceError:
+                return False
+            return v.stage == "candidate" and (v.author or "").casefold() != self.actor.casefold()
+
+    def deploy(self, device_id: str, ref: str) -> None:
+        self._require(Permission.DEPLOY)
+        name, _, version = ref.partition(":")
+        try:
+            self.registry.deploy(name, version, device_id, actor=self.actor)
+        except RegistryError as exc:
+            raise ActionError(str(exc)) from None
+
+    def revoke(self, device_id: str) -> None:
+        self._require(Permission.REVOKE_DEVICE)
+        try:
+            self.registry.revoke_device(device_id, actor=self.actor)
+        except RegistryError as exc:
+            raise ActionError(str(exc)) from None

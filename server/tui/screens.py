@@ -1,0 +1,747 @@
+"""The screens: Fleet, Device, Rollouts, Models, Drift, Audit, Help.
+
+Each loads its data in a thread worker (never on the event loop), drops a
+refresh while the previous one still runs or while a dialog is open, and
+updates its tables in place by row key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, ProgressBar, Sparkline, Static
+
+from server.governance import Permission
+from server.tui.data import ActionError, DeviceRow, FleetData
+from server.tui.modals import (
+    ConfirmModal,
+    ReasonModal,
+    RolloutForm,
+    RolloutRequest,
+    TypedConfirmModal,
+    VersionModal,
+)
+
+if TYPE_CHECKING:
+    from server.tui.app import EdgeherdApp
+
+__all__ = ["AuditScreen", "DeviceScreen", "DriftScreen", "FleetScreen", "HelpScreen", "ModelsScreen",
+           "RolloutsScreen"]
+
+HEALTH_STYLE = {"ok": "green", "warn": "yellow", "bad": "bold red", "off": "dim"}
+STATE_STYLE = {"running": "cyan", "completed": "green", "rolled_back": "yellow", "rolling_back": "bold yellow",
+               "paused": "magenta", "aborted": "dim", "pending": "", "pass": "green", "fail": "bold red",
+               "insufficient": "yellow"}
+
+
+def _fmt(value: float | None, spec: str, dash: str = "—") -> str:
+    return dash if value is None else format(value, spec)
+
+
+def _when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S") if at else "—"
+
+
+class Loading(Screen[None]):
+    """Shared behaviour: the app's data, refreshing in a worker, actions in a worker, errors as notices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._busy = False
+        self.refreshes = 0
+
+    @property
+    def eh(self) -> EdgeherdApp:
+        return self.app  # type: ignore[return-value]
+
+    @property
+    def data(self) -> FleetData:
+        return self.eh.data
+
+    def on_mount(self) -> None:
+        self.sub_title = f"{self.data.actor} ({self.data.role()})"
+        self.refresh_data()
+        if self.eh.refresh_s > 0:
+            self.set_interval(self.eh.refresh_s, self.refresh_data)
+
+    def on_screen_resume(self) -> None:
+        self.refresh_data()
+
+    def refresh_data(self) -> None:
+        """Fetch again, unless a fetch is running, a dialog is open, or this screen is not shown."""
+        if self._busy or isinstance(self.app.screen, ModalScreen) or self.app.screen is not self:
+            return
+        self._busy = True
+        self._fetch()
+
+    @work(thread=True, group="refresh")
+    def _fetch(self) -> None:
+        try:
+            result = self.load()
+        except Exception as exc:  # shown to the operator; the screen keeps going
+            self.app.call_from_thread(self.notify, f"refresh failed: {exc}", severity="error")
+            result = None
+        self.app.call_from_thread(self._done, result)
+
+    def _done(self, result: Any) -> None:
+        self._busy = False
+        if result is not None:
+            self.show(result)
+            self.refreshes += 1
+
+    def load(self) -> Any:
+        """Runs in a thread: fetch what the screen shows."""
+        raise NotImplementedError
+
+    def show(self, result: Any) -> None:
+        """Runs on the event loop: put it on screen."""
+        raise NotImplementedError
+
+    @work(thread=True, group="action")
+    def act(self, what: str, fn: Callable[[], None]) -> None:
+        """Run an action off the event loop; tell the operator how it went, then refresh."""
+        try:
+            fn()
+        except ActionError as exc:
+            self.app.call_from_thread(self.notify, str(exc), title=f"{what}: refused", severity="error",
+                                      timeout=8)
+        else:
+            self.app.call_from_thread(self.notify, what, title="done")
+        self.app.call_from_thread(self.refresh_data)
+
+    def allowed(self, permission: Permission) -> bool | None:
+        """For check_action: True, or None (shown greyed out) when the operator's role does not allow it."""
+        return True if self.data.may(permission) else None
+
+    def selected_key(self, table: DataTable[Any]) -> str | None:
+        if table.row_count == 0:
+            return None
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:  # no row under the cursor
+            return None
+        return str(key) if key is not None else None
+
+
+# -- Fleet --------------------------------------------------------------------------------------------
+
+FLEET_COLUMNS: list[tuple[str, str, Callable[[DeviceRow], Any]]] = [
+    ("id", "device", lambda r: r.id),
+    ("profile", "profile", lambda r: r.profile),
+    ("groups", "group", lambda r: r.groups),
+    ("status", "online", lambda r: r.status),
+    ("running", "running", lambda r: r.running),
+    ("desired", "desired", lambda r: r.desired),
+    ("install", "install", lambda r: r.install),
+    ("last_seen", "last seen", lambda r: r.last_seen),
+    ("p95", "p95 ms", lambda r: r.p95_ms),
+    ("errors", "error %", lambda r: r.error_rate),
+    ("drift", "drift", lambda r: r.drift),
+]
+
+
+def _fleet_cells(r: DeviceRow) -> list[Text]:
+    style = HEALTH_STYLE[r.health]
+    values = [r.id, r.profile, r.groups, r.status, r.running, r.desired, r.install, _when(r.last_seen),
+              _fmt(r.p95_ms, ".1f"), _fmt(None if r.error_rate is None else 100 * r.error_rate, ".2f"),
+              _fmt(r.drift, ".2f")]
+    return [Text(v, style=style, justify="right" if i >= 8 else "left") for i, v in enumerate(values)]
+
+
+def _matches(row: DeviceRow, text: str) -> bool:
+    """Words all match; ``group:G``, ``tag:T``, ``status:S``, ``profile:P``, ``health:H`` match that field."""
+    fields = {"group": row.groups.split(","), "tag": row.tags.split(","), "status": [row.status],
+              "profile": [row.profile], "health": [row.health], "version": [row.running]}
+    for word in text.lower().split():
+        key, sep, value = word.partition(":")
+        if sep and key in fields:
+            if value not in [f.lower() for f in fields[key]]:
+                return False
+        elif not row.matches(word):
+            return False
+    return True
+
+
+class FleetScreen(Loading):
+    """One row per device, updated in place; filter, sort, drill down."""
+
+    AUTO_FOCUS = "#fleet"
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "sort", "Sort"),
+        Binding("S", "reverse", "Reverse"),
+        Binding("enter", "open", "Device", show=True),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, DeviceRow] = {}
+        self.shown: dict[str, DeviceRow] = {}
+        self.filter_text = ""
+        self.sort_index = 0
+        self.sort_reverse = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="summary")
+        yield Input(placeholder="filter: words, or group:G tag:T status:online health:bad …", id="filter",
+                    classes="hidden")
+        table: DataTable[Text] = DataTable(id="fleet", cursor_type="row", zebra_stripes=True)
+        for key, label, _ in FLEET_COLUMNS:
+            table.add_column(label, key=key)
+        yield table
+        yield Footer()
+
+    def load(self) -> list[DeviceRow]:
+        return self.data.devices()
+
+    def show(self, rows: list[DeviceRow]) -> None:
+        self.rows = {r.id: r for r in rows}
+        self._render_rows()
+        online = sum(r.status == "online" for r in rows)
+        bad = sum(r.health == "bad" for r in rows)
+        summary = f"{len(rows)} devices · {online} online · {bad} unhealthy"
+        if self.filter_text:
+            summary += f" · filter “{self.filter_text}”: {len(self.shown)} shown"
+        self.query_one("#summary", Static).update(summary)
+
+    def _render_rows(self) -> None:
+        table = self.query_one("#fleet", DataTable)
+        wanted = {k: r for k, r in self.rows.items() if _matches(r, self.filter_text)}
+        if set(wanted) != set(self.shown):  # rows came or went: rebuild, then sort
+            cursor = self.selected_key(table)
+            table.clear()
+            for key, row in wanted.items():
+                table.add_row(*_fleet_cells(row), key=key)
+            self.shown = wanted
+            self._apply_sort()
+            if cursor in wanted:
+                table.move_cursor(row=table.get_row_index(cursor))
+            return
+        changed = False
+        for key, row in wanted.items():  # same rows: touch only the cells that changed
+            old = self.shown[key]
+            if row == old:
+                continue
+            for (col_key, _, _), new_cell, old_cell in zip(FLEET_COLUMNS, _fleet_cells(row), _fleet_cells(old),
+                                                           strict=True):
+                if new_cell != old_cell:
+                    table.update_cell(key, col_key, new_cell)
+                    changed = True
+        self.shown = wanted
+        if changed:
+            self._apply_sort()
+
+    def _apply_sort(self) -> None:
+        """Sort on the underlying values (numbers as numbers, dates as dates), missing values last."""
+        _, _, getter = FLEET_COLUMNS[self.sort_index]
+        values = {k: getter(r) for k, r in self.shown.items()}
+
+        def sort_key(id_cell: Text) -> tuple[bool, Any]:
+            v = values.get(id_cell.plain)
+            if v is None:
+                return (True, "")
+            return (False, v.lower() if isinstance(v, str) else v)
+
+        table = self.query_one("#fleet", DataTable)
+        cursor = self.selected_key(table)
+        table.sort("id", key=sort_key, reverse=self.sort_reverse)
+        if cursor is not None and cursor in self.shown:  # the cursor stays on its device
+            table.move_cursor(row=table.get_row_index(cursor))
+
+    @on(DataTable.HeaderSelected, "#fleet")
+    def _header(self, event: DataTable.HeaderSelected) -> None:
+        index = next(i for i, (k, _, _) in enumerate(FLEET_COLUMNS) if k == event.column_key.value)
+        self.sort_reverse = not self.sort_reverse if index == self.sort_index else False
+        self.sort_index = index
+        self._apply_sort()
+
+    def action_sort(self) -> None:
+        self.sort_index = (self.sort_index + 1) % len(FLEET_COLUMNS)
+        self._apply_sort()
+        self.notify(f"sorted by {FLEET_COLUMNS[self.sort_index][1]}", timeout=2)
+
+    def action_reverse(self) -> None:
+        self.sort_reverse = not self.sort_reverse
+        self._apply_sort()
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.remove_class("hidden")
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value.strip()
+        self._render_rows()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        self.query_one("#fleet", DataTable).focus()
+        if not event.value.strip():
+            event.input.add_class("hidden")
+
+    @on(DataTable.RowSelected, "#fleet")
+    def _selected(self, event: DataTable.RowSelected) -> None:
+        if event.row_key.value is not None:
+            self.app.push_screen(DeviceScreen(str(event.row_key.value)))
+
+    def action_open(self) -> None:
+        key = self.selected_key(self.query_one("#fleet", DataTable))
+        if key is not None:
+            self.app.push_screen(DeviceScreen(key))
+
+
+# -- Device ---------------------------------------------------------------------------------------------
+
+
+def _bar(value: float, width: int = 24) -> Text:
+    filled = min(round(min(value, 2.0) / 2.0 * width), width)
+    style = "red" if value >= 1 else "yellow" if value >= 0.5 else "green"
+    return Text("█" * filled + "░" * (width - filled), style=style)
+
+
+class DeviceScreen(Loading):
+    """One device: fingerprint, history, latency and error sparklines, drift per feature, alerts."""
+
+    AUTO_FOCUS = "#history"
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("v", "deploy", "Deploy version"),
+        Binding("x", "revoke", "Revoke"),
+    ]
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__()
+        self.device_id = device_id
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll():
+            yield Static(f"[b]{self.device_id}[/b]", id="device-head")
+            yield Static("", id="fingerprint")
+            yield Label("p95 latency (ms), last 60 windows")
+            yield Sparkline([], id="latency")
+            yield Label("error rate, last 60 windows")
+            yield Sparkline([], id="errors")
+            yield Label("drift per feature (PSI / threshold, latest window)")
+            yield Static("", id="features")
+            yield Label("history")
+            history: DataTable[str] = DataTable(id="history")
+            history.add_columns("when", "what", "who")
+            yield history
+            yield Label("alerts")
+            alerts: DataTable[str] = DataTable(id="alerts")
+            alerts.add_columns("raised", "alert", "active")
+            yield alerts
+        yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "deploy":
+            return self.allowed(Permission.DEPLOY)
+        if action == "revoke":
+            return self.allowed(Permission.REVOKE_DEVICE)
+        return True
+
+    def load(self) -> Any:
+        return self.data.device(self.device_id), [m.ref for m in self.data.models()]
+
+    def show(self, result: Any) -> None:
+        detail, self.versions = result
+        r = detail.row
+        self.query_one("#device-head", Static).update(
+            Text.assemble((r.id, "bold"), f"  {r.profile} · ", (r.status, HEALTH_STYLE[r.health]),
+                          f" · running {r.running} · desired {r.desired} · install {r.install} · "
+                          f"last seen {_when(r.last_seen)}"))
+        fp = detail.fingerprint
+        self.query_one("#fingerprint", Static).update(
+            " · ".join(f"{k} {v}" for k, v in sorted(fp.items()) if not isinstance(v, (dict, list))) or
+            "no fingerprint reported yet")
+        self.query_one("#latency", Sparkline).data = detail.latency or [0.0]
+        self.query_one("#errors", Sparkline).data = detail.errors or [0.0]
+        lines = [Text.assemble(f"{name[:20]:<20} ", _bar(score), f" {score:.2f}") for name, score in detail.features]
+        self.query_one("#features", Static).update(Text("\n").join(lines) if lines else "no drift report yet")
+        history = self.query_one("#history", DataTable)
+        history.clear()
+        for when, what, who in detail.history:
+            history.add_row(_when(when), what, who)
+        alerts = self.query_one("#alerts", DataTable)
+        alerts.clear()
+        for at, what, active in detail.alerts:
+            alerts.add_row(_when(at), what, "yes" if active else "cleared")
+
+    def action_deploy(self) -> None:
+        versions = getattr(self, "versions", [])
+
+        def chosen(ref: str | None) -> None:
+            if ref:
+                self.act(f"{self.device_id} should now run {ref}", lambda: self.data.deploy(self.device_id, ref))
+
+        self.app.push_screen(VersionModal(f"Deploy which version to {self.device_id}?", versions), chosen)
+
+    def action_revoke(self) -> None:
+        def confirmed(ok: bool | None) -> None:
+            if ok:
+                self.act(f"revoked {self.device_id}", lambda: self.data.revoke(self.device_id))
+
+        self.app.push_screen(ConfirmModal(f"Revoke device {self.device_id}? Its credentials stop working at once "
+                                          "and it must be enrolled again.", "Revoke"), confirmed)
+
+
+# -- Rollouts ---------------------------------------------------------------------------------------------
+
+
+class RolloutsScreen(Loading):
+    """Every rollout; the selected one's waves and gates. Start, pause, resume, abort, roll back."""
+
+    AUTO_FOCUS = "#rollouts"
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("n", "new", "New rollout"),
+        Binding("p", "pause", "Pause"),
+        Binding("u", "resume", "Resume"),
+        Binding("x", "abort", "Abort"),
+        Binding("b", "rollback", "Roll back"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: str | None = None
+        self.states: dict[str, str] = {}
+        self.targets: dict[str, str] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical():
+            table: DataTable[Text] = DataTable(id="rollouts", cursor_type="row")
+            for key, label in (("name", "rollout"), ("version", "version"), ("state", "state"), ("wave", "wave"),
+                               ("progress", "installed"), ("target", "target"), ("reason", "why")):
+                table.add_column(label, key=key)
+            yield table
+            yield Static("", id="rollout-head")
+            yield Vertical(id="waves")
+            gates: DataTable[Text] = DataTable(id="gates")
+            gates.add_columns("wave", "gate", "verdict", "numbers")
+            yield gates
+        yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        perms = {"new": Permission.START_ROLLOUT, "pause": Permission.PAUSE_ROLLOUT,
+                 "resume": Permission.RESUME_ROLLOUT, "abort": Permission.ABORT_ROLLOUT,
+                 "rollback": Permission.ROLLBACK_ROLLOUT}
+        if action in perms:
+            return self.allowed(perms[action])
+        return True
+
+    def load(self) -> Any:
+        rows = self.data.rollouts()
+        name = self.selected or (rows[0].name if rows else None)
+        detail = self.data.rollout(name) if name and any(r.name == name for r in rows) else None
+        return rows, detail, [m.ref for m in self.data.models() if m.stage != "retired"]
+
+    def show(self, result: Any) -> None:
+        rows, detail, self.versions = result
+        table = self.query_one("#rollouts", DataTable)
+        keys = [r.name for r in rows]
+        existing = {str(k.value) for k in table.rows}
+        if set(keys) != existing:
+            table.clear()
+        for r in rows:
+            cells = [Text(r.name), Text(r.version), Text(r.state, style=STATE_STYLE.get(r.state, "")),
+                     Text(r.wave), Text(f"{r.done}/{r.total}"), Text(r.target + (" [production]" if r.production
+                                                                                  else "")), Text(r.reason[:60])]
+            if r.name in existing and set(keys) == existing:
+                for (col, _), cell in zip((("name", 0), ("version", 0), ("state", 0), ("wave", 0), ("progress", 0),
+                                           ("target", 0), ("reason", 0)), cells, strict=True):
+                    table.update_cell(r.name, col, cell)
+            else:
+                table.add_row(*cells, key=r.name)
+        self.states = {r.name: r.state for r in rows}
+        self.targets = {r.name: r.target for r in rows}
+        if detail is not None:
+            self.selected = detail.row.name
+            self._detail(detail)
+
+    def _detail(self, detail: Any) -> None:
+        r = detail.row
+        self.query_one("#rollout-head", Static).update(
+            Text.assemble((r.name, "bold"), f" · {r.version} · ", (r.state, STATE_STYLE.get(r.state, "")),
+                          f" · wave {r.wave} · by {detail.created_by}"))
+        waves = self.query_one("#waves", Vertical)
+        waves.remove_children()
+        for wave, done, size in detail.waves:
+            bar = ProgressBar(total=max(size, 1), show_eta=False)
+            bar.advance(done)
+            waves.mount(Horizontal(Label(f"wave {wave + 1}: {done}/{size} "), bar, classes="wave"))
+        gates = self.query_one("#gates", DataTable)
+        gates.clear()
+        for wave, gate, verdict, numbers in detail.gates:
+            text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
+            gates.add_row(str(wave + 1), gate, Text(verdict, style=STATE_STYLE.get(verdict, "")), text[:120])
+
+    @on(DataTable.RowHighlighted, "#rollouts")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        name = str(event.row_key.value) if event.row_key.value is not None else None
+        if name and name != self.selected:
+            self.selected = name
+            self.refresh_data()
+
+    def action_new(self) -> None:
+        def submitted(req: RolloutRequest | None) -> None:
+            if req is not None:
+                self.selected = req.name
+                self.act(f"rollout {req.name} recorded", lambda: self.data.start_rollout(
+                    name=req.name, model=req.model, target=req.target, spec=req.spec))
+
+        self.app.push_screen(RolloutForm(getattr(self, "versions", [])), submitted)
+
+    def _command(self, command: str, question: str | None, typed: bool = False) -> None:
+        name = self.selected
+        if name is None:
+            self.notify("no rollout selected", severity="warning")
+            return
+
+        def confirmed(ok: bool | None) -> None:
+            if ok:
+                self.act(f"{command}: {name}", lambda: self.data.command(name, command))
+
+        if question is None:
+            confirmed(True)
+        elif typed:
+            self.app.push_screen(TypedConfirmModal(question.format(name=name, target=self.targets.get(name, "?")),
+                                                   name, command.capitalize()), confirmed)
+        else:
+            self.app.push_screen(ConfirmModal(question.format(name=name, target=self.targets.get(name, "?")),
+                                              command.capitalize()), confirmed)
+
+    def action_pause(self) -> None:
+        self._command("pause", "Pause rollout {name} on {target}? No device gets it until it is resumed.")
+
+    def action_resume(self) -> None:
+        self._command("resume", None)
+
+    def action_abort(self) -> None:
+        self._command("abort", "Abort rollout {name} on {target}? Devices keep what they run now.")
+
+    def action_rollback(self) -> None:
+        self._command("rollback", "Roll back rollout {name}: every device of {target} it changed goes back to "
+                                  "its previous version.", typed=True)
+
+
+# -- Models -----------------------------------------------------------------------------------------------
+
+
+class ModelsScreen(Loading):
+    """Versions with stage, metrics, quantization deltas, approvals; the model card; approve or reject."""
+
+    AUTO_FOCUS = "#models"
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("a", "approve", "Approve"),
+        Binding("j", "reject", "Reject"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: str | None = None
+        self.may_decide: dict[str, bool] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            table: DataTable[str] = DataTable(id="models", cursor_type="row")
+            table.add_columns("version", "stage", "author", "artifacts", "accuracy", "int8 Δ", "decisions")
+            yield table
+            with VerticalScroll(id="card-pane"):
+                yield Markdown("", id="card")
+        yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("approve", "reject"):
+            return True if self.selected and self.may_decide.get(self.selected) else None
+        return True
+
+    def load(self) -> Any:
+        rows = self.data.models()
+        name = self.selected or (rows[0].ref if rows else None)
+        card = self.data.card(name) if name else ""
+        may = {r.ref: self.data.can_decide(r.ref) for r in rows}
+        return rows, name, card, may
+
+    def show(self, result: Any) -> None:
+        rows, name, card, self.may_decide = result
+        table = self.query_one("#models", DataTable)
+        if {str(k.value) for k in table.rows} != {r.ref for r in rows}:
+            table.clear()
+            for r in rows:
+                table.add_row(r.ref, r.stage, r.author, str(r.artifacts), r.accuracy, r.int8_delta, r.approvals,
+                              key=r.ref)
+        else:
+            for r in rows:
+                for col, value in zip(table.columns, (r.ref, r.stage, r.author, str(r.artifacts), r.accuracy,
+                                                      r.int8_delta, r.approvals), strict=True):
+                    table.update_cell(r.ref, col, value)
+        self.selected = name
+        self.query_one("#card", Markdown).update(card)
+        self.refresh_bindings()
+
+    @on(DataTable.RowHighlighted, "#models")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        ref = str(event.row_key.value) if event.row_key.value is not None else None
+        if ref and ref != self.selected:
+            self.selected = ref
+            self.refresh_bindings()
+            self.refresh_data()
+
+    def _decide(self, decision: str) -> None:
+        ref = self.selected
+        if ref is None:
+            return
+
+        def reasoned(reason: str | None) -> None:
+            if reason:
+                self.act(f"{decision}d {ref}" if decision == "approve" else f"rejected {ref}",
+                         lambda: self.data.decide(ref, decision, reason))
+
+        verb = "Approve" if decision == "approve" else "Reject"
+        self.app.push_screen(ReasonModal(f"{verb} {ref}? Say why (recorded in the audit log).", verb), reasoned)
+
+    def action_approve(self) -> None:
+        self._decide("approve")
+
+    def action_reject(self) -> None:
+        self._decide("reject")
+
+
+# -- Drift ----------------------------------------------------------------------------------------------------
+
+
+class DriftScreen(Loading):
+    """Fleet-wide drift per version and feature, worst first, with the selected one over time."""
+
+    AUTO_FOCUS = "#drift"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: tuple[str, str] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        table: DataTable[Text] = DataTable(id="drift", cursor_type="row")
+        table.add_columns("version", "feature", "drift (PSI/threshold)", "windows", "worst devices")
+        yield table
+        yield Label("", id="series-label")
+        yield Sparkline([], id="series")
+        yield Footer()
+
+    def load(self) -> Any:
+        rows = self.data.drift()
+        key = self.selected or ((rows[0].version, rows[0].feature) if rows else None)
+        series = self.data.drift_series(*key) if key else []
+        return rows, key, series
+
+    def show(self, result: Any) -> None:
+        rows, key, series = result
+        table = self.query_one("#drift", DataTable)
+        cursor = self.selected_key(table)
+        table.clear()
+        for r in rows:
+            style = "red" if r.score >= 1 else "yellow" if r.score >= 0.5 else "green"
+            table.add_row(Text(r.version), Text(r.feature), Text(f"{r.score:.2f}", style=style, justify="right"),
+                          Text(str(r.windows), justify="right"), Text(r.worst_devices), key=f"{r.version}|{r.feature}")
+        if cursor is not None and cursor in {f"{r.version}|{r.feature}" for r in rows}:
+            table.move_cursor(row=table.get_row_index(cursor))
+        self.selected = key
+        self.query_one("#series-label", Label).update(
+            f"{key[0]} · {key[1]} over the last {len(series)} evaluations (1.0 = threshold)" if key else
+            "no drift evaluated yet")
+        self.query_one("#series", Sparkline).data = series or [0.0]
+
+    @on(DataTable.RowHighlighted, "#drift")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is None:
+            return
+        version, _, feature = str(event.row_key.value).partition("|")
+        if (version, feature) != self.selected:
+            self.selected = (version, feature)
+            self.refresh_data()
+
+
+# -- Audit ------------------------------------------------------------------------------------------------------
+
+
+class AuditScreen(Loading):
+    """The audit log, newest first, filterable, with the chain's verification."""
+
+    AUTO_FOCUS = "#audit"
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("slash", "filter", "Filter")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filter_text = ""
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="chain")
+        yield Input(placeholder="filter: actor, action, subject or detail words", id="audit-filter")
+        table: DataTable[str] = DataTable(id="audit", cursor_type="row")
+        table.add_columns("#", "when", "actor", "action", "subject", "detail")
+        yield table
+        yield Footer()
+
+    def load(self) -> Any:
+        return self.data.audit_log(self.filter_text)
+
+    def show(self, result: Any) -> None:
+        entries, report = result
+        chain = self.query_one("#chain", Static)
+        if report.ok:
+            chain.update(Text(f"✔ audit chain verified: {report.entries} entries", style="green"))
+        else:
+            chain.update(Text(f"✘ audit chain BROKEN: {'; '.join(report.problems[:3])}", style="bold red"))
+        table = self.query_one("#audit", DataTable)
+        table.clear()
+        for e in entries:
+            detail = ", ".join(f"{k}={v}" for k, v in e.detail.items() if k != "gates")
+            table.add_row(str(e.seq), _when(e.at), e.actor, e.action, e.subject, detail[:100], key=str(e.seq))
+
+    def action_filter(self) -> None:
+        self.query_one("#audit-filter", Input).focus()
+
+    @on(Input.Changed, "#audit-filter")
+    def _changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value
+        self.refresh_data()
+
+
+# -- Help --------------------------------------------------------------------------------------------------------
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.pop_screen", "Back"),
+                                             Binding("question_mark", "app.pop_screen", "Back")]
+
+    def __init__(self, sections: Iterable[tuple[str, list[tuple[str, str]]]]) -> None:
+        super().__init__()
+        self.sections = list(sections)
+
+    def compose(self) -> ComposeResult:
+        lines = ["# edgeherd — keys", ""]
+        for title, keys in self.sections:
+            lines += [f"## {title}", "", "| key | does |", "|---|---|"]
+            lines += [f"| `{k}` | {d} |" for k, d in keys] + [""]
+        lines += ["Destructive actions ask first and name their target; rolling back a rollout makes you type "
+                  "its name. Actions your role may not take are greyed out in the footer.", ""]
+        with VerticalScroll(classes="dialog wide"):
+            yield Markdown("\n".join(lines))
