@@ -65,6 +65,7 @@ from protocol import (
     encode,
     load_public_key,
     manifest_digest,
+    parse_artifact_topic,
     parse_device_topic,
     verify_manifest,
 )
@@ -76,6 +77,8 @@ __all__ = ["Agent", "InstallFailure", "smoke_test"]
 
 log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 2
+#: Broadcast chunks waiting to be written, at most (16 × 256 KiB = 4 MiB); more are dropped and asked for again.
+MAX_QUEUED_BROADCAST = 16
 
 
 class InstallFailure(AgentError):
@@ -107,6 +110,7 @@ class Agent:
         self.record = InstallRecord.load(self.record_path)
         self.download_timeout = download_timeout
         self.chunk_size = cfg.chunk_kib * 1024
+        self.broadcast_dropped = 0
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._deferred: deque[tuple[Any, ...]] = deque()
         self._reporter_q: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -138,7 +142,7 @@ class Agent:
             self._reporter_q.put(event)
 
         return Session(
-            self.cfg, on_message=lambda t, p: self.events.put(("msg", t, p)),
+            self.cfg, on_message=self._received,
             on_connected=lambda s: both("connected", s),
             on_disconnected=lambda: both("disconnected"),
             on_puback=lambda mid, ok: self._reporter_q.put(("puback", mid, ok)),
@@ -316,6 +320,14 @@ class Agent:
                     log.exception("error handling %s", ev[0])
         except _Stopping:
             return
+
+    def _received(self, topic: str, payload: bytes) -> None:
+        """From the network thread. Broadcast chunks beyond a small backlog are dropped (the download asks
+        again for what it lacks), so a wave's traffic cannot fill a slow device's memory."""
+        if parse_artifact_topic(topic) is not None and self.events.qsize() >= MAX_QUEUED_BROADCAST:
+            self.broadcast_dropped += 1
+            return
+        self.events.put(("msg", topic, payload))
 
     def _handle(self, ev: tuple[Any, ...]) -> None:
         if ev[0] == "resume":
@@ -509,6 +521,8 @@ class Agent:
                             first, last = off // self.chunk_size, (off + length - 1) // self.chunk_size
                             if all(i in dl.have for i in range(first, last + 1)):
                                 del inflight[rid]
+                            elif off <= chunk.offset < off + length:  # this request is being answered
+                                inflight[rid] = (off, length, time.monotonic())
                         if self._kill_at == "download-mid" and len(dl.have) * 2 >= dl.chunks:
                             dl.persist()
                             self._fault_kill()
@@ -524,11 +538,15 @@ class Agent:
                 inflight.clear()  # requests in flight are lost with the connection; ask again
             elif ev[0] != "tick":
                 self._deferred.append(ev)
-            if inflight and time.monotonic() - last_progress > backoff:
-                log.info("no chunk for %.0f s; asking again", backoff)
-                inflight.clear()
-                last_progress = time.monotonic()
-                backoff = min(backoff * 2, 300.0)
+            now = time.monotonic()
+            stale = [rid for rid, (_, _, heard) in inflight.items() if now - heard > backoff]
+            if stale:  # per request (no frame of its range for that long): other ranges' frames don't count
+                log.info("%d request(s) unanswered for %.0f s; asking again", len(stale), backoff)
+                for rid in stale:
+                    del inflight[rid]
+                if now - last_progress > backoff:  # the server is silent altogether: back off
+                    backoff = min(backoff * 2, 300.0)
+                    last_progress = now
         dl.persist()
 
     def _on_download_error(self, payload: bytes, inflight: dict[str, tuple[int, int, float]]) -> None:

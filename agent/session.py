@@ -85,6 +85,7 @@ class Session:
         client.subscribe([(device_topic(self.cfg.device_id, k), 1) for k in SUBSCRIBED_KINDS])
         with self._lock:
             self.granted.clear()
+            self._pending_subs.clear()  # SUBACKs of an earlier connection say nothing about this one
             for topic in self._extra:
                 self._subscribe_extra(topic)
         self.connected.set()

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from protocol import (
@@ -63,7 +64,7 @@ _BATCH = 500
 class ServerApp:
     def __init__(self, data_dir: Path, *, broker_url: str | None = None, metrics_port: int = 9470,
                  workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True,
-                 rollout_interval: float = 2.0) -> None:
+                 rollout_interval: float = 2.0, broadcast_chunk: int = 256 * 1024) -> None:
         self.managed = broker_url is None
         self.registry = Registry(data_dir, broker_url=broker_url)
         self.ingestor = Ingestor(self.registry.engine)
@@ -80,6 +81,9 @@ class ServerApp:
         #: Answer requests that allow it on the artifact's broadcast topic (False: every answer unicast,
         #: for fleets whose devices must not see each other's artifacts).
         self.broadcast = broadcast
+        #: Only requests in this chunk size, at aligned offsets, are answered on the broadcast topic: one
+        #: device cannot make the wave receive the same bytes again and again under other chunkings.
+        self.broadcast_chunk = broadcast_chunk
         self.chunks_sent = 0
         self.chunks_shared = 0
         self.ledger = BroadcastLedger()
@@ -232,7 +236,8 @@ class ServerApp:
         assert self.client is not None  # noqa: S101
         own = device_topic(device_id, TopicKind.ARTIFACT_CHUNK)
         shared = artifact_topic(req.sha256)
-        listening = req.broadcast and self.broadcast
+        listening = (req.broadcast and self.broadcast and req.chunk_size == self.broadcast_chunk
+                     and req.offset % req.chunk_size == 0)
         since = received - req.listening_ms / 1000
         routes: list[str] = []  # the topic of each frame answer() yields, decided just before it reads it
 
@@ -269,6 +274,8 @@ class ServerApp:
         fresh: dict[str, list[FeatureStats]] = defaultdict(list)
         scored = 0
         with Session(self.registry.engine) as db:
+            if self._last_stats is None:  # after a restart or a lease hand-over: carry on after the last scored
+                self._last_stats = db.exec(select(func.max(DriftReportRow.window_received_at))).one()
             q = select(StatsWindow).order_by(col(StatsWindow.received_at))
             if self._last_stats is not None:
                 q = q.where(col(StatsWindow.received_at) > self._last_stats)
@@ -286,6 +293,7 @@ class ServerApp:
                 fresh[row.manifest_sha256].append(window)
                 report = score(ref, [window])
                 db.add(DriftReportRow(scope="device", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
+                                      window_received_at=row.received_at,
                                       n=report.n, drifted=report.drifted, worst=report.worst,
                                       score=report.score, report=report.to_dict()))
                 scored += 1

@@ -58,9 +58,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["OPERATORS_FILE", "Governance", "GovernanceError", "OperatorEntry", "OperatorsConfig", "Permission",
-           "Role", "Stage", "Transition", "approve", "check_rollout", "current_operator", "find_version",
-           "is_production_target", "load_operators", "mark_deployed", "promote", "reject", "retire", "subject",
-           "version_card"]
+           "Role", "Stage", "Transition", "approve", "check_deploy", "check_rollout", "current_operator",
+           "find_version", "is_production_target", "load_operators", "mark_deployed", "promote", "reject", "retire",
+           "subject", "version_card"]
 
 OPERATORS_FILE = "operators.toml"
 #: Environment variable naming the operator when ``--as`` is not given.
@@ -385,6 +385,9 @@ def approve(db: Session, version: ModelVersion, actor: str, reason: str) -> Tran
         if _same_person(actor, v.author):
             raise GovernanceError(f"{actor} is the author of {_ref(v)} and cannot approve it: another approver "
                                   f"must (four-eyes)")
+        if _same_person(actor, v.pushed_by):  # the author field is the build's word; the pusher is on record
+            raise GovernanceError(f"{actor} pushed {_ref(v)} and cannot approve it: another approver must "
+                                  f"(four-eyes)")
 
     return _move(db, version, actor, action="model.approve", verb="approving", sources={Stage.CANDIDATE},
                  to=Stage.APPROVED, detail={"reason": why}, approval=("approve", why), check=four_eyes)
@@ -440,9 +443,14 @@ def check_rollout(db: Session, version: ModelVersion, *, production: bool) -> No
     latest = _latest_approval(db, version)
     if latest is None or latest.decision != "approve":
         raise GovernanceError(f"{ref} is {stage.value} but has no approval on record; it cannot go to production")
-    if _same_person(latest.actor, version.author):
+    if _same_person(latest.actor, version.author) or _same_person(latest.actor, version.pushed_by):
         raise GovernanceError(f"{ref} was approved by its own author {latest.actor}; production needs an approval "
                               f"by someone else (four-eyes)")
+
+
+def check_deploy(db: Session, version: ModelVersion, device_groups: list[str], config: OperatorsConfig) -> None:
+    """A direct deploy to one device obeys the rollout rules: production devices need an approved version."""
+    check_rollout(db, version, production=is_production_target(config, device_groups))
 
 
 # -- the lineage view ----------------------------------------------------------------------------

@@ -123,7 +123,9 @@ class Ingestor:
                 device.running_manifest, device.running_artifact = msg.running.manifest_sha256, msg.running.artifact
             elif msg.status == "online":
                 device.running_manifest = device.running_artifact = None
-            if msg.install is not None:
+            if msg.install is not None and device.desired_manifest in (None, msg.install.manifest_sha256):
+                # an install status about another bundle than the one now desired is old news: a rollout
+                # must not read a failure of last week's install as a failure of this one
                 device.install_step, device.install_error = msg.install.step.value, msg.install.error
             db.add(device)
             return "ok"

@@ -11,10 +11,10 @@ On SQLite (one machine) the same statements hold, serialized by its write lock.
 from __future__ import annotations
 
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-__all__ = ["acquire", "db_now", "holder_of", "release"]
+__all__ = ["acquire", "db_now", "holder_of", "release", "still_held"]
 
 
 def _now_sql(dialect: str) -> str:
@@ -52,6 +52,20 @@ def acquire(engine: Engine, name: str, holder: str, ttl: float) -> bool:
         if engine.dialect.name == "sqlite":
             return False
         raise exc
+
+
+def still_held(conn: Connection, name: str, holder: str, ttl: float) -> bool:
+    """Inside the caller's transaction: renew lease ``name`` if ``holder`` still holds it unexpired.
+
+    Call it just before committing work done under a lease: if the lease expired meanwhile (and another
+    replica may have taken it), this returns False and the caller must roll back instead of committing.
+    """
+    now = _now_sql(conn.dialect.name)
+    renewed = conn.execute(text(
+        f"UPDATE leases SET expires_at = {now} + :ttl "  # noqa: S608 - constant SQL
+        f"WHERE name = :name AND holder = :holder AND expires_at >= {now}"),
+        {"name": name, "holder": holder, "ttl": ttl}).rowcount
+    return bool(renewed)
 
 
 def release(engine: Engine, name: str, holder: str) -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -36,6 +36,7 @@ from server.rollouts import (
     ACTIVE,
     Assign,
     Assignment,
+    Baseline,
     DeviceView,
     Metrics,
     Observation,
@@ -134,8 +135,42 @@ def _metrics(db: Session, ids: list[str], since: float, *, manifest: str | None 
                    drifted_windows=int(drifted))
 
 
-def observe(db: Session, row: Rollout, view: RolloutView) -> Observation:
-    target = resolve_target(db, row.target)
+def _busy_elsewhere(db: Session, row: Rollout) -> set[str]:
+    """Devices another active rollout is moving (assigned, installed, failed or reverting there)."""
+    active = [s.value for s in ACTIVE]
+    return set(db.exec(select(RolloutDevice.device_id).where(
+        RolloutDevice.rollout_id == Rollout.id, Rollout.id != row.id, col(Rollout.state).in_(active),
+        col(RolloutDevice.state).in_(["assigned", "installed", "failed", "reverting"]))))
+
+
+def _prior_baseline(db: Session, row: Rollout) -> Baseline | None:
+    """The fleet baseline as last measured for a wave of this rollout (from its recorded gate numbers)."""
+    rates: dict[str, Any] = {}
+    wave = None
+    for g in db.exec(select(GateEvaluation).where(GateEvaluation.rollout_id == row.id)
+                     .order_by(col(GateEvaluation.id).desc())):
+        if g.numbers.get("baseline") != "fleet" or g.gate in rates:
+            continue
+        wave = g.wave if wave is None else wave
+        rates[g.gate] = g.numbers
+    if "error_rate" not in rates:
+        return None
+    return Baseline(rates["error_rate"].get("baseline_error_rate"), rates.get("latency", {}).get("baseline_p95_ms"),
+                    rates.get("drift", {}).get("baseline_share"), f"wave {(wave or 0) + 1}")
+
+
+def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set[str] | None = None
+            ) -> Observation:
+    """What the planner may look at: the target now, its devices, and the health of both versions.
+
+    The target leaves out devices another active rollout is moving, and, for a rollout not marked
+    production, devices that joined a production group since it started.
+    """
+    busy = _busy_elsewhere(db, row)
+    keep = [d for d in target_devices(db, row.target) if d.id not in busy or d.id in view.assignments]
+    if not row.production and production_groups:
+        keep = [d for d in keep if not production_groups.intersection(d.groups) or d.id in view.assignments]
+    target = tuple(d.id for d in keep)
     ids = set(target) | set(view.assignments)
     devices = {d.id: DeviceView(d.id, d.status == "online", d.running_manifest, d.running_artifact, d.install_step,
                                 d.install_error, d.desired_manifest)
@@ -147,7 +182,7 @@ def observe(db: Session, row: Rollout, view: RolloutView) -> Observation:
     base_ids = [d for d in target if d not in view.assignments]
     new = _metrics(db, new_ids, start, manifest=view.manifest)
     baseline = _metrics(db, base_ids, start, other_than=view.manifest) if base_ids else None
-    return Observation(target, devices, new, baseline)
+    return Observation(target, devices, new, baseline, _prior_baseline(db, row))
 
 
 # -- applying a plan ------------------------------------------------------------------------------
@@ -159,23 +194,43 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
     version = db.get(ModelVersion, row.version_id)
     assert version is not None  # noqa: S101 - checked by rollout_view
     signed = registry.signed_manifest(db, version.manifest_sha256)
-    for action in result.actions:
-        device = db.get(Device, action.device_id)
-        if device is None or client is None:
-            continue
-        if isinstance(action, Assign) and signed is not None:
-            registry.set_desired(db, client, device, signed, choose_artifact(signed, row.artifact), rollout=row.name)
-        elif isinstance(action, Revert) and action.manifest is not None:
-            previous = registry.signed_manifest(db, action.manifest)
-            if previous is not None:
-                registry.set_desired(db, client, device, previous, choose_artifact(previous, action.artifact),
+    superseded: list[str] = []
+    with db.no_autoflush:  # no row is written (and locked) while the broker is being waited on
+        for action in result.actions:
+            device = db.get(Device, action.device_id)
+            if device is None or client is None:
+                continue
+            if isinstance(action, Assign) and signed is not None:
+                registry.set_desired(db, client, device, signed, choose_artifact(signed, row.artifact),
                                      rollout=row.name)
+            elif isinstance(action, Revert) and action.manifest is not None:
+                if device.desired_manifest not in (None, version.manifest_sha256):
+                    superseded.append(device.id)  # a later deploy or rollout has moved it on: leave it there
+                    continue
+                previous = registry.signed_manifest(db, action.manifest)
+                if previous is None:
+                    log.warning("rollout %s: %s ran %s before, which is no longer registered; left as it is",
+                                row.name, device.id, action.manifest[:12])
+                    superseded.append(device.id)
+                    continue
+                try:  # the artifact name came from the device's own report: fall back to the preferred one
+                    artifact = choose_artifact(previous, action.artifact)
+                except RegistryError:
+                    artifact = choose_artifact(previous)
+                registry.set_desired(db, client, device, previous, artifact, rollout=row.name)
+    if superseded:
+        view = replace(view, assignments={**view.assignments, **{
+            d: replace(view.assignments[d], state="superseded", error="moved to another version since")
+            for d in superseded}})
+        result.events.append(("rollout.revert_skipped", {"devices": superseded,
+                                                        "why": "desired state changed since this rollout"}))
     store_view(db, row, view)
     for g in result.gates:
         last = db.exec(select(GateEvaluation).where(GateEvaluation.rollout_id == row.id, GateEvaluation.wave == g.wave,
                                                     GateEvaluation.gate == g.gate)
                        .order_by(col(GateEvaluation.id).desc())).first()
-        if last is not None and last.verdict == g.verdict == "insufficient":  # still waiting: refresh, don't pile up
+        decided = any(e[0] in ("rollout.wave_passed", "rollout.wave_failed") for e in result.events)
+        if last is not None and last.verdict == g.verdict and not decided:  # still waiting: refresh, don't pile up
             last.numbers, last.at = _jsonable(g.numbers), datetime.now(timezone.utc)
             db.add(last)
         else:
@@ -211,6 +266,9 @@ def _under_lease(registry: Registry, rollout_name: str, holder: str, wait: float
             if row is None:
                 raise RolloutError(f"no rollout named {rollout_name}")
             fn(db, row)
+            if not leases.still_held(db.connection(), lease, holder, _LEASE_TTL):
+                db.rollback()  # it expired mid-step and someone else may have acted: this step never happened
+                raise _LeaseBusy(f"rollout {rollout_name}: the lease expired during the step; it was not applied")
             db.commit()
             last = audit.head(db)
             if last is not None:
@@ -313,6 +371,15 @@ class Orchestrator:
             self._client.loop_stop()
             self._client = None
 
+    def _production_groups(self) -> set[str]:
+        from server.governance import Governance, GovernanceError
+
+        try:
+            return set(Governance.load(self.registry.data).config.production_groups)
+        except GovernanceError as exc:  # a broken operators.toml: nothing is production-guarded; say so
+            log.error("operators.toml: %s", exc)
+            return set()
+
     def step(self) -> int:
         """One pass over the active rollouts; how many this replica stepped."""
         with Session(self.registry.engine) as db:
@@ -334,7 +401,7 @@ class Orchestrator:
         view = rollout_view(db, row)
         if view.state not in ACTIVE:
             return
-        result = plan(view, observe(db, row, view), self.clock())
+        result = plan(view, observe(db, row, view, self._production_groups()), self.clock())
         _apply(db, self.registry, self._mqtt() if result.actions else None, row, result, ORCHESTRATOR)
         for action, detail in result.events:
             log.info("rollout %s: %s %s", row.name, action, {k: v for k, v in detail.items() if k != "gates"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -233,7 +234,7 @@ class Registry:
             card_path = root / CARD
             card = card_path.read_text(errors="replace")[:MAX_CARD] if card_path.is_file() else None
             version = ModelVersion(name=manifest.model, version=manifest.version, manifest_sha256=digest,
-                                   signed_manifest=signed_bytes, author=manifest.author or actor,
+                                   signed_manifest=signed_bytes, author=manifest.author or actor, pushed_by=actor,
                                    lineage=manifest.lineage, card=card)
             db.add(version)
             db.flush()
@@ -294,10 +295,13 @@ class Registry:
                     artifact: str, rollout: str | None = None) -> DesiredState:
         """Publish ``device``'s next desired state (retained, QoS 1) and record it in ``db``; the caller commits.
 
-        Published first: if the commit then fails, the next attempt publishes the same generation again,
-        which the agent ignores as already seen.
+        Published first, with a generation no earlier publish can have used (see below): if the commit
+        then fails, the next attempt publishes a newer one, so device and database agree again.
         """
-        generation = device.desired_generation + 1
+        # Generations are unique even if a crash loses the commit below after the publish: at least the
+        # clock in ms, so a re-publish after a restart carries a newer generation than the lost one, which
+        # the agent would otherwise ignore as seen.
+        generation = max(device.desired_generation + 1, time.time_ns() // 1_000_000)
         desired = DesiredState(device_id=device.id, generation=generation, issued_at=datetime.now(timezone.utc),
                                bundle=signed, artifact=artifact, rollout_id=rollout)
         info = client.publish(device_topic(device.id, TopicKind.DESIRED), encode(desired), qos=1, retain=True)

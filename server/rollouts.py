@@ -39,6 +39,7 @@ __all__ = [
     "TERMINAL",
     "Assign",
     "Assignment",
+    "Baseline",
     "DeviceView",
     "GateResult",
     "Gates",
@@ -70,6 +71,8 @@ class State(str, Enum):
 ACTIVE = frozenset({State.PENDING, State.RUNNING, State.PAUSED, State.ROLLING_BACK})
 TERMINAL = frozenset({State.COMPLETED, State.ROLLED_BACK, State.ABORTED})
 
+#: However short the soak, a wave short of data waits at least this long for it before its gates fail.
+MIN_DATA_WAIT_S = 60.0
 _WAVE_RE = re.compile(r"^(?:[1-9][0-9]{0,6}|(?:100|[1-9]?[0-9](?:\.[0-9]+)?)%)$")
 
 
@@ -159,7 +162,7 @@ class DeviceView:
 
 @dataclass(frozen=True)
 class Assignment:
-    """A device of the rollout. ``state``: assigned, installed, failed, reverting, reverted, revert_failed."""
+    """A device of the rollout. ``state``: assigned, installed, failed, left, reverting, reverted, revert_failed."""
 
     device_id: str
     wave: int
@@ -192,6 +195,17 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """What the new version is compared with: rates, and where they come from."""
+
+    error_rate: float | None
+    p95_ms: float | None
+    drift_share: float | None
+    #: "fleet" (the target's devices on other versions, now), "wave N" (as measured for an earlier wave), "none".
+    source: str
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything the planner may look at besides the rollout itself."""
 
@@ -201,8 +215,9 @@ class Observation:
     #: The new version's devices over the current soak, and the devices on other versions (None: no baseline).
     new: Metrics = Metrics()
     baseline: Metrics | None = None
-    #: The version's own numbers from its manifest (e.g. the artifact's measured p95), used without a baseline.
-    expected_p95_ms: float | None = None
+    #: The baseline as measured for an earlier wave of this rollout: used once no device is left on the old
+    #: version (the last wave), so that wave is judged against the same fleet as the others.
+    prior: Baseline | None = None
 
 
 @dataclass(frozen=True)
@@ -257,46 +272,53 @@ class Plan:
 
 
 def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
-    """Error rate, p95 latency and drift of the new version's devices against the baseline."""
+    """Error rate, p95 latency and drift of the new version's devices against the baseline.
+
+    The baseline is the target's devices still on other versions when they sent enough requests; else the
+    baseline measured for an earlier wave; else none (error rate and drift compared with zero, latency with
+    the budget only).
+    """
     g, new, base = spec.gates, obs.new, obs.baseline
+    if base is not None and base.requests >= g.min_requests:
+        b = Baseline(base.error_rate, base.p95_ms,
+                     base.drift_share if base.drift_windows >= max(g.min_drift_windows, 1) else None, "fleet")
+    elif obs.prior is not None:
+        b = obs.prior
+    else:
+        b = Baseline(None, None, None, "none")
     out: list[GateResult] = []
     enough = new.requests >= g.min_requests
-    base_ok = base is not None and base.requests >= g.min_requests
     # error rate: not worse than the baseline (or than zero errors without one) by more than the margin
-    base_rate = base.error_rate if base_ok and base is not None else 0.0
     numbers: dict[str, Any] = {"new_requests": new.requests, "new_errors": new.errors,
-                               "new_error_rate": new.error_rate, "baseline_error_rate": base_rate,
-                               "baseline": "fleet" if base_ok else "none", "margin": g.error_margin,
-                               "min_requests": g.min_requests}
+                               "new_error_rate": new.error_rate, "baseline_error_rate": b.error_rate,
+                               "baseline": b.source, "margin": g.error_margin, "min_requests": g.min_requests}
     if not enough:
         out.append(GateResult("error_rate", "insufficient", numbers))
     else:
-        limit = (base_rate or 0.0) + g.error_margin
+        limit = (b.error_rate or 0.0) + g.error_margin
         numbers["limit"] = limit
         out.append(GateResult("error_rate", "pass" if (new.error_rate or 0.0) <= limit + 1e-12 else "fail", numbers))
-    # latency: within the budget, and not worse than the baseline (or the manifest's number) by the margin
-    base_p95 = base.p95_ms if base_ok and base is not None else obs.expected_p95_ms
-    numbers = {"new_p95_ms": new.p95_ms, "baseline_p95_ms": base_p95, "budget_ms": g.latency_budget_ms,
-               "margin": g.latency_margin}
+    # latency: within the budget, and not worse than the baseline by more than the margin
+    numbers = {"new_p95_ms": new.p95_ms, "baseline_p95_ms": b.p95_ms, "baseline": b.source,
+               "budget_ms": g.latency_budget_ms, "margin": g.latency_margin}
     if not enough or new.p95_ms is None:
         out.append(GateResult("latency", "insufficient", numbers))
     else:
         limits = [lim for lim in (g.latency_budget_ms,
-                                  base_p95 * (1 + g.latency_margin) if base_p95 is not None else None)
+                                  b.p95_ms * (1 + g.latency_margin) if b.p95_ms is not None else None)
                   if lim is not None]
         numbers["limit_ms"] = min(limits) if limits else None
         ok = not limits or new.p95_ms <= min(limits) + 1e-9
         out.append(GateResult("latency", "pass" if ok else "fail", numbers))
     # drift: the share of drifting windows not above the baseline's by more than the margin
     if g.min_drift_windows > 0:
-        base_share = base.drift_share if base is not None and base.drift_windows >= g.min_drift_windows else None
         numbers = {"new_windows": new.drift_windows, "new_drifted": new.drifted_windows,
-                   "new_share": new.drift_share, "baseline_share": base_share if base_share is not None else 0.0,
+                   "new_share": new.drift_share, "baseline_share": b.drift_share, "baseline": b.source,
                    "margin": g.drift_margin}
         if new.drift_windows < g.min_drift_windows:
             out.append(GateResult("drift", "insufficient", numbers))
         else:
-            limit = (base_share or 0.0) + g.drift_margin
+            limit = (b.drift_share or 0.0) + g.drift_margin
             numbers["limit"] = limit
             out.append(GateResult("drift", "pass" if (new.drift_share or 0.0) <= limit + 1e-12 else "fail",
                                   numbers))
@@ -308,7 +330,7 @@ def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
 
 def soak_start(view: RolloutView) -> float | None:
     """When the current wave's soak began: its last device finished installing (None: not yet)."""
-    wave = [a for a in view.assignments.values() if a.wave == view.wave]
+    wave = [a for a in view.assignments.values() if a.wave == view.wave and a.state != "left"]
     if not wave or any(a.state == "assigned" for a in wave):
         return None
     return max([a.finished_at or 0.0 for a in wave] + [view.wave_started_at or 0.0])
@@ -317,16 +339,24 @@ def soak_start(view: RolloutView) -> float | None:
 Events = list[tuple[str, dict[str, Any]]]
 
 
+_SETTLED = (None, "done", "failed", "reverted")
+
+
 def _refresh(view: RolloutView, obs: Observation, now: float) -> tuple[dict[str, Assignment], Events]:
-    """Move each assigned or reverting device on by what it reports."""
+    """Move each device on by what it reports."""
     out = dict(view.assignments)
-    events: list[tuple[str, dict[str, Any]]] = []
+    events: Events = []
     timeout = view.spec.install_timeout_s
+    target = set(obs.target)
     for did, a in view.assignments.items():
         d = obs.devices.get(did)
+        runs_it = d is not None and d.running_manifest == view.manifest and d.install_step in (None, "done")
         if a.state == "assigned":
-            if d is not None and d.running_manifest == view.manifest and d.install_step in (None, "done"):
+            if runs_it:
                 out[did] = replace(a, state="installed", finished_at=now)
+            elif did not in target:  # revoked, or moved out of the target before it installed: not a failure
+                out[did] = replace(a, state="left", finished_at=now)
+                events.append(("rollout.device_left", {"device": did}))
             elif (d is not None and d.desired_manifest == view.manifest and d.install_step in ("failed", "reverted")
                   and d.running_manifest != view.manifest):
                 out[did] = replace(a, state="failed", finished_at=now, error=d.install_error or d.install_step)
@@ -335,8 +365,12 @@ def _refresh(view: RolloutView, obs: Observation, now: float) -> tuple[dict[str,
                 why = "install timed out" + ("" if d is not None and d.online else " (device offline)")
                 out[did] = replace(a, state="failed", finished_at=now, error=why)
                 events.append(("rollout.device_failed", {"device": did, "error": why}))
+        elif a.state == "failed" and runs_it:  # it came back and installed after all
+            out[did] = replace(a, state="installed", finished_at=now, error=None)
+            events.append(("rollout.device_recovered", {"device": did}))
         elif a.state == "reverting":
-            if a.previous_manifest is None or (d is not None and d.running_manifest == a.previous_manifest):
+            back = d is not None and d.running_manifest == a.previous_manifest and d.install_step in _SETTLED
+            if a.previous_manifest is None or back:
                 out[did] = replace(a, state="reverted", finished_at=now)
             elif now - (a.finished_at or a.assigned_at) > timeout:
                 out[did] = replace(a, state="revert_failed", finished_at=now, error="rollback timed out")
@@ -413,7 +447,7 @@ def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
             events.append(("rollout.devices_joined", {"wave": view.wave, "devices": [
                 a.device_id for a in actions if isinstance(a, Assign)]}))
     current = replace(view, assignments=assignments)
-    wave = [a for a in assignments.values() if a.wave == view.wave]
+    wave = [a for a in assignments.values() if a.wave == view.wave and a.state != "left"]
     if not wave:
         if obs.target:  # the target shrank: earlier waves already cover this one's size
             return _advance(current, obs, now, actions, events, [])
@@ -437,7 +471,7 @@ def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
         reason = f"wave {view.wave}: gate {', '.join(g.gate for g in bad)} failed"
         return _fail(current, assignments, now, reason, events, gates)
     if any(g.verdict == "insufficient" for g in gates):
-        if now - start < view.spec.soak_s * view.spec.max_soak_factor:
+        if now - start < max(view.spec.soak_s * view.spec.max_soak_factor, view.spec.soak_s + MIN_DATA_WAIT_S):
             return Plan(current, actions, gates, events)
         short = [g for g in gates if g.verdict == "insufficient"]
         reason = f"wave {view.wave}: not enough data for {', '.join(g.gate for g in short)} after the longest soak"
@@ -484,11 +518,20 @@ def apply_command(view: RolloutView, command: str, now: float, reason: str | Non
     if command == "pause":
         return Plan(replace(view, state=State.PAUSED, reason=why), events=[("rollout.paused", {"reason": why})])
     if command == "resume":
-        # the soak starts again: what happened while paused does not count towards it
-        out = {d: replace(a, finished_at=now) if a.wave == view.wave and a.state != "assigned" else a
-               for d, a in view.assignments.items()}
-        return Plan(replace(view, state=State.RUNNING, reason=None, wave_started_at=now, assignments=out),
-                    events=[("rollout.resumed", {"wave": view.wave})])
+        # the soak starts again (what happened while paused does not count towards it), and the wave's
+        # failed devices get another try: a fresh desired state and a fresh install timeout
+        out: dict[str, Assignment] = {}
+        retry: list[Assign | Revert] = []
+        for d, a in view.assignments.items():
+            if a.wave == view.wave and a.state == "failed":
+                out[d] = replace(a, state="assigned", assigned_at=now, finished_at=None, error=None)
+                retry.append(Assign(d, a.wave))
+            elif a.wave == view.wave and a.state == "installed":
+                out[d] = replace(a, finished_at=now)
+            else:
+                out[d] = a
+        return Plan(replace(view, state=State.RUNNING, reason=None, wave_started_at=now, assignments=out), retry,
+                    events=[("rollout.resumed", {"wave": view.wave, "retried": [a.device_id for a in retry]})])
     if command == "abort":
         return Plan(replace(view, state=State.ABORTED, reason=why), events=[("rollout.aborted", {"reason": why})])
     return _start_rollback(view, dict(view.assignments), now, why, [])

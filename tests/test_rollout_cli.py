@@ -139,3 +139,18 @@ def test_fleet_commands_check_roles_and_leave_an_audit_trail(data, tmp_path):
         assert ("bob", "model.push", "model:blob:2.0.0") in trail
         assert audit.verify(db, audit.read_anchor(data / audit.ANCHOR_FILE)).ok
     engine.dispose()
+
+
+def test_four_eyes_holds_against_the_pusher_whatever_author_the_bundle_names(data, tmp_path):
+    key = load_private_key((data / "keys" / "signing.key").read_bytes())
+    bundle, _, _ = blob_bundle(tmp_path / "carol", key, model="blob", version="3.0.0", author="carol")
+    assert run(data, "alice", "model", "push", str(bundle)).exit_code == 0  # alice pushes "carol's" build
+    assert run(data, "alice", "model", "promote", "blob:3.0.0").exit_code == 0
+    own = run(data, "alice", "model", "approve", "blob:3.0.0", "--reason", "fine")
+    assert own.exit_code == 1 and "pushed" in _flat(own.output) and "four-eyes" in _flat(own.output)
+    assert run(data, "bob", "model", "approve", "blob:3.0.0", "--reason", "reviewed").exit_code == 0
+
+
+def test_a_direct_deploy_to_a_production_device_needs_an_approved_version(data):
+    refused = run(data, "alice", "deploy", "blob:1.0.0", "--device", "p-1")
+    assert refused.exit_code == 1 and "needs an approved version" in _flat(refused.output)

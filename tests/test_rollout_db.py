@@ -110,3 +110,48 @@ def test_a_restart_in_any_state_plans_exactly_the_same_next_step(registry, state
     obs = Observation(tuple(sorted(NEW_DEVICES)), NEW_DEVICES, Metrics(100, 1, 5.0), Metrics(1000, 10, 5.0))
     for now in (1005.0, 1020.0, 5000.0):
         assert plan(restored, obs, now) == plan(view, obs, now)
+
+
+def test_a_step_whose_lease_was_lost_meanwhile_is_rolled_back(registry):
+    from server.orchestrator import _LeaseBusy, _under_lease
+
+    create_rollout(registry, name="r1", model="blob", version="1.0.0", target={"groups": ["nobody"]},
+                   spec=RolloutSpec(), actor="alice")
+
+    def slow_step(db, row):
+        # the step took longer than its lease: it expired and another replica took it over
+        with registry.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE leases SET expires_at = 0 WHERE name = 'rollout:r1'")
+        assert leases.acquire(registry.engine, "rollout:r1", "replica-b", ttl=60)
+        row.state = "paused"
+        db.add(row)
+
+    with pytest.raises(_LeaseBusy, match="expired during the step"):
+        _under_lease(registry, "r1", "replica-a", 0.0, slow_step)
+    with Session(registry.engine) as db:
+        assert db.exec(select(Rollout)).one().state == "pending"  # nothing of that step was committed
+    assert leases.holder_of(registry.engine, "rollout:r1") == "replica-b"
+
+
+def test_a_rollout_leaves_out_devices_another_one_is_moving_and_unplanned_production_devices(registry):
+    from server.db.models import RolloutDevice
+    from server.orchestrator import observe
+
+    registry.add_devices_bulk(["d1", "d2", "d3"], "x86-64", ["lab"])
+    registry.add_devices_bulk(["p1"], "x86-64", ["lab", "prod"])  # joined a production group too
+    a = create_rollout(registry, name="a", model="blob", version="1.0.0", target={"devices": ["d1"]},
+                       spec=RolloutSpec(), actor="alice")
+    with Session(registry.engine) as db:
+        row_a = db.get(Rollout, a.id)
+        row_a.state = "running"
+        db.add(row_a)
+        db.add(RolloutDevice(rollout_id=a.id, device_id="d1", wave=0, state="assigned", assigned_at=1.0))
+        db.commit()
+        b = Rollout(name="b", version_id=row_a.version_id, target={"groups": ["lab"]}, spec=RolloutSpec().model_dump(
+            mode="json"), state="running", created_by="alice")
+        db.add(b)
+        db.commit()
+        db.refresh(b)
+        view = rollout_view(db, b)
+        assert observe(db, b, view).target == ("d2", "d3", "p1")
+        assert observe(db, b, view, {"prod"}).target == ("d2", "d3")  # b is not a production rollout

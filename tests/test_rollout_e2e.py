@@ -115,8 +115,10 @@ def test_a_good_version_rolls_out_in_waves_and_completes(fleet):
         devices = db.exec(select(Device)).all()
         assert {(g.wave, g.gate) for g in gates if g.verdict == "pass"} >= {
             (w, g) for w in range(4) for g in ("installed", "error_rate", "latency")}
-        assert all(d.desired_generation == 1 for d in devices)  # each device was told once
+        assert all(d.desired_manifest == f.v2 for d in devices)
         assert audit.verify(db).ok
+    told = [d for w in started for d in w["devices"]]
+    assert sorted(told) == [f"sim-{i:02d}" for i in range(N)]  # each device was told once
 
 
 def test_a_version_with_a_doubled_error_rate_stops_at_the_canary_and_rolls_it_back(fleet):
@@ -164,8 +166,9 @@ def test_a_server_killed_mid_rollout_finishes_it_after_a_restart_as_if_nothing_h
     assert f.running(f.v2) == N
     started = [e.detail for e in f.audit() if e.action == "rollout.wave_started"]
     assert [len(d["devices"]) for d in started] == [1, 1, 8, 10]
+    assert sorted(d for w in started for d in w["devices"]) == [f"sim-{i:02d}" for i in range(N)]
     assert [e.action for e in f.audit()].count("rollout.wave_passed") == 4
     with Session(f.app.registry.engine) as db:
-        assert all(d.desired_generation == 1 for d in db.exec(select(Device)).all())
+        assert all(d.desired_manifest == f.v2 for d in db.exec(select(Device)).all())
         assert all(r.state == "installed" for r in db.exec(select(RolloutDevice)).all())
         assert audit.verify(db).ok

@@ -8,6 +8,7 @@ import pytest
 
 from server.rollouts import (
     Assign,
+    Baseline,
     DeviceView,
     Gates,
     Metrics,
@@ -179,7 +180,9 @@ def test_not_enough_data_waits_then_fails_after_the_longest_soak():
     waiting = plan(view, obs(devices, new=thin), 1015.0)
     assert waiting.rollout.state is State.RUNNING and waiting.rollout.wave == 0
     assert {g.verdict for g in waiting.gates if g.gate != "installed"} == {"insufficient"}
-    gave_up = plan(waiting.rollout, obs(devices, new=thin), 1001.0 + 3 * 10 + 1)
+    still = plan(waiting.rollout, obs(devices, new=thin), 1001.0 + 3 * 10 + 1)  # 3 soaks, but under a minute
+    assert still.rollout.state is State.RUNNING
+    gave_up = plan(waiting.rollout, obs(devices, new=thin), 1001.0 + 10 + 60 + 1)
     assert gave_up.rollout.state is State.ROLLING_BACK and "not enough data" in gave_up.rollout.reason
 
 
@@ -300,3 +303,53 @@ def test_a_device_leaving_the_target_after_it_was_assigned_keeps_its_place():
     left = plan(p.rollout, obs(devices, target=tuple(f"d{i:02d}" for i in range(1, 10))), 1001.0)
     # it keeps the version; the wave, counted over the target, takes another device in its place
     assert left.rollout.assignments["d00"].state == "installed" and left.actions == [Assign("d01", 0)]
+
+
+def test_the_last_wave_is_judged_against_the_baseline_of_an_earlier_wave():
+    """A fleet that always runs at 3 % errors: with no device left on the old version, the last wave is
+    compared with the 3 % measured earlier, not with zero."""
+    busy = Metrics(1000, 30, 5.0)
+    prior = Baseline(0.03, 5.0, None, "wave 2")
+    alone = Observation((), {}, busy, None)
+    assert {g.gate: g.verdict for g in evaluate_gates(SPEC, alone)}["error_rate"] == "fail"
+    judged = {g.gate: g for g in evaluate_gates(SPEC, replace(alone, prior=prior))}
+    assert judged["error_rate"].verdict == "pass" and judged["error_rate"].numbers["baseline"] == "wave 2"
+    thin_fleet = replace(alone, baseline=Metrics(3, 0, 1.0), prior=prior)  # too few requests: the prior wins
+    assert {g.gate: g.verdict for g in evaluate_gates(SPEC, thin_fleet)}["error_rate"] == "pass"
+
+
+def test_a_failed_device_that_installs_after_all_recovers():
+    spec = SPEC.model_copy(update={"failure_threshold_pct": 50.0, "waves": ("2", "100%")})
+    p, devices = start(4, spec)
+    devices = installed(devices, ["d00"])
+    late = plan(p.rollout, obs(devices), 1061.0)  # d01 never reported: timed out
+    assert late.rollout.assignments["d01"].state == "failed" and late.rollout.state is State.RUNNING
+    back = plan(late.rollout, obs(installed(devices, ["d01"])), 1062.0)
+    assert back.rollout.assignments["d01"].state == "installed" and back.events[0][0] == "rollout.device_recovered"
+
+
+def test_resume_gives_the_waves_failed_devices_another_try():
+    spec = SPEC.model_copy(update={"on_failure": "pause"})
+    p, devices = start(3, spec)
+    timed_out = plan(p.rollout, obs(devices), 1061.0)
+    assert timed_out.rollout.state is State.PAUSED and timed_out.rollout.assignments["d00"].state == "failed"
+    resumed = apply_command(timed_out.rollout, "resume", 2000.0)
+    assert resumed.actions == [Assign("d00", 0)]
+    again = resumed.rollout.assignments["d00"]
+    assert again.state == "assigned" and again.assigned_at == 2000.0
+    assert plan(resumed.rollout, obs(devices), 2001.0).rollout.state is State.RUNNING  # not re-paused at once
+
+
+def test_a_device_revoked_before_it_installed_is_not_a_failure():
+    p, devices = start(5)
+    gone = plan(p.rollout, obs(devices, target=("d01", "d02", "d03", "d04")), 1061.0)
+    assert gone.rollout.assignments["d00"].state == "left" and gone.rollout.state is State.RUNNING
+    assert [a.device_id for a in gone.actions] == ["d01"]  # the wave takes another device instead
+
+
+def test_a_device_still_installing_the_new_version_is_not_counted_as_reverted():
+    p, devices = start(3)
+    rb = apply_command(p.rollout, "rollback", 1001.0)
+    mid_install = {**devices, "d00": replace(devices["d00"], install_step="download")}  # old still running
+    assert plan(rb.rollout, obs(mid_install), 1002.0).rollout.assignments["d00"].state == "reverting"
+    assert plan(rb.rollout, obs(devices), 1003.0).rollout.assignments["d00"].state == "reverted"

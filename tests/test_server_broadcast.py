@@ -106,7 +106,7 @@ def served(tmp_path):
     clients: list[TestClient] = []
 
     def start(broadcast: bool = True):
-        app = ServerApp(data, metrics_port=0, drift_interval=0, broadcast=broadcast).start()
+        app = ServerApp(data, metrics_port=0, drift_interval=0, broadcast=broadcast, broadcast_chunk=CHUNK).start()
         apps.append(app)
         reg = app.registry
         reg.push_model(bundle)
@@ -176,6 +176,15 @@ def test_a_wave_shares_broadcast_chunks_and_each_device_still_gets_every_byte(se
     _ask(c, "c", sha, 0, len(blob), True, listening_ms=0)
     assert {t for t, _ in _frames(c, 20)} == {device_topic("c", TopicKind.ARTIFACT_CHUNK)}
     assert a.drain(1.0) == [] and b.drain(0.1) == [] and app.chunks_sent == 60
+
+    # a request in another chunk size, or at an unaligned offset, is answered to the device alone
+    _ask(a, "a", sha, 0, 2 * CHUNK, True, listening_ms=60_000)  # aligned, right size: on its way already
+    assert a.drain(1.0) == []
+    a.publish(device_topic("a", TopicKind.ARTIFACT_REQUEST), encode(ChunkRequest(
+        request_id=os.urandom(16).hex(), sha256=sha, offset=100, length=CHUNK, chunk_size=CHUNK, broadcast=True,
+        listening_ms=60_000)))
+    odd = _frames(a, 1)
+    assert odd[0][0] == device_topic("a", TopicKind.ARTIFACT_CHUNK) and b.drain(1.0) == []
 
     # a device may listen, but never speak, on the broadcast topic; one without the artifact deployed is refused
     assert c.publish(artifact_topic(sha), b"EHC1 forged").value == 135

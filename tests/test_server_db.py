@@ -72,6 +72,22 @@ def test_state_is_order_tolerant(engine):
     assert _device(engine).status == "online"
 
 
+def test_an_install_status_about_another_bundle_than_the_desired_one_is_ignored(engine):
+    with Session(engine) as db:
+        d = db.get(Device, "pi5-kitchen")
+        d.desired_manifest = "f" * 64  # what the server wants now; STATE reports an install of another one
+        db.add(d)
+        db.commit()
+    ing = Ingestor(engine)
+    assert ing.handle(_topic(TopicKind.STATE), encode(STATE)) == "ok"
+    d = _device(engine)
+    assert d.running_artifact == STATE.running.artifact and d.install_step is None
+    mine = STATE.model_copy(update={"seq": STATE.seq + 1, "install": STATE.install.model_copy(
+        update={"manifest_sha256": "f" * 64})})
+    assert ing.handle(_topic(TopicKind.STATE), encode(mine)) == "ok"
+    assert _device(engine).install_step == "download"
+
+
 def test_windows_are_stored_once_whatever_the_order(engine):
     ing = Ingestor(engine)
     windows = [TELEMETRY.model_copy(update={"window_seq": i, "start": T0 + timedelta(minutes=i),

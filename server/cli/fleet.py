@@ -225,13 +225,21 @@ def deploy_command(
     broker: Broker = None,
 ) -> None:
     """Set one device's desired state to a registered version (published retained)."""
+    from sqlmodel import Session
+
+    from server.db.models import Device
+    from server.governance import Governance, GovernanceError, check_deploy, find_version
     from server.registry import RegistryError
 
     actor = _actor(ctx, data_dir, "DEPLOY")
     name, _, version = ref.partition(":")
     try:
-        desired = _registry(data_dir, broker).deploy(name, version, device, artifact, actor=actor)
-    except RegistryError as exc:
+        registry = _registry(data_dir, broker)
+        with Session(registry.engine) as db:  # production devices take approved versions only
+            target = db.get(Device, device)
+            check_deploy(db, find_version(db, ref), target.groups if target else [], Governance.load(data_dir).config)
+        desired = registry.deploy(name, version, device, artifact, actor=actor)
+    except (RegistryError, GovernanceError) as exc:
         _fail(exc)
     console.print(f"{device} should now run {name} {version} ({desired.artifact}), generation {desired.generation}")
 

@@ -66,6 +66,8 @@ class ModelVersion(SQLModel, table=True):
     #: Lifecycle: draft → candidate → approved → deployed → retired (server/governance.py).
     stage: str = Field(default="draft", max_length=16)
     author: str | None = Field(default=None, max_length=256)
+    #: The operator who pushed it; four-eyes keeps both author and pusher from approving it.
+    pushed_by: str | None = Field(default=None, max_length=64)
     lineage: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     #: The bundle's MODEL_CARD.md as pushed (Markdown), if it had one.
     card: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -142,6 +144,8 @@ class DriftReportRow(SQLModel, table=True):
     worst: str | None = Field(default=None, max_length=64)
     #: The largest PSI / threshold over the features (≥ 1: beyond it), for sorting and display.
     score: float | None = None
+    #: For a device report: when the statistics window it scored was received (the evaluation's watermark).
+    window_received_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     computed_at: datetime = _ts(nullable=False)
 

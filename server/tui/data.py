@@ -35,6 +35,7 @@ from server.governance import (
     GovernanceError,
     Permission,
     approve,
+    check_deploy,
     check_rollout,
     find_version,
     reject,
@@ -419,14 +420,18 @@ class FleetData:
                 v = find_version(db, ref)
             except GovernanceError:
                 return False
-            return v.stage == "candidate" and (v.author or "").casefold() != self.actor.casefold()
+            me = self.actor.casefold()
+            return v.stage == "candidate" and me not in ((v.author or "").casefold(), (v.pushed_by or "").casefold())
 
     def deploy(self, device_id: str, ref: str) -> None:
         self._require(Permission.DEPLOY)
         name, _, version = ref.partition(":")
         try:
+            with Session(self.registry.engine) as db:  # production devices take approved versions only
+                target = db.get(Device, device_id)
+                check_deploy(db, find_version(db, ref), target.groups if target else [], self.governance.config)
             self.registry.deploy(name, version, device_id, actor=self.actor)
-        except RegistryError as exc:
+        except (RegistryError, GovernanceError) as exc:
             raise ActionError(str(exc)) from None
 
     def revoke(self, device_id: str) -> None:
