@@ -22,23 +22,31 @@ help:
 	@echo "make constraints  re-pin constraints.txt from the current .venv"
 
 # --- system packages -----------------------------------------------------------
-# Mosquitto is needed by the tests (they start their own broker) and the demo.
+# Mosquitto is needed by the tests (they start their own broker) and the demo;
+# systemd-analyze (Debian package systemd) by the tests that verify the units `edgeherd flash` writes.
+SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients \
+	systemd-analyze:systemd
+
 system-deps:
-	@missing=""; \
-	for tool in mosquitto mosquitto_pub mosquitto_sub; do \
-	  PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	@missing=""; packages=""; \
+	for pair in $(SYSTEM_TOOLS); do \
+	  tool=$${pair%%:*}; pkg=$${pair#*:}; \
+	  PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v $$tool >/dev/null 2>&1 && continue; \
+	  missing="$$missing $$tool"; \
+	  case " $$packages " in *" $$pkg "*) ;; *) packages="$$packages $$pkg" ;; esac; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  echo "==> missing:$$missing; installing mosquitto and mosquitto-clients with apt-get"; \
+	  echo "==> missing:$$missing; installing$$packages with apt-get"; \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else \
-	    echo "error: mosquitto is missing and this user cannot run apt-get (not root, no sudo)."; \
-	    echo "       Install it yourself:  apt-get install mosquitto mosquitto-clients"; exit 1; fi; \
+	    echo "error:$$missing missing and this user cannot run apt-get (not root, no sudo)."; \
+	    echo "       Install it yourself:  apt-get install$$packages"; exit 1; fi; \
 	  if ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "error: mosquitto is missing and apt-get is not available on this system."; \
-	    echo "       Install Mosquitto 2.x (broker and clients) with your package manager, then rerun."; exit 1; fi; \
+	    echo "error:$$missing missing and apt-get is not available on this system."; \
+	    echo "       Install Mosquitto 2.x (broker and clients) and systemd-analyze with your package manager, then rerun."; \
+	    exit 1; fi; \
 	  $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null || { \
-	    echo "error: apt-get could not install mosquitto and mosquitto-clients (see above)."; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$packages >/dev/null || { \
+	    echo "error: apt-get could not install$$packages (see above)."; \
 	    echo "       Fix the package sources or install them by hand, then rerun."; exit 1; }; \
 	fi
 
@@ -91,8 +99,7 @@ bench-load: system-deps $(STAMP)
 
 # --- demo ----------------------------------------------------------------------
 demo: system-deps $(STAMP)
-	@echo "edgeherd $$($(VENV)/bin/edgeherd --version | cut -d' ' -f2): the end-to-end demo is not built yet."
-	@echo "What works today: 'make test', '.venv/bin/edgeherd keys generate', '.venv/bin/edgeherd-agent verify'."
+	$(VENV)/bin/edgeherd demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

@@ -128,11 +128,29 @@ class Agent:
         #: that install step ("download-mid": half-way through a download). Never set in production.
         kill_step, _, kill_artifact = os.environ.get("EDGEHERD_AGENT_FAULT_KILL_AT", "").partition("@")
         self._kill_at, self._kill_artifact = kill_step, kill_artifact
+        self.profile = self._profile()
         self.session = self._make_session(min_backoff, max_backoff)
         self.api = ApiServer(self, cfg.api_host, cfg.api_port, max_body=cfg.max_body_bytes) if api and \
             cfg.api_port else None
         self._worker = threading.Thread(target=self._work_loop, name="edgeherd-worker", daemon=True)
         self._reporter = threading.Thread(target=self._report_loop, name="edgeherd-reporter", daemon=True)
+
+    def _profile(self) -> str | None:
+        """The configured hardware profile, or (``auto``) the one :func:`hardware.detect` finds."""
+        if self.cfg.profile != "auto":
+            return self.cfg.profile
+        from hardware.detection import detect
+
+        try:
+            found = detect()
+        except Exception:  # detection only informs; it must never keep the agent from starting
+            log.exception("hardware detection failed; sending no profile")
+            return None
+        if found.profile is None:
+            log.warning("no hardware profile fits this device (%s); sending none", found.why)
+        for problem in found.problems:
+            log.warning("this device differs from the %s profile: %s", found.profile, problem)
+        return found.profile
 
     def _make_session(self, min_backoff: float, max_backoff: float) -> Any:
         from agent.session import Session
@@ -291,7 +309,7 @@ class Agent:
 
     def _hello(self) -> None:
         hello = Hello(device_id=self.cfg.device_id, session=self.session.session_id, agent_version=__version__,
-                      protocols=[PROTOCOL_VERSION], profile=None if self.cfg.profile == "auto" else self.cfg.profile,
+                      protocols=[PROTOCOL_VERSION], profile=self.profile,
                       fingerprint=fingerprint(self.data))
         self.session.publish(device_topic(self.cfg.device_id, TopicKind.HELLO), encode(hello))
 
@@ -642,8 +660,24 @@ class Agent:
             ack("done", f"log level is {level}")
         elif cmd.kind is CommandKind.ROLLBACK:
             ack(*self._rollback())
+        elif cmd.kind is CommandKind.ROTATE_CREDENTIALS:
+            ack(*self._rotate_credentials(str(cmd.args["password"])))
         else:
             ack("rejected", f"{cmd.kind.value} is not supported by this agent")
+
+    def _rotate_credentials(self, password: str) -> tuple[str, str]:
+        """Store the next broker password for the next connection (agent/credentials.py); expect the broker to end
+        this one once it takes the new password (Mosquitto does), and then reconnect at once."""
+        creds = self.session.credentials
+        if not creds.rotatable:
+            return "failed", ("the broker password is set inline (password or EDGEHERD_AGENT_PASSWORD); rotation "
+                              "needs it in password_file")
+        try:
+            creds.rotate(password)
+        except (OSError, AgentError) as exc:
+            return "failed", f"could not store the new password: {exc}"
+        self.session.reconnect_at_once()
+        return "done", f"new password stored in {creds.file}; used from the next connection"
 
     def _rollback(self) -> tuple[str, str]:
         active = self.slots.active()

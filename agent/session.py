@@ -20,6 +20,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import AgentConfig
+from agent.credentials import Credentials
 from protocol import TopicKind, device_topic, will_message
 
 __all__ = ["Session"]
@@ -27,6 +28,8 @@ __all__ = ["Session"]
 log = logging.getLogger(__name__)
 
 SUBSCRIBED_KINDS = (TopicKind.DESIRED, TopicKind.COMMAND, TopicKind.ARTIFACT_CHUNK, TopicKind.ERROR)
+#: CONNACK reason codes that mean "wrong user name or password": try the next candidate password at once.
+_BAD_CREDENTIALS = (134, 135)
 
 
 class Session:
@@ -41,14 +44,19 @@ class Session:
         next_session: Callable[[], int],
         min_backoff: float = 1.0,
         max_backoff: float = 60.0,
+        credentials: Credentials | None = None,
     ) -> None:
         self.cfg = cfg
+        #: The passwords to log in with (the current one first); re-read before every connection.
+        self.credentials = credentials or Credentials(cfg)
+        cfg.broker_password()  # an unreadable password file stops the agent here, saying which
+        self._candidate = 0
+        self._candidates: list[str | None] = []
         self._on_message, self._on_connected = on_message, on_connected
         self._on_disconnected, self._on_puback = on_disconnected, on_puback
         self._next_session = next_session
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.device_id, protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(cfg.username or cfg.device_id, cfg.broker_password())
         if cfg.tls:
             ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
             if cfg.tls_cert and cfg.tls_key:
@@ -70,6 +78,7 @@ class Session:
         self._pending_subs: dict[int, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._quick = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgeherd-mqtt", daemon=True)
 
     # -- paho callbacks (network thread: hand off, never block) ------------------
@@ -78,10 +87,16 @@ class Session:
                     props: Properties | None) -> None:
         if reason.is_failure:
             self.last_refusal = str(reason)
-            log.warning("broker refused the connection: %s", reason)
+            if reason.value in _BAD_CREDENTIALS and self._candidate + 1 < len(self._candidates):
+                log.warning("broker refused the connection: %s; trying the previous password", reason)
+                self._candidate += 1
+            else:
+                log.warning("broker refused the connection: %s", reason)
+                self._candidate = 0
             client.disconnect()
             return
         self.last_refusal = None
+        self.credentials.accepted(self._candidate)
         client.subscribe([(device_topic(self.cfg.device_id, k), 1) for k in SUBSCRIBED_KINDS])
         with self._lock:
             self.granted.clear()
@@ -126,6 +141,10 @@ class Session:
     def _run(self) -> None:
         delay = self.min_backoff
         while not self._stop.is_set():
+            self._candidates = self.credentials.candidates()
+            if self._candidate >= len(self._candidates):
+                self._candidate = 0
+            self.client.username_pw_set(self.cfg.username or self.cfg.device_id, self._candidates[self._candidate])
             self.session_id = self._next_session()
             topic, payload = will_message(self.cfg.device_id, self.session_id)
             self.client.will_set(topic, payload, qos=1, retain=True)
@@ -149,12 +168,22 @@ class Session:
                 break
             if self.last_refusal is None:
                 delay = self.min_backoff
+                if self._quick.is_set():
+                    self._quick.clear()
+                    continue  # expected (credential rotation): reconnect at once
+            elif self._candidate > 0:
+                continue  # a previous password is next: try it now
             wait = random.uniform(self.min_backoff / 2, delay)  # noqa: S311
             self._stop.wait(wait)
             delay = min(delay * 2, self.max_backoff)
 
     def start(self) -> None:
         self._thread.start()
+
+    def reconnect_at_once(self) -> None:
+        """The next time the connection ends, reconnect without waiting: the broker is expected to end it (it
+        re-checks a connection's password when its password file changes, as Mosquitto does)."""
+        self._quick.set()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
         """Queue a publish; the message id, or None when not connected."""

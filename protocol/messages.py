@@ -350,6 +350,13 @@ class CommandKind(str, Enum):
     ROLLBACK = "rollback"
     RESTART_AGENT = "restart_agent"
     SET_LOG_LEVEL = "set_log_level"
+    #: ``args.password``: the device's next broker password. The device stores it for its next connection
+    #: and acknowledges ``done``; only then does the server make the broker accept it instead of the old one.
+    ROTATE_CREDENTIALS = "rotate_credentials"
+
+
+#: Length limits of a broker password carried by ``rotate_credentials``.
+MIN_PASSWORD, MAX_PASSWORD = 16, 256
 
 
 class Command(_Msg):
@@ -362,6 +369,18 @@ class Command(_Msg):
     issued_at: AwareDatetime
     #: The device ignores (and rejects) a command received after this time.
     expires_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _args(self) -> Command:
+        if self.kind is CommandKind.ROTATE_CREDENTIALS:
+            password = self.args.get("password")
+            if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD \
+                    or not password.isprintable() or password != password.strip():
+                raise ValueError(f"rotate_credentials needs args.password: {MIN_PASSWORD}-{MAX_PASSWORD} printable "
+                                 "characters without leading or trailing spaces")
+            if set(self.args) != {"password"}:
+                raise ValueError("rotate_credentials takes args.password only")
+        return self
 
 
 class CommandAck(_Msg):

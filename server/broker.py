@@ -42,8 +42,8 @@ class BrokerError(RuntimeError):
 
 
 class BrokerCredentials(Protocol):
-    def add_device(self, device_id: str) -> str:
-        """Create (or re-key) the device's credentials; returns its new password."""
+    def add_device(self, device_id: str, password: str | None = None) -> str:
+        """Create (or re-key) the device's credentials, with ``password`` or a fresh one; returns the password."""
 
     def revoke_device(self, device_id: str) -> None: ...
 
@@ -106,18 +106,19 @@ class MosquittoBroker:
         for path in [self.dir, *self.dir.iterdir()]:
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
-    def add_device(self, device_id: str) -> str:
-        return self.add_devices([device_id])[device_id]
+    def add_device(self, device_id: str, password: str | None = None) -> str:
+        return self.add_devices([device_id], {device_id: password} if password else None)[device_id]
 
-    def add_devices(self, device_ids: list[str]) -> dict[str, str]:
-        """Credentials for many devices with one rewrite of the files and one reload."""
+    def add_devices(self, device_ids: list[str], passwords: dict[str, str] | None = None) -> dict[str, str]:
+        """Credentials for many devices (``passwords`` where given, else fresh ones) with one rewrite of the files
+        and one reload."""
         users = self._users()
-        passwords = {d: new_password() for d in device_ids}
-        for d, password in passwords.items():
+        chosen = {d: (passwords or {}).get(d) or new_password() for d in device_ids}
+        for d, password in chosen.items():
             users[d] = hash_password(password)
         self._save(users)
         self.reload()
-        return passwords
+        return chosen
 
     def revoke_device(self, device_id: str) -> None:
         users = self._users()

@@ -28,10 +28,11 @@ import paho.mqtt.client as mqtt
 from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
+from protocol import SignedManifest
 from protocol.ids import is_device_id
 from server import audit, leases
 from server.db.models import Device, DriftReportRow, GateEvaluation, ModelVersion, Rollout, RolloutDevice, TelemetryRow
-from server.registry import Registry, RegistryError, choose_artifact
+from server.registry import PREFERENCE, Registry, RegistryError, choose_artifact
 from server.rollouts import (
     ACTIVE,
     Assign,
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 #: Actor recorded in the audit log for what the orchestrator decides by itself.
 ORCHESTRATOR = "orchestrator"
 _LEASE_TTL = 60.0
+#: A window's predictions count as departed from the training labels when their chi-square p is below this.
+OUTPUT_ALPHA = 0.005
 
 
 class RolloutError(Exception):
@@ -131,8 +134,12 @@ def _metrics(db: Session, ids: list[str], since: float, *, manifest: str | None 
     requests, errors, p95_weighted, p95_requests = db.exec(q).one()
     windows, drifted = db.exec(d).one()
     p95 = float(p95_weighted) / float(p95_requests) if p95_weighted is not None and p95_requests else None
+    outputs = [report.get("output") for report in db.exec(select(DriftReportRow.report).where(d.whereclause))] \
+        if windows and d.whereclause is not None else []
+    scored = [o for o in outputs if isinstance(o, dict) and o.get("n")]
     return Metrics(requests=int(requests), errors=int(errors), p95_ms=p95, drift_windows=int(windows),
-                   drifted_windows=int(drifted))
+                   drifted_windows=int(drifted), output_windows=len(scored),
+                   output_drifted=sum(1 for o in scored if o.get("p_value", 1.0) < OUTPUT_ALPHA))
 
 
 def _busy_elsewhere(db: Session, row: Rollout) -> set[str]:
@@ -156,7 +163,21 @@ def _prior_baseline(db: Session, row: Rollout) -> Baseline | None:
     if "error_rate" not in rates:
         return None
     return Baseline(rates["error_rate"].get("baseline_error_rate"), rates.get("latency", {}).get("baseline_p95_ms"),
-                    rates.get("drift", {}).get("baseline_share"), f"wave {(wave or 0) + 1}")
+                    rates.get("drift", {}).get("baseline_share"), f"wave {(wave or 0) + 1}",
+                    rates.get("predictions", {}).get("baseline_share"))
+
+
+def _profile_budget(db: Session, ids: list[str]) -> float | None:
+    """The strictest hardware-profile p95 budget among these devices (unknown profiles have none)."""
+    from hardware.profiles import ProfileError, load
+
+    budgets = []
+    for profile in set(db.exec(select(Device.profile).where(col(Device.id).in_(ids)))) if ids else ():
+        try:
+            budgets.append(load(profile).latency_budget_ms)
+        except ProfileError:
+            continue
+    return min(budgets) if budgets else None
 
 
 def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set[str] | None = None
@@ -182,7 +203,8 @@ def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set
     base_ids = [d for d in target if d not in view.assignments]
     new = _metrics(db, new_ids, start, manifest=view.manifest)
     baseline = _metrics(db, base_ids, start, other_than=view.manifest) if base_ids else None
-    return Observation(target, devices, new, baseline, _prior_baseline(db, row))
+    return Observation(target, devices, new, baseline, _prior_baseline(db, row),
+                       _profile_budget(db, new_ids))
 
 
 # -- applying a plan ------------------------------------------------------------------------------
@@ -201,7 +223,7 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
             if device is None or client is None:
                 continue
             if isinstance(action, Assign) and signed is not None:
-                registry.set_desired(db, client, device, signed, choose_artifact(signed, row.artifact),
+                registry.set_desired(db, client, device, signed, _artifact_for(device, signed, row.artifact),
                                      rollout=row.name)
             elif isinstance(action, Revert) and action.manifest is not None:
                 if device.desired_manifest not in (None, version.manifest_sha256):
@@ -242,6 +264,27 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
         version.stage = "deployed"
         db.add(version)
         audit.append(db, actor, "model.deployed", f"model:{version.name}:{version.version}", {"rollout": row.name})
+
+
+def _artifact_for(device: Device, signed: SignedManifest, artifact: str | None) -> str:
+    """The rollout's artifact if it names one; else the first the device's hardware profile prefers among the
+    bundle's artifacts whose runtime the device reported having (its hello); else the general preference."""
+    if artifact is not None:
+        return choose_artifact(signed, artifact)
+    arts = list(signed.manifest.artifacts)
+    has = set((device.fingerprint or {}).get("runtimes", {}))
+    if has:  # a Jetson without TensorRT installed runs the ONNX artifact, not one it cannot load
+        arts = [a for a in arts if a.runtime.name in has] or arts
+    from hardware.profiles import ProfileError, load
+
+    try:
+        chosen = load(device.profile).choose_artifact(arts)
+    except ProfileError:
+        chosen = None  # a profile edgeherd does not know (e.g. "simulated"): the general order
+    if chosen is not None:
+        return chosen.name
+    names = {a.name for a in arts}
+    return next((n for pref in PREFERENCE for n in sorted(names) if n.endswith(pref)), choose_artifact(signed))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

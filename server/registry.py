@@ -10,12 +10,13 @@ and publish it, retained.
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,10 +25,16 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from agent.files import atomic_copy, atomic_write, sha256_file
+from hardware.mosquitto import new_password
 from protocol import (
+    Command,
+    CommandAck,
+    CommandKind,
     DesiredState,
+    InvalidMessage,
     SignedManifest,
     TopicKind,
+    decode,
     device_topic,
     encode,
     load_public_key,
@@ -43,7 +50,7 @@ from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, Vers
 from toolchain.bundle import CARD, MANIFEST, verify_bundle
 from toolchain.errors import BundleError
 
-__all__ = ["Enrolled", "Registry", "RegistryError", "choose_artifact"]
+__all__ = ["Enrolled", "Registry", "RegistryError", "Rotation", "choose_artifact"]
 
 log = logging.getLogger(__name__)
 #: Artifact preference when a deploy does not name one (hardware profiles refine this).
@@ -73,6 +80,15 @@ class RegistryError(Exception):
 class Enrolled:
     device: Device
     agent_config: Path
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A finished credential rotation: the command that carried it and what the agent answered."""
+
+    device_id: str
+    command_id: str
+    message: str
 
 
 class Registry:
@@ -164,6 +180,111 @@ class Registry:
         self._kick(device_id)
         shutil.rmtree(self.data / "devices" / device_id, ignore_errors=True)
         log.info("revoked device %s", device_id)
+
+    # -- credential rotation --------------------------------------------------------------------
+
+    def rotate_credentials(self, device_id: str, actor: str = SYSTEM, timeout: float = 30.0) -> Rotation:
+        """Give a connected device a new broker password over its own session, then make the broker take it.
+
+        The password goes to the agent in a ``rotate_credentials`` command that expires after ``timeout``
+        seconds. Nothing changes here until the agent acknowledges ``done`` (it has stored the password for its
+        next connection); a failure, a refusal or silence raises RegistryError and the old password keeps
+        working. Then the broker's password file takes the new password (the old one stops working) and the
+        rotation's audit entry is committed, in one transaction. Mosquitto, reloading its password file, ends the
+        connection the device made with the old password; the agent expects that and reconnects at once with
+        the new one (docs/hardware.md).
+        """
+        with Session(self.engine) as db:
+            device = db.get(Device, device_id)
+            if device is None or device.revoked:
+                raise RegistryError(f"no enrolled device named {device_id}")
+        password = new_password()
+        now = datetime.now(timezone.utc)
+        cmd = Command(command_id=uuid.uuid4().hex, kind=CommandKind.ROTATE_CREDENTIALS, args={"password": password},
+                      issued_at=now, expires_at=now + timedelta(seconds=timeout))
+        ack = self._send_command(device_id, cmd, timeout)
+        unchanged = "nothing changed: its current password still works"
+        if ack is None:
+            raise RegistryError(f"{device_id} did not confirm the new password within {timeout:.0f} s (is it online? "
+                                f"see `edgeherd device list`); {unchanged}")
+        if ack.status != "done":
+            raise RegistryError(f"{device_id} answered {ack.status}: {ack.message or 'no reason given'}; {unchanged}")
+        with Session(self.engine) as db:
+            device = db.get(Device, device_id)
+            if device is None or device.revoked:
+                raise RegistryError(f"{device_id} was revoked while its password was being rotated")
+            db.add(device)
+            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}",
+                                 {"via": "agent", "command_id": cmd.command_id})
+            self.broker.add_device(device_id, password)  # from here the broker takes only the new password
+            db.commit()
+            self.anchor_audit(entry)
+        self._store_password(device_id, password)
+        log.info("rotated the broker password of %s", device_id)
+        return Rotation(device_id, cmd.command_id, ack.message)
+
+    def reissue_credentials(self, device_id: str, actor: str = SYSTEM, detail: dict[str, str] | None = None) -> str:
+        """A new broker password for an enrolled device, in force at once, without asking the device (it is being
+        re-flashed); its old password and any connection made with it are dropped. Returns the password."""
+        with Session(self.engine) as db:
+            device = db.get(Device, device_id)
+            if device is None or device.revoked:
+                raise RegistryError(f"no enrolled device named {device_id}")
+            db.add(device)
+            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}",
+                                 {"via": "reissue", **(detail or {})})
+            password = self.broker.add_device(device_id)
+            db.commit()
+            self.anchor_audit(entry)
+        self._store_password(device_id, password)
+        self._kick(device_id)
+        log.info("issued new broker credentials to %s", device_id)
+        return password
+
+    def _store_password(self, device_id: str, password: str) -> None:
+        """Keep ``devices/<id>/broker-password`` (the enrolment copy) current, where it exists."""
+        path = self.data / "devices" / device_id / "broker-password"
+        if path.exists():
+            atomic_write(path, (password + "\n").encode(), 0o600)
+
+    def _send_command(self, device_id: str, cmd: Command, timeout: float = 30.0) -> CommandAck | None:
+        """Send ``cmd`` to the device and wait for its final acknowledgement (done, failed or rejected); None when
+        none comes within ``timeout`` seconds."""
+        acks: queue.Queue[CommandAck] = queue.Queue()
+        subscribed = threading.Event()
+
+        def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+            try:
+                ack = decode(CommandAck, bytes(msg.payload))
+            except InvalidMessage as exc:
+                log.warning("dropped an acknowledgement from %s: %s", device_id, exc)
+                return
+            if ack.command_id == cmd.command_id and ack.device_id == device_id:
+                acks.put(ack)
+
+        client = self.client()
+        try:
+            client.on_message = on_message
+            client.on_subscribe = lambda c, u, mid, rc, p: subscribed.set()
+            client.subscribe(device_topic(device_id, TopicKind.ACK), qos=1)
+            if not subscribed.wait(10):
+                raise RegistryError(f"the broker did not confirm the subscription to {device_id}'s acknowledgements")
+            info = client.publish(device_topic(device_id, TopicKind.COMMAND), encode(cmd), qos=1)
+            info.wait_for_publish(10)
+            if not info.is_published():
+                raise RegistryError(f"the broker did not acknowledge the command to {device_id}")
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    ack = acks.get(timeout=left)
+                except queue.Empty:
+                    break
+                if ack.status != "accepted":
+                    return ack
+            return None
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
     def client(self, client_id: str | None = None) -> mqtt.Client:
         """A connected MQTT client as the server user (the caller disconnects it)."""

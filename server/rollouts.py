@@ -184,6 +184,14 @@ class Metrics:
     p95_ms: float | None = None
     drift_windows: int = 0
     drifted_windows: int = 0
+    #: Windows whose predicted classes were compared with the training labels' distribution, and how many
+    #: differed from it (output drift: what a model broken in a way that raises no error shows).
+    output_windows: int = 0
+    output_drifted: int = 0
+
+    @property
+    def output_share(self) -> float | None:
+        return self.output_drifted / self.output_windows if self.output_windows else None
 
     @property
     def error_rate(self) -> float | None:
@@ -203,6 +211,7 @@ class Baseline:
     drift_share: float | None
     #: "fleet" (the target's devices on other versions, now), "wave N" (as measured for an earlier wave), "none".
     source: str
+    output_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,8 @@ class Observation:
     #: The baseline as measured for an earlier wave of this rollout: used once no device is left on the old
     #: version (the last wave), so that wave is judged against the same fleet as the others.
     prior: Baseline | None = None
+    #: The strictest p95 budget of the new version's devices' hardware profiles (when the rollout sets none).
+    profile_budget_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -280,8 +291,10 @@ def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
     """
     g, new, base = spec.gates, obs.new, obs.baseline
     if base is not None and base.requests >= g.min_requests:
+        enough_windows = max(g.min_drift_windows, 1)
         b = Baseline(base.error_rate, base.p95_ms,
-                     base.drift_share if base.drift_windows >= max(g.min_drift_windows, 1) else None, "fleet")
+                     base.drift_share if base.drift_windows >= enough_windows else None, "fleet",
+                     base.output_share if base.output_windows >= enough_windows else None)
     elif obs.prior is not None:
         b = obs.prior
     else:
@@ -299,12 +312,14 @@ def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
         numbers["limit"] = limit
         out.append(GateResult("error_rate", "pass" if (new.error_rate or 0.0) <= limit + 1e-12 else "fail", numbers))
     # latency: within the budget, and not worse than the baseline by more than the margin
+    budget = g.latency_budget_ms if g.latency_budget_ms is not None else obs.profile_budget_ms
     numbers = {"new_p95_ms": new.p95_ms, "baseline_p95_ms": b.p95_ms, "baseline": b.source,
-               "budget_ms": g.latency_budget_ms, "margin": g.latency_margin}
+               "budget_ms": budget, "budget_from": "rollout" if g.latency_budget_ms is not None else "profile",
+               "margin": g.latency_margin}
     if not enough or new.p95_ms is None:
         out.append(GateResult("latency", "insufficient", numbers))
     else:
-        limits = [lim for lim in (g.latency_budget_ms,
+        limits = [lim for lim in (budget,
                                   b.p95_ms * (1 + g.latency_margin) if b.p95_ms is not None else None)
                   if lim is not None]
         numbers["limit_ms"] = min(limits) if limits else None
@@ -322,6 +337,18 @@ def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
             numbers["limit"] = limit
             out.append(GateResult("drift", "pass" if (new.drift_share or 0.0) <= limit + 1e-12 else "fail",
                                   numbers))
+        # predictions: the share of windows whose predicted classes departed from the training labels'
+        # distribution, against the baseline's (same margin as drift)
+        numbers = {"new_windows": new.output_windows, "new_drifted": new.output_drifted,
+                   "new_share": new.output_share, "baseline_share": b.output_share, "baseline": b.source,
+                   "margin": g.drift_margin}
+        if new.output_windows < g.min_drift_windows:
+            out.append(GateResult("predictions", "insufficient", numbers))
+        else:
+            limit = (b.output_share or 0.0) + g.drift_margin
+            numbers["limit"] = limit
+            out.append(GateResult("predictions", "pass" if (new.output_share or 0.0) <= limit + 1e-12
+                                  else "fail", numbers))
     return out
 
 

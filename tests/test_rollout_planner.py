@@ -141,6 +141,13 @@ def test_no_gate_is_judged_before_the_soak_ends_and_then_all_are_recorded():
      Gates(min_requests=10, min_drift_windows=5, drift_margin=0.1), {"drift": "pass"}),
     (Metrics(100, 0, 5.0, drift_windows=2, drifted_windows=0), None,
      Gates(min_requests=10, min_drift_windows=5), {"drift": "insufficient"}),
+    # predictions: a model that answers wrongly without erroring shows in its class distribution
+    (Metrics(100, 0, 5.0, 10, 0, output_windows=10, output_drifted=9), Metrics(1000, 0, 5.0, 10, 0, 10, 0),
+     Gates(min_requests=10, min_drift_windows=5, drift_margin=0.1), {"drift": "pass", "predictions": "fail"}),
+    (Metrics(100, 0, 5.0, 10, 0, output_windows=10, output_drifted=1), Metrics(1000, 0, 5.0, 10, 0, 10, 0),
+     Gates(min_requests=10, min_drift_windows=5, drift_margin=0.1), {"predictions": "pass"}),
+    (Metrics(100, 0, 5.0, 10, 0, output_windows=3, output_drifted=3), None,
+     Gates(min_requests=10, min_drift_windows=5), {"predictions": "insufficient"}),
 ])
 def test_gates(new, baseline, gates, verdicts):
     spec = RolloutSpec(gates=gates)
@@ -353,3 +360,12 @@ def test_a_device_still_installing_the_new_version_is_not_counted_as_reverted():
     mid_install = {**devices, "d00": replace(devices["d00"], install_step="download")}  # old still running
     assert plan(rb.rollout, obs(mid_install), 1002.0).rollout.assignments["d00"].state == "reverting"
     assert plan(rb.rollout, obs(devices), 1003.0).rollout.assignments["d00"].state == "reverted"
+
+
+def test_without_a_budget_of_its_own_the_latency_gate_holds_devices_to_their_hardware_profile():
+    slow = Observation((), {}, Metrics(100, 0, 40.0), Metrics(1000, 0, 35.0), profile_budget_ms=30.0)
+    latency = next(g for g in evaluate_gates(SPEC, slow) if g.gate == "latency")
+    assert latency.verdict == "fail" and latency.numbers["budget_from"] == "profile"
+    own = SPEC.model_copy(update={"gates": SPEC.gates.model_copy(update={"latency_budget_ms": 50.0})})
+    latency = next(g for g in evaluate_gates(own, slow) if g.gate == "latency")
+    assert latency.verdict == "pass" and latency.numbers["budget_ms"] == 50.0

@@ -134,3 +134,33 @@ def test_bad_messages_are_dropped_and_counted(engine, topic, payload, reason):
        payload=st.binary(max_size=300))
 def test_random_bytes_never_crash_ingestion(engine, kind, payload):
     assert Ingestor(engine).handle(_topic(kind), payload) == "invalid"
+
+
+def test_two_batches_with_states_of_one_device_never_write_back_an_older_state(engine):
+    """Worker 1 reads the device, then is slow; worker 2 applies newer states meanwhile. Worker 1 must not
+    commit its older state over them (before: the final row said seq 7 while the device had reported 9)."""
+    import threading
+    import time as _time
+
+    ing = Ingestor(engine)
+    read = ing._lock_devices
+    slow = threading.local()
+
+    def lock_then_dawdle(db, ids):
+        rows = read(db, ids)
+        if getattr(slow, "on", False):
+            _time.sleep(0.5)
+        return rows
+
+    ing._lock_devices = lock_then_dawdle
+
+    def first():
+        slow.on = True
+        ing.handle(_topic(TopicKind.STATE), encode(STATE.model_copy(update={"seq": 7})))
+
+    t = threading.Thread(target=first)
+    t.start()
+    _time.sleep(0.1)  # worker 1 has read the row and dawdles
+    assert ing.handle(_topic(TopicKind.STATE), encode(STATE.model_copy(update={"seq": 9}))) in ("ok", "stale")
+    t.join(10)
+    assert _device(engine).state_seq == 9

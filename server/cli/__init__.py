@@ -12,6 +12,8 @@ import typer
 
 from agent.cli import version_option
 from server.cli.build import build_command, bundle_app
+from server.cli.demo import demo_command
+from server.cli.flash import flash_command, rotate_credentials_command
 from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, server_app
 from server.cli.governance import CliState, audit_app, model_approve, model_promote, model_reject, model_retire
 from server.cli.keys import keys_app
@@ -38,7 +40,10 @@ model_app.command("reject")(model_reject)
 model_app.command("retire")(model_retire)
 app.command("build")(build_command)
 app.command("deploy")(deploy_command)
+app.command("flash")(flash_command)
+device_app.command("rotate-credentials")(rotate_credentials_command)
 app.command("tui")(tui_command)
+app.command("demo")(demo_command)
 
 
 @app.callback()

@@ -1,0 +1,424 @@
+"""``edgeherd demo``: the whole system, end to end, on this machine, narrated.
+
+1. Build and sign the digits model (v1; reused when already built), and a v2 whose graph inverts its input
+   (white-on-black taken for black-on-white) — a broken preprocessing step that raises no error and passes
+   its own smoke test.
+2. Start the server with a managed Mosquitto on SQLite, and six real agent processes with their own
+   credentials (two Raspberry Pi 5 and a Pi 4 on LiteRT int8, a Jetson Orin Nano on ONNX Runtime — its
+   TensorRT path is unavailable here and says so — and two x86-64 on ONNX Runtime).
+3. Send the digits test set to every agent's local API, continuously.
+4. v1: pushed, promoted, approved by a second operator, rolled out in canary waves to the production group.
+5. v2: the same path; its canary's predictions depart from the training labels, the ``predictions`` gate
+   fails, the canary is rolled back automatically.
+6. One device's inputs shift (brighter digits): its drift alert is raised, and nobody else's.
+
+Everything runs in a temporary directory or ``--data-dir``; Ctrl-C stops every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from sqlmodel import Session, col, select
+
+__all__ = ["DEVICES", "DemoFailed", "DemoResult", "run_demo"]
+
+#: (device id, hardware profile): the fleet the demo provisions.
+DEVICES = [("pi5-kitchen", "raspberry-pi-5"), ("pi5-garage", "raspberry-pi-5"), ("pi4-shed", "raspberry-pi-4"),
+           ("orin-dock", "jetson-orin-nano"), ("x86-office", "x86-64-cpu"), ("x86-lab", "x86-64-cpu")]
+#: The device whose inputs the demo shifts.
+SHIFTED = "x86-lab"
+GROUP = "demo"
+OPERATORS = f"""# the demo's operators (docs/governance.md)
+production_groups = ["{GROUP}"]
+
+[[operator]]
+name = "ml-engineer"
+role = "operator"
+
+[[operator]]
+name = "reviewer"
+role = "approver"
+
+[[operator]]
+name = "ops"
+role = "operator"
+"""
+
+
+class DemoFailed(Exception):
+    """A step did not reach what it should have; the message says which and where to look."""
+
+
+@dataclass
+class DemoResult:
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    v2_gate: str | None = None
+    v2_numbers: dict[str, Any] = field(default_factory=dict)
+    alerts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (all(d["version"] == "digits:1.0.0" for d in self.devices.values()) and self.v2_gate is not None
+                and self.alerts == [SHIFTED])
+
+
+def _wait(what: str, fn: Callable[[], Any], timeout: float, poll: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def _count(registry: Any, query: Any) -> int:
+    with Session(registry.engine) as db:
+        return len(db.exec(query).all())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- building ---------------------------------------------------------------------------------------------
+
+
+def _build_v1(data: Path, console: Console) -> Path:
+    from toolchain.bundle import verify_bundle
+    from toolchain.pipeline import BuildSpec, build
+
+    out = data / "bundles" / "digits-1.0.0"
+    key = data / "keys" / "signing.key"
+    if (out / "manifest.json").exists():
+        from protocol import load_public_key
+
+        verify_bundle(out, load_public_key((data / "keys" / "signing.pub").read_bytes()))
+        console.print(f"  reusing {out} (signature checked)")
+        return out
+    t0 = time.monotonic()
+    with console.status("  training, quantizing, converting and signing digits v1 …"):
+        build(BuildSpec(recipe="digits", out=out, key=key, version="1.0.0", author="ml-engineer", epochs=12,
+                        tar=False, description="8×8 handwritten digits; the demo's model"))
+    console.print(f"  built {out} in {time.monotonic() - t0:.0f} s")
+    return out
+
+
+def _build_v2(data: Path, v1: Path, console: Console) -> Path:
+    """v1's fp32 graph behind an inversion of its input (16 − pixel): dark digits on light, as no camera sends."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from toolchain.data import load_digits
+    from toolchain.pipeline import BuildSpec, build
+
+    out = data / "bundles" / "digits-2.0.0"
+    if (out / "manifest.json").exists():
+        console.print(f"  reusing {out}")
+        return out
+    manifest = json.loads((v1 / "manifest.json").read_text())["manifest"]
+    fp32 = next(a for a in manifest["artifacts"] if a["name"] == "digits-onnx-fp32")
+    model = onnx.load(str(v1 / "artifacts" / fp32["sha256"]))
+    graph = model.graph
+    inp = graph.input[0].name
+    graph.initializer.append(numpy_helper.from_array(np.array(16.0, dtype=np.float32), "demo_white"))
+    node = helper.make_node("Sub", ["demo_white", inp], ["demo_rescaled"], name="demo_broken_preprocessing")
+    for n in graph.node:
+        n.input[:] = ["demo_rescaled" if i == inp else i for i in n.input]
+    graph.node.insert(0, node)
+    work = data / "bundles" / ".digits-2.0.0.work"
+    work.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(work / "digits-broken.onnx"))
+    ds = load_digits()
+    np.savez(work / "digits.npz", x=ds.x, y=ds.y)
+    t0 = time.monotonic()
+    with console.status("  building digits v2 from the altered graph …"):
+        build(BuildSpec(recipe="onnx", onnx=work / "digits-broken.onnx", data=work / "digits.npz", name="digits",
+                        out=out, key=data / "keys" / "signing.key", version="2.0.0", author="ml-engineer",
+                        parent="1.0.0", tar=False, work_dir=work,
+                        description="digits v2: a preprocessing step inverts the image"))
+    console.print(f"  built {out} in {time.monotonic() - t0:.0f} s")
+    return out
+
+
+# -- agents and traffic -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Agent:
+    device: str
+    profile: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def _start_agents(data: Path, registry: Any, console: Console) -> list[_Agent]:
+    agents = []
+    exe = Path(sys.executable).with_name("edgeherd-agent")
+    for device, profile in DEVICES:
+        enrolled = registry.add_device(device, profile, [GROUP], actor="ops")
+        port = _free_port()
+        log = data / "logs" / f"{device}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "EDGEHERD_AGENT_DATA_DIR": str(data / "agents" / device),
+               "EDGEHERD_AGENT_API_PORT": str(port), "EDGEHERD_AGENT_WINDOW_SECONDS": "2"}
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from agent.cli import main; main()"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen([*cmd, "run", "--config", str(enrolled.agent_config)], stdout=out,  # noqa: S603
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        agents.append(_Agent(device, profile, port, proc, log))
+        note = " (TensorRT needs an NVIDIA GPU and JetPack: unavailable here, ONNX Runtime serves)" \
+            if profile.startswith("jetson") else ""
+        console.print(f"  {device:<12} {profile:<18} pid {proc.pid}, API on 127.0.0.1:{port}{note}")
+    return agents
+
+
+class _Traffic:
+    """Posts batches of the digits test set to every agent; one device's inputs can be shifted."""
+
+    def __init__(self, agents: list[_Agent]) -> None:
+        from toolchain.data import load_digits
+
+        self.x = load_digits().x[-360:]
+        self.agents = agents
+        self.shifted: set[str] = set()
+        self.sent = 0
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(7)
+        while not self._stop.wait(0.25):
+            for a in self.agents:
+                batch = self.x[rng.integers(0, len(self.x), 16)]
+                if a.device in self.shifted:  # brighter digits: every pixel lifted, clipped at white
+                    batch = np.clip(batch + 6.0, 0, 16)
+                req = urllib.request.Request(f"http://127.0.0.1:{a.port}/v1/predict",
+                                             data=json.dumps({"inputs": batch.tolist()}).encode(),
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - http://127.0.0.1 only
+                        resp.read()
+                    self.sent += 1
+                except OSError:
+                    self.failed += 1  # no model yet, or restarting: expected early on
+
+
+@contextmanager
+def _stopping(agents: list[_Agent]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for a in agents:
+            if a.proc.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(a.proc.pid, signal.SIGTERM)
+        for a in agents:
+            try:
+                a.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(a.proc.pid, signal.SIGKILL)
+
+
+# -- the story ------------------------------------------------------------------------------------------------
+
+
+def _rollout(registry: Any, name: str, ref: str, console: Console) -> None:
+    from server.governance import Governance, approve, check_rollout, find_version, promote
+    from server.orchestrator import create_rollout
+    from server.rollouts import Gates, RolloutSpec
+
+    with Session(registry.engine) as db:
+        v = find_version(db, ref)
+        promote(db, v, "ml-engineer")
+        approve(db, find_version(db, ref), "reviewer", "model card and held-out metrics reviewed")
+        console.print(f"  {ref}: promoted by ml-engineer, approved by reviewer (four-eyes)")
+        gov = Governance.load(registry.data)
+        check_rollout(db, find_version(db, ref), production=gov.is_production([GROUP]))
+    spec = RolloutSpec(waves=("1", "50%", "100%"), soak_s=8, install_timeout_s=60, on_failure="rollback",
+                       gates=Gates(min_requests=40, error_margin=0.01, latency_margin=3.0, drift_margin=0.34,
+                                   min_drift_windows=2))
+    model, _, version = ref.partition(":")
+    create_rollout(registry, name=name, model=model, version=version, target={"groups": [GROUP]}, spec=spec,
+                   actor="ops", production=True)
+    console.print(f"  rollout {name}: waves 1 → 50 % → 100 % of group {GROUP}, soak {spec.soak_s:g} s")
+
+
+def _watch(registry: Any, name: str, until: set[str], console: Console, timeout: float) -> str:
+    from server.db.models import AuditEntry, Rollout
+
+    seen = 0
+
+    def state() -> str | None:
+        nonlocal seen
+        with Session(registry.engine) as db:
+            row = db.exec(select(Rollout).where(Rollout.name == name)).one()
+            for e in db.exec(select(AuditEntry).where(AuditEntry.subject == f"rollout:{name}", AuditEntry.seq > seen)
+                             .order_by(col(AuditEntry.seq))):
+                seen = e.seq
+                detail = {k: v for k, v in e.detail.items() if k not in ("gates", "spec")}
+                console.print(f"    · {e.action.removeprefix('rollout.')} {json.dumps(detail)[:110]}")
+            return row.state if row.state in until else None
+
+    return str(_wait(f"rollout {name} to reach {' or '.join(sorted(until))}", state, timeout))
+
+
+def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
+    from protocol import generate_signing_key, private_key_to_pem, public_key_to_pem
+    from server.app import ServerApp
+    from server.db.models import Alert, Device, GateEvaluation, ModelVersion
+
+    t_start = time.monotonic()
+    result = DemoResult()
+    keys = data / "keys"
+    if not (keys / "signing.key").exists():
+        keys.mkdir(parents=True, exist_ok=True)
+        key = generate_signing_key()
+        (keys / "signing.key").write_bytes(private_key_to_pem(key))
+        (keys / "signing.key").chmod(0o600)
+        (keys / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
+    (data / "operators.toml").write_text(OPERATORS)
+
+    console.rule("[bold]1. Build: train, quantize, convert, sign")
+    v1 = _build_v1(data, console)
+    v2 = _build_v2(data, v1, console)
+
+    console.rule("[bold]2. Server, broker and six devices")
+    import logging
+
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(data / "logs" / "server.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("server").addHandler(handler)
+    logging.getLogger("server").setLevel(logging.INFO)
+    app = ServerApp(data, metrics_port=0, drift_interval=2, rollout_interval=1).start()
+    reg = app.registry
+    console.print(f"  server up; managed Mosquitto on {reg.broker_url}; registry {data / 'edgeherd.db'}")
+    for bundle in (v1, v2):
+        v = reg.push_model(bundle, actor="ml-engineer")
+        console.print(f"  pushed {v.name}:{v.version} (signature verified, digest {v.manifest_sha256[:12]}…)")
+    agents: list[_Agent] = []
+    traffic: _Traffic | None = None
+    try:
+        with _stopping(agents):
+            agents.extend(_start_agents(data, reg, console))
+            _wait("every agent to connect", lambda: _count(reg, select(Device).where(Device.status == "online"))
+                  == len(DEVICES), 120)
+            console.print("  all six agents connected with their own credentials")
+            traffic = _Traffic(agents)
+            traffic.start()
+            console.print("  traffic: batches of 16 digits to every agent's /v1/predict, 4 per second")
+
+            console.rule("[bold]3. v1: approved, then rolled out in canary waves")
+            _rollout(reg, "digits-v1", "digits:1.0.0", console)
+            _watch(reg, "digits-v1", {"completed"}, console, 300)
+
+            console.rule("[bold]4. v2 (broken preprocessing): its canary is caught and rolled back")
+            _rollout(reg, "digits-v2", "digits:2.0.0", console)
+            _watch(reg, "digits-v2", {"rolled_back"}, console, 300)
+            with Session(reg.engine) as db:
+                failed = db.exec(select(GateEvaluation).where(GateEvaluation.verdict == "fail")
+                                 .order_by(col(GateEvaluation.id).desc())).first()
+                if failed is not None:
+                    result.v2_gate, result.v2_numbers = failed.gate, failed.numbers
+            console.print(f"  the [bold]{result.v2_gate}[/] gate stopped it: {json.dumps(result.v2_numbers)[:160]}")
+            v1_digest = next(v.manifest_sha256 for v in reg.models() if v.version == "1.0.0")
+            _wait("every device to run v1 again",
+                  lambda: _count(reg, select(Device).where(Device.running_manifest == v1_digest)) == len(DEVICES), 120)
+
+            console.rule(f"[bold]5. Drift: {SHIFTED} starts seeing brighter digits")
+            traffic.shifted.add(SHIFTED)
+            _wait(f"a drift alert on {SHIFTED}",
+                  lambda: _count(reg, select(Alert).where(Alert.device_id == SHIFTED, col(Alert.active))), 120)
+            time.sleep(4)  # a couple more windows for everyone: no other alert may appear
+            with Session(reg.engine) as db:
+                result.alerts = sorted({a.device_id or "?" for a in db.exec(select(Alert).where(col(Alert.active)))})
+                names = {v.manifest_sha256: f"{v.name}:{v.version}" for v in db.exec(select(ModelVersion))}
+                for d in db.exec(select(Device).order_by(col(Device.id))):
+                    result.devices[d.id] = {"profile": d.profile, "version": names.get(d.running_manifest or "", "—"),
+                                            "artifact": d.running_artifact or "—", "status": d.status}
+            console.print(f"  alert raised for {', '.join(result.alerts)}")
+            traffic.stop()
+            result.seconds = time.monotonic() - t_start
+            _summary(result, traffic, console)
+            if tui:
+                from server.tui.app import make_app
+
+                console.print("opening the TUI as ops (q quits; the demo then stops everything)")
+                make_app(data, "ops").run()
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        app.stop()
+    return result
+
+
+def _summary(result: DemoResult, traffic: _Traffic, console: Console) -> None:
+    table = Table(title="edgeherd demo: summary")
+    for c in ("device", "profile", "runs", "artifact", "status", "drift alert"):
+        table.add_column(c)
+    for device, d in result.devices.items():
+        table.add_row(device, d["profile"], d["version"], d["artifact"], d["status"],
+                      "[red]yes[/]" if device in result.alerts else "no")
+    console.print(table)
+    everywhere = all(d["version"] == "digits:1.0.0" for d in result.devices.values())
+    console.print(f"v1 on all devices: {'yes' if everywhere else 'NO'}"
+                  f" · v2 rolled back at the canary by the [bold]{result.v2_gate}[/] gate"
+                  f" · drift alert on {', '.join(result.alerts) or 'nobody'} · {traffic.sent} prediction requests"
+                  f" · {result.seconds:.0f} s")
+
+
+def main(data_dir: Path | None, tui: bool) -> int:
+    console = Console(highlight=False)
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.mkdtemp(prefix="edgeherd-demo-")
+        data_dir = Path(tmp)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]edgeherd demo[/] in {data_dir}")
+    try:
+        result = run_demo(data_dir, console, tui=tui)
+    except DemoFailed as exc:
+        console.print(f"[red]demo failed:[/] {exc}; logs in {data_dir / 'logs'}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("stopped; every process the demo started is stopped")
+        return 130
+    finally:
+        if tmp is not None and os.environ.get("EDGEHERD_DEMO_KEEP") != "1":
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if result.ok else 1
