@@ -10,14 +10,15 @@ STAMP := $(VENV)/.edgeherd-installed
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help test test-all check lint typecheck imports bench bench-load demo system-deps venv constraints clean
+.PHONY: help test chaos test-all check lint typecheck imports bench bench-load demo system-deps venv constraints clean
 
 help:
 	@echo "make test       set everything up, then run the test suite (what CI runs)"
 	@echo "make demo       set everything up, then run the end-to-end demo"
 	@echo "make check      ruff, mypy, import contracts and the fast tests"
 	@echo "make test-all   every test, slow ones included"
-	@echo "make bench      performance suites (ratios against in-run baselines)"
+	@echo "make chaos      the chaos suite: faults injected into a running fleet, with its fault table"
+	@echo "make bench      every performance suite; writes benchmarks/REPORT.md (ratios against in-run baselines)"
 	@echo "make bench-load server load: 1,000-device ingest and artifact fan-out (several minutes)"
 	@echo "make constraints  re-pin constraints.txt from the current .venv"
 
@@ -72,6 +73,9 @@ constraints: $(STAMP)
 test: system-deps $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+chaos: system-deps $(STAMP)
+	$(PY) -m pytest -m chaos -s $(PYTEST_ARGS)
+
 test-all: system-deps $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -87,11 +91,8 @@ imports: $(STAMP)
 check: system-deps lint typecheck imports
 	$(PY) -m pytest -m "not slow and not integration" -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(PY) -m benchmarks.bench_protocol
-	$(PY) -m benchmarks.toolchain_targets
-	$(PY) -m benchmarks.agent_overhead
-	$(PY) -m benchmarks.tui_refresh
+bench: system-deps $(STAMP)
+	$(PY) -m benchmarks.report
 
 bench-load: system-deps $(STAMP)
 	$(PY) -m benchmarks.ingest
