@@ -148,6 +148,10 @@ FLEET_COLUMNS: list[tuple[str, str, Callable[[DeviceRow], Any]]] = [
 ]
 
 
+FLEET_WIDTHS = {"id": 14, "profile": 18, "groups": 10, "status": 8, "running": 14, "desired": 14, "install": 10,
+                "last_seen": 19, "p95": 7, "errors": 7, "drift": 6}
+
+
 def _fleet_cells(r: DeviceRow) -> list[Text]:
     style = HEALTH_STYLE[r.health]
     values = [r.id, r.profile, r.groups, r.status, r.running, r.desired, r.install, _when(r.last_seen),
@@ -196,8 +200,8 @@ class FleetScreen(Loading):
         yield Input(placeholder="filter: words, or group:G tag:T status:online health:bad …", id="filter",
                     classes="hidden")
         table: DataTable[Text] = DataTable(id="fleet", cursor_type="row", zebra_stripes=True)
-        for key, label, _ in FLEET_COLUMNS:
-            table.add_column(label, key=key)
+        for key, label, _ in FLEET_COLUMNS:  # fixed widths: the same layout however the rows arrive
+            table.add_column(label, key=key, width=FLEET_WIDTHS[key])
         yield table
         yield Footer()
 
@@ -337,12 +341,15 @@ class DeviceScreen(Loading):
             yield Label("drift per feature (PSI / threshold, latest window)")
             yield Static("", id="features")
             yield Label("history")
+            # fixed widths: filled after mounting, auto-sized columns would render one way or another
             history: DataTable[str] = DataTable(id="history")
-            history.add_columns("when", "what", "who")
+            for label, width in (("when", 19), ("what", 72), ("who", 16)):
+                history.add_column(label, width=width)
             yield history
             yield Label("alerts")
             alerts: DataTable[str] = DataTable(id="alerts")
-            alerts.add_columns("raised", "alert", "active")
+            for label, width in (("raised", 19), ("alert", 48), ("active", 8)):
+                alerts.add_column(label, width=width)
             yield alerts
         yield Footer()
 
@@ -424,14 +431,16 @@ class RolloutsScreen(Loading):
         yield Header()
         with Vertical():
             table: DataTable[Text] = DataTable(id="rollouts", cursor_type="row")
-            for key, label in (("name", "rollout"), ("version", "version"), ("state", "state"), ("wave", "wave"),
-                               ("progress", "installed"), ("target", "target"), ("reason", "why")):
-                table.add_column(label, key=key)
+            for key, label, width in (("name", "rollout", 18), ("version", "version", 14), ("state", "state", 12),
+                                      ("wave", "wave", 5), ("progress", "installed", 9), ("target", "target", 30),
+                                      ("reason", "why", 50)):
+                table.add_column(label, key=key, width=width)
             yield table
             yield Static("", id="rollout-head")
             yield Vertical(id="waves")
             gates: DataTable[Text] = DataTable(id="gates")
-            gates.add_columns("wave", "gate", "verdict", "numbers")
+            for label, width in (("wave", 5), ("gate", 12), ("verdict", 13), ("numbers", 110)):
+                gates.add_column(label, width=width)
             yield gates
         yield Footer()
 
@@ -560,7 +569,9 @@ class ModelsScreen(Loading):
         yield Header()
         with Horizontal():
             table: DataTable[str] = DataTable(id="models", cursor_type="row")
-            table.add_columns("version", "stage", "author", "artifacts", "accuracy", "int8 Δ", "decisions")
+            for label, width in (("version", 16), ("stage", 10), ("author", 12), ("artifacts", 9), ("accuracy", 9),
+                                 ("int8 Δ", 8), ("decisions", 24)):
+                table.add_column(label, width=width)
             yield table
             with VerticalScroll(id="card-pane"):
                 yield Markdown("", id="card")
@@ -638,7 +649,9 @@ class DriftScreen(Loading):
     def compose(self) -> ComposeResult:
         yield Header()
         table: DataTable[Text] = DataTable(id="drift", cursor_type="row")
-        table.add_columns("version", "feature", "drift (PSI/threshold)", "windows", "worst devices")
+        for label, width in (("version", 16), ("feature", 16), ("drift (PSI/threshold)", 21), ("windows", 8),
+                             ("worst devices", 60)):
+            table.add_column(label, width=width)
         yield table
         yield Label("", id="series-label")
         yield Sparkline([], id="series")
@@ -696,7 +709,9 @@ class AuditScreen(Loading):
         yield Static("", id="chain")
         yield Input(placeholder="filter: actor, action, subject or detail words", id="audit-filter")
         table: DataTable[str] = DataTable(id="audit", cursor_type="row")
-        table.add_columns("#", "when", "actor", "action", "subject", "detail")
+        for label, width in (("#", 6), ("when", 19), ("actor", 14), ("action", 24), ("subject", 28),
+                             ("detail", 60)):
+            table.add_column(label, width=width)
         yield table
         yield Footer()
 
