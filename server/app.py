@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import uuid
+import zlib
 from collections import defaultdict
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,9 +70,11 @@ class ServerApp:
         self.registry = Registry(data_dir, broker_url=broker_url)
         self.ingestor = Ingestor(self.registry.engine)
         self.store = DirectoryStore(self.registry.store)
-        #: (topic, payload, monotonic time received)
-        self.queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=100_000)
-        self.workers = workers
+        #: One queue per worker of (topic, payload, monotonic time received); a device's messages always go to
+        #: the same worker, so workers never wait on each other's device rows (see Ingestor._lock_devices).
+        self.queues: list[queue.Queue[tuple[str, bytes, float] | None]] = [
+            queue.Queue(maxsize=100_000 // max(workers, 1)) for _ in range(max(workers, 1))]
+        self.workers = max(workers, 1)
         self.drift_interval = drift_interval
         self.holder = f"server-{uuid.uuid4().hex[:8]}"
         #: Steps active rollouts every ``rollout_interval`` seconds (0: this replica never does).
@@ -113,7 +116,7 @@ class ServerApp:
         client.loop_start()
         self.client = client
         for i in range(self.workers):
-            self._spawn(self._work, f"worker-{i}")
+            self._spawn(lambda i=i: self._work(self.queues[i]), f"worker-{i}")
         if self.drift_interval > 0:  # 0: this replica leaves drift to the others
             self._spawn(self._drift_loop, "drift")
         if self.rollout_interval > 0:
@@ -135,8 +138,8 @@ class ServerApp:
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
-        for _ in range(self.workers):
-            self.queue.put(None)  # after the backlog: the workers drain it first
+        for q in self.queues:
+            q.put(None)  # after the backlog: the workers drain it first
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -168,25 +171,29 @@ class ServerApp:
         client.subscribe(server_subscriptions(shared=True))
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
+        device = topic.split("/", 4)[3] if topic.count("/") >= 4 else topic
         try:
-            self.queue.put_nowait((topic, payload, time.monotonic()))
+            self.queues[zlib.crc32(device.encode()) % self.workers].put_nowait((topic, payload, time.monotonic()))
         except queue.Full:
             self.ingestor.dropped["overload"] += 1
 
-    def _work(self) -> None:
+    def queued(self) -> int:
+        return sum(q.qsize() for q in self.queues)
+
+    def _work(self, q: queue.Queue[tuple[str, bytes, float] | None]) -> None:
         """Take what is queued (up to a batch), serve chunk requests, ingest the rest in one transaction."""
         while True:
-            item = self.queue.get()
+            item = q.get()
             if item is None:
                 return
             batch = [item]
             while len(batch) < _BATCH:
                 try:
-                    more = self.queue.get_nowait()
+                    more = q.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    self.queue.put(None)
+                    q.put(None)
                     break
                 batch.append(more)
             reports = []
@@ -322,7 +329,7 @@ class ServerApp:
         with Session(self.registry.engine) as db:
             online = len(db.exec(select(Device.id).where(Device.status == "online")).all())
         lines = ["# TYPE edgeherd_server_devices_online gauge", f"edgeherd_server_devices_online {online}",
-                 "# TYPE edgeherd_server_queue_depth gauge", f"edgeherd_server_queue_depth {self.queue.qsize()}",
+                 "# TYPE edgeherd_server_queue_depth gauge", f"edgeherd_server_queue_depth {self.queued()}",
                  "# TYPE edgeherd_server_chunks_sent_total counter", f"edgeherd_server_chunks_sent_total "
                  f"{self.chunks_sent}", "# TYPE edgeherd_server_chunks_shared_total counter",
                  f"edgeherd_server_chunks_shared_total {self.chunks_shared}",

@@ -63,17 +63,22 @@ class Ingestor:
             return self._drop("impersonation", device_id, f"payload claims device {msg.device_id!r}")
         return device_id, kind, msg
 
-    def _lock_devices(self, db: Session, ids: set[str]) -> dict[str, Device]:
-        """Read the batch's device rows for update: another worker or replica holding one of them waits, and
-        reads what this batch committed, so two batches can never both apply a device's state from the same
-        old row (the later-committing one would write back an older ``seq``). PostgreSQL: row locks, taken
-        in id order (no deadlocks); SQLite: its write lock, taken before reading."""
-        q = select(Device).where(col(Device.id).in_(ids)).order_by(col(Device.id))
+    def _lock_devices(self, db: Session, ids: set[str], states: set[str]) -> dict[str, Device]:
+        """Read the batch's device rows; those with a state message in the batch for update: another worker
+        or replica holding one of them waits, and reads what this batch committed, so two batches can never
+        both apply a device's state from the same old row (the later-committing one would write back an older
+        ``seq``). PostgreSQL: row locks on the devices whose state changes, taken in id order (no deadlocks);
+        SQLite: its write lock, taken before reading."""
         if self.engine.dialect.name == "sqlite":
             db.connection().exec_driver_sql("UPDATE devices SET id = id WHERE 1 = 0")
-        else:
-            q = q.with_for_update()
-        return {d.id: d for d in db.exec(q).all()}
+        out: dict[str, Device] = {}
+        if states and self.engine.dialect.name != "sqlite":
+            q = select(Device).where(col(Device.id).in_(states)).order_by(col(Device.id)).with_for_update()
+            out.update({d.id: d for d in db.exec(q).all()})
+        rest = ids - set(out)
+        if rest:
+            out.update({d.id: d for d in db.exec(select(Device).where(col(Device.id).in_(rest))).all()})
+        return out
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Ingest one message; returns "ok", "duplicate", "stale" or the reason it was dropped."""
@@ -86,7 +91,8 @@ class Ingestor:
         now = datetime.now(timezone.utc)
         with Session(self.engine) as db:
             wanted = {item[0] for item in checked if not isinstance(item, str)}
-            devices = self._lock_devices(db, wanted) if wanted else {}
+            states = {item[0] for item in checked if not isinstance(item, str) and item[1] is TopicKind.STATE}
+            devices = self._lock_devices(db, wanted, states) if wanted else {}
             windows: dict[Any, list[tuple[int, dict[str, Any]]]] = {TelemetryRow: [], StatsWindow: []}
             for item, (_, payload) in zip(checked, messages, strict=True):
                 if isinstance(item, str):

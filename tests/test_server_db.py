@@ -146,8 +146,8 @@ def test_two_batches_with_states_of_one_device_never_write_back_an_older_state(e
     read = ing._lock_devices
     slow = threading.local()
 
-    def lock_then_dawdle(db, ids):
-        rows = read(db, ids)
+    def lock_then_dawdle(db, ids, states):
+        rows = read(db, ids, states)
         if getattr(slow, "on", False):
             _time.sleep(0.5)
         return rows

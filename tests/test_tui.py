@@ -52,7 +52,7 @@ def fleet(tmp_path_factory, digits_bundle):
                        reference=manifest.reference, manifest_sha256=digest, running=(digest, "digits-onnx-int8"),
                        drifting=frozenset({"lab-03"}), drift=3.0, follow_desired=True))
     deadline = time.monotonic() + 30
-    while app.queue.qsize() and time.monotonic() < deadline:
+    while app.queued() and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)
     assert app.evaluate_drift() > 0
