@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing as mp
-import os
 import subprocess
 import tempfile
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +30,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.download import download_slot, missing_ranges
 from protocol import (
-    ArtifactEntry,
     ChunkRequest,
-    Manifest,
-    Precision,
-    RuntimeRequirement,
-    Target,
-    TensorSpec,
     TopicKind,
     artifact_topic,
     decode_chunk,
     device_topic,
     encode,
-    generate_signing_key,
-    private_key_to_pem,
-    public_key_to_pem,
 )
-from protocol._model import encode_model
-from protocol.signing import sign_manifest
 from server.app import ServerApp
+from tests.server_helpers import blob_bundle, server_dir
 
 CHUNK = 64 * 1024
 
@@ -148,23 +136,9 @@ def main() -> None:
     args = ap.parse_args()
     size = args.mib * 1024 * 1024
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        key = generate_signing_key()
-        (data / "keys").mkdir(parents=True)
-        (data / "keys" / "signing.key").write_bytes(private_key_to_pem(key))
-        (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
-        blob = os.urandom(size)
+        data, key = server_dir(Path(tmp) / "data")
+        bundle, blob, _ = blob_bundle(Path(tmp) / "bundle", key, model="big", size=size)
         sha = hashlib.sha256(blob).hexdigest()
-        bundle = Path(tmp) / "bundle"
-        (bundle / "artifacts").mkdir(parents=True)
-        (bundle / "artifacts" / sha).write_bytes(blob)
-        art = ArtifactEntry(name="big", target=Target.ONNX, precision=Precision.FP32, sha256=sha, size=size,
-                            runtime=RuntimeRequirement(name="onnxruntime", min_version="1.17"),
-                            inputs=[TensorSpec(name="x", shape=[-1, 1], dtype="float32")],
-                            outputs=[TensorSpec(name="y", shape=[-1, 1], dtype="float32")])
-        m = Manifest(model="big", version="1.0.0", created_at=datetime.now(timezone.utc), task="classification",
-                     artifacts=[art])
-        (bundle / "manifest.json").write_bytes(encode_model(sign_manifest(m, key)))
         payload = Path(tmp) / "chunk.bin"
         payload.write_bytes(blob[:CHUNK])
 
@@ -175,7 +149,7 @@ def main() -> None:
             ids = [f"fan-{i:03d}" for i in range(args.devices)]
             passwords = reg.add_devices_bulk(ids, "simulated")
             for d in ids:
-                reg.deploy("big", "1.0.0", d, "big")
+                reg.deploy("big", "1.0.0", d, "blob")
             raw = _baseline("127.0.0.1", reg.broker.port, "edgeherd-server", reg.broker.server_password(), payload,
                             args.devices, size)
             ctx = mp.get_context("spawn")

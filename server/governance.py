@@ -57,8 +57,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["OPERATORS_FILE", "Governance", "GovernanceError", "OperatorEntry", "OperatorsConfig", "Permission",
-           "Role", "Stage", "Transition", "approve", "check_deploy", "check_rollout", "current_operator",
+__all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "Governance", "GovernanceError", "OperatorEntry", "OperatorsConfig",
+           "Permission", "Role", "Stage", "Transition", "approve", "check_deploy", "check_rollout", "current_operator",
            "find_version", "is_production_target", "load_operators", "mark_deployed", "promote", "reject", "retire",
            "subject", "version_card"]
 
@@ -121,6 +121,13 @@ _MIN_ROLE: dict[Permission, Role] = {p: Role.OPERATOR for p in Permission} | {
     Permission.APPROVE: Role.APPROVER,
     Permission.REJECT: Role.APPROVER,
     Permission.RETIRE: Role.ADMIN,
+}
+
+
+#: The permission each rollout command needs.
+ROLLOUT_COMMANDS: dict[str, Permission] = {
+    "pause": Permission.PAUSE_ROLLOUT, "resume": Permission.RESUME_ROLLOUT,
+    "abort": Permission.ABORT_ROLLOUT, "rollback": Permission.ROLLBACK_ROLLOUT,
 }
 
 
@@ -448,9 +455,11 @@ def check_rollout(db: Session, version: ModelVersion, *, production: bool) -> No
                               f"by someone else (four-eyes)")
 
 
-def check_deploy(db: Session, version: ModelVersion, device_groups: list[str], config: OperatorsConfig) -> None:
-    """A direct deploy to one device obeys the rollout rules: production devices need an approved version."""
-    check_rollout(db, version, production=is_production_target(config, device_groups))
+def check_deploy(db: Session, ref: str, device_id: str, config: OperatorsConfig) -> None:
+    """A direct deploy of ``ref`` (NAME:VERSION) to one device obeys the rollout rules: a device in a production
+    group takes approved versions only."""
+    device = db.get(Device, device_id)
+    check_rollout(db, find_version(db, ref), production=is_production_target(config, device.groups if device else []))
 
 
 # -- the lineage view ----------------------------------------------------------------------------

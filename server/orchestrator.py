@@ -32,6 +32,7 @@ from protocol import SignedManifest
 from protocol.ids import is_device_id
 from server import audit, leases
 from server.db.models import Device, DriftReportRow, GateEvaluation, ModelVersion, Rollout, RolloutDevice, TelemetryRow
+from server.governance import ROLLOUT_COMMANDS, Governance, Permission, check_rollout, find_version
 from server.registry import PREFERENCE, Registry, RegistryError, choose_artifact
 from server.rollouts import (
     ACTIVE,
@@ -51,8 +52,8 @@ from server.rollouts import (
     soak_start,
 )
 
-__all__ = ["Orchestrator", "RolloutError", "command_rollout", "create_rollout", "describe", "resolve_target",
-           "rollout_view", "store_view", "target_devices"]
+__all__ = ["Orchestrator", "RolloutError", "command_governed", "command_rollout", "create_rollout", "describe",
+           "resolve_target", "rollout_view", "start_governed", "store_view", "target_devices"]
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +390,33 @@ def command_rollout(registry: Registry, name: str, command: str, actor: str, rea
     return out[0]
 
 
+def start_governed(registry: Registry, governance: Governance, actor: str, *, name: str, model: str,
+                   target: dict[str, list[str]], spec: RolloutSpec, production: bool = False,
+                   artifact: str | None = None) -> Rollout:
+    """:func:`create_rollout` as an operator asks for it (CLI and TUI): their role must allow it, and the version
+    must be fit for the target, which is production when ``production`` says so, when it names a production
+    group, or when it reaches a device in one (by tag or name). GovernanceError or RolloutError otherwise."""
+    governance.require(actor, Permission.START_ROLLOUT)
+    with Session(registry.engine) as db:
+        version = find_version(db, model)  # GovernanceError unless NAME:VERSION of a registered version
+        model_name, version_name = version.name, version.version
+        reached = {g for d in target_devices(db, target) for g in d.groups}
+        production = production or governance.is_production(sorted(reached | set(target.get("groups", []))))
+        check_rollout(db, version, production=production)
+    return create_rollout(registry, name=name, model=model_name, version=version_name, target=target, spec=spec,
+                          actor=actor, production=production, artifact=artifact)
+
+
+def command_governed(registry: Registry, governance: Governance, actor: str, name: str, command: str,
+                     reason: str | None = None) -> RolloutView:
+    """:func:`command_rollout` as an operator asks for it: their role must allow that command."""
+    permission = ROLLOUT_COMMANDS.get(command)
+    if permission is None:
+        raise RolloutError(f"unknown command {command!r} ({', '.join(ROLLOUT_COMMANDS)})")
+    governance.require(actor, permission)
+    return command_rollout(registry, name, command, actor, reason)
+
+
 # -- the loop -----------------------------------------------------------------------------------------
 
 
@@ -415,7 +443,7 @@ class Orchestrator:
             self._client = None
 
     def _production_groups(self) -> set[str]:
-        from server.governance import Governance, GovernanceError
+        from server.governance import GovernanceError
 
         try:
             return set(Governance.load(self.registry.data).config.production_groups)

@@ -1,11 +1,14 @@
-"""A server data directory with a signing key, and small signed bundles of random bytes to push to it."""
+"""A server data directory with a signing key, small signed bundles of random bytes to push to it, and a wait."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -49,3 +52,14 @@ def blob_bundle(path: Path, key: Ed25519PrivateKey, *, model: str = "blob", vers
                  artifacts=[art], author=author)
     (path / "manifest.json").write_bytes(encode_model(sign_manifest(m, key)))
     return path, blob, manifest_digest(m)
+
+
+def wait_for(fn: Callable[[], Any], timeout: float = 60.0, what: str = "condition", poll: float = 0.2) -> Any:
+    """``fn()``'s first truthy value, asked every ``poll`` seconds; fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)

@@ -26,6 +26,7 @@ from server.app import ServerApp
 from server.db.models import Device, TelemetryRow
 from tests._mosquitto import free_port
 from tests.agent_harness import AgentProcess
+from tests.server_helpers import wait_for
 from toolchain.data import load_digits
 
 # Slow as well, for now: on a loaded machine a broker SIGKILL has lost the two windows every agent had in
@@ -33,15 +34,6 @@ from toolchain.data import load_digits
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
 N = 6
 
-
-def _wait(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def _status(reg, device: str) -> str:
@@ -77,7 +69,7 @@ def test_broker_killed_and_an_agent_frozen_past_its_keepalive_lose_no_window(dig
             with Session(reg.engine) as db:
                 return all(d.running_artifact and d.install_step == "done" for d in db.exec(select(Device)))
 
-        _wait(running, 120, "every agent to install v1")
+        wait_for(running, 120, "every agent to install v1")
         x = load_digits().x[:64]
 
         def traffic() -> None:
@@ -100,18 +92,18 @@ def test_broker_killed_and_an_agent_frozen_past_its_keepalive_lose_no_window(dig
         assert reg.broker.proc is not None
         reg.broker.proc.send_signal(signal.SIGKILL)
         faults.append(("broker SIGKILLed under traffic", "restarted by the server's supervisor"))
-        _wait(lambda: reg.broker.alive(), 30, "the broker to be restarted")
+        wait_for(lambda: reg.broker.alive(), 30, "the broker to be restarted")
         time.sleep(4)
 
         # 2. an agent frozen (SIGSTOP: its socket stays open) past 1.5 × its keepalive, then thawed
         frozen = agents["chaos-2"]
         os.kill(frozen.proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        _wait(lambda: _status(reg, "chaos-2") == "offline", 30, "the broker to publish chaos-2's will")
+        wait_for(lambda: _status(reg, "chaos-2") == "offline", 30, "the broker to publish chaos-2's will")
         os.kill(frozen.proc.pid, signal.SIGCONT)
         faults.append((f"agent SIGSTOPped {time.monotonic() - stopped:.0f} s (keepalive 5 s)",
                        "marked offline by its will, then back"))
-        _wait(lambda: _status(reg, "chaos-2") == "online", 60, "chaos-2 to reconnect")
+        wait_for(lambda: _status(reg, "chaos-2") == "online", 60, "chaos-2 to reconnect")
         time.sleep(4)
         stop_traffic.set()
         t.join(10)

@@ -12,24 +12,10 @@ from server.cli import app
 from server.db.models import Approval, AuditEntry, ModelVersion, Rollout
 from server.registry import Registry
 from tests.server_helpers import blob_bundle, server_dir
+from tests.tui_state import OPERATORS
 
 pytestmark = pytest.mark.integration
 
-OPERATORS = """
-production_groups = ["prod"]
-
-[[operator]]
-name = "alice"
-role = "approver"
-
-[[operator]]
-name = "bob"
-role = "approver"
-
-[[operator]]
-name = "dave"
-role = "viewer"
-"""
 
 
 @pytest.fixture

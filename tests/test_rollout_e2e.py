@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from server.db.models import AuditEntry, Device, GateEvaluation, Rollout, Rollou
 from server.orchestrator import create_rollout
 from server.rollouts import Gates, RolloutSpec
 from server.simulate import Behaviour, SimConfig, simulate
-from tests.server_helpers import blob_bundle, server_dir
+from tests.server_helpers import blob_bundle, server_dir, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,15 +28,6 @@ N = 20
 SPEC = RolloutSpec(soak_s=1.5, install_timeout_s=30, gates=Gates(min_requests=20, error_margin=0.05,
                                                                   min_drift_windows=0))
 
-
-def _wait(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 class Fleet:
@@ -61,7 +51,7 @@ class Fleet:
                         requests_per_window=20)
         self.sim = threading.Thread(target=simulate, args=(cfg, self.stop), daemon=True)
         self.sim.start()
-        _wait(lambda: self.running(self.v1) == N, 60, "the simulated fleet to report version 1.0.0")
+        wait_for(lambda: self.running(self.v1) == N, 60, "the simulated fleet to report version 1.0.0")
 
     def running(self, manifest: str) -> int:
         with Session(self.app.registry.engine) as db:
@@ -103,7 +93,7 @@ def _start(f: Fleet, spec: RolloutSpec = SPEC) -> None:
 def test_a_good_version_rolls_out_in_waves_and_completes(fleet):
     f = fleet(bad_new=False)
     _start(f)
-    _wait(lambda: f.rollout().state == "completed", 120, "the rollout to complete")
+    wait_for(lambda: f.rollout().state == "completed", 120, "the rollout to complete")
     assert f.running(f.v2) == N
     actions = [e.action for e in f.audit()]
     assert actions[0] == "rollout.create" and actions[-1] == "rollout.completed"
@@ -124,8 +114,8 @@ def test_a_good_version_rolls_out_in_waves_and_completes(fleet):
 def test_a_version_with_a_doubled_error_rate_stops_at_the_canary_and_rolls_it_back(fleet):
     f = fleet(bad_new=True)
     _start(f)
-    _wait(lambda: f.rollout().state == "rolled_back", 120, "the rollout to roll back")
-    _wait(lambda: f.running(f.v1) == N, 30, "every device to run 1.0.0 again")
+    wait_for(lambda: f.rollout().state == "rolled_back", 120, "the rollout to roll back")
+    wait_for(lambda: f.running(f.v1) == N, 30, "every device to run 1.0.0 again")
     with Session(f.app.registry.engine) as db:
         assert len(db.exec(select(RolloutDevice)).all()) == 1  # only the canary was ever touched
         failed_gate = db.exec(select(GateEvaluation).where(GateEvaluation.verdict == "fail")).one()
@@ -153,13 +143,13 @@ def test_a_server_killed_mid_rollout_finishes_it_after_a_restart_as_if_nothing_h
     proc = _server(f.data, broker, log)
     try:
         _start(f)
-        _wait(lambda: f.rollout().wave >= 2, 120, "the rollout to reach its third wave")
+        wait_for(lambda: f.rollout().wave >= 2, 120, "the rollout to reach its third wave")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         killed_at = f.rollout()
         assert killed_at.state == "running", killed_at.state
         proc = _server(f.data, broker, log)
-        _wait(lambda: f.rollout().state == "completed", 120, "the restarted server to finish the rollout")
+        wait_for(lambda: f.rollout().state == "completed", 120, "the restarted server to finish the rollout")
     finally:
         proc.terminate()
         proc.wait(30)

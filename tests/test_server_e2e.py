@@ -4,7 +4,6 @@ reports land in the database, drift is scored; then revoke, and the device is cu
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import pytest
@@ -16,19 +15,11 @@ from server.broker import SERVER_USER
 from server.db.models import Device, DriftReportRow, StatsWindow, TelemetryRow
 from tests._mosquitto import free_port
 from tests.agent_harness import AgentProcess
+from tests.server_helpers import wait_for
 from toolchain.data import load_digits
 
 pytestmark = pytest.mark.integration
 
-
-def _wait(fn, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
@@ -63,7 +54,7 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
                 d = db.get(Device, "pi-1")
                 return d if d and d.running_artifact == "digits-onnx-int8" and d.install_step == "done" else None
 
-        device = _wait(running, 90, "the agent to install the bundle")
+        device = wait_for(running, 90, "the agent to install the bundle")
         # the agent listened on the artifact's broadcast topic and asked for a shared answer
         int8 = next(a for a in digits_bundle.signed.manifest.artifacts if a.name == "digits-onnx-int8")
         shared = watcher.drain(0.5)
@@ -86,7 +77,7 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
                                                                TelemetryRow.requests > 0)).all()
                 return (stats, telemetry) if stats and telemetry else None
 
-        stats, telemetry = _wait(reported, 60, "telemetry and statistics in the database")
+        stats, telemetry = wait_for(reported, 60, "telemetry and statistics in the database")
         assert sum(s.n for s in stats) == 40 and sum(t.requests for t in telemetry) == 1
         assert app.evaluate_drift() >= 1
         with Session(app.registry.engine) as db:
@@ -100,7 +91,7 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
 
         with pytest.raises(ConnectRefused):
             TestClient(_B, "pi-1", password)  # type: ignore[arg-type]
-        _wait(lambda: "refused" in (tmp_path / "agent.log").read_text() or "Not authorized" in (
+        wait_for(lambda: "refused" in (tmp_path / "agent.log").read_text() or "Not authorized" in (
             tmp_path / "agent.log").read_text(), 30, "the agent to be refused")
         with Session(app.registry.engine) as db:
             assert db.get(Device, "pi-1").revoked

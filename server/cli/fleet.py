@@ -227,8 +227,7 @@ def deploy_command(
     """Set one device's desired state to a registered version (published retained)."""
     from sqlmodel import Session
 
-    from server.db.models import Device
-    from server.governance import Governance, GovernanceError, check_deploy, find_version
+    from server.governance import Governance, GovernanceError, check_deploy
     from server.registry import RegistryError
 
     actor = _actor(ctx, data_dir, "DEPLOY")
@@ -236,8 +235,7 @@ def deploy_command(
     try:
         registry = _registry(data_dir, broker)
         with Session(registry.engine) as db:  # production devices take approved versions only
-            target = db.get(Device, device)
-            check_deploy(db, find_version(db, ref), target.groups if target else [], Governance.load(data_dir).config)
+            check_deploy(db, ref, device, Governance.load(data_dir).config)
         desired = registry.deploy(name, version, device, artifact, actor=actor)
     except (RegistryError, GovernanceError) as exc:
         _fail(exc)

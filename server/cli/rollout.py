@@ -73,16 +73,12 @@ def start(
 ) -> None:
     """Record a rollout; the running server starts it on its next step."""
     from pydantic import ValidationError
-    from sqlmodel import Session
 
-    from server.governance import Governance, GovernanceError, Permission, check_rollout, find_version
-    from server.orchestrator import RolloutError, create_rollout, target_devices
+    from server.governance import Governance, GovernanceError
+    from server.orchestrator import RolloutError, start_governed
     from server.registry import Registry, RegistryError
     from server.rollouts import Gates, RolloutSpec
 
-    model_name, sep, version = model.partition(":")
-    if not sep:
-        _fail(f"--model {model!r}: give NAME:VERSION")
     try:
         spec = RolloutSpec(strategy=strategy, waves=tuple(_split([waves])), soak_s=soak,
                            install_timeout_s=install_timeout, failure_threshold_pct=failure_threshold,
@@ -94,20 +90,12 @@ def start(
         _fail("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
     target = {"groups": _split(group), "tags": _split(tag), "devices": _split(device)}
     try:
-        actor = acting_operator(ctx)
-        gov = Governance.load(data_dir)
-        gov.require(actor, Permission.START_ROLLOUT)
-        registry = Registry(data_dir, broker_url=broker)
-        with Session(registry.engine) as db:
-            # production if the target names a production group, or reaches a device in one (by tag or name)
-            reached = {g for d in target_devices(db, target) for g in d.groups}
-            is_production = production or gov.is_production(sorted(reached | set(target["groups"])))
-            check_rollout(db, find_version(db, model), production=is_production)
-        row = create_rollout(registry, name=name, model=model_name, version=version, target=target, spec=spec,
-                             actor=actor, production=is_production, artifact=artifact)
+        row = start_governed(Registry(data_dir, broker_url=broker), Governance.load(data_dir), acting_operator(ctx),
+                             name=name, model=model, target=target, spec=spec, production=production,
+                             artifact=artifact)
     except (GovernanceError, RolloutError, RegistryError) as exc:
         _fail(exc)
-    console.print(f"rollout [bold]{row.name}[/] of {model} recorded ({'production, ' if is_production else ''}"
+    console.print(f"rollout [bold]{row.name}[/] of {model} recorded ({'production, ' if row.production else ''}"
                   f"waves {', '.join(spec.effective_waves())}, soak {spec.soak_s:g} s); the server starts it")
 
 
@@ -176,16 +164,13 @@ def show(name: Name, data_dir: DataDir = Path("data"), broker: Broker = None) ->
 
 def _command(ctx: typer.Context, name: str, command: str, reason: str | None, data_dir: Path,
              broker: str | None) -> None:
-    from server.governance import Governance, GovernanceError, Permission
-    from server.orchestrator import RolloutError, command_rollout
+    from server.governance import Governance, GovernanceError
+    from server.orchestrator import RolloutError, command_governed
     from server.registry import Registry, RegistryError
 
-    permission = {"pause": Permission.PAUSE_ROLLOUT, "resume": Permission.RESUME_ROLLOUT,
-                  "abort": Permission.ABORT_ROLLOUT, "rollback": Permission.ROLLBACK_ROLLOUT}[command]
     try:
-        actor = acting_operator(ctx)
-        Governance.load(data_dir).require(actor, permission)
-        view = command_rollout(Registry(data_dir, broker_url=broker), name, command, actor, reason)
+        view = command_governed(Registry(data_dir, broker_url=broker), Governance.load(data_dir),
+                                acting_operator(ctx), name, command, reason)
     except (GovernanceError, RolloutError, RegistryError) as exc:
         _fail(exc)
     console.print(f"rollout [bold]{name}[/] is now {view.state.value}")

@@ -36,18 +36,16 @@ from server.governance import (
     Permission,
     approve,
     check_deploy,
-    check_rollout,
     find_version,
     reject,
 )
 from server.orchestrator import (
     RolloutError,
-    command_rollout,
-    create_rollout,
+    command_governed,
     describe,
     resolve_target,
     rollout_view,
-    target_devices,
+    start_governed,
 )
 from server.registry import Registry, RegistryError
 from server.rollouts import RolloutSpec, wave_sizes
@@ -375,27 +373,16 @@ class FleetData:
     # -- actions --------------------------------------------------------------------------------
 
     def start_rollout(self, *, name: str, model: str, target: dict[str, list[str]], spec: RolloutSpec) -> None:
-        self._require(Permission.START_ROLLOUT)
-        model_name, sep, version = model.partition(":")
-        if not sep:
-            raise ActionError(f"model {model!r}: give NAME:VERSION")
         try:
-            with Session(self.registry.engine) as db:
-                reached = {g for d in target_devices(db, target) for g in d.groups}
-                production = self.governance.is_production(sorted(reached | set(target.get("groups", []))))
-                check_rollout(db, find_version(db, model), production=production)
-            create_rollout(self.registry, name=name, model=model_name, version=version, target=target, spec=spec,
-                           actor=self.actor, production=production)
+            start_governed(self.registry, self.governance, self.actor, name=name, model=model, target=target,
+                           spec=spec)
         except (GovernanceError, RolloutError, RegistryError) as exc:
             raise ActionError(str(exc)) from None
 
     def command(self, name: str, command: str, reason: str | None = None) -> None:
-        permission = {"pause": Permission.PAUSE_ROLLOUT, "resume": Permission.RESUME_ROLLOUT,
-                      "abort": Permission.ABORT_ROLLOUT, "rollback": Permission.ROLLBACK_ROLLOUT}[command]
-        self._require(permission)
         try:
-            command_rollout(self.registry, name, command, self.actor, reason)
-        except (RolloutError, RegistryError) as exc:
+            command_governed(self.registry, self.governance, self.actor, name, command, reason)
+        except (GovernanceError, RolloutError, RegistryError) as exc:
             raise ActionError(str(exc)) from None
 
     def decide(self, ref: str, decision: str, reason: str) -> None:
@@ -428,8 +415,7 @@ class FleetData:
         name, _, version = ref.partition(":")
         try:
             with Session(self.registry.engine) as db:  # production devices take approved versions only
-                target = db.get(Device, device_id)
-                check_deploy(db, find_version(db, ref), target.groups if target else [], self.governance.config)
+                check_deploy(db, ref, device_id, self.governance.config)
             self.registry.deploy(name, version, device_id, actor=self.actor)
         except (RegistryError, GovernanceError) as exc:
             raise ActionError(str(exc)) from None

@@ -19,7 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, ProgressBar, Sparkline, Static
 
-from server.governance import Permission
+from server.governance import ROLLOUT_COMMANDS, Permission
 from server.tui.data import ActionError, DeviceRow, FleetData
 from server.tui.modals import (
     ConfirmModal,
@@ -445,9 +445,7 @@ class RolloutsScreen(Loading):
         yield Footer()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        perms = {"new": Permission.START_ROLLOUT, "pause": Permission.PAUSE_ROLLOUT,
-                 "resume": Permission.RESUME_ROLLOUT, "abort": Permission.ABORT_ROLLOUT,
-                 "rollback": Permission.ROLLBACK_ROLLOUT}
+        perms = {"new": Permission.START_ROLLOUT, **ROLLOUT_COMMANDS}
         if action in perms:
             return self.allowed(perms[action])
         return True
