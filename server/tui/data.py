@@ -185,22 +185,27 @@ class FleetData:
             self._versions = {v.manifest_sha256: f"{v.name}:{v.version}" for v in db.exec(select(ModelVersion))}
         return self._versions
 
-    def devices(self) -> list[DeviceRow]:
+    def devices(self, only: str | None = None) -> list[DeviceRow]:
+        """Every device's row (or only device ``only``'s)."""
         now = self.clock()
         with Session(self.registry.engine) as db:
             names = self._names(db)
             since = now - RECENT
-            health = {r[0]: r[1:] for r in db.connection().execute(
-                sa_select(col(TelemetryRow.device_id), func.sum(TelemetryRow.requests), func.sum(TelemetryRow.errors),
-                       func.sum(col(TelemetryRow.p95_ms) * col(TelemetryRow.requests)),
-                       func.sum(TelemetryRow.requests).filter(col(TelemetryRow.p95_ms).is_not(None)))
-                .where(col(TelemetryRow.received_at) >= since).group_by(col(TelemetryRow.device_id)))}
-            latest = select(func.max(DriftReportRow.id)).where(DriftReportRow.scope == "device").group_by(
-                col(DriftReportRow.device_id))
+            q = sa_select(col(TelemetryRow.device_id), func.sum(TelemetryRow.requests), func.sum(TelemetryRow.errors),
+                          func.sum(col(TelemetryRow.p95_ms) * col(TelemetryRow.requests)),
+                          func.sum(TelemetryRow.requests).filter(col(TelemetryRow.p95_ms).is_not(None))).where(
+                col(TelemetryRow.received_at) >= since)
+            latest = select(func.max(DriftReportRow.id)).where(DriftReportRow.scope == "device")
+            devices = select(Device)
+            if only is not None:
+                q = q.where(col(TelemetryRow.device_id) == only)
+                latest = latest.where(DriftReportRow.device_id == only)
+                devices = devices.where(Device.id == only)
+            health = {r[0]: r[1:] for r in db.connection().execute(q.group_by(col(TelemetryRow.device_id)))}
             drift = {r[0]: r[1] for r in db.exec(select(DriftReportRow.device_id, DriftReportRow.score).where(
-                col(DriftReportRow.id).in_(latest)))}
+                col(DriftReportRow.id).in_(latest.group_by(col(DriftReportRow.device_id)))))}
             out = []
-            for d in db.exec(select(Device)):
+            for d in db.exec(devices):
                 req, err, p95w, p95n = health.get(d.id, (0, 0, None, None))
                 out.append(DeviceRow(
                     id=d.id, profile=d.profile, groups=",".join(d.groups), tags=",".join(d.tags),
@@ -213,7 +218,7 @@ class FleetData:
         return out
 
     def device(self, device_id: str) -> DeviceDetail:
-        rows = {r.id: r for r in self.devices()}
+        rows = {r.id: r for r in self.devices(only=device_id)}  # the device screen needs one row, not the fleet
         if device_id not in rows:
             raise ActionError(f"no device {device_id}")
         with Session(self.registry.engine) as db:
