@@ -67,6 +67,9 @@ class AgentConfig(BaseModel):
     window_samples: int = Field(10_000, ge=1, le=10_000_000)
     #: Windows kept while offline; beyond this the oldest are dropped (and counted).
     queue_max_windows: int = Field(10_000, ge=10, le=10_000_000)
+    #: A report the broker acknowledged but the server has not confirmed (receipt) within this many
+    #: seconds is sent again; the server stores it once.
+    receipt_timeout_s: float = Field(30.0, ge=1, le=86400)
     #: MQTT keep-alive in seconds; the broker marks the device offline after 1.5 × this.
     keepalive: int = Field(30, ge=5, le=3600)
     #: Threads per inference session.

@@ -8,7 +8,8 @@ makes the broker take the new password instead of the old. The next
 connection logs in with the new password. A broker that re-checks connected
 clients when its password file changes (Mosquitto does, on reload) ends the
 connection made with the old password at that moment; the agent, expecting
-it, reconnects at once.
+it, reconnects at once and resumes its MQTT session (agent/session.py), so
+what was sent to it in between is delivered.
 
 Should the acknowledgement never reach the server, the broker keeps the old
 password. So the agent tries the current password first and the previous ones

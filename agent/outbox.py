@@ -1,10 +1,15 @@
 """Store-and-forward queue for telemetry and statistics, in SQLite.
 
-Every report is appended here first and deleted only when the broker has
-acknowledged it (PUBACK), so windows produced while offline, or before a
-restart, are sent in order once the device is back. The queue is bounded:
-when full, the oldest rows are dropped and the drop is counted, and the
-count is reported in the next telemetry window.
+Every report is appended here first, under a key naming its window
+(``telemetry:{session}:{window_seq}``), and deleted only when the server's
+receipt names that key (:meth:`Outbox.confirm`). The broker's PUBACK only
+marks the row sent (:meth:`Outbox.sent`): a broker that dies before
+delivering it loses it, so a row sent but not confirmed is offered again
+after a while (:meth:`Outbox.pending`'s ``resend_before``) and after every
+reconnection (:meth:`Outbox.resend_all`). Windows produced while offline, or
+before a restart, are sent in order once the device is back. The queue is
+bounded: when full, the oldest rows are dropped and the drop is counted, and
+the count is reported in the next telemetry window.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Outbox", "Queued"]
+__all__ = ["Outbox", "Queued", "window_key"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,12 @@ class Queued:
     id: int
     topic: str
     payload: bytes
+    key: str | None = None
+
+
+def window_key(kind: str, session: int, window_seq: int) -> str:
+    """The outbox key of one window, as a receipt names it."""
+    return f"{kind}:{session}:{window_seq}"
 
 
 class Outbox:
@@ -37,13 +48,20 @@ class Outbox:
             "payload BLOB NOT NULL, created REAL NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "key" not in columns:  # an outbox written before receipts: its rows go on PUBACK, as they did
+            self._db.execute("ALTER TABLE outbox ADD COLUMN key TEXT")
+            self._db.execute("ALTER TABLE outbox ADD COLUMN sent REAL")
+        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_key ON outbox (key)")
 
-    def put(self, topic: str, payload: bytes) -> None:
+    def put(self, topic: str, payload: bytes, key: str | None = None) -> None:
+        """Queue a report; one with a ``key`` stays until :meth:`confirm` names it, one without until its
+        PUBACK (:meth:`sent`)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)",
-                                 (topic, payload, time.time()))
+                self._db.execute("INSERT INTO outbox (topic, payload, created, key) VALUES (?, ?, ?, ?)",
+                                 (topic, payload, time.time(), key))
                 (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
                 excess = count - self.max_rows
                 if excess > 0:
@@ -56,16 +74,50 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def peek(self, limit: int = 100, after: int = 0) -> list[Queued]:
-        """The oldest queued messages with id > ``after``, in order."""
+    def peek(self, limit: int = 100) -> list[Queued]:
+        """The oldest queued messages, in order, whatever their state."""
         with self._lock:
-            rows = self._db.execute("SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                                    (after, limit)).fetchall()
-        return [Queued(int(i), str(t), bytes(p)) for i, t, p in rows]
+            rows = self._db.execute("SELECT id, topic, payload, key FROM outbox ORDER BY id LIMIT ?",
+                                    (limit,)).fetchall()
+        return [Queued(int(i), str(t), bytes(p), k) for i, t, p, k in rows]
 
-    def ack(self, msg_id: int) -> None:
+    def pending(self, limit: int, exclude: set[int] | frozenset[int] = frozenset(),
+                resend_before: float | None = None) -> list[Queued]:
+        """The oldest messages to send now, in order: never sent, or (with ``resend_before``, a
+        :func:`time.time`) sent before it and still not confirmed; ids in ``exclude`` (in flight) left out."""
+        cutoff = -1.0 if resend_before is None else resend_before
         with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (msg_id,))
+            rows = self._db.execute(
+                "SELECT id, topic, payload, key FROM outbox WHERE (sent IS NULL OR sent < ?) ORDER BY id LIMIT ?",
+                (cutoff, limit + len(exclude))).fetchall()
+        return [Queued(int(i), str(t), bytes(p), k) for i, t, p, k in rows if int(i) not in exclude][:limit]
+
+    def sent(self, msg_id: int) -> None:
+        """The broker acknowledged ``msg_id``: a keyed row now waits for its receipt, any other goes."""
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id = ? AND key IS NULL", (msg_id,))
+            self._db.execute("UPDATE outbox SET sent = ? WHERE id = ?", (time.time(), msg_id))
+
+    def confirm(self, keys: list[str]) -> int:
+        """The server stored these windows: forget them. Returns how many rows went."""
+        if not keys:
+            return 0
+        with self._lock:
+            before = self._db.total_changes
+            for i in range(0, len(keys), 500):
+                part = keys[i:i + 500]
+                self._db.execute(f"DELETE FROM outbox WHERE key IN ({','.join('?' * len(part))})",  # noqa: S608
+                                 part)
+            return self._db.total_changes - before
+
+    def resend_all(self) -> None:
+        """Offer every sent but unconfirmed row again (after a reconnection: the broker may have lost them)."""
+        with self._lock:
+            self._db.execute("UPDATE outbox SET sent = NULL WHERE sent IS NOT NULL")
+
+    def awaiting_receipt(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NOT NULL").fetchone()[0])
 
     def __len__(self) -> int:
         with self._lock:

@@ -34,7 +34,7 @@ from agent.errors import AgentError, ConfigError
 from agent.files import atomic_write
 from agent.fingerprint import fingerprint
 from agent.install import ACTIVE_STEPS, MAX_ATTEMPTS, Event, InstallRecord, Step
-from agent.outbox import Outbox
+from agent.outbox import Outbox, window_key
 from agent.predictor import Predictor
 from agent.slots import SlotContents, Slots
 from agent.window import LATENCY_EDGES_MS
@@ -55,6 +55,7 @@ from protocol import (
     InstallStep,
     InvalidMessage,
     ProtocolError,
+    Receipt,
     RunningBundle,
     TopicError,
     TopicKind,
@@ -111,6 +112,9 @@ class Agent:
         self.download_timeout = download_timeout
         self.chunk_size = cfg.chunk_kib * 1024
         self.broadcast_dropped = 0
+        #: Reports the server's receipts confirmed (and the outbox forgot).
+        self.reports_confirmed = 0
+        self._receipt_topic = device_topic(cfg.device_id, TopicKind.RECEIPT)
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._deferred: deque[tuple[Any, ...]] = deque()
         self._reporter_q: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -344,6 +348,16 @@ class Agent:
         again for what it lacks), so a wave's traffic cannot fill a slow device's memory."""
         if parse_artifact_topic(topic) is not None and self.events.qsize() >= MAX_QUEUED_BROADCAST:
             self.broadcast_dropped += 1
+            return
+        if topic == self._receipt_topic:
+            try:
+                receipt = decode(Receipt, payload)
+            except InvalidMessage as exc:
+                log.warning("dropped a receipt: %s", exc)
+                return
+            if receipt.device_id == self.cfg.device_id:
+                self._reporter_q.put(("receipt", [window_key("telemetry", *k) for k in receipt.telemetry]
+                                      + [window_key("stats", *k) for k in receipt.stats]))
             return
         self.events.put(("msg", topic, payload))
 
@@ -714,9 +728,11 @@ class Agent:
             telemetry = telemetry.model_copy(update={"dropped_windows": dropped})
         self._window_seq += 1
         self._window_start = end
-        self.outbox.put(device_topic(self.cfg.device_id, TopicKind.TELEMETRY), encode(telemetry))
+        self.outbox.put(device_topic(self.cfg.device_id, TopicKind.TELEMETRY), encode(telemetry),
+                        window_key("telemetry", telemetry.session, telemetry.window_seq))
         if stats is not None:
-            self.outbox.put(device_topic(self.cfg.device_id, TopicKind.STATS), encode(stats))
+            self.outbox.put(device_topic(self.cfg.device_id, TopicKind.STATS), encode(stats),
+                            window_key("stats", stats.session, stats.window_seq))
         self._reporter_q.put(("drain",))
 
     def close_window_now(self, wait: float | None = None) -> None:
@@ -727,8 +743,7 @@ class Agent:
             done.wait(wait)
 
     def _report_loop(self) -> None:
-        sent: dict[int, int] = {}  # mqtt mid -> outbox id
-        last_id = 0
+        sent: dict[int, int] = {}  # mqtt mid -> outbox id, published and not yet PUBACKed
         while True:
             try:
                 ev = self._reporter_q.get(timeout=1.0)
@@ -750,17 +765,20 @@ class Agent:
             elif kind == "puback":
                 msg_id = sent.pop(ev[1], None)
                 if msg_id is not None and ev[2]:
-                    self.outbox.ack(msg_id)
+                    self.outbox.sent(msg_id)
+            elif kind == "receipt":
+                self.reports_confirmed += self.outbox.confirm(ev[1])
             elif kind in ("connected", "disconnected"):
                 sent.clear()
-                last_id = 0
+                if kind == "connected":
+                    self.outbox.resend_all()  # what the broker took before may have died with it
             if self.session.connected.is_set() and len(sent) < 20:
-                for item in self.outbox.peek(limit=20 - len(sent), after=last_id):
+                resend_before = time.time() - self.cfg.receipt_timeout_s
+                for item in self.outbox.pending(20 - len(sent), set(sent.values()), resend_before):
                     mid = self.session.publish(item.topic, item.payload)
                     if mid is None:
                         break
                     sent[mid] = item.id
-                    last_id = item.id
 
 
 def smoke_test(pred: Predictor) -> str | None:

@@ -2,6 +2,12 @@
 
 One network thread owns the paho client's loop. Callbacks only hand messages
 to the agent's queue, so nothing slow ever runs on the network thread.
+
+The broker keeps the session for :data:`SESSION_EXPIRY_S` after a connection
+ends. The first connection of a process starts a clean session; every
+reconnection resumes it, so subscriptions and the QoS 1 messages sent to the
+device while it was off (a command, say) survive a dropped connection, such
+as the one Mosquitto ends when a credential rotation changes the password.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -27,7 +34,10 @@ __all__ = ["Session"]
 
 log = logging.getLogger(__name__)
 
-SUBSCRIBED_KINDS = (TopicKind.DESIRED, TopicKind.COMMAND, TopicKind.ARTIFACT_CHUNK, TopicKind.ERROR)
+SUBSCRIBED_KINDS = (TopicKind.DESIRED, TopicKind.COMMAND, TopicKind.ARTIFACT_CHUNK, TopicKind.ERROR,
+                    TopicKind.RECEIPT)
+#: How long the broker keeps the session (subscriptions, queued QoS 1 messages) of a dropped connection.
+SESSION_EXPIRY_S = 60
 #: CONNACK reason codes that mean "wrong user name or password": try the next candidate password at once.
 _BAD_CREDENTIALS = (134, 135)
 
@@ -69,6 +79,11 @@ class Session:
         self.client.on_subscribe = self._subscribe_cb
         self.connected = threading.Event()
         self.session_id = 0
+        #: Whether the broker resumed the session on the last connection (MQTT 5 "session present").
+        self.session_present = False
+        #: Connections the broker accepted, and how many of them resumed the session.
+        self.connections = self.resumed = 0
+        self._clean_start = True
         self.last_refusal: str | None = None
         #: Topics subscribed on top of the device's own (an artifact's broadcast chunks while downloading it),
         #: renewed on every connection; ``granted`` holds those the broker has accepted on this connection,
@@ -76,6 +91,7 @@ class Session:
         self._extra: set[str] = set()
         self.granted: dict[str, float] = {}
         self._pending_subs: dict[int, str] = {}
+        self._dropped: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._quick = threading.Event()
@@ -96,6 +112,10 @@ class Session:
             client.disconnect()
             return
         self.last_refusal = None
+        self.session_present = bool(getattr(flags, "session_present", False))
+        self._clean_start = False  # from now on, reconnections resume this session
+        self.connections += 1
+        self.resumed += self.session_present
         self.credentials.accepted(self._candidate)
         client.subscribe([(device_topic(self.cfg.device_id, k), 1) for k in SUBSCRIBED_KINDS])
         with self._lock:
@@ -103,8 +123,12 @@ class Session:
             self._pending_subs.clear()  # SUBACKs of an earlier connection say nothing about this one
             for topic in self._extra:
                 self._subscribe_extra(topic)
+            if self._dropped and self.session_present:
+                client.unsubscribe(sorted(self._dropped))
+            self._dropped.clear()
         self.connected.set()
-        log.info("connected to %s as %s (session %d)", self.cfg.broker_url, self.cfg.device_id, self.session_id)
+        log.info("connected to %s as %s (session %d%s)", self.cfg.broker_url, self.cfg.device_id, self.session_id,
+                 ", resumed" if self.session_present else "")
         self._on_connected(self.session_id)
 
     def _disconnect_cb(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
@@ -149,8 +173,10 @@ class Session:
             topic, payload = will_message(self.cfg.device_id, self.session_id)
             self.client.will_set(topic, payload, qos=1, retain=True)
             try:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = SESSION_EXPIRY_S
                 self.client.connect(self.cfg.broker_host, self.cfg.broker_port, keepalive=self.cfg.keepalive,
-                                    clean_start=True)
+                                    clean_start=self._clean_start, properties=props)
             except (OSError, ssl.SSLError) as exc:
                 wait = random.uniform(self.min_backoff / 2, delay)  # noqa: S311 - jitter, not crypto
                 log.info("cannot reach %s (%s); retrying in %.1f s", self.cfg.broker_url, exc, wait)
@@ -200,6 +226,7 @@ class Session:
             if topic in self._extra:
                 return
             self._extra.add(topic)
+            self._dropped.discard(topic)
             if self.connected.is_set():
                 self._subscribe_extra(topic)
 
@@ -220,6 +247,8 @@ class Session:
             self.granted.pop(topic, None)
             if self.connected.is_set():
                 self.client.unsubscribe(topic)
+            else:
+                self._dropped.add(topic)  # the resumed session still holds it: unsubscribe on reconnecting
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Publish ``final`` (the graceful offline state), disconnect, stop the thread."""

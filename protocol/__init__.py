@@ -40,6 +40,7 @@ from protocol.manifest import (
 )
 from protocol.messages import (
     FINAL_SEQ,
+    MAX_RECEIPT_WINDOWS,
     MESSAGE_FOR_TOPIC,
     PROTOCOL_VERSION,
     ChunkRequest,
@@ -58,6 +59,7 @@ from protocol.messages import (
     InstallStatus,
     InstallStep,
     LatencySummary,
+    Receipt,
     RunningBundle,
     TelemetryWindow,
     decode,
@@ -94,6 +96,7 @@ __all__ = [
     "FINAL_SEQ",
     "HEADER_SIZE",
     "MAX_CHUNK_SIZE",
+    "MAX_RECEIPT_WINDOWS",
     "MESSAGE_FOR_TOPIC",
     "PROTOCOL_VERSION",
     "TOPICS",
@@ -125,6 +128,7 @@ __all__ = [
     "Precision",
     "Preprocessing",
     "ProtocolError",
+    "Receipt",
     "ReferenceProfile",
     "RunningBundle",
     "RuntimeRequirement",

@@ -22,6 +22,7 @@ from protocol.topics import TopicKind, device_topic
 
 __all__ = [
     "FINAL_SEQ",
+    "MAX_RECEIPT_WINDOWS",
     "MAX_REQUEST_BYTES",
     "PROTOCOL_VERSION",
     "ChunkRequest",
@@ -41,6 +42,7 @@ __all__ = [
     "InstallStep",
     "LatencySummary",
     "Message",
+    "Receipt",
     "RunningBundle",
     "TelemetryWindow",
     "decode",
@@ -394,11 +396,31 @@ class CommandAck(_Msg):
     ts: AwareDatetime
 
 
+#: Windows one receipt may name (of each kind); a server with more to confirm sends several.
+MAX_RECEIPT_WINDOWS = 512
+WindowKey = tuple[Session, Annotated[int, Field(ge=0, le=2**53)]]
+
+
+class Receipt(_Msg):
+    """The server has stored these windows of the device (or had stored them before: a duplicate is
+    confirmed again). The agent keeps a window in its outbox until a receipt names it, so a window the
+    broker acknowledged but lost (a broker killed before delivering it) is sent again."""
+
+    KIND: ClassVar[str] = "receipt"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    device_id: DeviceId
+    #: ``[session, window_seq]`` of stored telemetry windows.
+    telemetry: list[WindowKey] = Field(default_factory=list, max_length=MAX_RECEIPT_WINDOWS)
+    #: ``[session, window_seq]`` of stored feature statistics.
+    stats: list[WindowKey] = Field(default_factory=list, max_length=MAX_RECEIPT_WINDOWS)
+
+
 # --- codec --------------------------------------------------------------------
 
 Message = (
     DeviceState | Hello | DesiredState | ChunkRequest | ErrorReply | TelemetryWindow | FeatureStats | Command
-    | CommandAck
+    | CommandAck | Receipt
 )
 
 MESSAGE_FOR_TOPIC: dict[TopicKind, type[WireModel]] = {
@@ -411,6 +433,7 @@ MESSAGE_FOR_TOPIC: dict[TopicKind, type[WireModel]] = {
     TopicKind.COMMAND: Command,
     TopicKind.ACK: CommandAck,
     TopicKind.ERROR: ErrorReply,
+    TopicKind.RECEIPT: Receipt,
 }
 
 

@@ -59,6 +59,7 @@ class TopicKind(str, Enum):
     COMMAND = "cmd"
     ACK = "ack"
     ERROR = "error"
+    RECEIPT = "receipt"
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ TOPICS: dict[TopicKind, TopicSpec] = {
                   "the device's answer to a command"),
         TopicSpec(TopicKind.ERROR, Direction.SERVER_TO_DEVICE, 1, False, "ErrorReply",
                   "the server's answer to a request it could not serve"),
+        TopicSpec(TopicKind.RECEIPT, Direction.SERVER_TO_DEVICE, 1, False, "Receipt",
+                  "telemetry and statistics windows the server has stored"),
     )
 }
 

@@ -35,6 +35,7 @@ from protocol import (
     ErrorReply,
     FeatureStats,
     InvalidMessage,
+    Receipt,
     SignedManifest,
     TopicError,
     TopicKind,
@@ -91,6 +92,7 @@ class ServerApp:
         self.chunks_shared = 0
         self.ledger = BroadcastLedger()
         self.chunk_errors = 0
+        self.receipts_sent = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._alerts: dict[tuple[str, str], Hysteresis] = defaultdict(Hysteresis)
@@ -208,14 +210,21 @@ class ServerApp:
             if not reports:
                 continue
             try:
-                self.ingestor.handle_batch(reports)
+                self._send_receipts(self.ingestor.ingest(reports).receipts)
             except Exception:  # e.g. a database error: retry one by one so one message cannot sink a batch
                 log.exception("batch ingest failed; retrying %d messages one by one", len(reports))
                 for topic, payload in reports:
                     try:
-                        self.ingestor.handle(topic, payload)
+                        self._send_receipts(self.ingestor.ingest([(topic, payload)]).receipts)
                     except Exception:
                         log.exception("error ingesting a message on %s", topic[:200])
+
+    def _send_receipts(self, receipts: list[Receipt]) -> None:
+        """Tell devices which windows are stored (after the commit), so they can forget them."""
+        assert self.client is not None  # noqa: S101
+        for receipt in receipts:
+            self.client.publish(device_topic(receipt.device_id, TopicKind.RECEIPT), encode(receipt), qos=1)
+        self.receipts_sent += len(receipts)
 
     def _reply_error(self, device_id: str, reply: ErrorReply) -> None:
         now = time.monotonic()
@@ -333,6 +342,8 @@ class ServerApp:
                  "# TYPE edgeherd_server_chunks_sent_total counter", f"edgeherd_server_chunks_sent_total "
                  f"{self.chunks_sent}", "# TYPE edgeherd_server_chunks_shared_total counter",
                  f"edgeherd_server_chunks_shared_total {self.chunks_shared}",
+                 "# TYPE edgeherd_server_receipts_sent_total counter",
+                 f"edgeherd_server_receipts_sent_total {self.receipts_sent}",
                  "# TYPE edgeherd_server_messages_total counter"]
         lines += [f'edgeherd_server_messages_total{{result="{k}"}} {v}' for k, v in self.ingestor.accepted.items()]
         lines.append("# TYPE edgeherd_server_dropped_total counter")

@@ -9,7 +9,9 @@ topic's. Otherwise:
 - ``state``: applied only if its ``(session, seq)`` is newer than the stored one;
 - ``hello``: fingerprint and agent version;
 - ``telemetry`` / ``stats``: inserted once per ``(device_id, session, window_seq)``;
-  a duplicate changes nothing.
+  a duplicate changes nothing. Either way the window is named in the
+  device's :class:`~protocol.Receipt` (``Ingestor.ingest``), which the server
+  publishes once the transaction has committed, so the device can forget it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import threading
 from collections import Counter
 from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -25,13 +28,40 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from protocol import InvalidMessage, TopicError, TopicKind, decode_for_topic, parse_device_topic
+from protocol import (
+    MAX_RECEIPT_WINDOWS,
+    InvalidMessage,
+    Receipt,
+    TopicError,
+    TopicKind,
+    decode_for_topic,
+    parse_device_topic,
+)
 from server.db.models import Device, StatsWindow, TelemetryRow
 
-__all__ = ["Ingestor"]
+__all__ = ["Batch", "Ingestor"]
 
 log = logging.getLogger(__name__)
 _INGESTED = {TopicKind.STATE, TopicKind.HELLO, TopicKind.TELEMETRY, TopicKind.STATS}
+
+
+@dataclass
+class Batch:
+    """What :meth:`Ingestor.ingest` did with a batch: a result per message, in order, and the receipts to
+    send (one or more per device with stored windows)."""
+
+    results: list[str]
+    receipts: list[Receipt] = field(default_factory=list)
+
+
+def _receipts(stored: dict[str, dict[str, list[tuple[int, int]]]]) -> list[Receipt]:
+    out = []
+    for device_id, kinds in stored.items():
+        tele, stats = sorted(set(kinds["telemetry"])), sorted(set(kinds["stats"]))
+        step = MAX_RECEIPT_WINDOWS
+        for i in range(0, max(len(tele), len(stats)), step):
+            out.append(Receipt(device_id=device_id, telemetry=tele[i:i + step], stats=stats[i:i + step]))
+    return out
 
 
 class Ingestor:
@@ -86,7 +116,13 @@ class Ingestor:
 
     def handle_batch(self, messages: list[tuple[str, bytes]]) -> list[str]:
         """Ingest several messages in one transaction (results in order)."""
+        return self.ingest(messages).results
+
+    def ingest(self, messages: list[tuple[str, bytes]]) -> Batch:
+        """Ingest several messages in one transaction; the results in order and the receipts to send once
+        it has committed."""
         results: list[str] = []
+        stored: dict[str, dict[str, list[tuple[int, int]]]] = {}
         checked = [self._check(t, p) for t, p in messages]
         now = datetime.now(timezone.utc)
         with Session(self.engine) as db:
@@ -117,15 +153,17 @@ class Ingestor:
             for table, rows in windows.items():
                 if rows:
                     inserted = self._insert_once(db, table, [r for _, r in rows])
+                    name = "telemetry" if table is TelemetryRow else "stats"
                     for pos, row in rows:
                         key = (row["device_id"], row["session"], row["window_seq"])
                         results[pos] = "ok" if key in inserted else "duplicate"
+                        stored.setdefault(key[0], {"telemetry": [], "stats": []})[name].append(key[1:])
             db.commit()
         with self._lock:
             for r in results:
                 if r in ("ok", "duplicate", "stale"):
                     self.accepted[r] += 1
-        return results
+        return Batch(results, _receipts(stored))
 
     def _apply(self, db: Session, device: Device, kind: TopicKind, msg: Any) -> str:
         """State and hello: update the device row."""

@@ -29,6 +29,7 @@ from protocol import (
     ErrorReply,
     FeatureStats,
     InvalidMessage,
+    Receipt,
     SignedManifest,
     TelemetryWindow,
     TopicKind,
@@ -65,6 +66,8 @@ class FakeServer:
         self.store = DirectoryStore(artifacts)
         self.seen = Seen()
         self.mangle: Mangle | None = None
+        #: Answer telemetry and statistics with receipts, as the server does.
+        self.confirming = True
         self.serving = threading.Event()
         self.serving.set()
         self._cv = threading.Condition()
@@ -101,9 +104,13 @@ class FakeServer:
                 if kind is TopicKind.STATE:
                     self.seen.states.append(decode(DeviceState, payload))
                 elif kind is TopicKind.TELEMETRY:
-                    self.seen.telemetry.append(decode(TelemetryWindow, payload))
+                    window = decode(TelemetryWindow, payload)
+                    self.seen.telemetry.append(window)
+                    self._confirm(device, telemetry=[(window.session, window.window_seq)])
                 elif kind is TopicKind.STATS:
-                    self.seen.stats.append(decode(FeatureStats, payload))
+                    stats = decode(FeatureStats, payload)
+                    self.seen.stats.append(stats)
+                    self._confirm(device, stats=[(stats.session, stats.window_seq)])
                 elif kind is TopicKind.HELLO:
                     self.seen.hellos += 1
                 elif kind is TopicKind.ACK:
@@ -115,6 +122,12 @@ class FakeServer:
                 self._cv.notify_all()
         except InvalidMessage as exc:  # the test fails on what it waits for; keep a trace
             print(f"fake server: invalid message on {msg.topic}: {exc}", file=sys.stderr)
+
+    def _confirm(self, device: str, **windows: list[tuple[int, int]]) -> None:
+        """Send the receipt the real server sends once a window is stored (unless ``confirming`` is off)."""
+        if self.confirming:
+            self.client.publish(device_topic(device, TopicKind.RECEIPT),
+                                encode(Receipt(device_id=device, **windows)), qos=1)
 
     def _serve(self) -> None:
         while True:

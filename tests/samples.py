@@ -25,6 +25,7 @@ from protocol import (
     InstallStep,
     LatencySummary,
     Manifest,
+    Receipt,
     Precision,
     Preprocessing,
     ReferenceProfile,
@@ -158,4 +159,6 @@ def all_messages() -> list[WireModel]:
         Command(command_id=REQ, kind=CommandKind.SET_LOG_LEVEL, args={"level": "DEBUG"}, issued_at=T0,
                 expires_at=T0 + timedelta(minutes=5)),
         CommandAck(device_id="pi5-kitchen", command_id=REQ, status="done", message="log level is DEBUG", ts=T0),
+        Receipt(device_id="pi5-kitchen", telemetry=[(1_795_000_000_000, 41), (1_795_000_000_000, 42)],
+                stats=[(1_795_000_000_000, 42)]),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -57,12 +58,7 @@ def test_windows_made_offline_survive_a_restart_and_arrive_exactly_once(digits_b
 
 
 def _wait_outbox(agent, n, timeout=30.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while len(agent.outbox) != n:
-        assert time.monotonic() < deadline, f"outbox holds {len(agent.outbox)}, expected {n}"
-        time.sleep(0.05)
+    _wait(lambda: len(agent.outbox) == n, f"the outbox to hold {n} (it holds {len(agent.outbox)})", timeout)
 
 
 def test_outbox_is_bounded_and_counts_what_it_drops(tmp_path):
@@ -78,6 +74,88 @@ def test_outbox_is_bounded_and_counts_what_it_drops(tmp_path):
     reopened = Outbox(tmp_path / "o.sqlite", max_rows=10)
     assert len(reopened) == 10
     reopened.close()
+
+
+def test_a_keyed_report_waits_for_its_receipt_and_is_offered_again_until_then(tmp_path):
+    from agent.outbox import Outbox, window_key
+
+    box = Outbox(tmp_path / "o.sqlite")
+    keys = [window_key("telemetry", 7, i) for i in range(3)]
+    for i, key in enumerate(keys):
+        box.put("t", str(i).encode(), key)
+    box.put("s", b"unkeyed")
+    first = box.pending(10)
+    assert [m.payload for m in first] == [b"0", b"1", b"2", b"unkeyed"]
+    assert [m.id for m in box.pending(10, exclude={first[0].id})] == [m.id for m in first[1:]]
+    for m in first:
+        box.sent(m.id)  # PUBACKed: the unkeyed row goes, the keyed ones wait for a receipt
+    assert len(box) == 3 and box.awaiting_receipt() == 3
+    assert box.pending(10) == []  # not offered again before the receipt timeout
+    assert [m.payload for m in box.pending(10, resend_before=time.time() + 1)] == [b"0", b"1", b"2"]
+    assert box.confirm([keys[1], window_key("telemetry", 7, 99)]) == 1
+    box.resend_all()  # a reconnection: everything unconfirmed is offered again
+    assert [m.key for m in box.pending(10)] == [keys[0], keys[2]]
+    box.close()
+
+
+def test_an_outbox_from_before_receipts_is_upgraded_and_its_rows_go_on_puback(tmp_path):
+    import sqlite3
+
+    from agent.outbox import Outbox
+
+    db = sqlite3.connect(tmp_path / "o.sqlite")
+    db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+               "payload BLOB NOT NULL, created REAL NOT NULL)")
+    db.execute("INSERT INTO outbox (topic, payload, created) VALUES ('t', x'01', 0)")
+    db.commit()
+    db.close()
+    box = Outbox(tmp_path / "o.sqlite")
+    (old,) = box.pending(10)
+    assert old.key is None
+    box.sent(old.id)
+    assert len(box) == 0
+    box.close()
+
+
+def test_windows_the_broker_took_but_never_delivered_are_sent_again(digits_bundle, tmp_path):
+    """A PUBACK says the broker has a window, not that the server does: windows published while no server
+    was subscribed (the broker acknowledges and drops them, as a broker killed before delivering does) reach
+    the server once it is back, because the agent keeps each window until a receipt names it."""
+    with running_broker() as broker:
+        password = broker.add_user("pi-1")
+        server = FakeServer(broker, digits_bundle.artifacts)
+        cfg = agent_config(broker, tmp_path / "data", "pi-1", password, digits_bundle.key.public_key(),
+                           window_seconds=3600, receipt_timeout_s=2)
+        agent = Agent(cfg, min_backoff=0.2, max_backoff=1.0).start()
+        try:
+            server.desire("pi-1", 1, digits_bundle.signed, FP32)
+            server.wait_running(FP32)
+            server.close()  # no server subscribed now: the broker acknowledges reports and drops them
+            x = load_digits().x[:4]
+            for _ in range(5):
+                agent.predictor().predict(x)
+                agent.close_window_now(wait=10)
+            _wait(lambda: agent.outbox.awaiting_receipt() == 10, "10 reports PUBACKed and unconfirmed")
+            confirmed = agent.reports_confirmed
+            back = FakeServer(broker, digits_bundle.artifacts)
+            try:
+                back.wait(lambda s: len({t.window_seq for t in s.telemetry}) >= 5
+                          and len({t.window_seq for t in s.stats}) >= 5, timeout=30, what="the 5 windows again")
+                _wait_outbox(agent, 0)
+            finally:
+                back.close()
+        finally:
+            agent.stop()
+    assert sorted({t.window_seq for t in back.seen.telemetry}) == [0, 1, 2, 3, 4]
+    assert all(t.requests == 1 for t in back.seen.telemetry)
+    assert agent.reports_confirmed - confirmed == 10
+
+
+def _wait(fn, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 @pytest.fixture

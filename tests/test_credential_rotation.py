@@ -12,13 +12,17 @@ import stat
 import threading
 import time
 import urllib.request
+import uuid
+from datetime import datetime, timezone
 
 import pytest
 from sqlmodel import Session
 
 from agent.config import load_config
 from agent.runtime import Agent
+from protocol import Command, CommandAck, CommandKind, TopicKind, decode, device_topic, encode
 from server import audit
+from server.broker import SERVER_USER
 from server.registry import Registry, RegistryError
 from tests._mosquitto import free_port
 from tests.mqtt_helpers import ConnectRefused, TestClient
@@ -91,17 +95,56 @@ class _Watch:
         self._t.join()
 
 
+class _Commands:
+    """Sends ``report_now`` to pi-1 every 5 ms as the server user, and collects the ids acknowledged done."""
+
+    def __init__(self, reg):
+        self.client = TestClient(_Addr(reg.broker.port), SERVER_USER, reg.broker.server_password())  # type: ignore[arg-type]
+        self.client.client.on_message = self._ack
+        self.client.subscribe(device_topic("pi-1", TopicKind.ACK))
+        self.sent: list[str] = []
+        self.done: set[str] = set()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _ack(self, client, userdata, msg):
+        ack = decode(CommandAck, bytes(msg.payload))
+        if ack.status == "done":
+            self.done.add(ack.command_id)
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            cmd = Command(command_id=uuid.uuid4().hex, kind=CommandKind.REPORT_NOW,
+                          issued_at=datetime.now(timezone.utc))
+            self.client.client.publish(device_topic("pi-1", TopicKind.COMMAND), encode(cmd), qos=1)
+            self.sent.append(cmd.command_id)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._t.join()
+        return self.sent
+
+
 def test_rotation_delivers_then_swaps_and_the_agent_stays_on_the_broker(server, tmp_path):
     agent, password_file = _agent(server, tmp_path)
     try:
         old = password_file.read_text().strip()
         session = agent.session.session_id
         watch = _Watch(agent)
+        commands = _Commands(server)  # commands sent all through the change, some while the agent is off
         rotation = server.rotate_credentials("pi-1", actor="alice", timeout=15)
         _wait(lambda: agent.session.connected.is_set() and agent.session.session_id != session, 10,
               "the agent to be back on the broker")
         time.sleep(0.3)
         watch.stop()
+        sent = commands.stop()
+
+        # the MQTT session lived through the change: the broker resumed it on the reconnection, and every
+        # command sent meanwhile (those sent while the connection was down were queued in it) was carried out
+        assert agent.session.session_present and agent.session.resumed == 1
+        _wait(lambda: commands.done >= set(sent), 20, "every command to be acknowledged done")
+        print(f"{len(sent)} commands sent during the rotation, all carried out")
 
         # stored before the broker changed, 0600, the old one kept until the new one was accepted
         new = password_file.read_text().strip()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlmodel import Session, SQLModel, select
 
-from protocol import DeviceState, FeatureStats, TelemetryWindow, TopicKind, device_topic, encode
+from protocol import MAX_RECEIPT_WINDOWS, DeviceState, FeatureStats, TelemetryWindow, TopicKind, device_topic, encode
 from server.db import make_engine, migrate
 from server.db.models import Device, StatsWindow, TelemetryRow
 from server.ingest import Ingestor
@@ -103,6 +103,25 @@ def test_windows_are_stored_once_whatever_the_order(engine):
     assert rows[0].p95_ms == TELEMETRY.latency_ms.p95 and rows[0].requests == 600
     assert len(stats) == 1 and FeatureStats.model_validate_json(stats[0].payload) == STATS
     assert ing.accepted["ok"] == 6 and ing.accepted["duplicate"] == 6
+
+
+def test_stored_and_duplicate_windows_are_confirmed_and_dropped_ones_are_not(engine):
+    ing = Ingestor(engine)
+    first = ing.ingest([(_topic(TopicKind.TELEMETRY), encode(TELEMETRY)), (_topic(TopicKind.STATS), encode(STATS))])
+    assert first.results == ["ok", "ok"]
+    key = (TELEMETRY.session, TELEMETRY.window_seq)
+    assert [(r.device_id, r.telemetry, r.stats) for r in first.receipts] == [("pi5-kitchen", [key], [key])]
+    # sent again (the agent had no receipt): stored once, confirmed again
+    again = ing.ingest([(_topic(TopicKind.TELEMETRY), encode(TELEMETRY)),
+                        ("edgeherd/v1/devices/pi5-garage/telemetry", encode(TELEMETRY)),  # impersonation
+                        (_topic(TopicKind.STATE), encode(STATE))])
+    assert again.results == ["duplicate", "impersonation", "ok"]
+    assert [(r.device_id, r.telemetry, r.stats) for r in again.receipts] == [("pi5-kitchen", [key], [])]
+    # a receipt names at most MAX_RECEIPT_WINDOWS of each kind; more windows make more receipts
+    many = [TELEMETRY.model_copy(update={"window_seq": i}) for i in range(MAX_RECEIPT_WINDOWS + 3)]
+    batch = ing.ingest([(_topic(TopicKind.TELEMETRY), encode(w)) for w in many])
+    assert [len(r.telemetry) for r in batch.receipts] == [MAX_RECEIPT_WINDOWS, 3]
+    assert sorted(k for r in batch.receipts for k in r.telemetry) == [(TELEMETRY.session, i) for i in range(len(many))]
 
 
 @pytest.mark.parametrize(
