@@ -173,7 +173,7 @@ class Session:
             topic, payload = will_message(self.cfg.device_id, self.session_id)
             self.client.will_set(topic, payload, qos=1, retain=True)
             try:
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
                 self.client.connect(self.cfg.broker_host, self.cfg.broker_port, keepalive=self.cfg.keepalive,
                                     clean_start=self._clean_start, properties=props)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from datetime import datetime, timezone
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
