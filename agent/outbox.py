@@ -71,7 +71,8 @@ class Outbox:
                                      "UPDATE SET value = value + excluded.value", (excess,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite has rolled back already on some errors (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
 
     def peek(self, limit: int = 100) -> list[Queued]:

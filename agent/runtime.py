@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -80,6 +81,8 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 2
 #: Broadcast chunks waiting to be written, at most (16 × 256 KiB = 4 MiB); more are dropped and asked for again.
 MAX_QUEUED_BROADCAST = 16
+#: Reports kept in memory while the outbox cannot be written (a full disk).
+MAX_UNSTORED = 1000
 
 
 class InstallFailure(AgentError):
@@ -114,6 +117,12 @@ class Agent:
         self.broadcast_dropped = 0
         #: Reports the server's receipts confirmed (and the outbox forgot).
         self.reports_confirmed = 0
+        #: Reports not yet in the outbox (it could not be written: a full disk), oldest first.
+        self._unstored: deque[tuple[str, bytes, str]] = deque()
+        self._unstored_dropped = 0
+        self._store_failing = False
+        self._store_lock = threading.Lock()
+        self._last_session = 0
         self._receipt_topic = device_topic(cfg.device_id, TopicKind.RECEIPT)
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._deferred: deque[tuple[Any, ...]] = deque()
@@ -177,8 +186,12 @@ class Agent:
             last = int(path.read_text())
         except (OSError, ValueError):
             last = 0
-        value = max(last + 1, time.time_ns() // 1_000_000)
-        atomic_write(path, str(value).encode())
+        value = max(last + 1, self._last_session + 1, time.time_ns() // 1_000_000)
+        self._last_session = value
+        try:
+            atomic_write(path, str(value).encode())
+        except OSError as exc:  # a full disk must not keep the agent off the broker; the clock orders sessions
+            log.error("could not record the session number in %s: %s", path, exc)
         return value
 
     # -- lifecycle -------------------------------------------------------------------
@@ -390,7 +403,7 @@ class Agent:
         if desired.bundle is None or desired.artifact is None:
             self.record = InstallRecord(step=self.record.step if self.record.step not in ACTIVE_STEPS else Step.IDLE,
                                         generation=desired.generation)
-            self.record.save(self.record_path)
+            self._save_record()
             return
         m = desired.bundle.manifest
         base = InstallRecord(step=Step.IDLE, generation=desired.generation, manifest_sha256=manifest_digest(m),
@@ -399,7 +412,7 @@ class Agent:
             verify_manifest(desired.bundle, self.server_key)
         except ProtocolError as exc:
             self.record = base.advance(Event.START).advance(Event.FAIL, failed_step="verify", error=str(exc))
-            self.record.save(self.record_path)
+            self._save_record()
             log.error("refused bundle %s %s: %s", m.model, m.version, exc)
             self._publish_state()
             return
@@ -408,12 +421,29 @@ class Agent:
             self.record = InstallRecord(step=Step.DONE, generation=desired.generation,
                                         manifest_sha256=base.manifest_sha256, model=m.model, version=m.version,
                                         artifact=desired.artifact, slot=running.slot)
-            self.record.save(self.record_path)
+            self._save_record()
             self._publish_state()
             return
-        atomic_write(self.data / "pending" / "bundle.json", encode_model(desired.bundle))
+        try:
+            atomic_write(self.data / "pending" / "bundle.json", encode_model(desired.bundle))
+        except OSError as exc:
+            self.record = base.advance(Event.START).advance(Event.FAIL, failed_step="preflight",
+                                                            error=f"cannot store the bundle: {exc}")
+            self._save_record()
+            self._publish_state()
+            return
         self.record = base.advance(Event.START)
         self._run_install()
+
+    def _save_record(self) -> str | None:
+        """Persist the install record; what went wrong (a full disk), or None. The record in memory, and so
+        what the device reports, stands either way."""
+        try:
+            self.record.save(self.record_path)
+        except OSError as exc:
+            log.error("cannot write the install record %s: %s", self.record_path, exc)
+            return f"cannot write the install record: {exc}"
+        return None
 
     def _resume(self) -> None:
         r = self.record
@@ -422,7 +452,7 @@ class Agent:
         if r.attempts + 1 > MAX_ATTEMPTS:
             self.record = r.advance(Event.FAIL, failed_step=r.step.value,
                                     error=f"gave up after {MAX_ATTEMPTS} interrupted attempts")
-            self.record.save(self.record_path)
+            self._save_record()
             self._finish()
             return
         self.record = InstallRecord(**{**r.__dict__, "attempts": r.attempts + 1})
@@ -448,7 +478,10 @@ class Agent:
                 self.record = self.record.advance(Event.FAIL, failed_step=self.record.step.value,
                                                   error="install loop guard tripped")
                 break
-            self.record.save(self.record_path)  # persisted on entry to each step
+            problem = self._save_record()  # persisted on entry to each step
+            if problem is not None:  # a full disk: fail the install now rather than run a step unrecorded
+                self.record = self.record.advance(Event.FAIL, failed_step=self.record.step.value, error=problem)
+                break
             self._publish_state()
             step = self.record.step
             if self._kill_at == step.value:
@@ -462,7 +495,7 @@ class Agent:
                 log.warning("install of %s %s failed at %s: %s", self.record.model, self.record.version,
                             step.value, exc)
                 self.record = self.record.advance(Event.FAIL, failed_step=step.value, error=str(exc)[:900])
-        self.record.save(self.record_path)
+        self._save_record()
         self._finish()
 
     def _fault_kill(self) -> None:
@@ -723,17 +756,49 @@ class Agent:
         telemetry, stats = pred.close_window(device_id=self.cfg.device_id, session=self._run_id,
                                              window_seq=self._window_seq, start=self._window_start, end=end,
                                              manifest_sha256=pred.manifest_sha256)
-        dropped = self.outbox.take_dropped()
+        try:
+            dropped = self.outbox.take_dropped()
+        except sqlite3.Error:  # a full disk: the count stays in the outbox for a later window
+            dropped = 0
+        with self._store_lock:
+            dropped, self._unstored_dropped = dropped + self._unstored_dropped, 0
         if dropped:
             telemetry = telemetry.model_copy(update={"dropped_windows": dropped})
         self._window_seq += 1
         self._window_start = end
-        self.outbox.put(device_topic(self.cfg.device_id, TopicKind.TELEMETRY), encode(telemetry),
-                        window_key("telemetry", telemetry.session, telemetry.window_seq))
-        if stats is not None:
-            self.outbox.put(device_topic(self.cfg.device_id, TopicKind.STATS), encode(stats),
-                            window_key("stats", stats.session, stats.window_seq))
+        with self._store_lock:
+            self._unstored.append((device_topic(self.cfg.device_id, TopicKind.TELEMETRY), encode(telemetry),
+                                   window_key("telemetry", telemetry.session, telemetry.window_seq)))
+            if stats is not None:
+                self._unstored.append((device_topic(self.cfg.device_id, TopicKind.STATS), encode(stats),
+                                       window_key("stats", stats.session, stats.window_seq)))
+        self._store_unstored()
         self._reporter_q.put(("drain",))
+
+    def _store_unstored(self) -> None:
+        """Move reports kept in memory into the outbox. When it cannot be written (a full disk), they wait
+        in memory (at most MAX_UNSTORED; beyond that the oldest are dropped and counted) and are retried on
+        the reporter's next turn."""
+        with self._store_lock:
+            self._store_unstored_locked()
+
+    def _store_unstored_locked(self) -> None:
+        while self._unstored:
+            topic, payload, key = self._unstored[0]
+            try:
+                self.outbox.put(topic, payload, key)
+            except (sqlite3.Error, OSError) as exc:
+                if not self._store_failing:
+                    log.error("cannot store reports in the outbox (%s); keeping them in memory until it can", exc)
+                self._store_failing = True
+                while len(self._unstored) > MAX_UNSTORED:
+                    self._unstored.popleft()
+                    self._unstored_dropped += 1
+                return
+            self._unstored.popleft()
+            if self._store_failing:
+                log.info("the outbox can be written again")
+                self._store_failing = False
 
     def close_window_now(self, wait: float | None = None) -> None:
         """Close the current window now (``report_now``); with ``wait``, until it is queued."""
@@ -772,6 +837,8 @@ class Agent:
                 sent.clear()
                 if kind == "connected":
                     self.outbox.resend_all()  # what the broker took before may have died with it
+            if self._unstored:
+                self._store_unstored()
             if self.session.connected.is_set() and len(sent) < 20:
                 resend_before = time.time() - self.cfg.receipt_timeout_s
                 for item in self.outbox.pending(20 - len(sent), set(sent.values()), resend_before):

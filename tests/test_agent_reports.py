@@ -151,6 +151,29 @@ def test_windows_the_broker_took_but_never_delivered_are_sent_again(digits_bundl
     assert agent.reports_confirmed - confirmed == 10
 
 
+def test_reports_wait_in_memory_while_the_outbox_cannot_be_written(fleet, serving):
+    import sqlite3
+
+    server, _ = fleet
+    agent = serving
+    real_put = agent.outbox.put
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    x = load_digits().x[:4]
+    agent.outbox.put = full
+    for _ in range(3):
+        agent.predictor().predict(x)
+        agent.close_window_now(wait=10)
+    assert len(agent._unstored) == 6  # 3 windows of telemetry and statistics, none lost
+    agent.outbox.put = real_put  # the disk has room again: the next turn stores and sends them, in order
+    server.wait(lambda s: len(s.telemetry) >= 3 and len(s.stats) >= 3, timeout=30, what="the 3 windows")
+    _wait(lambda: not agent._unstored and len(agent.outbox) == 0, "the outbox to drain")
+    assert [t.window_seq for t in server.seen.telemetry[-3:]] == sorted(t.window_seq for t in server.seen.telemetry[-3:])
+    assert all(t.requests == 1 for t in server.seen.telemetry[-3:])
+
+
 def _wait(fn, what, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not fn():
