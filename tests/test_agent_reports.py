@@ -170,8 +170,9 @@ def test_reports_wait_in_memory_while_the_outbox_cannot_be_written(fleet, servin
     agent.outbox.put = real_put  # the disk has room again: the next turn stores and sends them, in order
     server.wait(lambda s: len(s.telemetry) >= 3 and len(s.stats) >= 3, timeout=30, what="the 3 windows")
     _wait(lambda: not agent._unstored and len(agent.outbox) == 0, "the outbox to drain")
-    assert [t.window_seq for t in server.seen.telemetry[-3:]] == sorted(t.window_seq for t in server.seen.telemetry[-3:])
-    assert all(t.requests == 1 for t in server.seen.telemetry[-3:])
+    last = server.seen.telemetry[-3:]
+    assert [t.window_seq for t in last] == sorted(t.window_seq for t in last)
+    assert all(t.requests == 1 for t in last)
 
 
 def _wait(fn, what, timeout=30.0):
