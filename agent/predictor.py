@@ -57,7 +57,7 @@ class Predictor:
         self.backend = backend or open_backend(path, runtime_for(artifact), threads=threads,
                                                tensorrt=artifact.tensorrt, engine_cache=engine_cache)
         classes = len(manifest.labels) if manifest.labels else int(self.backend.output.shape[-1])
-        self.stats = WindowStats(manifest.reference if stats else None, max(classes, 1))
+        self.stats = WindowStats(manifest.reference if stats else None, max(classes, 1), manifest.features)
         self._lock = threading.Lock()
         # preallocated batch buffers (no allocation, hence no page faults, on the request path)
         row_shape = tuple(d if d > 0 else 1 for d in self.backend.input.shape[1:])

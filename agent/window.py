@@ -18,8 +18,10 @@ from datetime import datetime
 
 import numpy as np
 
+from agent.features import feature_values
 from agent.summaries import image_summaries
 from protocol import FeatureStats, FeatureWindow, LatencySummary, ReferenceProfile, TelemetryWindow
+from protocol.features import FeatureSet
 
 __all__ = ["LATENCY_EDGES_MS", "WindowStats", "feature_rows"]
 
@@ -29,10 +31,15 @@ LATENCY_EDGES_MS = [0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 5
 _MAX_RAW = 1024
 
 
-def feature_rows(x: np.ndarray, kind: str) -> np.ndarray:
-    """The drift features of a batch of model inputs, exactly as the toolchain computed them."""
+def feature_rows(x: np.ndarray, kind: str, features: FeatureSet | None = None) -> np.ndarray:
+    """The drift features of a batch of model inputs, exactly as the toolchain computed them: image
+    summaries, registry features' values (``features``), or the raw columns."""
     if kind == "image":
         return image_summaries(x)
+    if kind == "features":
+        if features is None:
+            raise ValueError("a 'features' reference profile needs the manifest's feature set")
+        return feature_values(features, x.reshape(len(x), -1))
     return x.reshape(len(x), -1)[:, :_MAX_RAW].astype(np.float64)
 
 
@@ -48,8 +55,9 @@ class _Moments:
 class WindowStats:
     """Accumulates one window; :meth:`close` returns the messages and starts a new one."""
 
-    def __init__(self, reference: ReferenceProfile | None, classes: int) -> None:
+    def __init__(self, reference: ReferenceProfile | None, classes: int, features: FeatureSet | None = None) -> None:
         self.reference = reference
+        self.features = features
         self.classes = classes
         self._lock = threading.Lock()
         if reference is not None:
@@ -107,7 +115,7 @@ class WindowStats:
         """Count a batch of model inputs and their outputs (logits)."""
         if self.reference is None or len(x) == 0:
             return
-        feats = feature_rows(x, self.kind)
+        feats = feature_rows(x, self.kind, self.features)
         m = self._inner.shape[0]
         feats = feats[:, :m]
         finite = np.isfinite(feats)

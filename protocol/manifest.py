@@ -17,6 +17,7 @@ from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from protocol._model import WireModel, wire_bytes
 from protocol.canonical import sha256_hex
+from protocol.features import FeatureSet
 from protocol.ids import Name, Sha256Hex, Version
 
 __all__ = [
@@ -213,8 +214,9 @@ class ReferenceProfile(WireModel):
     """What the training data looked like; the device counts its inputs on these bins."""
 
     #: ``raw``: features are the input tensor's values, in order; ``image``: the
-    #: summary features of ``summaries`` (see ``agent.summaries``).
-    kind: Literal["raw", "image"]
+    #: summary features of ``summaries`` (see ``agent.summaries``); ``features``:
+    #: the values of the manifest's registry features (``protocol.features``).
+    kind: Literal["raw", "image", "features"]
     summaries: Literal["image-summaries/1"] | None = None
     n: Annotated[int, Field(gt=0)]
     features: list[FeatureReference] = Field(min_length=1, max_length=MAX_FEATURES)
@@ -255,6 +257,9 @@ class Manifest(WireModel):
     preprocessing: Preprocessing | None = None
     golden: GoldenSet | None = None
     reference: ReferenceProfile | None = None
+    #: Registry features the model computes in its graph from raw input columns (``reference.kind`` is then
+    #: ``features``: the device counts each feature's value, keyed by name and version).
+    features: FeatureSet | None = None
     #: Where this version came from: dataset hash, code revision, seed, parent version.
     lineage: dict[Name, ShortText] = Field(default_factory=dict, max_length=64)
 
@@ -263,6 +268,13 @@ class Manifest(WireModel):
         names = [a.name for a in self.artifacts]
         if len(set(names)) != len(names):
             raise ValueError("artifact names must be unique within a manifest")
+        if (self.features is not None) != (self.reference is not None and self.reference.kind == "features"):
+            raise ValueError("a manifest with registry features has a 'features' reference profile, and only then")
+        if self.features is not None and self.reference is not None:
+            want = [(d.name, d.version) for d in self.features.definitions]
+            have = [(f.name, f.version) for f in self.reference.features]
+            if want != have:
+                raise ValueError("the reference profile must list the registry features, in order, with versions")
         return self
 
     def artifact(self, name: str) -> ArtifactEntry:

@@ -357,6 +357,13 @@ class Registry:
             version = ModelVersion(name=manifest.model, version=manifest.version, manifest_sha256=digest,
                                    signed_manifest=signed_bytes, author=manifest.author or actor, pushed_by=actor,
                                    lineage=manifest.lineage, card=card)
+            if manifest.features is not None:  # the definitions it was built with must agree with the registry
+                from server.features import FeatureRegistryError, register
+
+                try:
+                    register(db, manifest.features.definitions, actor)
+                except FeatureRegistryError as exc:
+                    raise RegistryError(f"{manifest.model} {manifest.version}: {exc}") from None
             db.add(version)
             db.flush()
             for art in manifest.artifacts:
@@ -370,6 +377,27 @@ class Registry:
             self.anchor_audit(entry)
             db.refresh(version)
             return version
+
+    def push_features(self, path: Path, actor: str = SYSTEM) -> list[tuple[str, str]]:
+        """Register the feature definitions of a TOML file or directory: ``(ref, "added" | "unchanged")``
+        each. Nothing is registered when one is invalid or contradicts a registered version."""
+        from server.features import FeatureRegistryError, register
+        from toolchain.errors import DataError
+        from toolchain.features import load_definitions
+
+        try:
+            defs = load_definitions(path)
+        except DataError as exc:
+            raise RegistryError(str(exc)) from None
+        with Session(self.engine) as db:
+            try:
+                result, entry = register(db, defs, actor)
+            except FeatureRegistryError as exc:
+                raise RegistryError(str(exc)) from None
+            db.commit()
+            if entry is not None:
+                self.anchor_audit(entry)
+        return result
 
     def models(self) -> list[ModelVersion]:
         with Session(self.engine) as db:

@@ -72,6 +72,7 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
     if rejected:
         lines += ["", "### Left out of the bundle", ""]
         lines += [f"- **{name}**: {why}" for name, why in rejected.items()]
+    lines += _per_class(report) + _slices(report) + _importance(report)
     parity = report.get("onnx_parity_max_abs_diff")
     lines += ["", "## Checks", ""]
     if parity is not None:
@@ -95,3 +96,84 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
     lines += ["", "## Lineage", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(m.lineage.items())]
     return "\n".join(lines) + "\n"
+
+
+#: The card draws the confusion matrix up to this many classes and this many slices per segment column
+#: (worst first); build-report.json holds all of them.
+_MAX_CONFUSION_CLASSES = 20
+_MAX_SLICES_PER_COLUMN = 15
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or "(empty)"
+
+
+def _per_class(report: dict[str, Any]) -> list[str]:
+    per_class = report.get("per_class")
+    if not per_class:
+        return []
+    lines = ["", "## Per-class metrics", "",
+             f"The `{per_class['artifact']}` artifact on the {per_class['split']} split. Precision and recall are "
+             "0 for a class that is never predicted or never present.", "",
+             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {_cell(c['class'])} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+              for c in per_class["classes"]]
+    conf = report.get("confusion")
+    if conf:
+        labels, matrix = conf["labels"], conf["matrix"]
+        lines += ["", "Confusion matrix (rows: true class, columns: predicted class):", ""]
+        if len(labels) > _MAX_CONFUSION_CLASSES:
+            lines.append(f"{len(labels)} classes are too many to draw here; see `build-report.json` (`confusion`).")
+        else:
+            lines += ["| true \\ predicted | " + " | ".join(_cell(c) for c in labels) + " |",
+                      "|---" * (len(labels) + 1) + "|"]
+            lines += [f"| **{_cell(c)}** | " + " | ".join(str(v) for v in row) + " |"
+                      for c, row in zip(labels, matrix, strict=True)]
+    return lines
+
+
+def _slices(report: dict[str, Any]) -> list[str]:
+    slices = report.get("slices")
+    if not slices:
+        return []
+    lines = ["", "## Slices", ""]
+    if "skipped" in slices:
+        return [*lines, f"Not computed: {slices['skipped']}."]
+    min_count, worst = slices["min_count"], slices.get("worst")
+    lines.append(f"Accuracy of `{slices['artifact']}` on the {slices['split']} split per value of each segment "
+                 f"column (columns of the table that are not model inputs). The worst slice is the lowest accuracy "
+                 f"among slices with at least {min_count} rows.")
+    lines.append("")
+    if worst:
+        lines.append(f"**Worst slice: {_cell(worst['column'])} = {_cell(worst['value'])}**, accuracy "
+                     f"{worst['accuracy']:.4f} on {worst['n']} rows.")
+    else:
+        lines.append(f"No slice has {min_count} rows or more, so none is called the worst.")
+    threshold = slices.get("min_slice_metric")
+    if threshold is not None:
+        lines.append(f"The build required every slice of at least {min_count} rows to reach {threshold:.4f} "
+                     "(`--min-slice-metric`), and it did.")
+    for column, rows in slices["columns"].items():
+        lines += ["", f"| {_cell(column)} | rows | accuracy |", "|---|---|---|"]
+        for r in rows[:_MAX_SLICES_PER_COLUMN]:
+            few = " (fewer than the minimum)" if r["n"] < min_count else ""
+            lines.append(f"| {_cell(r['value'])} | {r['n']}{few} | {r['accuracy']:.4f} |")
+        if len(rows) > _MAX_SLICES_PER_COLUMN:
+            lines.append(f"| … {len(rows) - _MAX_SLICES_PER_COLUMN} more values in `build-report.json` | | |")
+    return lines
+
+
+def _importance(report: dict[str, Any]) -> list[str]:
+    imp = report.get("importance")
+    if not imp:
+        return []
+    lines = ["", "## Feature importance", ""]
+    if "skipped" in imp:
+        return [*lines, f"Not computed: {imp['skipped']}."]
+    lines += [f"Permutation importance of `{imp['artifact']}` on {imp['rows']} rows of the {imp['split']} split: "
+              f"each input column shuffled on its own, {imp['repeats']} times (seed {imp['seed']}); the importance "
+              f"is the drop in accuracy from {imp['baseline_accuracy']:.4f}, in points. Near zero or negative: "
+              "the model does not rely on that column (or it duplicates another).", "",
+              "| feature | accuracy drop (points) | std |", "|---|---|---|"]
+    lines += [f"| {_cell(f['name'])} | {100 * f['mean']:+.2f} | {100 * f['std']:.2f} |" for f in imp["features"]]
+    return lines

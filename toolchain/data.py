@@ -1,8 +1,12 @@
-"""Datasets: the built-in digits recipe, tables (CSV/Parquet) with a declared schema, NPZ arrays.
+"""Datasets: the built-in digits recipe, tables (CSV/Parquet, or a SQL query) with a declared schema, NPZ arrays.
 
 Every loader returns a :class:`Dataset` of float32 inputs and integer class
 labels, plus a :class:`Schema` saying what valid data looks like, which
 :mod:`toolchain.validate` checks before anything trains.
+
+A table's ``sha256`` is the digest of its canonical rows (:mod:`toolchain._rows`),
+not of the file's bytes, so the same rows read from CSV, Parquet or SQL give the
+same digest.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import csv
 import hashlib
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.files import sha256_file
+from toolchain._rows import cell_text, rows_sha256
 from toolchain.errors import DataError
 
 if sys.version_info >= (3, 11):
@@ -26,8 +32,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Dataset", "FeatureSpec", "Rules", "Schema", "load_digits", "load_npz", "load_schema", "load_table",
-           "split_indices"]
+__all__ = ["Dataset", "FeatureSpec", "Rules", "Schema", "load_digits", "load_npz", "load_schema", "load_sql",
+           "load_table", "split_indices"]
 
 MAX_ROWS = 5_000_000
 MAX_FILE_BYTES = 2 * 1024**3
@@ -65,6 +71,12 @@ class Schema(_Strict):
     label: str
     features: list[FeatureSpec] = Field(min_length=1, max_length=1024)
     classes: list[str] | None = None
+    #: Columns that are not model inputs (site, device batch, season): read as strings and used only to
+    #: report accuracy per value (slices) and for ``--min-slice-metric``.
+    segments: list[str] = Field(default_factory=list, max_length=32)
+    #: Registry features the model consumes instead of the raw ``features`` columns (``name`` or
+    #: ``name@version``; definitions from ``--features``): computed in the model's graph (toolchain/features.py).
+    registry_features: list[str] = Field(default_factory=list, max_length=256)
     rules: Rules = Rules()
 
     @model_validator(mode="after")
@@ -74,6 +86,16 @@ class Schema(_Strict):
             raise ValueError("feature names must be unique")
         if self.label in names:
             raise ValueError(f"label column {self.label!r} is also listed as a feature")
+        if len(set(self.segments)) != len(self.segments):
+            raise ValueError("segment column names must be unique")
+        for seg in self.segments:
+            if not seg.strip():
+                raise ValueError("a segment column name is empty")
+            if seg == self.label:
+                raise ValueError(f"segment column {seg!r} is the label column; a segment must not be the label")
+            if seg in names:
+                raise ValueError(f"segment column {seg!r} is also listed as a feature; a segment is not a model "
+                                 "input")
         return self
 
 
@@ -88,6 +110,18 @@ class Dataset:
     sha256: str
     source: str
     extra: dict[str, str] = field(default_factory=dict)
+    #: segment column -> str array aligned with rows (``x[i]``, ``y[i]``, ``segments[c][i]``); see Schema.segments.
+    #: Index them with the same row indices as ``x`` and ``y`` (see :meth:`take`).
+    segments: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for column, values in self.segments.items():
+            if len(values) != len(self.x):
+                raise DataError(f"segment column {column!r} has {len(values)} values for {len(self.x)} rows")
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """``(x, y, segments)`` of the given row indices, kept aligned."""
+        return self.x[rows], self.y[rows], {c: v[rows] for c, v in self.segments.items()}
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -163,7 +197,8 @@ def _read_parquet(path: Path) -> dict[str, list[str]]:
         raise DataError(f"{path} is not a readable Parquet file: {exc}") from None
     if table.num_rows > MAX_ROWS:
         raise DataError(f"{path} has {table.num_rows} rows; the limit is {MAX_ROWS}")
-    return {name: ["" if v is None else str(v) for v in table.column(name).to_pylist()] for name in table.column_names}
+    # typed cells as CSV-like text (a DOUBLE label 1.0 is class "1", as from SQL): toolchain._rows.cell_text
+    return {name: [cell_text(v) for v in table.column(name).to_pylist()] for name in table.column_names}
 
 
 def _to_float(path: Path, spec: FeatureSpec, values: list[str]) -> np.ndarray:
@@ -184,7 +219,10 @@ def _to_float(path: Path, spec: FeatureSpec, values: list[str]) -> np.ndarray:
 
 
 def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Dataset:
-    """Load a CSV or Parquet file described by ``schema``."""
+    """Load a CSV or Parquet file described by ``schema``.
+
+    The dataset's ``sha256`` is the canonical row digest (:mod:`toolchain._rows`), not the file's sha256.
+    """
     _check_file(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -197,6 +235,10 @@ def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Datase
     if missing:
         raise DataError(f"{path} lacks the column(s) {', '.join(missing)} declared in the schema "
                         f"(it has: {', '.join(list(cols)[:20])})")
+    missing = [c for c in schema.segments if c not in cols]
+    if missing:
+        raise DataError(f"{path} lacks the segment column(s) {', '.join(missing)} declared in the schema's "
+                        f"segments (it has: {', '.join(list(cols)[:20])})")
     n = len(cols[schema.label])
     if n == 0:
         raise DataError(f"{path} has a header but no rows")
@@ -210,8 +252,31 @@ def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Datase
     if unknown:
         raise DataError(f"{path}: labels {unknown[:5]} are not among the declared classes {classes}")
     y = np.array([index[v] for v in labels], dtype=np.int64)
+    segments = {c: np.array(cols[c], dtype=str) for c in schema.segments}
     return Dataset(name=name or path.stem, kind="tabular", x=x.astype(np.float32), y=y, classes=classes,
-                   schema=schema, sha256=sha256_file(path), source=str(path))
+                   schema=schema, sha256=rows_sha256(labels, x, [cols[c] for c in schema.segments]), source=str(path),
+                   segments=segments)
+
+
+def load_sql(url: str, query: str, schema: Schema, *, name: str | None = None, chunk_rows: int | None = None,
+             on_rows: Callable[[int], None] | None = None) -> Dataset:
+    """Run a read-only ``query`` on the SQLAlchemy database ``url`` and read its rows as ``schema`` describes.
+
+    One SELECT (or WITH, VALUES, TABLE) statement, run in a transaction that is
+    rolled back; give it an ``ORDER BY`` so a rebuild sees the rows, and so the
+    splits, in the same order. Rows are streamed ``chunk_rows`` at a time into
+    numeric arrays; ``on_rows(n)`` is called after each chunk. ``sha256`` is the
+    canonical row digest (equal to :func:`load_table`'s for the same rows) and
+    ``source`` names the database without its password plus the sha256 of the
+    query. Details in :mod:`toolchain._sql`.
+    """
+    try:
+        from toolchain._sql import load_sql as _load_sql
+    except ModuleNotFoundError as exc:
+        if exc.name != "sqlalchemy" and not (exc.name or "").startswith("sqlalchemy."):
+            raise
+        raise DataError("reading a dataset from SQL needs SQLAlchemy: pip install 'edgeherd[server]'") from None
+    return _load_sql(url, query, schema, name=name, chunk_rows=chunk_rows, on_rows=on_rows)
 
 
 def load_npz(path: Path, *, name: str | None = None, value_range: tuple[float, float] | None = None) -> Dataset:

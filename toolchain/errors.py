@@ -5,6 +5,7 @@
     ToolchainError
     ├── DataError            the dataset is missing, malformed or fails a fatal validation rule
     ├── ModelError           a user model (torch class, state dict, ONNX file) cannot be loaded
+    │   └── QualityGateFailed   the trained model misses a quality gate (e.g. --min-slice-metric)
     ├── TrainingError        training cannot start or resume (e.g. a checkpoint from another run)
     ├── ConversionError      export, quantisation or compilation failed
     ├── BundleError          a bundle cannot be written, or fails verification
@@ -18,6 +19,7 @@ __all__ = [
     "ConversionError",
     "DataError",
     "ModelError",
+    "QualityGateFailed",
     "SigningKeyError",
     "ToolchainError",
     "TrainingError",
@@ -34,6 +36,10 @@ class DataError(ToolchainError):
 
 class ModelError(ToolchainError):
     pass
+
+
+class QualityGateFailed(ModelError):
+    """The model was built but misses a quality gate; nothing is written."""
 
 
 class TrainingError(ToolchainError):

@@ -42,6 +42,7 @@ from protocol import (
     TensorRTBuild,
     TensorSpec,
 )
+from protocol.features import FeatureSet
 from protocol.version import __version__
 from toolchain import data as datamod
 from toolchain.bundle import (
@@ -56,9 +57,16 @@ from toolchain.bundle import (
     write_signed_manifest,
 )
 from toolchain.card import render_card
-from toolchain.errors import DataError, ModelError
+from toolchain.errors import DataError, ModelError, QualityGateFailed, ToolchainError
 from toolchain.evaluate import Evaluation, evaluate, gate
 from toolchain.profile import golden_indices, reference_profile, softmax
+from toolchain.quality import (
+    confusion_matrix,
+    per_class_metrics,
+    permutation_importance,
+    slice_gate,
+    slice_metrics,
+)
 from toolchain.validate import ValidationReport, check_leakage, validate
 
 __all__ = ["BuildResult", "BuildSpec", "NullReporter", "Reporter", "build"]
@@ -105,6 +113,11 @@ class BuildSpec:
     key: Path
     data: Path | None = None
     schema: Path | None = None
+    #: SQLAlchemy URL to read the table from with ``query``, instead of ``data`` (a table: needs ``schema``).
+    #: Left out of repr: it may hold a password.
+    sql: str | None = field(default=None, repr=False)
+    #: The one SELECT that yields the table from ``sql``; give it an ORDER BY for a reproducible build.
+    query: str | None = None
     model: str | None = None
     weights: Path | None = None
     onnx: Path | None = None
@@ -120,6 +133,15 @@ class BuildSpec:
     work_dir: Path | None = None
     tar: bool = True
     tflite: bool = True
+    #: Feature definitions (a TOML file or a directory of them) for a schema naming ``registry_features``.
+    features: Path | None = None
+    #: Where to train: auto (a CUDA GPU when there is one), cpu or cuda.
+    device: str = "auto"
+    #: Fail the build when the worst slice (segment value with >= quality.MIN_SLICE_COUNT test rows) has a
+    #: lower fp32 accuracy than this (0–1). Needs ``segments`` in the table's schema.
+    min_slice_metric: float | None = None
+    #: Shuffles per feature for permutation importance (tabular inputs only).
+    importance_repeats: int = 5
 
     @property
     def workdir(self) -> Path:
@@ -141,11 +163,25 @@ class ValidationFailed(DataError):
         self.report = report
 
 
-def _load(spec: BuildSpec) -> datamod.Dataset:
+def _load(spec: BuildSpec, progress: Any = None) -> datamod.Dataset:
+    """The dataset of ``spec``; ``progress`` (a reporter step) is advanced by the rows read where that is slow."""
+    if spec.sql is not None or spec.query is not None:
+        if spec.recipe == "digits":
+            raise DataError("the digits recipe has its own data; --sql/--query feed the tabular, torch and onnx "
+                            "recipes")
+        if spec.data is not None:
+            raise DataError("give the dataset either as --data FILE or as --sql URL --query SELECT, not both")
+        if spec.sql is None or spec.query is None:
+            raise DataError("--sql URL and --query \"SELECT ...\" go together: the database and what to read")
+        if spec.schema is None:
+            raise DataError("a SQL query needs a schema: --schema FILE.toml (label, features, ranges)")
+        return datamod.load_sql(spec.sql, spec.query, datamod.load_schema(spec.schema),
+                                on_rows=progress.advance if progress is not None else None)
     if spec.recipe == "digits":
         return datamod.load_digits()
     if spec.data is None:
-        raise DataError(f"the {spec.recipe} recipe needs a dataset: --data FILE (.csv, .parquet or .npz)")
+        raise DataError(f"the {spec.recipe} recipe needs a dataset: --data FILE (.csv, .parquet or .npz) or "
+                        "--sql URL --query SELECT")
     if spec.data.suffix.lower() == ".npz":
         return datamod.load_npz(spec.data)
     if spec.schema is None:
@@ -193,7 +229,8 @@ def _evaluated(c: _Candidate) -> Evaluation:
     return c.evaluation
 
 
-def _torch_model(spec: BuildSpec, ds: datamod.Dataset, train_x: np.ndarray) -> tuple[Any, Preprocessing, bool]:
+def _torch_model(spec: BuildSpec, ds: datamod.Dataset, train_x: np.ndarray, fs: FeatureSet | None = None
+                 ) -> tuple[Any, Preprocessing, bool]:
     """(model, preprocessing, needs_training)."""
     import torch
 
@@ -215,54 +252,168 @@ def _torch_model(spec: BuildSpec, ds: datamod.Dataset, train_x: np.ndarray) -> t
                             description="one mean and std over all pixels of the training split")
         return Normalized(core, np.float32(mean_px), np.float32(std_px)), pre, True
     flat = train_x.reshape(len(train_x), -1)
+    if fs is not None:  # registry features, computed in the graph ahead of the normalisation
+        from agent.features import model_columns
+        from toolchain.features import transform_module
+
+        flat = model_columns(fs, flat)
     mean, std = flat.mean(axis=0), flat.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     pre = Preprocessing(kind="normalize", mean=[float(v) for v in mean], std=[float(v) for v in std], in_graph=True,
-                        description="per-feature mean and std of the training split")
-    return Normalized(TabularMLP(flat.shape[1], len(ds.classes)), mean, std), pre, True
+                        description="per-feature mean and std of the training split" + (
+                            f", after the registry features {', '.join(d.ref for d in fs.definitions)}"[:200]
+                            if fs is not None else ""))
+    net = Normalized(TabularMLP(flat.shape[1], len(ds.classes)), mean, std)
+    if fs is not None:
+        return torch.nn.Sequential(transform_module(fs), net), pre, True
+    return net, pre, True
+
+
+#: Permutation importance runs on at most this many validation rows (a seeded sample beyond it).
+_IMPORTANCE_MAX_ROWS = 10_000
+
+
+def _quality(spec: BuildSpec, ds: datamod.Dataset, artifact: str, fp32: Path, base: Evaluation,
+             xs: dict[str, np.ndarray], ys: dict[str, np.ndarray], segs: dict[str, dict[str, np.ndarray]],
+             ) -> dict[str, Any]:
+    """Report sections "per_class", "confusion", "slices", "importance" for the fp32 ONNX model.
+
+    Raises :class:`QualityGateFailed` when ``spec.min_slice_metric`` is set and the worst slice is below it.
+    """
+    out: dict[str, Any] = {}
+    pred = base.outputs.argmax(1)
+    cm = confusion_matrix(ys["test"], pred, len(ds.classes))
+    out["per_class"] = {"split": "test", "artifact": artifact,
+                        "classes": [m.to_dict() for m in per_class_metrics(cm, ds.classes)]}
+    out["confusion"] = {"split": "test", "artifact": artifact, "rows": "true", "columns": "predicted",
+                        "labels": list(ds.classes), "matrix": cm.tolist()}
+    if segs["test"]:
+        slices = slice_metrics(ys["test"], pred, segs["test"])
+        out["slices"] = {"split": "test", "artifact": artifact, **slices.to_dict(),
+                         "min_slice_metric": spec.min_slice_metric}
+        if spec.min_slice_metric is not None:
+            why = slice_gate(slices, spec.min_slice_metric)
+            if why:
+                raise QualityGateFailed(f"quality gate failed: {why}; nothing was written")
+    else:
+        out["slices"] = {"skipped": "the dataset declares no segment columns (schema `segments`)"}
+
+    xv, yv = xs["validation"], ys["validation"]
+    names = [f.name for f in ds.schema.features]
+    if ds.kind != "tabular" or xv.ndim != 2 or xv.shape[1] != len(names):
+        out["importance"] = {"skipped": f"{ds.kind} inputs shaped {list(ds.input_shape)}: single input values "
+                             "mean little alone; permutation importance is computed for table columns only"}
+        return out
+    if len(xv) > _IMPORTANCE_MAX_ROWS:
+        rows = np.sort(np.random.default_rng(spec.seed).choice(len(xv), _IMPORTANCE_MAX_ROWS, replace=False))
+        xv, yv = xv[rows], yv[rows]
+    backend = open_backend(fp32, "onnxruntime")
+    try:
+        imp = permutation_importance(xv, yv, lambda a: backend.predict(a).argmax(1), names,
+                                     repeats=spec.importance_repeats, seed=spec.seed)
+    finally:
+        backend.close()
+    out["importance"] = {"split": "validation", "artifact": artifact, **imp.to_dict()}
+    return out
+
+
+def _quality_note(quality: dict[str, Any]) -> str:
+    parts = []
+    worst = quality["slices"].get("worst")
+    if worst:
+        parts.append(f"worst slice {worst['column']}={worst['value']} {worst['accuracy']:.4f}")
+    features = quality["importance"].get("features")
+    if features:
+        parts.append(f"top feature {features[0]['name']}")
+    return ", ".join(parts) or "per-class metrics"
+
+
+def _feature_set(spec: BuildSpec, ds: datamod.Dataset, report: ValidationReport, kept: np.ndarray
+                 ) -> FeatureSet | None:
+    """The registry features the schema names, resolved from ``spec.features`` and checked on the data (each
+    definition's range and missing rate: fatal or a warning, as the definition says)."""
+    refs = getattr(ds.schema, "registry_features", [])
+    if not refs:
+        if spec.features is not None:
+            raise DataError("--features was given but the schema names no registry_features")
+        return None
+    if spec.features is None:
+        raise DataError("the schema names registry_features; give their definitions with --features FILE.toml")
+    if ds.kind != "tabular" or spec.recipe not in ("tabular",):
+        raise DataError("registry features are for the tabular recipe")
+    from toolchain.features import check_features, load_definitions, resolve
+
+    definitions = resolve(load_definitions(spec.features), refs)
+    try:
+        fs = FeatureSet(inputs=[f.name for f in ds.schema.features], definitions=definitions)
+    except ValueError as exc:
+        raise DataError(f"registry features: {exc}") from None
+    for check in check_features(fs, ds.table()[kept]):
+        d = check.definition
+        for problem in check.problems:
+            report.add(f"feature {d.ref}", "fatal" if d.on_violation == "fatal" else "warning", problem)
+        if not check.problems:
+            report.add(f"feature {d.ref}", "ok", f"{check.missing_rate:.2%} missing, "
+                       f"{check.out_of_range_rate:.2%} out of range")
+    return fs
 
 
 def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     rep = reporter or NullReporter()
     key = load_signing_key(spec.key)  # fail before any work, not after training
+    if spec.recipe in ("digits", "tabular"):
+        from toolchain.train import resolve_device
+
+        resolve_device(spec.device)  # a GPU asked for and missing: say so now
     if spec.out.exists() and (not spec.out.is_dir() or any(spec.out.iterdir())):
         with bundle_staging(spec.out):  # raises BundleError naming what is there
             pass
     if spec.recipe == "onnx" and (spec.onnx is None or not spec.onnx.is_file()):
         raise ModelError(f"ONNX file {spec.onnx} does not exist" if spec.onnx else "the onnx recipe needs --onnx FILE")
+    if spec.min_slice_metric is not None and not 0.0 <= spec.min_slice_metric <= 1.0:
+        raise ToolchainError(f"min_slice_metric is an accuracy between 0 and 1, got {spec.min_slice_metric}")
+    if spec.importance_repeats < 1:
+        raise ToolchainError(f"importance_repeats must be at least 1, got {spec.importance_repeats}")
 
     with rep.step("load and validate data") as st:
-        ds = _load(spec)
+        ds = _load(spec, st)
         report, kept = validate(ds)
         splits_local = datamod.split_indices(ds.y[kept], spec.seed)
         splits = {k: kept[v] for k, v in splits_local.items()}
         check_leakage(report, ds, splits["train"], splits["test"])
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         st.note(f"{report.rows_kept}/{report.rows_in} rows kept, {sizes}")
+    fs = _feature_set(spec, ds, report, kept)
     if not report.ok:
         raise ValidationFailed(report)
+    if spec.min_slice_metric is not None and not ds.segments:
+        raise DataError(f"--min-slice-metric {spec.min_slice_metric} needs segment columns, and the dataset "
+                        f"{ds.source} has none: declare `segments` in the table's schema TOML, e.g. "
+                        "segments = [\"site\"] (columns that are not model inputs)")
     xs = {k: ds.x[v] for k, v in splits.items()}
     ys = {k: ds.y[v] for k, v in splits.items()}
+    segs = {k: {c: a[v] for c, a in ds.segments.items()} for k, v in splits.items()}  # aligned with xs, ys
     name = spec.name or ds.name
     build_report: dict[str, Any] = {"validation": report.to_dict(), "splits": {k: len(v) for k, v in splits.items()}}
 
     model = None
     preprocessing = Preprocessing(kind="none", description="as defined by the supplied ONNX model")
     if spec.recipe != "onnx":
-        model, preprocessing, needs_training = _torch_model(spec, ds, xs["train"])
+        model, preprocessing, needs_training = _torch_model(spec, ds, xs["train"], fs)
         if needs_training:
-            from toolchain.train import TrainConfig, train
+            from toolchain.train import TrainConfig, device_name, resolve_device, train
 
             cfg = TrainConfig(epochs=spec.epochs or (30 if spec.recipe == "digits" else 60), seed=spec.seed)
             with rep.step("train", total=cfg.epochs) as st:
                 result = train(model, (xs["train"], ys["train"]), (xs["validation"], ys["validation"]), cfg,
                                spec.workdir / "checkpoints", data_digest=ds.sha256, resume=spec.resume,
-                               on_epoch=lambda r: st.advance())
+                               on_epoch=lambda r: st.advance(), device=spec.device)
                 if result.resumed_from:
                     rep.info(f"resumed from the checkpoint of epoch {result.resumed_from}")
                 last = result.history[-1]
                 st.note(f"{cfg.epochs} epochs, validation accuracy {last.val_accuracy:.4f}")
             build_report["training"] = {"epochs": cfg.epochs, "seed": cfg.seed, "resumed_from": result.resumed_from,
+                                        "device": device_name(resolve_device(spec.device)),
                                         "history": [vars(h) for h in result.history]}
 
     with bundle_staging(spec.out) as staging:
@@ -334,10 +485,21 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         build_report["rejected"] = rejected
         kept_c = [c for c in candidates if c.name not in rejected]
 
+        with rep.step("quality: per-class metrics, slices, feature importance") as st:
+            quality = _quality(spec, ds, candidates[0].name, fp32, base, xs, ys, segs)
+            build_report.update(quality)
+            st.note(_quality_note(quality))
+
         with rep.step("reference profile and golden vectors") as st:
             probs = softmax(open_backend(fp32, "onnxruntime").predict(xs["train"]))
             feature_names = [f.name for f in ds.schema.features] if ds.kind == "tabular" else None
-            reference = reference_profile(xs["train"], ds.kind, feature_names, ys["train"], len(ds.classes), probs)
+            if fs is not None:
+                from toolchain.features import reference_for
+
+                reference = reference_for(fs, xs["train"], ys["train"], len(ds.classes), probs)
+            else:
+                reference = reference_profile(xs["train"], ds.kind, feature_names, ys["train"], len(ds.classes),
+                                              probs)
             gi = golden_indices(ys["test"])
             golden_labels = [int(v) for v in base.outputs[gi].argmax(1)]
             golden = GoldenSet(inputs=[[float(v) for v in xs["test"][i].ravel()] for i in gi], labels=golden_labels)
@@ -383,6 +545,14 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         }
         if "training" in build_report:
             lineage["epochs"] = str(build_report["training"]["epochs"])
+            lineage["train_device"] = build_report["training"]["device"][:256]
+        worst = build_report["slices"].get("worst")
+        if worst:
+            lineage["worst_slice"] = (f"{worst['column']}={worst['value']} accuracy {worst['accuracy']:.4f} "
+                                      f"n {worst['n']}")[:256]
+        if build_report["importance"].get("features"):
+            top = build_report["importance"]["features"][0]
+            lineage["top_feature"] = f"{top['name']} accuracy drop {top['mean']:.4f}"
         revision = _code_revision()
         if revision:
             lineage["code_revision"] = revision
@@ -392,11 +562,15 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
             lineage["parent_version"] = spec.parent
         if spec.model:
             lineage["model_class"] = spec.model
+        if fs is not None:
+            from toolchain.features import feature_lineage
+
+            lineage.update(feature_lineage(fs))
         manifest = Manifest(
             model=name, version=spec.version, created_at=datetime.now(timezone.utc), author=spec.author,
             description=spec.description or f"{spec.recipe} model trained on {ds.name}",
             task="classification", labels=ds.classes, artifacts=entries, preprocessing=preprocessing,
-            golden=golden, reference=reference, lineage=lineage,
+            golden=golden, reference=reference, lineage=lineage, features=fs,
         )
         with rep.step("sign and write the bundle") as st:
             for sha, path in files.items():  # content-addressed: two artifacts may share one file

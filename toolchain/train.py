@@ -1,4 +1,10 @@
-"""Seeded training on CPU with a checkpoint after every epoch and resume.
+"""Seeded training, on the CPU or a CUDA GPU, with a checkpoint after every epoch and resume.
+
+``device``: ``cpu``, ``cuda`` (fails when no CUDA GPU is visible) or ``auto``
+(the GPU when there is one). Shuffling comes from a CPU generator either way,
+so a seed gives the same batches on both; the arithmetic differs in the last
+bits (cuDNN/cuBLAS kernels), so results agree within a tolerance, not
+bit for bit. The trained model is handed back on the CPU, for export.
 
 The checkpoint (``last.pt`` in the work directory, written atomically) holds
 the weights, optimiser state, the shuffling generator's state, the epoch and
@@ -22,7 +28,7 @@ from torch import nn
 
 from toolchain.errors import TrainingError
 
-__all__ = ["EpochResult", "TrainConfig", "TrainResult", "train"]
+__all__ = ["EpochResult", "TrainConfig", "TrainResult", "device_name", "resolve_device", "train"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,23 @@ class EpochResult:
 class TrainResult:
     history: list[EpochResult] = field(default_factory=list)
     resumed_from: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → the CUDA GPU when one is visible, else the CPU; ``cuda`` without one is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise TrainingError(f"--device {device!r}: choose auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False; "
+                            "a CPU-only torch build, or no driver); use --device auto or cpu")
+    return torch.device("cuda")
+
+
+def device_name(device: torch.device) -> str:
+    """What the lineage records: ``cpu``, or ``cuda:<GPU name>``."""
+    return "cpu" if device.type == "cpu" else f"cuda:{torch.cuda.get_device_name(device)}"
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -82,13 +105,16 @@ def train(
     data_digest: str,
     resume: bool = False,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
-    """Train ``model`` in place; checkpoint to ``workdir/last.pt`` after every epoch."""
+    """Train ``model`` in place on ``device``; checkpoint to ``workdir/last.pt`` after every epoch."""
+    dev = resolve_device(device)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "last.pt"
     fingerprint = _fingerprint(cfg, data_digest, model)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = TrainResult()
     start = 0
@@ -107,13 +133,13 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         result.history = [EpochResult(**h) for h in state["history"]]
         start = result.resumed_from = int(state["epoch"])
-    x = torch.as_tensor(train_xy[0])
-    y = torch.as_tensor(train_xy[1])
-    xv, yv = torch.as_tensor(val_xy[0]), torch.as_tensor(val_xy[1])
+    x = torch.as_tensor(train_xy[0]).to(dev)
+    y = torch.as_tensor(train_xy[1]).to(dev)
+    xv, yv = torch.as_tensor(val_xy[0]).to(dev), torch.as_tensor(val_xy[1]).to(dev)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start + 1, cfg.epochs + 1):
         model.train()
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(len(x), generator=gen).to(dev)
         total = 0.0
         for i in range(0, len(x), cfg.batch_size):
             batch = order[i : i + cfg.batch_size]
@@ -130,5 +156,6 @@ def train(
         })
         if on_epoch is not None:
             on_epoch(res)
+    model.to("cpu")
     model.eval()
     return result

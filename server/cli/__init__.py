@@ -13,6 +13,7 @@ import typer
 from agent.cli import version_option
 from server.cli.build import build_command, bundle_app
 from server.cli.demo import demo_command
+from server.cli.features import features_app
 from server.cli.flash import flash_command, rotate_credentials_command
 from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, server_app
 from server.cli.governance import CliState, audit_app, model_approve, model_promote, model_reject, model_retire
@@ -34,6 +35,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(audit_app, name="audit")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(features_app, name="features")
 model_app.command("promote")(model_promote)
 model_app.command("approve")(model_approve)
 model_app.command("reject")(model_reject)

@@ -77,6 +77,13 @@ def build_command(
                                               "(arrays x, y).")] = None,
     schema: Annotated[Path | None, typer.Option("--schema", help="TOML schema of a table: label, features, "
                                                 "types, ranges.")] = None,
+    sql: Annotated[str | None, typer.Option("--sql", metavar="URL", show_default=False, help=(
+        "Read the table from this database instead of --data: a SQLAlchemy URL (postgresql+psycopg://user@host/db, "
+        "sqlite:///file.db); with --query and --schema. Keep the password out of it: PGPASSWORD or ~/.pgpass."))
+    ] = None,
+    query: Annotated[str | None, typer.Option("--query", metavar="SELECT", help=(
+        "The one SELECT that yields the table from --sql, run read-only and rolled back; give it an ORDER BY for "
+        "a reproducible build."))] = None,
     model: Annotated[str | None, typer.Option("--model", help="Your torch model as module:Class (torch recipe).")
                      ] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="state_dict file for --model.")] = None,
@@ -93,21 +100,35 @@ def build_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training run from its last "
                                          "checkpoint.")] = False,
     tar: Annotated[bool, typer.Option("--tar/--no-tar", help="Also write OUT.tar for transport.")] = True,
+    device: Annotated[str, typer.Option("--device", help="Train on: auto (a CUDA GPU when one is visible), cpu "
+                                        "or cuda.")] = "auto",
+    features: Annotated[Path | None, typer.Option("--features", help="Feature definitions (TOML file or "
+                                                  "directory) for a schema naming registry_features.")] = None,
+    min_slice_metric: Annotated[float | None, typer.Option(
+        "--min-slice-metric", min=0.0, max=1.0, help="Fail the build when the worst slice (a value of a segment "
+        "column declared in the schema, with at least 20 test rows) has a lower fp32 accuracy than this (0-1).")
+    ] = None,
 ) -> None:
     """Validate data, train, export, quantize, evaluate and sign a bundle."""
     if onnx is not None and recipe == "digits":
         recipe = "onnx"
     if model is not None and recipe == "digits":
         recipe = "torch"
+    if sql is not None or query is not None:
+        _check_sql_options(data, sql, query, schema)
+        if recipe == "digits":
+            recipe = "tabular"
     if recipe not in RECIPES:
         err_console.print(f"error: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         raise typer.Exit(2)
     from toolchain.errors import ToolchainError
     from toolchain.pipeline import BuildSpec, ValidationFailed, build
 
-    spec = BuildSpec(recipe=recipe, out=out, key=key, data=data, schema=schema, model=model,  # type: ignore[arg-type]
+    spec = BuildSpec(recipe=recipe, out=out, key=key, data=data, schema=schema, sql=sql, query=query,  # type: ignore[arg-type]
+                     model=model,
                      weights=weights, onnx=onnx, name=name, version=version, description=description,
-                     parent=parent, seed=seed, epochs=epochs, max_drop=max_drop, resume=resume, tar=tar)
+                     parent=parent, seed=seed, epochs=epochs, max_drop=max_drop, resume=resume, tar=tar,
+                     min_slice_metric=min_slice_metric, device=device, features=features)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     try:
@@ -124,6 +145,20 @@ def build_command(
     for art_name, why in result.rejected.items():
         console.print(f"[yellow]left out[/] {art_name}: {why}")
     console.print(f"bundle written to {result.out}" + (f" and {result.tar}" if result.tar else ""))
+
+
+def _check_sql_options(data: Path | None, sql: str | None, query: str | None, schema: Path | None) -> None:
+    """Usage errors of --sql/--query, before anything runs."""
+    problem = None
+    if data is not None:
+        problem = "--data and --sql/--query are two sources for the same dataset; give one of them"
+    elif sql is None or query is None:
+        problem = "--sql URL and --query \"SELECT ...\" go together: the database and what to read from it"
+    elif schema is None:
+        problem = "--sql needs --schema FILE.toml (label, features, ranges), as a CSV file does"
+    if problem:
+        err_console.print(f"error: {problem}")
+        raise typer.Exit(2)
 
 
 def _print_artifacts(manifest: Any) -> None:

@@ -252,3 +252,20 @@ class Lease(SQLModel, table=True):
     holder: str = Field(max_length=128)
     #: Epoch seconds, by the database's clock.
     expires_at: float
+
+
+class FeatureDefinitionRow(SQLModel, table=True):
+    """A registered feature definition (protocol/features.py). A version is never edited: a changed
+    definition is registered as a new version."""
+
+    __tablename__ = "feature_definitions"
+
+    name: str = Field(primary_key=True, max_length=64)
+    version: int = Field(primary_key=True)
+    #: sha256 of the definition's canonical JSON.
+    sha256: str = Field(max_length=64)
+    #: The definition as canonical JSON.
+    definition: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    owner: str = Field(default="", max_length=256)
+    pushed_by: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(nullable=False)

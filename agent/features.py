@@ -1,0 +1,88 @@
+"""Registry features in numpy (definitions: protocol/features.py): what the model's graph computes from raw
+input columns (:func:`model_columns`), and the value of each feature that is validated at build time and
+counted on devices (:func:`feature_values`), in float32 with the same operations in the same order as the
+torch module the toolchain exports (toolchain/features.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protocol.features import Clip, FeatureDefinition, FeatureSet, Identity, Log1p, OneHot, Ratio, Scale
+
+__all__ = ["feature_values", "model_columns", "reference_edges"]
+
+
+def _column(inputs: list[str], x: np.ndarray, name: str) -> np.ndarray:
+    return x[:, inputs.index(name)]
+
+
+def _value(d: FeatureDefinition, inputs: list[str], x: np.ndarray) -> np.ndarray:
+    """The feature's value per row (float32; NaN where missing). For onehot, the category index."""
+    t = d.transform
+    if isinstance(t, Ratio):
+        num, den = _column(inputs, x, t.numerator), _column(inputs, x, t.denominator)
+        ok = np.abs(den) >= np.float32(t.eps)
+        out = np.full(len(x), np.nan, dtype=np.float32)
+        np.divide(num, den, out=out, where=ok)
+        return out
+    v: np.ndarray = _column(inputs, x, t.column)
+    if isinstance(t, Identity):
+        copied: np.ndarray = v.copy()
+        return copied
+    if isinstance(t, Scale):
+        scaled: np.ndarray = (v - np.float32(t.offset)) * np.float32(t.factor)
+        return scaled
+    if isinstance(t, Clip):
+        clipped: np.ndarray = np.clip(v, np.float32(t.min), np.float32(t.max))
+        return clipped
+    if isinstance(t, Log1p):
+        with np.errstate(invalid="ignore"):
+            logged: np.ndarray = np.log1p(np.maximum(v, np.float32(0)))
+        return logged
+    idx = np.full(len(x), np.nan, dtype=np.float32)
+    for i, c in enumerate(t.categories):
+        idx[v == np.float32(c)] = i
+    return idx
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"raw inputs must be shaped (rows, columns), got {x.shape}")
+    return x
+
+
+def feature_values(fs: FeatureSet, x: np.ndarray) -> np.ndarray:
+    """One value per feature and row, shaped (rows, features), float64; NaN where missing. What is
+    validated at build time and counted on devices."""
+    x = _as_float32(x)
+    if x.shape[1] != len(fs.inputs):
+        raise ValueError(f"expected {len(fs.inputs)} raw columns ({', '.join(fs.inputs[:8])}), got {x.shape[1]}")
+    return np.stack([_value(d, fs.inputs, x) for d in fs.definitions], axis=1).astype(np.float64)
+
+
+def model_columns(fs: FeatureSet, x: np.ndarray) -> np.ndarray:
+    """The model's input computed from raw columns, shaped (rows, sum of widths), float32."""
+    x = _as_float32(x)
+    if x.shape[1] != len(fs.inputs):
+        raise ValueError(f"expected {len(fs.inputs)} raw columns ({', '.join(fs.inputs[:8])}), got {x.shape[1]}")
+    cols: list[np.ndarray] = []
+    for d in fs.definitions:
+        t = d.transform
+        if isinstance(t, OneHot):
+            v = _column(fs.inputs, x, t.column)
+            cols += [(v == np.float32(c)).astype(np.float32) for c in t.categories]
+            continue
+        v = _value(d, fs.inputs, x)
+        cols.append(np.where(np.isnan(v), np.float32(d.fill), v).astype(np.float32))
+    return np.stack(cols, axis=1)
+
+
+def reference_edges(d: FeatureDefinition) -> list[float]:
+    """The drift bins of a feature: its valid range in ``bins`` equal parts (for onehot, one bin per
+    category), the same for every model version that consumes it."""
+    if isinstance(d.transform, OneHot):
+        k = len(d.transform.categories)
+        return [i - 0.5 for i in range(k + 1)]
+    lo, hi = d.bounds
+    return [float(v) for v in np.linspace(lo, hi, d.bins + 1)]

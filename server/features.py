@@ -1,0 +1,162 @@
+"""The feature registry: versioned feature definitions, who consumes them, and their drift across the fleet.
+
+A definition is registered once per ``(name, version)``; pushing the same
+version with other contents is refused (a changed definition is a new
+version), so a bundle built before a change still names, and is checked
+against, the version it was built with. ``edgeherd model push`` registers the
+definitions a bundle carries and refuses one that contradicts the registry.
+
+Drift of one feature is read from the statistics devices report (keyed by
+feature name and version), for every model version that consumes it: each
+feature's bins split its declared range evenly, so the counts of windows from
+different model versions add up, and the fleet-wide row compares them with
+the summed training counts of those versions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlmodel import Session, col, select
+
+from protocol import FeatureStats, InvalidMessage, decode
+from protocol._model import decode_model
+from protocol.features import FeatureDefinition, definition_sha256
+from protocol.manifest import FeatureReference
+from protocol.signing import SignedManifest
+from server import audit
+from server.db.models import AuditEntry, FeatureDefinitionRow, ModelVersion, StatsWindow
+from server.drift import ALPHA, FeatureDrift, _feature
+
+__all__ = ["Consumer", "FeatureDriftRow", "FeatureRegistryError", "consumers", "definitions", "drift", "register"]
+
+
+class FeatureRegistryError(Exception):
+    pass
+
+
+def register(db: Session, defs: list[FeatureDefinition], actor: str
+             ) -> tuple[list[tuple[str, str]], AuditEntry | None]:
+    """Register definitions (the caller commits, then anchors the audit entry returned): ``(ref, "added" |
+    "unchanged")`` for each. Raises FeatureRegistryError, changing nothing, when one contradicts a registered
+    version."""
+    out: list[tuple[str, str]] = []
+    entry: AuditEntry | None = None
+    fresh: list[tuple[FeatureDefinition, str]] = []
+    for d in defs:
+        digest = definition_sha256(d)
+        row = db.get(FeatureDefinitionRow, (d.name, d.version))
+        if row is not None:
+            if row.sha256 != digest:
+                raise FeatureRegistryError(
+                    f"{d.ref} is already registered with another definition (sha256 {row.sha256[:12]}…); a changed "
+                    f"definition is a new version: give it version {_next_version(db, d.name)}")
+            out.append((d.ref, "unchanged"))
+        elif any(f.name == d.name and f.version == d.version for f, _ in fresh):
+            raise FeatureRegistryError(f"{d.ref} is given twice")
+        else:
+            fresh.append((d, digest))
+            out.append((d.ref, "added"))
+    for d, digest in fresh:
+        db.add(FeatureDefinitionRow(name=d.name, version=d.version, sha256=digest,
+                                    definition=d.model_dump(mode="json"), owner=d.owner, pushed_by=actor))
+        entry = audit.append(db, actor, "feature.push", f"feature:{d.ref}", {"sha256": digest, "owner": d.owner})
+    return out, entry
+
+
+def _next_version(db: Session, name: str) -> int:
+    versions = db.exec(select(FeatureDefinitionRow.version).where(FeatureDefinitionRow.name == name)).all()
+    return max(versions, default=0) + 1
+
+
+def definitions(db: Session, name: str | None = None) -> list[FeatureDefinitionRow]:
+    q = select(FeatureDefinitionRow).order_by(col(FeatureDefinitionRow.name), col(FeatureDefinitionRow.version))
+    if name is not None:
+        q = q.where(FeatureDefinitionRow.name == name)
+    return list(db.exec(q).all())
+
+
+@dataclass(frozen=True)
+class Consumer:
+    model: str  # name:version
+    manifest_sha256: str
+    feature: str  # name@version
+    reference: FeatureReference
+    reference_n: int
+
+
+def consumers(db: Session, name: str | None = None) -> list[Consumer]:
+    """Model versions whose bundles compute registry features (``name``'s only, if given)."""
+    out = []
+    for mv in db.exec(select(ModelVersion).order_by(col(ModelVersion.id))).all():
+        manifest = decode_model(SignedManifest, mv.signed_manifest).manifest
+        if manifest.features is None or manifest.reference is None:
+            continue
+        for ref in manifest.reference.features:
+            if name is None or ref.name == name:
+                out.append(Consumer(f"{mv.name}:{mv.version}", mv.manifest_sha256, f"{ref.name}@{ref.version}", ref,
+                                    manifest.reference.n))
+    return out
+
+
+@dataclass(frozen=True)
+class FeatureDriftRow:
+    feature: str  # name@version
+    model: str  # name:version, or "all" for every consumer of that feature version
+    windows: int
+    drift: FeatureDrift
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "model": self.model, "windows": self.windows} | vars(self.drift)
+
+
+def drift(db: Session, name: str, version: int | None = None, since: datetime | None = None,
+          alpha: float = ALPHA) -> list[FeatureDriftRow]:
+    """Drift of feature ``name`` per consuming model version and, per feature version, over all of them."""
+    rows: list[FeatureDriftRow] = []
+    groups: dict[str, list[tuple[Consumer, np.ndarray, int, int]]] = {}
+    for c in consumers(db, name):
+        if version is not None and c.feature != f"{name}@{version}":
+            continue
+        counts, nan, windows = _window_counts(db, c, since)
+        groups.setdefault(c.feature, []).append((c, counts, nan, windows))
+        rows.append(FeatureDriftRow(c.feature, c.model, windows,
+                                    _feature(c.feature, np.asarray(c.reference.counts), counts, c.reference_n, nan, 1,
+                                             alpha)))
+    for feature, members in groups.items():
+        if len(members) < 2:
+            continue
+        ref = np.sum([np.asarray(c.reference.counts) for c, *_ in members], axis=0)
+        win = np.sum([counts for _, counts, _, _ in members], axis=0)
+        rows.append(FeatureDriftRow(feature, "all", sum(w for *_, w in members),
+                                    _feature(feature, ref, win, sum(c.reference_n for c, *_ in members),
+                                             sum(n for _, _, n, _ in members), 1, alpha)))
+    return rows
+
+
+def _window_counts(db: Session, c: Consumer, since: datetime | None) -> tuple[np.ndarray, int, int]:
+    """The summed bin counts (out-of-range values in the end bins), missing values and windows of ``c``'s
+    feature in the statistics devices running ``c``'s model version reported."""
+    q = select(StatsWindow.payload).where(StatsWindow.manifest_sha256 == c.manifest_sha256)
+    if since is not None:
+        q = q.where(col(StatsWindow.end) >= since)
+    name, _, v = c.feature.partition("@")
+    total = np.zeros(len(c.reference.counts), dtype=np.int64)
+    nan = windows = 0
+    for payload in db.exec(q).all():
+        try:
+            stats = decode(FeatureStats, payload)
+        except InvalidMessage:
+            continue
+        for f in stats.features:
+            if f.name == name and f.version == int(v) and len(f.counts) == len(total):
+                counts = np.asarray(f.counts, dtype=np.int64)
+                counts[0] += f.below
+                counts[-1] += f.above
+                total += counts
+                nan += f.nan
+                windows += 1
+    return total, nan, windows
