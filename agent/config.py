@@ -15,7 +15,6 @@ required key is an error naming the key, never a silent default.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,11 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import ConfigError
 from protocol.ids import DEVICE_ID_PATTERN
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from protocol.tomlfile import read_toml
 
 __all__ = ["AgentConfig", "load_config"]
 
@@ -143,14 +138,7 @@ def load_config(path: Path | None, **overrides: Any) -> AgentConfig:
     """Read ``path`` (TOML), apply ``EDGEHERD_AGENT_<FIELD>`` variables, then ``overrides``."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        raw = read_toml(path, "config file", ConfigError)
         # relative file paths in the file are relative to the file, not to the working directory
         for name in ("password_file", "tls_ca", "tls_cert", "tls_key", "data_dir"):
             if isinstance(raw.get(name), str) and not Path(raw[name]).is_absolute():

@@ -92,7 +92,12 @@ def consumers(db: Session, name: str | None = None) -> list[Consumer]:
     """Model versions whose bundles compute registry features (``name``'s only, if given)."""
     out = []
     for mv in db.exec(select(ModelVersion).order_by(col(ModelVersion.id))).all():
-        manifest = decode_model(SignedManifest, mv.signed_manifest).manifest
+        if "features" not in (mv.lineage or {}):  # built from registry features: the lineage says which
+            continue
+        try:
+            manifest = decode_model(SignedManifest, mv.signed_manifest).manifest
+        except InvalidMessage:  # verified when pushed; a row edited since is not this function's to judge
+            continue
         if manifest.features is None or manifest.reference is None:
             continue
         for ref in manifest.reference.features:

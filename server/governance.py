@@ -39,7 +39,6 @@ from __future__ import annotations
 import getpass
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -49,13 +48,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlmodel import Session, col, select
 
+from protocol.tomlfile import read_toml
 from server import audit
 from server.db.models import Approval, Device, ModelVersion
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "Governance", "GovernanceError", "OperatorEntry", "OperatorsConfig",
            "Permission", "Role", "Stage", "Transition", "approve", "check_deploy", "check_rollout", "current_operator",
@@ -173,14 +168,7 @@ class OperatorsConfig(BaseModel):
 
 def load_operators(path: Path) -> OperatorsConfig:
     """Read and validate ``path``; every problem names the file and the key."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GovernanceError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GovernanceError(f"cannot read {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise GovernanceError(f"{path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, "operators file", GovernanceError)
     try:
         config = OperatorsConfig.model_validate(raw)
     except ValidationError as exc:

@@ -78,7 +78,7 @@ def test_definitions_are_validated_with_the_file_feature_and_key_named(tmp_path)
     bad.write_text(DEFINITIONS + "[[feature]]" + first.replace("vibration-team", "someone-else"))
     with pytest.raises(DataError, match="crest_factor@1 is defined twice, differently"):
         load_definitions(bad)
-    with pytest.raises(DataError, match="do not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_definitions(tmp_path / "missing.toml")
     good = tmp_path / "good.toml"
     good.write_text(DEFINITIONS)
@@ -255,27 +255,30 @@ def test_a_changed_definition_is_a_new_version_and_both_stay_known(registry):
         reg.push_model(bad.out, actor="alice")
 
 
-@pytest.mark.integration
-def test_drift_of_a_feature_adds_up_across_the_model_versions_that_consume_it(registry):
+def _two_devices_report(registry) -> None:
+    """Both versions pushed (pushing again changes nothing), and three windows of statistics ingested from a
+    device on each: pump-1 runs 1.0.0 on the training data, pump-2 runs 2.0.0 on data whose crest factor
+    drifted. Once per module."""
     from sqlmodel import Session
 
     from agent.window import WindowStats
     from protocol import TopicKind, device_topic, encode
-    from server import features
     from server.db.models import Device
     from server.ingest import Ingestor
 
     reg, tmp, first, second, x, _ = registry
-    for defs in ("features.toml", "features-v2.toml"):  # as the test before left it (pushing again changes nothing)
+    for defs in ("features.toml", "features-v2.toml"):
         reg.push_features(tmp / defs, actor="alice")
     for bundle in (first, second):
         reg.push_model(bundle.out, actor="alice")
-    shifted = x.copy()
-    shifted[:, 1] *= 2.5  # peaks far higher: the crest factor drifts on the device running 2.0.0
     with Session(reg.engine) as db:
+        if db.get(Device, "pump-1") is not None:
+            return
         for device in ("pump-1", "pump-2"):
             db.add(Device(id=device, profile="x86-64-cpu"))
         db.commit()
+    shifted = x.copy()
+    shifted[:, 1] *= 2.5  # peaks far higher: the crest factor drifts on the device running 2.0.0
     ingest = Ingestor(reg.engine)
     t0 = datetime.now(timezone.utc)
     for device, result, rows in (("pump-1", first, x), ("pump-2", second, shifted)):
@@ -289,6 +292,16 @@ def test_drift_of_a_feature_adds_up_across_the_model_versions_that_consume_it(re
             assert window is not None and window.features[0].name == "crest_factor"
             assert window.features[0].version == 1
             assert ingest.handle(device_topic(device, TopicKind.STATS), encode(window)) == "ok"
+
+
+@pytest.mark.integration
+def test_drift_of_a_feature_adds_up_across_the_model_versions_that_consume_it(registry):
+    from sqlmodel import Session
+
+    from server import features
+
+    reg, *_, x, _ = registry
+    _two_devices_report(registry)
     with Session(reg.engine) as db:
         rows = {(r.feature, r.model): r for r in features.drift(db, "crest_factor")}
         temp = {(r.feature, r.model) for r in features.drift(db, "temp_scaled")}
@@ -307,4 +320,48 @@ def test_drift_of_a_feature_adds_up_across_the_model_versions_that_consume_it(re
     out = CliRunner().invoke(app, ["features", "drift", "crest_factor", "--json", "--data-dir", str(reg.data)])
     assert out.exit_code == 0, out.output
     assert [r["model"] for r in json.loads(out.output)] == ["sensors:1.0.0", "sensors:2.0.0", "all"]
+
+
+
+@pytest.mark.integration
+def test_the_tui_drift_screen_shows_a_feature_across_model_versions(registry):
+    import asyncio
+
+    from textual.widgets import DataTable
+
+    from server.app import ServerApp
+    from server.tui.app import make_app
+
+    reg, *_ = registry
+    _two_devices_report(registry)
+    assert ServerApp(reg.data, metrics_port=0, drift_interval=0, rollout_interval=0).evaluate_drift() > 0
+
+    async def run() -> None:
+        app = make_app(reg.data, "alice", refresh_s=0)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.press("d")
+            for _ in range(3):
+                await pilot.app.workers.wait_for_complete()
+                await pilot.pause()
+            drift = app.screen.query_one("#drift", DataTable)
+            keys = [str(k.value) for k in drift.rows]
+            drift.move_cursor(row=keys.index("sensors:2.0.0|crest_factor"))
+            for _ in range(4):
+                await pilot.app.workers.wait_for_complete()
+                await pilot.pause()
+            versions = app.screen.query_one("#versions", DataTable)
+            assert versions.display
+            cells = [[str(c) for c in versions.get_row_at(i)] for i in range(versions.row_count)]
+            assert [(c[0], c[1], c[6]) for c in cells] == [("crest_factor@1", "sensors:1.0.0", "no"),
+                                                           ("crest_factor@1", "sensors:2.0.0", "yes"),
+                                                           ("crest_factor@1", "all", "yes")]
+            drift.move_cursor(row=keys.index("sensors:1.0.0|temp_scaled"))  # two versions, one model each
+            for _ in range(4):
+                await pilot.app.workers.wait_for_complete()
+                await pilot.pause()
+            assert [(str(versions.get_row_at(i)[0]), str(versions.get_row_at(i)[1]))
+                    for i in range(versions.row_count)] == [("temp_scaled@1", "sensors:1.0.0"),
+                                                            ("temp_scaled@2", "sensors:2.0.0")]
+
+    asyncio.run(run())
 

@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from toolchain._rows import LabelCoder, RowDigest, cell_text, numbers_from_cells
-from toolchain.data import MAX_ROWS, Dataset, Schema
+from toolchain.data import MAX_ROWS, Dataset, Schema, check_columns
 from toolchain.errors import DataError
 
 __all__ = ["CHUNK_ROWS", "display_url", "load_sql", "sql_source"]
@@ -206,14 +206,7 @@ def load_sql(url: str, query: str, schema: Schema, *, name: str | None = None, c
     rows_read = 0
     with _result(url, query, where, chunk) as (columns, chunks):
         wanted = [schema.label, *(f.name for f in schema.features)]
-        missing = [c for c in wanted if c not in columns]
-        if missing:
-            raise DataError(f"{what} lacks the column(s) {', '.join(missing)} declared in the schema "
-                            f"(it has: {', '.join(columns[:20])})")
-        missing = [c for c in schema.segments if c not in columns]
-        if missing:
-            raise DataError(f"{what} lacks the segment column(s) {', '.join(missing)} declared in the schema's "
-                            f"segments (it has: {', '.join(columns[:20])})")
+        check_columns(what, list(columns), schema)
         twice = sorted({c for c in [*wanted, *schema.segments] if columns.count(c) > 1})
         if twice:
             raise DataError(f"{what} returns the column(s) {', '.join(twice)} more than once")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.files import sha256_file
+from protocol.tomlfile import read_toml
 from toolchain._rows import cell_text, rows_sha256
 from toolchain.errors import DataError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["Dataset", "FeatureSpec", "Rules", "Schema", "load_digits", "load_npz", "load_schema", "load_sql",
            "load_table", "split_indices"]
@@ -133,14 +128,7 @@ class Dataset:
 
 
 def load_schema(path: Path) -> Schema:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"schema file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read schema {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DataError(f"schema {path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, "schema file", DataError)
     try:
         return Schema.model_validate(raw)
     except ValidationError as exc:
@@ -218,6 +206,18 @@ def _to_float(path: Path, spec: FeatureSpec, values: list[str]) -> np.ndarray:
     return out
 
 
+def check_columns(what: str, columns: list[str], schema: Schema) -> None:
+    """DataError naming what ``what`` (a file, a query) lacks of the columns the schema declares."""
+    missing = [c for c in [schema.label, *(f.name for f in schema.features)] if c not in columns]
+    if missing:
+        raise DataError(f"{what} lacks the column(s) {', '.join(missing)} declared in the schema "
+                        f"(it has: {', '.join(columns[:20])})")
+    missing = [c for c in schema.segments if c not in columns]
+    if missing:
+        raise DataError(f"{what} lacks the segment column(s) {', '.join(missing)} declared in the schema's "
+                        f"segments (it has: {', '.join(columns[:20])})")
+
+
 def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Dataset:
     """Load a CSV or Parquet file described by ``schema``.
 
@@ -231,14 +231,7 @@ def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Datase
         cols = _read_parquet(path)
     else:
         raise DataError(f"{path}: unknown table format {suffix!r}; use .csv or .parquet")
-    missing = [c for c in [schema.label, *(f.name for f in schema.features)] if c not in cols]
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {', '.join(missing)} declared in the schema "
-                        f"(it has: {', '.join(list(cols)[:20])})")
-    missing = [c for c in schema.segments if c not in cols]
-    if missing:
-        raise DataError(f"{path} lacks the segment column(s) {', '.join(missing)} declared in the schema's "
-                        f"segments (it has: {', '.join(list(cols)[:20])})")
+    check_columns(str(path), list(cols), schema)
     n = len(cols[schema.label])
     if n == 0:
         raise DataError(f"{path} has a header but no rows")

@@ -16,7 +16,6 @@ versions that consume it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,8 @@ from protocol.features import (
     definition_sha256,
 )
 from protocol.manifest import FeatureReference, ReferenceProfile
+from protocol.tomlfile import read_toml
 from toolchain.errors import DataError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["FeatureCheck", "check_features", "feature_lineage", "load_definitions", "reference_for", "resolve",
            "transform_module"]
@@ -57,16 +52,9 @@ def load_definitions(path: Path) -> list[FeatureDefinition]:
         raise DataError(f"{path} holds no .toml feature definitions")
     out: list[FeatureDefinition] = []
     for file in files:
-        try:
-            if file.stat().st_size > MAX_DEFINITION_FILE:
-                raise DataError(f"{file} is larger than {MAX_DEFINITION_FILE} bytes")
-            raw = tomllib.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"feature definitions {file} do not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read feature definitions {file}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise DataError(f"{file} is not valid TOML: {exc}") from None
+        if file.is_file() and file.stat().st_size > MAX_DEFINITION_FILE:
+            raise DataError(f"{file} is larger than {MAX_DEFINITION_FILE} bytes")
+        raw = read_toml(file, "feature definitions file", DataError)
         extra = sorted(set(raw) - {"feature"})
         if extra:
             raise DataError(f"{file}: unknown top-level key(s) {', '.join(extra)}; definitions go in "

@@ -20,7 +20,6 @@ the agent can read profiles on the device.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -29,11 +28,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.manifest import ArtifactEntry, Precision, Target
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from protocol.tomlfile import read_toml
 
 __all__ = [
     "PROFILE_DIR",
@@ -269,14 +264,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 def load_file(path: Path) -> Profile:
     """Load and validate one profile file; ProfileError names the file and the key at fault."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"cannot read {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, "", ProfileError)
     try:
         profile = Profile.model_validate(raw)
     except ValidationError as exc:

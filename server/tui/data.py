@@ -30,6 +30,8 @@ from server.db.models import (
     TelemetryRow,
     VersionArtifact,
 )
+from server.features import FeatureDriftRow
+from server.features import drift as feature_drift
 from server.governance import (
     Governance,
     GovernanceError,
@@ -349,6 +351,12 @@ class FleetData:
             out.append(DriftRow(key[0], key[1], max(ratios[:5]), len(ratios),
                                 ", ".join(f"{d} {s:.1f}" for d, s in devs)))
         return sorted(out, key=lambda r: -r.score)
+
+    def feature_drift(self, feature: str, hours: float = 24.0) -> list[FeatureDriftRow]:
+        """A registry feature's drift per model version consuming it and over all of them (server/features.py);
+        empty for a feature that is not a registry feature."""
+        with Session(self.registry.engine) as db:
+            return feature_drift(db, feature, since=self.clock() - timedelta(hours=hours))
 
     def drift_series(self, version: str, feature: str, points: int = 60) -> list[float]:
         """The fleet's PSI / threshold of one feature of one version, oldest first."""

@@ -653,16 +653,40 @@ class DriftScreen(Loading):
         yield table
         yield Label("", id="series-label")
         yield Sparkline([], id="series")
+        yield Label("", id="versions-label")  # a registry feature: its drift across the model versions using it
+        versions: DataTable[Text] = DataTable(id="versions", cursor_type="none")
+        for label, width in (("feature", 20), ("model version", 20), ("windows", 8), ("values", 9),
+                             ("PSI / limit", 12), ("missing", 8), ("drifted", 8)):
+            versions.add_column(label, width=width)
+        yield versions
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#versions-label", Label).display = False
+        self.query_one("#versions", DataTable).display = False
+        super().on_mount()
 
     def load(self) -> Any:
         rows = self.data.drift()
         key = self.selected or ((rows[0].version, rows[0].feature) if rows else None)
         series = self.data.drift_series(*key) if key else []
-        return rows, key, series
+        return rows, key, series, self.data.feature_drift(key[1]) if key else []
 
     def show(self, result: Any) -> None:
-        rows, key, series = result
+        rows, key, series, across = result
+        versions = self.query_one("#versions", DataTable)
+        versions.clear()
+        for r in across:
+            d = r.drift
+            ratio = d.psi / d.psi_threshold if d.psi_threshold else 0.0
+            versions.add_row(Text(r.feature), Text(r.model), Text(str(r.windows), justify="right"),
+                             Text(str(d.n), justify="right"),
+                             Text(f"{ratio:.2f}", style="red" if d.drifted else "green", justify="right"),
+                             Text(f"{d.nan_rate:.1%}", justify="right"), Text("yes" if d.drifted else "no"))
+        label = self.query_one("#versions-label", Label)
+        label.update(f"registry feature {key[1]} across the model versions that consume it (last 24 h)" if key
+                     else "")
+        label.display = versions.display = bool(across)
         table = self.query_one("#drift", DataTable)
         cursor = self.selected_key(table)
         table.clear()
