@@ -26,7 +26,7 @@ help:
 # Mosquitto is needed by the tests (they start their own broker) and the demo;
 # systemd-analyze (Debian package systemd) by the tests that verify the units `edgeherd flash` writes.
 SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients \
-	systemd-analyze:systemd
+	systemd-analyze:systemd ssh:openssh-client scp:openssh-client ssh-keygen:openssh-client sshd:openssh-server
 
 system-deps:
 	@missing=""; packages=""; \
@@ -43,7 +43,7 @@ system-deps:
 	    echo "       Install it yourself:  apt-get install$$packages"; exit 1; fi; \
 	  if ! command -v apt-get >/dev/null 2>&1; then \
 	    echo "error:$$missing missing and apt-get is not available on this system."; \
-	    echo "       Install Mosquitto 2.x (broker and clients) and systemd-analyze with your package manager, then rerun."; \
+	    echo "       Install Mosquitto 2.x (broker and clients), systemd-analyze and OpenSSH (client and server) with your package manager, then rerun."; \
 	    exit 1; fi; \
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$packages >/dev/null || { \

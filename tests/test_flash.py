@@ -337,3 +337,70 @@ def test_a_bundle_for_python_3_10_installs_and_runs_the_agent_there(tmp_path):
                             "print(sys.version_info[:2], hardware.detect().profile)"],
                            capture_output=True, text=True, cwd="/")
     assert check.returncode == 0 and check.stdout.startswith("(3, 10)"), check.stdout + check.stderr
+
+
+SSHD = shutil.which("sshd", path=f"/usr/sbin:/usr/local/sbin:{os.environ.get('PATH', '')}")
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real OpenSSH server on a free loopback port, taking one key for this user; (port, client key)."""
+    if SSHD is None:
+        pytest.skip("sshd is not installed (make test installs openssh-server)")
+    if os.geteuid() != 0:
+        pytest.skip("the installer runs as root over ssh here; as another user it would need sudo's password")
+    d = tmp_path / "sshd"
+    d.mkdir()
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    shutil.copy(d / "client.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host'}", f"PidFile {d / 'sshd.pid'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no", "Subsystem sftp internal-sftp", ""]))
+    Path("/run/sshd").mkdir(exist_ok=True)  # its privilege-separation directory
+    with (d / "sshd.log").open("ab") as log:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
+    import socket
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    _wait(lambda: listening() or proc.poll() is not None, 20, "sshd to listen")
+    assert proc.poll() is None, (d / "sshd.log").read_text()
+    yield port, d / "client"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_flash_over_a_real_ssh_connection_installs_the_agent(sshd, x86_wheels, tmp_path):
+    """scp and ssh for real (OpenSSH on loopback): the bundle lands in a fresh 0700 directory, install.sh runs
+    there and installs the agent offline, and the directory is gone afterwards."""
+    from hardware.provision import SshTarget, install_over_ssh
+    from server.cli.flash import run_command
+
+    port, key = sshd
+    data, _ = server_dir(tmp_path / "server")
+    out = tmp_path / "x86-2.tar.gz"
+    result = run("flash", "x86-2", "--profile", "x86-64-cpu", "--out", str(out), "--data-dir", str(data),
+                 "--find-links", str(x86_wheels), "--no-index")
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "device"
+    layout = ["--prefix", str(root / "opt/edgeherd"), "--config-dir", str(root / "etc/edgeherd"),
+              "--data-dir", str(root / "var/lib/edgeherd"), "--unit-dir", str(root / "etc/systemd/system"),
+              "--user", ME, "--python", _device_python(), "--systemd", "no"]
+    options = ("-o", f"Port={port}", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o",
+               "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR")
+    before = set(Path("/tmp").glob("edgeherd-flash.*"))
+    commands = install_over_ssh(out, "edgeherd-x86-2", SshTarget(f"{ME}@127.0.0.1", options), run_command,
+                                install_args=layout)
+    assert [c[0] for c in commands] == ["ssh", "scp", "ssh"]
+    # installed: the venv's agent runs, the config with the device's secret is 0600
+    agent = root / "opt/edgeherd/venv/bin/edgeherd-agent"
+    assert subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    password = root / "etc/edgeherd/credentials/broker-password"
+    assert stat.S_IMODE(password.stat().st_mode) == 0o600
+    assert password.read_text().strip() == (data / "devices" / "x86-2" / "broker-password").read_text().strip()
+    assert set(Path("/tmp").glob("edgeherd-flash.*")) == before  # the remote temporary directory is removed
