@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocol.features import Clip, FeatureDefinition, FeatureSet, Identity, Log1p, OneHot, Ratio, Scale
+from protocol.features import Clip, FeatureDefinition, FeatureSet, Identity, Log1p, OneHot, Ratio, Scale, Window
 
 __all__ = ["feature_values", "model_columns", "reference_edges"]
 
@@ -25,6 +25,8 @@ def _value(d: FeatureDefinition, inputs: list[str], x: np.ndarray) -> np.ndarray
         out = np.full(len(x), np.nan, dtype=np.float32)
         np.divide(num, den, out=out, where=ok)
         return out
+    if isinstance(t, Window):
+        return _window(t, [_column(inputs, x, c) for c in t.columns])
     v: np.ndarray = _column(inputs, x, t.column)
     if isinstance(t, Identity):
         copied: np.ndarray = v.copy()
@@ -43,6 +45,41 @@ def _value(d: FeatureDefinition, inputs: list[str], x: np.ndarray) -> np.ndarray
     for i, c in enumerate(t.categories):
         idx[v == np.float32(c)] = i
     return idx
+
+
+def _window(t: Window, cols: list[np.ndarray]) -> np.ndarray:
+    """A window's summary, accumulated sample by sample in float32 in the order the exported graph does (so
+    the two agree to the last bit); NaN where any sample is missing."""
+    missing = np.isnan(cols[0])
+    for c in cols[1:]:
+        missing = missing | np.isnan(c)
+    zero = np.float32(0)
+    cols = [np.where(np.isnan(c), zero, c) for c in cols]
+    k = np.float32(len(cols))
+    if t.stat in ("min", "max", "range"):
+        lo, hi = cols[0], cols[0]
+        for c in cols[1:]:
+            lo, hi = np.minimum(lo, c), np.maximum(hi, c)
+        out = lo if t.stat == "min" else hi if t.stat == "max" else hi - lo
+    elif t.stat == "rms":
+        acc = cols[0] * cols[0]
+        for c in cols[1:]:
+            acc = acc + c * c
+        out = np.sqrt(acc / k)
+    else:
+        total = cols[0]
+        for c in cols[1:]:
+            total = total + c
+        mean = total / k
+        if t.stat == "mean":
+            out = mean
+        else:
+            acc = (cols[0] - mean) * (cols[0] - mean)
+            for c in cols[1:]:
+                acc = acc + (c - mean) * (c - mean)
+            out = np.sqrt(acc / k)
+    result: np.ndarray = np.where(missing, np.float32(np.nan), out).astype(np.float32)
+    return result
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:

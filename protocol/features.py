@@ -3,7 +3,8 @@
 A :class:`FeatureDefinition` names a feature, its version, unit, valid range,
 allowed missing rate and owner, and a transformation from raw columns in a
 small vocabulary (:data:`Transform`): ``identity``, ``scale``, ``clip``,
-``log1p``, ``ratio`` and ``onehot``. The same definition is executed
+``log1p``, ``ratio``, ``onehot`` and ``window`` (a summary of the samples
+of a sensor stream's window that a row carries). The same definition is executed
 
 - in numpy (``agent.features``: ``model_columns``, ``feature_values``): by
   the toolchain to validate and profile training data, and by the agent to
@@ -43,6 +44,7 @@ __all__ = [
     "Ratio",
     "Scale",
     "Transform",
+    "Window",
     "definition_sha256",
 ]
 
@@ -114,7 +116,23 @@ class OneHot(WireModel):
         return self
 
 
-Transform = Annotated[Identity | Scale | Clip | Log1p | Ratio | OneHot, Field(discriminator="op")]
+class Window(WireModel):
+    """A summary over a window of samples a row carries (a sensor stream's last ``len(columns)`` readings,
+    oldest first): ``mean``, ``std`` (population), ``rms``, ``min``, ``max`` or ``range`` (max - min). Missing
+    when any sample of the row's window is."""
+
+    op: Literal["window"]
+    columns: list[Name] = Field(min_length=2, max_length=256)
+    stat: Literal["mean", "std", "rms", "min", "max", "range"]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Window:
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError("window: columns must be distinct")
+        return self
+
+
+Transform = Annotated[Identity | Scale | Clip | Log1p | Ratio | OneHot | Window, Field(discriminator="op")]
 
 
 class FeatureDefinition(WireModel):
@@ -173,6 +191,8 @@ class FeatureDefinition(WireModel):
     def columns(self) -> list[str]:
         """The raw columns it reads."""
         t = self.transform
+        if isinstance(t, Window):
+            return list(t.columns)
         return [t.numerator, t.denominator] if isinstance(t, Ratio) else [t.column]
 
     @property

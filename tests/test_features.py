@@ -66,6 +66,35 @@ def test_numpy_and_the_exported_onnx_graph_agree_on_every_row(feature_set, tmp_p
     assert np.array_equal(values[:3, 4], x[:3, 4])  # categories 0, 1, 2 are their own indices
 
 
+def test_window_summaries_agree_between_numpy_and_the_graph_to_the_last_bit(tmp_path):
+    from protocol.features import FeatureDefinition
+
+    samples = [f"s{i}" for i in range(16)]
+    stats = ("mean", "std", "rms", "min", "max", "range")
+    fs = FeatureSet(inputs=samples, definitions=[
+        FeatureDefinition.model_validate({"name": f"vib_{stat}", "version": 1, "min": -50.0, "max": 50.0,
+                                          "fill": -1.0, "transform": {"op": "window", "columns": samples,
+                                                                      "stat": stat}})
+        for stat in stats])
+    rng = np.random.default_rng(11)
+    rows = (rng.normal(0, 1, (2000, 16)) * rng.uniform(0.1, 20, (2000, 1)) + rng.uniform(-5, 5, (2000, 1)))
+    rows = rows.astype(np.float32)
+    rows[7, 3] = np.nan  # a missing sample: the whole window's value is missing
+    path = tmp_path / "window.onnx"
+    export_onnx(transform_module(fs), rows, path)
+    onnx_out = open_backend(path, "onnxruntime").predict(rows)
+    numpy_out = model_columns(fs, rows)
+    assert np.abs(onnx_out - numpy_out).max() <= 1e-6
+    values = feature_values(fs, rows)
+    assert np.isnan(values[7]).all() and (numpy_out[7] == -1.0).all()
+    ok = np.delete(np.arange(len(rows)), 7)
+    ref = rows[ok].astype(np.float64)
+    expected = {"mean": ref.mean(1), "std": ref.std(1), "rms": np.sqrt((ref**2).mean(1)), "min": ref.min(1),
+                "max": ref.max(1), "range": ref.max(1) - ref.min(1)}
+    for j, stat in enumerate(stats):  # and they are the summaries they claim to be (float32 rounding aside)
+        assert np.allclose(values[ok, j], expected[stat], rtol=1e-5, atol=1e-4), stat
+
+
 def test_definitions_are_validated_with_the_file_feature_and_key_named(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(DEFINITIONS.replace('min = 1.0\nmax = 10.0', 'min = 10.0\nmax = 1.0', 1))

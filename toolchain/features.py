@@ -32,6 +32,7 @@ from protocol.features import (
     OneHot,
     Ratio,
     Scale,
+    Window,
     definition_sha256,
 )
 from protocol.manifest import FeatureReference, ReferenceProfile
@@ -179,6 +180,39 @@ def transform_module(fs: FeatureSet) -> Any:
             i = self.index[name]
             return x[:, i : i + 1]
 
+        @staticmethod
+        def _window(t: Window, cols: list[torch.Tensor], fill: float) -> torch.Tensor:
+            """agent.features._window, op for op; a missing sample makes the value ``fill`` (no NaN enters
+            Min/Max, whose NaN handling differs between runtimes)."""
+            missing = torch.isnan(cols[0])
+            for c in cols[1:]:
+                missing = missing | torch.isnan(c)
+            cols = [torch.where(torch.isnan(c), torch.zeros_like(c), c) for c in cols]
+            k = float(len(cols))
+            if t.stat in ("min", "max", "range"):
+                lo, hi = cols[0], cols[0]
+                for c in cols[1:]:
+                    lo, hi = torch.minimum(lo, c), torch.maximum(hi, c)
+                out = lo if t.stat == "min" else hi if t.stat == "max" else hi - lo
+            elif t.stat == "rms":
+                acc = cols[0] * cols[0]
+                for c in cols[1:]:
+                    acc = acc + c * c
+                out = torch.sqrt(acc / k)
+            else:
+                total = cols[0]
+                for c in cols[1:]:
+                    total = total + c
+                mean = total / k
+                if t.stat == "mean":
+                    out = mean
+                else:
+                    acc = (cols[0] - mean) * (cols[0] - mean)
+                    for c in cols[1:]:
+                        acc = acc + (c - mean) * (c - mean)
+                    out = torch.sqrt(acc / k)
+            return torch.where(missing, torch.full_like(out, fill), out)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             cols: list[torch.Tensor] = []
             for d in self.fs.definitions:
@@ -193,6 +227,8 @@ def transform_module(fs: FeatureSet) -> Any:
                     ok = torch.abs(den) >= float(np.float32(t.eps))
                     safe = torch.where(ok, den, torch.ones_like(den))
                     v = torch.where(ok, num / safe, torch.full_like(num, fill))
+                elif isinstance(t, Window):
+                    v = self._window(t, [self._col(x, c) for c in t.columns], fill)
                 else:
                     v = self._col(x, t.column)
                     if isinstance(t, Scale):
