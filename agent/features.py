@@ -13,7 +13,10 @@ __all__ = ["feature_values", "model_columns", "reference_edges"]
 
 
 def _column(inputs: list[str], x: np.ndarray, name: str) -> np.ndarray:
-    return x[:, inputs.index(name)]
+    """A raw column; ±inf counts as missing (NaN), as in the graph."""
+    v = x[:, inputs.index(name)]
+    out: np.ndarray = np.where(np.isinf(v), np.float32(np.nan), v)
+    return out
 
 
 def _value(d: FeatureDefinition, inputs: list[str], x: np.ndarray) -> np.ndarray:
@@ -122,4 +125,5 @@ def reference_edges(d: FeatureDefinition) -> list[float]:
         k = len(d.transform.categories)
         return [i - 0.5 for i in range(k + 1)]
     lo, hi = d.bounds
-    return [float(v) for v in np.linspace(lo, hi, d.bins + 1)]
+    # float32 edges: the values are float32, so a value at a bound (a clip to 0.3) is not "above" 0.3 in float64
+    return [float(np.float32(v)) for v in np.linspace(lo, hi, d.bins + 1)]

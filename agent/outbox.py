@@ -20,7 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Outbox", "Queued", "window_key"]
+__all__ = ["MAX_ATTEMPTS", "Outbox", "Queued", "window_key"]
+
+#: Times a report is sent without the server confirming it before it is given up (dropped and counted): with
+#: the default receipt timeout, about 10 minutes of a server that keeps rejecting it.
+MAX_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,15 @@ class Outbox:
             "payload BLOB NOT NULL, created REAL NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        # an outbox written before receipts gains their columns (its rows, keyless, go on PUBACK as they did);
+        # each column is checked on its own, in one transaction, so an interrupted upgrade finishes next time
+        self._db.execute("BEGIN IMMEDIATE")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        if "key" not in columns:  # an outbox written before receipts: its rows go on PUBACK, as they did
-            self._db.execute("ALTER TABLE outbox ADD COLUMN key TEXT")
-            self._db.execute("ALTER TABLE outbox ADD COLUMN sent REAL")
+        for name, decl in (("key", "TEXT"), ("sent", "REAL"), ("attempts", "INTEGER NOT NULL DEFAULT 0")):
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
         self._db.execute("CREATE INDEX IF NOT EXISTS outbox_key ON outbox (key)")
+        self._db.execute("COMMIT")
 
     def put(self, topic: str, payload: bytes, key: str | None = None) -> None:
         """Queue a report; one with a ``key`` stays until :meth:`confirm` names it, one without until its
@@ -93,11 +101,18 @@ class Outbox:
                 (cutoff, limit + len(exclude))).fetchall()
         return [Queued(int(i), str(t), bytes(p), k) for i, t, p, k in rows if int(i) not in exclude][:limit]
 
-    def sent(self, msg_id: int) -> None:
-        """The broker acknowledged ``msg_id``: a keyed row now waits for its receipt, any other goes."""
+    def sent(self, msg_id: int, accepted: bool = True) -> None:
+        """The broker answered ``msg_id``. Accepted: a keyed row now waits for its receipt, any other goes.
+        Refused (a negative PUBACK): offered again after the receipt timeout, not at once. A row sent
+        :data:`MAX_ATTEMPTS` times without a receipt (the server keeps rejecting it) is dropped and counted."""
         with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE id = ? AND key IS NULL", (msg_id,))
-            self._db.execute("UPDATE outbox SET sent = ? WHERE id = ?", (time.time(), msg_id))
+            if accepted:
+                self._db.execute("DELETE FROM outbox WHERE id = ? AND key IS NULL", (msg_id,))
+            self._db.execute("UPDATE outbox SET sent = ?, attempts = attempts + 1 WHERE id = ?", (time.time(), msg_id))
+            gone = self._db.execute("DELETE FROM outbox WHERE id = ? AND attempts >= ?", (msg_id, MAX_ATTEMPTS))
+            if gone.rowcount:
+                self._db.execute("INSERT INTO meta (key, value) VALUES ('dropped', 1) ON CONFLICT(key) DO "
+                                 "UPDATE SET value = value + 1")
 
     def confirm(self, keys: list[str]) -> int:
         """The server stored these windows: forget them. Returns how many rows went."""

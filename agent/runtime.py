@@ -122,6 +122,7 @@ class Agent:
         self._unstored_dropped = 0
         self._store_failing = False
         self._store_lock = threading.Lock()
+        self._window_lock = threading.Lock()
         self._last_session = 0
         self._receipt_topic = device_topic(cfg.device_id, TopicKind.RECEIPT)
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -136,6 +137,8 @@ class Agent:
         self._window_start = _now()
         self._inflight: dict[int, int] = {}
         self._acks_seen: deque[str] = deque(maxlen=256)
+        #: Command answers given while off the broker (the newest 64), sent on reconnecting.
+        self._unsent_acks: deque[tuple[str, bytes]] = deque(maxlen=64)
         self._stopping = threading.Event()
         #: Fault injection for the crash tests: "STEP" or "STEP@ARTIFACT" SIGKILLs this process on entry to
         #: that install step ("download-mid": half-way through a download). Never set in production.
@@ -220,6 +223,7 @@ class Agent:
         self._reporter_q.put(("stop",))
         self._worker.join(15)
         self._reporter.join(15)
+        log.info("stopping; this run (session %d) closed %d reporting windows", self._run_id, self._window_seq)
         state = self._state(status="offline", reason="shutdown", seq=FINAL_SEQ)
         self.session.stop(final=(device_topic(self.cfg.device_id, TopicKind.STATE), encode(state)))
         if self.api is not None:
@@ -341,6 +345,11 @@ class Agent:
             self._state_seq = 0
             self._publish_state(reason="connected", seq=0)
             self._hello()
+            while self._unsent_acks:  # answers to commands handled while the connection was down
+                topic, payload = self._unsent_acks[0]
+                if self.session.publish(topic, payload) is None:
+                    break
+                self._unsent_acks.popleft()
         return ev
 
     def _work_loop(self) -> None:
@@ -685,7 +694,9 @@ class Agent:
         def ack(status: str, message: str = "") -> None:
             reply = CommandAck(device_id=self.cfg.device_id, command_id=cmd.command_id, status=status,  # type: ignore[arg-type]
                                message=message[:1000], ts=_now())
-            self.session.publish(device_topic(self.cfg.device_id, TopicKind.ACK), encode(reply))
+            topic, payload = device_topic(self.cfg.device_id, TopicKind.ACK), encode(reply)
+            if self.session.publish(topic, payload) is None:  # off the broker: sent when it is back
+                self._unsent_acks.append((topic, payload))
 
         if cmd.command_id in self._acks_seen:
             ack("done", "already carried out")
@@ -752,6 +763,12 @@ class Agent:
     # -- the reporter ----------------------------------------------------------------------
 
     def _close_window(self, pred: Predictor) -> None:
+        """Close the current window (the reporter on its timer, the worker on a switch or rollback): one at a
+        time, so no two windows share a number."""
+        with self._window_lock:
+            self._close_window_locked(pred)
+
+    def _close_window_locked(self, pred: Predictor) -> None:
         end = _now()
         telemetry, stats = pred.close_window(device_id=self.cfg.device_id, session=self._run_id,
                                              window_seq=self._window_seq, start=self._window_start, end=end,
@@ -827,25 +844,37 @@ class Agent:
                 age = (_now() - self._window_start) / timedelta(seconds=1)
                 if age >= self.cfg.window_seconds or pred.stats.requests >= self.cfg.window_samples:
                     self._close_window(pred)
-            elif kind == "puback":
-                msg_id = sent.pop(ev[1], None)
-                if msg_id is not None and ev[2]:
-                    self.outbox.sent(msg_id)
-            elif kind == "receipt":
-                self.reports_confirmed += self.outbox.confirm(ev[1])
-            elif kind in ("connected", "disconnected"):
-                sent.clear()
-                if kind == "connected":
-                    self.outbox.resend_all()  # what the broker took before may have died with it
-            if self._unstored:
-                self._store_unstored()
-            if self.session.connected.is_set() and len(sent) < 20:
-                resend_before = time.time() - self.cfg.receipt_timeout_s
-                for item in self.outbox.pending(20 - len(sent), set(sent.values()), resend_before):
-                    mid = self.session.publish(item.topic, item.payload)
-                    if mid is None:
-                        break
-                    sent[mid] = item.id
+            try:
+                self._report_step(kind, ev, sent)
+            except sqlite3.Error as exc:  # a full disk: the outbox's state stays as it was; retried next turn
+                if not self._store_failing:
+                    log.error("cannot update the outbox (%s); retrying", exc)
+                self._store_failing = True
+            else:
+                if self._store_failing and not self._unstored:
+                    log.info("the outbox can be written again")
+                    self._store_failing = False
+
+    def _report_step(self, kind: str, ev: tuple[Any, ...], sent: dict[int, int]) -> None:
+        if kind == "puback":
+            msg_id = sent.pop(ev[1], None)
+            if msg_id is not None:
+                self.outbox.sent(msg_id, accepted=bool(ev[2]))
+        elif kind == "receipt":
+            self.reports_confirmed += self.outbox.confirm(ev[1])
+        elif kind in ("connected", "disconnected"):
+            sent.clear()
+            if kind == "connected":
+                self.outbox.resend_all()  # what the broker took before may have died with it
+        if self._unstored:
+            self._store_unstored()
+        if self.session.connected.is_set() and len(sent) < 20:
+            resend_before = time.time() - self.cfg.receipt_timeout_s
+            for item in self.outbox.pending(20 - len(sent), set(sent.values()), resend_before):
+                mid = self.session.publish(item.topic, item.payload)
+                if mid is None:
+                    break
+                sent[mid] = item.id
 
 
 def smoke_test(pred: Predictor) -> str | None:

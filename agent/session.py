@@ -91,7 +91,8 @@ class Session:
         self._extra: set[str] = set()
         self.granted: dict[str, float] = {}
         self._pending_subs: dict[int, str] = {}
-        self._dropped: set[str] = set()
+        #: Extra topics subscribed in the broker's session (kept across resumed connections).
+        self._in_session: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._quick = threading.Event()
@@ -123,10 +124,13 @@ class Session:
             self._pending_subs.clear()  # SUBACKs of an earlier connection say nothing about this one
             for topic in self._extra:
                 self._subscribe_extra(topic)
-            if self._dropped and self.session_present:
-                client.unsubscribe(sorted(self._dropped))
-            self._dropped.clear()
-        self.connected.set()
+            # a resumed session still holds every extra topic subscribed in it: drop those no longer wanted
+            # (an UNSUBSCRIBE sent on a dying connection may never have arrived)
+            stale = self._in_session - self._extra if self.session_present else set()
+            if stale:
+                client.unsubscribe(sorted(stale))
+            self._in_session = set(self._extra)
+            self.connected.set()  # under the lock: listen/unlisten see the connection and the session together
         log.info("connected to %s as %s (session %d%s)", self.cfg.broker_url, self.cfg.device_id, self.session_id,
                  ", resumed" if self.session_present else "")
         self._on_connected(self.session_id)
@@ -226,9 +230,9 @@ class Session:
             if topic in self._extra:
                 return
             self._extra.add(topic)
-            self._dropped.discard(topic)
             if self.connected.is_set():
                 self._subscribe_extra(topic)
+                self._in_session.add(topic)
 
     def wait_granted(self, topic: str, timeout: float) -> bool:
         """Wait until the broker has granted the subscription to ``topic`` (False when it has not in time)."""
@@ -246,9 +250,7 @@ class Session:
             self._extra.discard(topic)
             self.granted.pop(topic, None)
             if self.connected.is_set():
-                self.client.unsubscribe(topic)
-            else:
-                self._dropped.add(topic)  # the resumed session still holds it: unsubscribe on reconnecting
+                self.client.unsubscribe(topic)  # if it is lost with the connection, the next resume repeats it
 
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Publish ``final`` (the graceful offline state), disconnect, stop the thread."""

@@ -109,8 +109,11 @@ def render_config(
         f"password_file {password_file}",
         f"acl_file {acl_file}",
         f"max_packet_size {max_packet_size}",
-        # a busy server subscription must not lose QoS 1 reports while it catches up
+        # a busy server subscription should not drop QoS 1 reports while it catches up; devices resend what the
+        # server has not confirmed anyway (receipts). Per client, bytes bound it too: a device session resumed
+        # within its expiry (60 s) must not grow by a whole artifact's broadcast chunks per device
         "max_queued_messages 200000",
+        "max_queued_bytes 67108864",
         "max_inflight_messages 100",
         "log_dest stderr",
         "log_type error",

@@ -109,8 +109,14 @@ class OneHot(WireModel):
 
     @model_validator(mode="after")
     def _distinct(self) -> OneHot:
-        if len(set(self.categories)) != len(self.categories):
-            raise ValueError("onehot: categories must be distinct")
+        import struct
+
+        # compared in float32, as the model and the statistics compare them: distinct there, and exact
+        as_f32 = [struct.unpack("<f", struct.pack("<f", c))[0] for c in self.categories]
+        if len(set(as_f32)) != len(as_f32):
+            raise ValueError("onehot: categories must be distinct as 32-bit floats")
+        if any(abs(c) > 2**24 for c in self.categories):
+            raise ValueError("onehot: category codes are at most 2**24 in size (exact in 32-bit floats)")
         if self.names is not None and len(self.names) != len(self.categories):
             raise ValueError("onehot: give one name per category, or none")
         return self

@@ -151,7 +151,7 @@ def _window_counts(db: Session, c: Consumer, since: datetime | None) -> tuple[np
     name, _, v = c.feature.partition("@")
     total = np.zeros(len(c.reference.counts), dtype=np.int64)
     nan = windows = 0
-    for payload in db.exec(q).all():
+    for payload in db.exec(q.execution_options(yield_per=500)):
         try:
             stats = decode(FeatureStats, payload)
         except InvalidMessage:

@@ -22,6 +22,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from agent.files import atomic_copy, atomic_write, sha256_file
@@ -392,9 +393,12 @@ class Registry:
         with Session(self.engine) as db:
             try:
                 result, entry = register(db, defs, actor)
+                db.commit()
             except FeatureRegistryError as exc:
                 raise RegistryError(str(exc)) from None
-            db.commit()
+            except IntegrityError:
+                raise RegistryError("another push registered one of these feature versions at the same time; "
+                                    "push again to see whether it agrees") from None
             if entry is not None:
                 self.anchor_audit(entry)
         return result

@@ -142,7 +142,7 @@ def test_rotation_delivers_then_swaps_and_the_agent_stays_on_the_broker(server, 
 
         # the MQTT session lived through the change: the broker resumed it on the reconnection, and every
         # command sent meanwhile (those sent while the connection was down were queued in it) was carried out
-        assert agent.session.session_present and agent.session.resumed == 1
+        assert agent.session.session_present and agent.session.resumed >= 1
         _wait(lambda: commands.done >= set(sent), 20, "every command to be acknowledged done")
         print(f"{len(sent)} commands sent during the rotation, all carried out")
 

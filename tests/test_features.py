@@ -35,13 +35,14 @@ def feature_set(defs_file):
 
 def _awkward_rows(x: np.ndarray) -> np.ndarray:
     """The sensor rows plus the edges a transformation can trip on: missing values, a zero denominator,
-    negative load, a category outside the set, values beyond the clip."""
+    negative load, a category outside the set, values beyond the clip, infinities."""
     extra = np.array([
         [np.nan, 1.0, 10.0, 40.0, 0.0],
         [0.0, 1.0, 10.0, 40.0, 1.0],
         [1e-9, 2.0, -5.0, np.nan, 2.0],
         [9.0, 12.0, 0.0, 150.0, 7.0],
         [1.0, np.nan, np.nan, -40.0, np.nan],
+        [np.inf, 1.0, np.inf, -np.inf, 1.0],  # infinities count as missing, in numpy and in the graph
     ], dtype=np.float32)
     return np.concatenate([x, extra])
 
@@ -84,7 +85,7 @@ def test_window_summaries_agree_between_numpy_and_the_graph_to_the_last_bit(tmp_
     export_onnx(transform_module(fs), rows, path)
     onnx_out = open_backend(path, "onnxruntime").predict(rows)
     numpy_out = model_columns(fs, rows)
-    assert np.abs(onnx_out - numpy_out).max() <= 1e-6
+    assert np.array_equal(onnx_out, numpy_out), f"differ by up to {np.abs(onnx_out - numpy_out).max():.3g}"
     values = feature_values(fs, rows)
     assert np.isnan(values[7]).all() and (numpy_out[7] == -1.0).all()
     ok = np.delete(np.arange(len(rows)), 7)
@@ -93,6 +94,21 @@ def test_window_summaries_agree_between_numpy_and_the_graph_to_the_last_bit(tmp_
                 "max": ref.max(1), "range": ref.max(1) - ref.min(1)}
     for j, stat in enumerate(stats):  # and they are the summaries they claim to be (float32 rounding aside)
         assert np.allclose(values[ok, j], expected[stat], rtol=1e-5, atol=1e-4), stat
+
+
+def test_a_value_at_a_bound_not_exact_in_float32_is_in_range_and_in_the_end_bin():
+    from protocol.features import FeatureDefinition
+    from toolchain.features import check_features, reference_for
+
+    d = FeatureDefinition.model_validate({"name": "duty", "version": 1, "min": 0.0, "max": 0.3,
+                                          "transform": {"op": "clip", "column": "duty_raw", "min": 0.0, "max": 0.3}})
+    fs = FeatureSet(inputs=["duty_raw"], definitions=[d])
+    x = np.array([[0.1], [0.5], [0.3], [np.inf], [-1.0]], dtype=np.float32)  # 0.5 clips to float32(0.3)
+    (check,) = check_features(fs, x)
+    assert check.out_of_range_rate == 0.0 and check.missing_rate == 0.2  # inf is missing, as in the graph
+    ref = reference_for(fs, x, np.zeros(len(x), dtype=np.int64), 1, np.ones((len(x), 1), dtype=np.float32))
+    counts = ref.features[0].counts
+    assert sum(counts) == 4 and counts[-1] == 2 and counts[0] == 1 and counts[3] == 1  # 0.3 twice at the top
 
 
 def test_definitions_are_validated_with_the_file_feature_and_key_named(tmp_path):

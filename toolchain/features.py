@@ -89,7 +89,7 @@ def resolve(definitions: list[FeatureDefinition], refs: list[str]) -> list[Featu
             known = ", ".join(sorted({d.name for d in definitions}))
             raise DataError(f"feature {name!r} is not defined (defined: {known})")
         if version:
-            if not version.isdigit():
+            if not (version.isascii() and version.isdigit()):
                 raise DataError(f"feature reference {ref!r}: the version after '@' is a whole number")
             match = [d for d in found if d.version == int(version)]
             if not match:
@@ -111,7 +111,7 @@ class FeatureCheck:
         self.definition = d
         n = len(values)
         missing = ~np.isfinite(values)
-        lo, hi = d.bounds
+        lo, hi = (float(np.float32(b)) for b in d.bounds)  # the values are float32: so are the bounds
         finite = values[~missing]
         self.n = n
         self.missing_rate = float(missing.mean()) if n else 0.0
@@ -146,9 +146,12 @@ def reference_for(fs: FeatureSet, x_train: np.ndarray, y_train: np.ndarray, clas
         col = values[:, j]
         edges = reference_edges(d)
         counted = bin_counts(col, np.asarray(edges))
+        counts = counted.counts.copy()
+        counts[0] += counted.below  # as the server folds devices' out-of-range values into the end bins
+        counts[-1] += counted.above
         finite = col[np.isfinite(col)]
         refs.append(FeatureReference(name=d.name, version=d.version, edges=edges,
-                                     counts=[int(c) for c in counted.counts],
+                                     counts=[int(c) for c in counts],
                                      mean=float(finite.mean()) if finite.size else 0.0,
                                      std=float(finite.std()) if finite.size else 0.0))
     confidence = bin_counts(probs_train.max(axis=1), np.asarray(CONFIDENCE_EDGES))
@@ -177,8 +180,11 @@ def transform_module(fs: FeatureSet) -> Any:
             self.index = {name: i for i, name in enumerate(fs.inputs)}
 
         def _col(self, x: torch.Tensor, name: str) -> torch.Tensor:
+            """A raw column; ±inf counts as missing (NaN), as in agent.features."""
             i = self.index[name]
-            return x[:, i : i + 1]
+            v = x[:, i : i + 1]
+            return v + (v - v)  # inf - inf is NaN; anything finite is unchanged. No NaN constant in the graph:
+            # int8 calibration cannot give one a scale
 
         @staticmethod
         def _window(t: Window, cols: list[torch.Tensor], fill: float) -> torch.Tensor:

@@ -91,8 +91,8 @@ def features_show(name: Annotated[str, typer.Argument(help="Feature name.")],
 @features_app.command("drift")
 def features_drift(name: Annotated[str, typer.Argument(help="Feature name.")],
                    version: Annotated[int | None, typer.Option("--version", help="Only this version of it.")] = None,
-                   hours: Annotated[float | None, typer.Option("--hours", min=0.0, help="Only statistics of the "
-                                                               "last this many hours.")] = None,
+                   hours: Annotated[float, typer.Option("--hours", min=0.0, help="Statistics of the last this many "
+                                                        "hours (0: all of them).")] = 24.0,
                    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
                    data_dir: DataDir = Path("data")) -> None:
     """One feature's drift across the fleet: per model version consuming it, and over all of them."""
@@ -100,7 +100,7 @@ def features_drift(name: Annotated[str, typer.Argument(help="Feature name.")],
 
     from server import features
 
-    since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours is not None else None
+    since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours > 0 else None
     reg = _registry(data_dir)
     with Session(reg.engine) as db:
         rows = features.drift(db, name, version, since)
