@@ -5,11 +5,13 @@ torch module the toolchain exports (toolchain/features.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from protocol.features import Clip, FeatureDefinition, FeatureSet, Identity, Log1p, OneHot, Ratio, Scale, Window
 
-__all__ = ["feature_values", "model_columns", "reference_edges"]
+__all__ = ["feature_values", "model_columns", "reference_edges", "window_summary"]
 
 
 def _column(inputs: list[str], x: np.ndarray, name: str) -> np.ndarray:
@@ -29,7 +31,9 @@ def _value(d: FeatureDefinition, inputs: list[str], x: np.ndarray) -> np.ndarray
         np.divide(num, den, out=out, where=ok)
         return out
     if isinstance(t, Window):
-        return _window(t, [_column(inputs, x, c) for c in t.columns])
+        summary: np.ndarray = window_summary(np, t, [_column(inputs, x, c) for c in t.columns], np.float32(0),
+                                             np.float32(np.nan)).astype(np.float32)
+        return summary
     v: np.ndarray = _column(inputs, x, t.column)
     if isinstance(t, Identity):
         copied: np.ndarray = v.copy()
@@ -50,25 +54,26 @@ def _value(d: FeatureDefinition, inputs: list[str], x: np.ndarray) -> np.ndarray
     return idx
 
 
-def _window(t: Window, cols: list[np.ndarray]) -> np.ndarray:
-    """A window's summary, accumulated sample by sample in float32 in the order the exported graph does (so
-    the two agree to the last bit); NaN where any sample is missing."""
-    missing = np.isnan(cols[0])
+def window_summary(xp: Any, t: Window, cols: list[Any], zero: Any, missing: Any) -> Any:
+    """A window's summary over columns of numpy arrays or torch tensors (``xp`` is ``numpy`` or ``torch``):
+    accumulated sample by sample in float32, in one order for both, so the statistics here and the exported
+    graph (toolchain/features.py) agree to the last bit. Rows with a missing sample get ``missing``; no NaN
+    enters min/max, whose NaN handling differs between runtimes."""
+    absent = xp.isnan(cols[0])
     for c in cols[1:]:
-        missing = missing | np.isnan(c)
-    zero = np.float32(0)
-    cols = [np.where(np.isnan(c), zero, c) for c in cols]
-    k = np.float32(len(cols))
+        absent = absent | xp.isnan(c)
+    cols = [xp.where(xp.isnan(c), zero, c) for c in cols]
+    k = len(cols)
     if t.stat in ("min", "max", "range"):
         lo, hi = cols[0], cols[0]
         for c in cols[1:]:
-            lo, hi = np.minimum(lo, c), np.maximum(hi, c)
+            lo, hi = xp.minimum(lo, c), xp.maximum(hi, c)
         out = lo if t.stat == "min" else hi if t.stat == "max" else hi - lo
     elif t.stat == "rms":
         acc = cols[0] * cols[0]
         for c in cols[1:]:
             acc = acc + c * c
-        out = np.sqrt(acc / k)
+        out = xp.sqrt(acc / k)
     else:
         total = cols[0]
         for c in cols[1:]:
@@ -80,9 +85,8 @@ def _window(t: Window, cols: list[np.ndarray]) -> np.ndarray:
             acc = (cols[0] - mean) * (cols[0] - mean)
             for c in cols[1:]:
                 acc = acc + (c - mean) * (c - mean)
-            out = np.sqrt(acc / k)
-    result: np.ndarray = np.where(missing, np.float32(np.nan), out).astype(np.float32)
-    return result
+            out = xp.sqrt(acc / k)
+    return xp.where(absent, missing, out)
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:

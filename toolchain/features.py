@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from agent.features import feature_values, reference_edges
+from agent.features import feature_values, reference_edges, window_summary
 from protocol.features import (
     Clip,
     FeatureDefinition,
@@ -186,39 +186,6 @@ def transform_module(fs: FeatureSet) -> Any:
             return v + (v - v)  # inf - inf is NaN; anything finite is unchanged. No NaN constant in the graph:
             # int8 calibration cannot give one a scale
 
-        @staticmethod
-        def _window(t: Window, cols: list[torch.Tensor], fill: float) -> torch.Tensor:
-            """agent.features._window, op for op; a missing sample makes the value ``fill`` (no NaN enters
-            Min/Max, whose NaN handling differs between runtimes)."""
-            missing = torch.isnan(cols[0])
-            for c in cols[1:]:
-                missing = missing | torch.isnan(c)
-            cols = [torch.where(torch.isnan(c), torch.zeros_like(c), c) for c in cols]
-            k = float(len(cols))
-            if t.stat in ("min", "max", "range"):
-                lo, hi = cols[0], cols[0]
-                for c in cols[1:]:
-                    lo, hi = torch.minimum(lo, c), torch.maximum(hi, c)
-                out = lo if t.stat == "min" else hi if t.stat == "max" else hi - lo
-            elif t.stat == "rms":
-                acc = cols[0] * cols[0]
-                for c in cols[1:]:
-                    acc = acc + c * c
-                out = torch.sqrt(acc / k)
-            else:
-                total = cols[0]
-                for c in cols[1:]:
-                    total = total + c
-                mean = total / k
-                if t.stat == "mean":
-                    out = mean
-                else:
-                    acc = (cols[0] - mean) * (cols[0] - mean)
-                    for c in cols[1:]:
-                        acc = acc + (c - mean) * (c - mean)
-                    out = torch.sqrt(acc / k)
-            return torch.where(missing, torch.full_like(out, fill), out)
-
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             cols: list[torch.Tensor] = []
             for d in self.fs.definitions:
@@ -233,8 +200,8 @@ def transform_module(fs: FeatureSet) -> Any:
                     ok = torch.abs(den) >= float(np.float32(t.eps))
                     safe = torch.where(ok, den, torch.ones_like(den))
                     v = torch.where(ok, num / safe, torch.full_like(num, fill))
-                elif isinstance(t, Window):
-                    v = self._window(t, [self._col(x, c) for c in t.columns], fill)
+                elif isinstance(t, Window):  # the one implementation, given torch
+                    v = window_summary(torch, t, [self._col(x, c) for c in t.columns], 0.0, fill)
                 else:
                     v = self._col(x, t.column)
                     if isinstance(t, Scale):
