@@ -101,6 +101,8 @@ def _revision(bundle: Path, out: Path, key: Any, version: str) -> Path:
         sha = hashlib.sha256(data).hexdigest()
         (out / "artifacts" / sha).write_bytes(data)
         renamed[art.sha256] = (sha, len(data))
+    for old in renamed:  # every entry naming an old file now names its new one (artifacts share files by sha)
+        (out / "artifacts" / old).unlink()  # the bundle holds what its manifest names, nothing else
     artifacts = [a.model_copy(update=dict(zip(("sha256", "size"), renamed[a.sha256], strict=True)))
                  if a.sha256 in renamed else a for a in manifest.artifacts]
     new = manifest.model_copy(update={"version": version, "artifacts": artifacts})
@@ -226,7 +228,8 @@ class Chaos:
         before = self._versions()
         art = self.tmp / "tampered-artifact"
         shutil.copytree(self.v2_dir, art)
-        victim = next((art / "artifacts").iterdir())
+        signed = decode_model(SignedManifest, (art / "manifest.json").read_bytes())
+        victim = art / "artifacts" / next(a.sha256 for a in signed.manifest.artifacts if a.name == "digits-onnx-int8")
         blob = bytearray(victim.read_bytes())
         blob[len(blob) // 2] ^= 0x01
         victim.write_bytes(bytes(blob))
