@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
-from hardware.files import atomic_write, fsync_dir
+from hardware.files import atomic_write, fsync_dir, sha256_file
 
-__all__ = ["atomic_copy", "atomic_write", "sha256_file"]  # atomic_write lives in hardware.files
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's contents, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["atomic_copy", "atomic_write", "sha256_file"]  # atomic_write and sha256_file live in hardware.files
 
 
 def atomic_copy(src: Path, dst: Path) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,34 +56,41 @@ class Outbox:
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         # an outbox written before receipts gains their columns (its rows, keyless, go on PUBACK as they did);
         # each column is checked on its own, in one transaction, so an interrupted upgrade finishes next time
+        with self._transaction():
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+            for name, decl in (("key", "TEXT"), ("sent", "REAL"), ("attempts", "INTEGER NOT NULL DEFAULT 0")):
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
+            self._db.execute("CREATE INDEX IF NOT EXISTS outbox_key ON outbox (key)")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction (one fsync) around several statements; rolled back if one fails."""
         self._db.execute("BEGIN IMMEDIATE")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        for name, decl in (("key", "TEXT"), ("sent", "REAL"), ("attempts", "INTEGER NOT NULL DEFAULT 0")):
-            if name not in columns:
-                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {decl}")
-        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_key ON outbox (key)")
-        self._db.execute("COMMIT")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # SQLite has rolled back already on some errors (a full disk)
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _count_dropped(self, n: int) -> None:
+        self._db.execute("INSERT INTO meta (key, value) VALUES ('dropped', ?) ON CONFLICT(key) DO "
+                         "UPDATE SET value = value + excluded.value", (n,))
 
     def put(self, topic: str, payload: bytes, key: str | None = None) -> None:
         """Queue a report; one with a ``key`` stays until :meth:`confirm` names it, one without until its
         PUBACK (:meth:`sent`)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT INTO outbox (topic, payload, created, key) VALUES (?, ?, ?, ?)",
-                                 (topic, payload, time.time(), key))
-                (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-                excess = count - self.max_rows
-                if excess > 0:
-                    self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
-                                     (excess,))
-                    self._db.execute("INSERT INTO meta (key, value) VALUES ('dropped', ?) ON CONFLICT(key) DO "
-                                     "UPDATE SET value = value + excluded.value", (excess,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite has rolled back already on some errors (a full disk)
-                    self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction():
+            self._db.execute("INSERT INTO outbox (topic, payload, created, key) VALUES (?, ?, ?, ?)",
+                             (topic, payload, time.time(), key))
+            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            excess = count - self.max_rows
+            if excess > 0:
+                self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                                 (excess,))
+                self._count_dropped(excess)
 
     def peek(self, limit: int = 100) -> list[Queued]:
         """The oldest queued messages, in order, whatever their state."""
@@ -105,20 +114,19 @@ class Outbox:
         """The broker answered ``msg_id``. Accepted: a keyed row now waits for its receipt, any other goes.
         Refused (a negative PUBACK): offered again after the receipt timeout, not at once. A row sent
         :data:`MAX_ATTEMPTS` times without a receipt (the server keeps rejecting it) is dropped and counted."""
-        with self._lock:
+        with self._lock, self._transaction():
             if accepted:
                 self._db.execute("DELETE FROM outbox WHERE id = ? AND key IS NULL", (msg_id,))
             self._db.execute("UPDATE outbox SET sent = ?, attempts = attempts + 1 WHERE id = ?", (time.time(), msg_id))
             gone = self._db.execute("DELETE FROM outbox WHERE id = ? AND attempts >= ?", (msg_id, MAX_ATTEMPTS))
             if gone.rowcount:
-                self._db.execute("INSERT INTO meta (key, value) VALUES ('dropped', 1) ON CONFLICT(key) DO "
-                                 "UPDATE SET value = value + 1")
+                self._count_dropped(gone.rowcount)
 
     def confirm(self, keys: list[str]) -> int:
         """The server stored these windows: forget them. Returns how many rows went."""
         if not keys:
             return 0
-        with self._lock:
+        with self._lock, self._transaction():
             before = self._db.total_changes
             for i in range(0, len(keys), 500):
                 part = keys[i:i + 500]

@@ -42,6 +42,8 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+from hardware.files import sha256_file
+
 __all__ = [
     "PACKAGES",
     "DeviceTarget",
@@ -147,14 +149,6 @@ class Wheelhouse:
 
 
 # -- the edgeherd wheel ----------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _record_hash(data: bytes) -> str:
@@ -275,7 +269,7 @@ def _index(directory: Path, target: DeviceTarget) -> tuple[dict[str, list[Wheel]
         if not tags & ok:
             foreign.append(path.name)
             continue
-        found.setdefault(str(name), []).append(Wheel(path, str(name), version, _sha256(path)))
+        found.setdefault(str(name), []).append(Wheel(path, str(name), version, sha256_file(path)))
     return found, foreign
 
 
@@ -374,7 +368,7 @@ def build(dest: Path, *, target: DeviceTarget, extra: str, packages: Sequence[st
     for path in dest.glob("*.whl"):
         if path.name not in keep:
             path.unlink()  # needed only under this machine's markers
-    ours = Wheel(own, "edgeherd", parse_wheel_filename(own.name)[1], _sha256(own))
+    ours = Wheel(own, "edgeherd", parse_wheel_filename(own.name)[1], sha256_file(own))
     wheels = [ours, *sorted((w for n, w in chosen.items() if n != "edgeherd"), key=lambda w: w.name)]
     return Wheelhouse(dest, ours, wheels, target, extra, lines)
 

@@ -201,11 +201,6 @@ class FeatureDefinition(WireModel):
             return list(t.columns)
         return [t.numerator, t.denominator] if isinstance(t, Ratio) else [t.column]
 
-    @property
-    def width(self) -> int:
-        """How many model input columns it yields."""
-        return len(self.transform.categories) if isinstance(self.transform, OneHot) else 1
-
 
 def definition_sha256(d: FeatureDefinition) -> str:
     """Content address of a definition: the sha256 of its canonical JSON."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import chi2
 
-from protocol import FeatureStats, ReferenceProfile
+from protocol import FeatureStats, FeatureWindow, ReferenceProfile
 
 __all__ = [
     "ALPHA",
@@ -32,9 +32,11 @@ __all__ = [
     "FeatureDrift",
     "Hysteresis",
     "chi_square",
+    "folded_counts",
     "js_divergence",
     "psi",
     "score",
+    "score_feature",
     "sum_stats",
 ]
 
@@ -111,8 +113,9 @@ class DriftReport:
                 "features": [vars(f) for f in self.features], "output": vars(self.output) if self.output else None}
 
 
-def _feature(name: str, ref: np.ndarray, win: np.ndarray, n_ref: int, nan: int, m: int, alpha: float
-             ) -> FeatureDrift:
+def score_feature(name: str, ref: np.ndarray, win: np.ndarray, n_ref: int, nan: int, m: int, alpha: float
+                  ) -> FeatureDrift:
+    """One feature's window counts against its reference counts (``m`` features tested together, Bonferroni)."""
     n_win = int(win.sum())
     stat, df, p = chi_square(ref, win)
     crit = float(chi2.ppf(1 - alpha / m, max(df, 1)))
@@ -131,15 +134,21 @@ class _Summed:
     classes: np.ndarray | None
 
 
+def folded_counts(f: FeatureWindow) -> np.ndarray:
+    """A window's counts of one feature, values below and above the reference's range in its end bins."""
+    c = np.asarray(f.counts, dtype=np.int64)
+    c[0] += f.below
+    c[-1] += f.above
+    return c
+
+
 def sum_stats(windows: Iterable[FeatureStats]) -> _Summed:
     """Add the counts of several windows (of one device or many) for the same manifest."""
     out = _Summed(0, {}, {}, None)
     for w in windows:
         out.n += w.n
         for f in w.features:
-            c = np.asarray(f.counts, dtype=np.int64)
-            c[0] += f.below
-            c[-1] += f.above
+            c = folded_counts(f)
             out.counts[f.name] = out.counts[f.name] + c if f.name in out.counts else c
             out.nan[f.name] = out.nan.get(f.name, 0) + f.nan
         if w.class_counts is not None:
@@ -158,11 +167,11 @@ def score(reference: ReferenceProfile, windows: Sequence[FeatureStats] | _Summed
         win = summed.counts.get(f.name)
         if win is None or len(win) != len(f.counts):
             continue
-        feats.append(_feature(f.name, np.asarray(f.counts), win, reference.n, summed.nan.get(f.name, 0), m, alpha))
+        feats.append(score_feature(f.name, np.asarray(f.counts), win, reference.n, summed.nan.get(f.name, 0), m, alpha))
     output = None
     if reference.class_counts is not None and summed.classes is not None and \
             len(summed.classes) == len(reference.class_counts):
-        output = _feature("output.class", np.asarray(reference.class_counts), summed.classes, reference.n, 0, 1,
+        output = score_feature("output.class", np.asarray(reference.class_counts), summed.classes, reference.n, 0, 1,
                           alpha)
     drifted = [f for f in feats if f.drifted]
     worst = min(feats, key=lambda f: f.p_value).name if feats else None

@@ -29,7 +29,7 @@ from protocol.manifest import FeatureReference
 from protocol.signing import SignedManifest
 from server import audit
 from server.db.models import AuditEntry, FeatureDefinitionRow, ModelVersion, StatsWindow
-from server.drift import ALPHA, FeatureDrift, _feature
+from server.drift import ALPHA, FeatureDrift, folded_counts, score_feature
 
 __all__ = ["Consumer", "FeatureDriftRow", "FeatureRegistryError", "consumers", "definitions", "drift", "register"]
 
@@ -129,16 +129,16 @@ def drift(db: Session, name: str, version: int | None = None, since: datetime | 
         counts, nan, windows = _window_counts(db, c, since)
         groups.setdefault(c.feature, []).append((c, counts, nan, windows))
         rows.append(FeatureDriftRow(c.feature, c.model, windows,
-                                    _feature(c.feature, np.asarray(c.reference.counts), counts, c.reference_n, nan, 1,
-                                             alpha)))
+                                    score_feature(c.feature, np.asarray(c.reference.counts), counts, c.reference_n,
+                                                  nan, 1, alpha)))
     for feature, members in groups.items():
         if len(members) < 2:
             continue
         ref = np.sum([np.asarray(c.reference.counts) for c, *_ in members], axis=0)
         win = np.sum([counts for _, counts, _, _ in members], axis=0)
         rows.append(FeatureDriftRow(feature, "all", sum(w for *_, w in members),
-                                    _feature(feature, ref, win, sum(c.reference_n for c, *_ in members),
-                                             sum(n for _, _, n, _ in members), 1, alpha)))
+                                    score_feature(feature, ref, win, sum(c.reference_n for c, *_ in members),
+                                                  sum(n for _, _, n, _ in members), 1, alpha)))
     return rows
 
 
@@ -158,10 +158,7 @@ def _window_counts(db: Session, c: Consumer, since: datetime | None) -> tuple[np
             continue
         for f in stats.features:
             if f.name == name and f.version == int(v) and len(f.counts) == len(total):
-                counts = np.asarray(f.counts, dtype=np.int64)
-                counts[0] += f.below
-                counts[-1] += f.above
-                total += counts
+                total += folded_counts(f)
                 nan += f.nan
                 windows += 1
     return total, nan, windows

@@ -193,7 +193,7 @@ class Registry:
         working. Then the broker's password file takes the new password (the old one stops working) and the
         rotation's audit entry is committed, in one transaction. Mosquitto, reloading its password file, ends the
         connection the device made with the old password; the agent expects that and reconnects at once with
-        the new one (docs/hardware.md).
+        the new one, resuming its MQTT session (docs/hardware.md).
         """
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
@@ -210,36 +210,35 @@ class Registry:
                                 f"see `edgeherd device list`); {unchanged}")
         if ack.status != "done":
             raise RegistryError(f"{device_id} answered {ack.status}: {ack.message or 'no reason given'}; {unchanged}")
-        with Session(self.engine) as db:
-            device = db.get(Device, device_id)
-            if device is None or device.revoked:
-                raise RegistryError(f"{device_id} was revoked while its password was being rotated")
-            db.add(device)
-            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}",
-                                 {"via": "agent", "command_id": cmd.command_id})
-            self.broker.add_device(device_id, password)  # from here the broker takes only the new password
-            db.commit()
-            self.anchor_audit(entry)
-        self._store_password(device_id, password)
+        self._set_password(device_id, actor, {"via": "agent", "command_id": cmd.command_id},
+                           f"{device_id} was revoked while its password was being rotated", password)
         log.info("rotated the broker password of %s", device_id)
         return Rotation(device_id, cmd.command_id, ack.message)
 
     def reissue_credentials(self, device_id: str, actor: str = SYSTEM, detail: dict[str, str] | None = None) -> str:
         """A new broker password for an enrolled device, in force at once, without asking the device (it is being
         re-flashed); its old password and any connection made with it are dropped. Returns the password."""
+        password = self._set_password(device_id, actor, {"via": "reissue", **(detail or {})},
+                                      f"no enrolled device named {device_id}")
+        self._kick(device_id)
+        log.info("issued new broker credentials to %s", device_id)
+        return password
+
+    def _set_password(self, device_id: str, actor: str, detail: dict[str, str], gone: str,
+                      password: str | None = None) -> str:
+        """Make the broker take ``password`` (a fresh one if None) for the device instead of its old one, with the
+        ``device.rotate_credentials`` audit entry, in one transaction; keep the copy the data directory holds.
+        RegistryError(``gone``) if the device is not enrolled. Returns the password."""
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
             if device is None or device.revoked:
-                raise RegistryError(f"no enrolled device named {device_id}")
+                raise RegistryError(gone)
             db.add(device)
-            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}",
-                                 {"via": "reissue", **(detail or {})})
-            password = self.broker.add_device(device_id)
+            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}", detail)
+            password = self.broker.add_device(device_id, password)  # from here the broker takes only this one
             db.commit()
             self.anchor_audit(entry)
         self._store_password(device_id, password)
-        self._kick(device_id)
-        log.info("issued new broker credentials to %s", device_id)
         return password
 
     def _store_password(self, device_id: str, password: str) -> None:

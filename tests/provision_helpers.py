@@ -9,9 +9,10 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from hardware.files import sha256_file
 from hardware.profiles import load
 from hardware.provision import BundleSpec, DeviceSecrets, stage
-from hardware.wheelhouse import DeviceTarget, _sha256, agent_wheel
+from hardware.wheelhouse import DeviceTarget, agent_wheel
 from protocol.version import __version__
 
 SERVER_KEY = "ed25519:Jpn69PZ51Vluwz2vQYcuWf+9zuqAACue9tnTfwOnUkk="
@@ -34,7 +35,7 @@ def fast_bundle(parent: Path, s: BundleSpec, wheel_cache: Path) -> Path:
     work.mkdir(parents=True)
     wheel = next(wheel_cache.glob("edgeherd-*.whl"))
     shutil.copy(wheel, work / wheel.name)
-    req = f"edgeherd=={__version__} --hash=sha256:{_sha256(wheel)}\n"
+    req = f"edgeherd=={__version__} --hash=sha256:{sha256_file(wheel)}\n"
     target = DeviceTarget(s.python, s.profile.system.architecture, s.profile.system.glibc)
     return stage(parent, s, work, req, [wheel.name], target.platforms)
 

@@ -35,7 +35,7 @@ from protocol.features import (
     Window,
     definition_sha256,
 )
-from protocol.manifest import FeatureReference, ReferenceProfile
+from protocol.manifest import ReferenceProfile
 from protocol.tomlfile import read_toml
 from toolchain.errors import DataError
 
@@ -136,28 +136,14 @@ def check_features(fs: FeatureSet, x: np.ndarray) -> list[FeatureCheck]:
 
 def reference_for(fs: FeatureSet, x_train: np.ndarray, y_train: np.ndarray, classes: int,
                   probs_train: np.ndarray) -> ReferenceProfile:
-    """The training distribution of each feature, on the bins of its declared range."""
-    from agent.stats import bin_counts
-    from toolchain.profile import CONFIDENCE_EDGES
+    """The training distribution of each feature, on the bins of its declared range (values beyond it in the
+    end bins, as the server counts devices' values)."""
+    from toolchain.profile import feature_reference, profile_of
 
     values = feature_values(fs, x_train)
-    refs = []
-    for j, d in enumerate(fs.definitions):
-        col = values[:, j]
-        edges = reference_edges(d)
-        counted = bin_counts(col, np.asarray(edges))
-        counts = counted.counts.copy()
-        counts[0] += counted.below  # as the server folds devices' out-of-range values into the end bins
-        counts[-1] += counted.above
-        finite = col[np.isfinite(col)]
-        refs.append(FeatureReference(name=d.name, version=d.version, edges=edges,
-                                     counts=[int(c) for c in counts],
-                                     mean=float(finite.mean()) if finite.size else 0.0,
-                                     std=float(finite.std()) if finite.size else 0.0))
-    confidence = bin_counts(probs_train.max(axis=1), np.asarray(CONFIDENCE_EDGES))
-    return ReferenceProfile(kind="features", n=len(x_train), features=refs,
-                            class_counts=[int(c) for c in np.bincount(y_train, minlength=classes)],
-                            confidence_edges=CONFIDENCE_EDGES, confidence_counts=[int(c) for c in confidence.counts])
+    refs = [feature_reference(d.name, values[:, j], reference_edges(d), version=d.version, fold_outside=True)
+            for j, d in enumerate(fs.definitions)]
+    return profile_of("features", refs, y_train, classes, probs_train)
 
 
 def feature_lineage(fs: FeatureSet) -> dict[str, str]:

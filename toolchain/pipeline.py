@@ -332,7 +332,7 @@ def _feature_set(spec: BuildSpec, ds: datamod.Dataset, report: ValidationReport,
                  ) -> FeatureSet | None:
     """The registry features the schema names, resolved from ``spec.features`` and checked on the data (each
     definition's range and missing rate: fatal or a warning, as the definition says)."""
-    refs = getattr(ds.schema, "registry_features", [])
+    refs = ds.schema.registry_features
     if not refs:
         if spec.features is not None:
             raise DataError("--features was given but the schema names no registry_features")
