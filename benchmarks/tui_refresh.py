@@ -30,7 +30,7 @@ from server.tui.app import EdgeherdApp
 from server.tui.data import FleetData
 from server.tui.screens import FleetScreen
 from tests.server_helpers import server_dir
-from tests.tui_state import NOW, fill_many
+from tests.tui_state import NOW, fill_many, settle
 
 
 def _median(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
@@ -45,9 +45,7 @@ def _median(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
 async def _ui(fleet: FleetData, n: int) -> tuple[float, float, float]:
     app = EdgeherdApp(fleet, refresh_s=0)
     async with app.run_test(size=(160, 48)) as pilot:
-        for _ in range(3):
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+        await settle(pilot)
         screen = app.screen
         assert isinstance(screen, FleetScreen)
         rows = fleet.devices()

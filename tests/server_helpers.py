@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -28,9 +30,10 @@ from protocol._model import encode_model
 from protocol.signing import sign_manifest
 
 
-def server_dir(path: Path) -> tuple[Path, Ed25519PrivateKey]:
-    """A data directory holding a fresh signing key pair, as `edgeherd keys init` leaves it."""
-    key = generate_signing_key()
+def server_dir(path: Path, key: Ed25519PrivateKey | None = None) -> tuple[Path, Ed25519PrivateKey]:
+    """A data directory holding a signing key pair (``key``, else a fresh one), as `edgeherd keys init` leaves
+    it."""
+    key = key or generate_signing_key()
     (path / "keys").mkdir(parents=True)
     (path / "keys" / "signing.key").write_bytes(private_key_to_pem(key))
     (path / "keys" / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
@@ -63,3 +66,13 @@ def wait_for(fn: Callable[[], Any], timeout: float = 60.0, what: str = "conditio
             return got
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll)
+
+
+def server_process(data: Path, broker: str, log: Path) -> subprocess.Popen[bytes]:
+    """``edgeherd server run`` as a process of its own on an existing broker, orchestrating rollouts every 0.3 s
+    (drift evaluation off), its output appended to ``log``: a replica a test can SIGKILL."""
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "server", "run", "--data-dir", str(data),
+                                 "--broker", broker, "--metrics-port", "0", "--drift-interval", "0",
+                                 "--rollout-interval", "0.3"], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})

@@ -13,6 +13,7 @@ import pytest
 from agent.runtime import Agent
 from tests._mosquitto import running_broker
 from tests.agent_harness import FakeServer, agent_config
+from tests.server_helpers import wait_for
 from toolchain.data import load_digits
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ def test_windows_made_offline_survive_a_restart_and_arrive_exactly_once(digits_b
 
 
 def _wait_outbox(agent, n, timeout=30.0):
-    _wait(lambda: len(agent.outbox) == n, f"the outbox to hold {n} (it holds {len(agent.outbox)})", timeout)
+    wait_for(lambda: len(agent.outbox) == n, timeout, f"the outbox to hold {n}", poll=0.05)
 
 
 def test_outbox_is_bounded_and_counts_what_it_drops(tmp_path):
@@ -135,7 +136,8 @@ def test_windows_the_broker_took_but_never_delivered_are_sent_again(digits_bundl
             for _ in range(5):
                 agent.predictor().predict(x)
                 agent.close_window_now(wait=10)
-            _wait(lambda: agent.outbox.awaiting_receipt() == 10, "10 reports PUBACKed and unconfirmed")
+            wait_for(lambda: agent.outbox.awaiting_receipt() == 10, 30, "10 reports PUBACKed and unconfirmed",
+                     poll=0.05)
             confirmed = agent.reports_confirmed
             back = FakeServer(broker, digits_bundle.artifacts)
             try:
@@ -169,17 +171,10 @@ def test_reports_wait_in_memory_while_the_outbox_cannot_be_written(fleet, servin
     assert len(agent._unstored) == 6  # 3 windows of telemetry and statistics, none lost
     agent.outbox.put = real_put  # the disk has room again: the next turn stores and sends them, in order
     server.wait(lambda s: len(s.telemetry) >= 3 and len(s.stats) >= 3, timeout=30, what="the 3 windows")
-    _wait(lambda: not agent._unstored and len(agent.outbox) == 0, "the outbox to drain")
+    wait_for(lambda: not agent._unstored and len(agent.outbox) == 0, 30, "the outbox to drain", poll=0.05)
     last = server.seen.telemetry[-3:]
     assert [t.window_seq for t in last] == sorted(t.window_seq for t in last)
     assert all(t.requests == 1 for t in last)
-
-
-def _wait(fn, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not fn():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture

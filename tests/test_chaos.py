@@ -24,7 +24,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -41,8 +40,6 @@ from protocol import (
     TopicKind,
     device_topic,
     encode_chunk,
-    private_key_to_pem,
-    public_key_to_pem,
     sign_manifest,
     verify_manifest,
 )
@@ -58,11 +55,10 @@ from server.rollouts import Gates, RolloutSpec
 from tests._mosquitto import free_port
 from tests.agent_harness import AgentProcess
 from tests.mqtt_helpers import TestClient
-from tests.server_helpers import wait_for
+from tests.server_helpers import server_dir, server_process, wait_for
 from toolchain.data import load_digits
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -114,10 +110,7 @@ class Chaos:
     def __init__(self, plan: Plan, bundle: Any, tmp: Path) -> None:
         self.plan, self.tmp = plan, tmp
         self.faults: list[tuple[str, str]] = []
-        data = tmp / "server"
-        (data / "keys").mkdir(parents=True)
-        (data / "keys" / "signing.key").write_bytes(private_key_to_pem(bundle.key))
-        (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(bundle.key.public_key()))
+        data, _ = server_dir(tmp / "server", bundle.key)
         self.data = data
         self.app = ServerApp(data, metrics_port=0, drift_interval=0, rollout_interval=0).start()
         self.reg = self.app.registry
@@ -149,12 +142,7 @@ class Chaos:
             "EDGEHERD_AGENT_RECEIPT_TIMEOUT_S": "5", **env})
 
     def start_server(self) -> None:
-        with (self.tmp / "server.log").open("ab") as out:
-            self.server = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "server", "run", "--data-dir", str(self.data),
-                 "--broker", self.reg.broker_url, "--metrics-port", "0", "--drift-interval", "0",
-                 "--rollout-interval", "0.3"], stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.server = server_process(self.data, self.reg.broker_url, self.tmp / "server.log")
 
     def enrol(self) -> None:
         for device in self.devices:

@@ -26,7 +26,7 @@ from server.broker import SERVER_USER
 from server.registry import Registry, RegistryError
 from tests._mosquitto import free_port
 from tests.mqtt_helpers import ConnectRefused, TestClient
-from tests.server_helpers import server_dir
+from tests.server_helpers import server_dir, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +34,6 @@ pytestmark = pytest.mark.integration
 class _Addr:
     def __init__(self, port: int) -> None:
         self.host, self.port = "127.0.0.1", port
-
-
-def _wait(fn, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (got := fn()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return got
 
 
 @pytest.fixture
@@ -63,7 +55,7 @@ def _agent(reg, tmp_path, device_id="pi-1"):
     shutil.copy(enrolled.agent_config.parent / "broker-password", etc / "broker-password")
     cfg = load_config(etc / "agent.toml", data_dir=str(tmp_path / f"{device_id}-data"), api_port=free_port())
     agent = Agent(cfg, min_backoff=0.2, max_backoff=1.0).start()
-    _wait(agent.session.connected.is_set, what="the agent to connect")
+    wait_for(agent.session.connected.is_set, 20, "the agent to connect", poll=0.05)
     return agent, etc / "broker-password"
 
 
@@ -134,8 +126,8 @@ def test_rotation_delivers_then_swaps_and_the_agent_stays_on_the_broker(server, 
         watch = _Watch(agent)
         commands = _Commands(server)  # commands sent all through the change, some while the agent is off
         rotation = server.rotate_credentials("pi-1", actor="alice", timeout=15)
-        _wait(lambda: agent.session.connected.is_set() and agent.session.session_id != session, 10,
-              "the agent to be back on the broker")
+        wait_for(lambda: agent.session.connected.is_set() and agent.session.session_id != session, 10,
+                 "the agent to be back on the broker", poll=0.05)
         time.sleep(0.3)
         watch.stop()
         sent = commands.stop()
@@ -143,7 +135,7 @@ def test_rotation_delivers_then_swaps_and_the_agent_stays_on_the_broker(server, 
         # the MQTT session lived through the change: the broker resumed it on the reconnection, and every
         # command sent meanwhile (those sent while the connection was down were queued in it) was carried out
         assert agent.session.session_present and agent.session.resumed >= 1
-        _wait(lambda: commands.done >= set(sent), 20, "every command to be acknowledged done")
+        wait_for(lambda: commands.done >= set(sent), 20, "every command to be acknowledged done", poll=0.05)
         print(f"{len(sent)} commands sent during the rotation, all carried out")
 
         # stored before the broker changed, 0600, the old one kept until the new one was accepted
@@ -179,10 +171,10 @@ def test_rotation_delivers_then_swaps_and_the_agent_stays_on_the_broker(server, 
         second = agent.session.session_id
         refusals = (server.broker.dir / "mosquitto.log").read_text().count("not authorised")
         server.broker.stop()
-        _wait(lambda: not agent.session.connected.is_set(), what="the agent to see the broker go")
+        wait_for(lambda: not agent.session.connected.is_set(), 20, "the agent to see the broker go", poll=0.05)
         server.broker.start()
-        _wait(lambda: agent.session.connected.is_set() and agent.session.session_id != second, 30,
-              "the agent to reconnect")
+        wait_for(lambda: agent.session.connected.is_set() and agent.session.session_id != second, 30,
+                 "the agent to reconnect", poll=0.05)
         assert (server.broker.dir / "mosquitto.log").read_text().count("not authorised") == refusals
         assert password_file.read_text().strip() == new
     finally:
@@ -209,7 +201,7 @@ def test_an_agent_with_an_inline_password_refuses_and_nothing_changes(server, tm
                       server_key=server.public_key_text(), data_dir=str(tmp_path / "pi-2"), api_port=0)
     agent = Agent(cfg, min_backoff=0.2, max_backoff=1.0, api=False).start()
     try:
-        _wait(agent.session.connected.is_set, what="the agent to connect")
+        wait_for(agent.session.connected.is_set, 20, "the agent to connect", poll=0.05)
         with pytest.raises(RegistryError, match=r"answered failed: .*password_file.*current password still works"):
             server.rotate_credentials("pi-2", timeout=10)
         TestClient(_Addr(server.broker.port), "pi-2", password).close()  # type: ignore[arg-type]
@@ -224,10 +216,10 @@ def test_an_unfinished_rotation_never_locks_the_agent_out(server, tmp_path):
     old = password_file.read_text().strip()
     agent.session.credentials.rotate("a-password-the-broker-never-heard-of")
     server.broker.stop()
-    _wait(lambda: not agent.session.connected.is_set(), what="the agent to see the broker go")
+    wait_for(lambda: not agent.session.connected.is_set(), 20, "the agent to see the broker go", poll=0.05)
     server.broker.start()
     try:
-        _wait(agent.session.connected.is_set, 30, "the agent to reconnect with its previous password")
+        wait_for(agent.session.connected.is_set, 30, "the agent to reconnect with its previous password", poll=0.05)
         assert password_file.read_text().strip() == "a-password-the-broker-never-heard-of"
         assert password_file.with_name("broker-password.previous").read_text().split() == [old]
     finally:

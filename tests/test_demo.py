@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from protocol import private_key_to_pem, public_key_to_pem
+from tests.server_helpers import server_dir
 
 pytestmark = pytest.mark.integration
 
 
 def test_the_demo_rolls_out_v1_catches_v2_at_the_canary_and_the_drifting_device(digits_bundle, tmp_path):
-    data = tmp_path / "demo"
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    data, _ = server_dir(tmp_path / "demo", digits_bundle.key)
     shutil.copytree(digits_bundle.dir, data / "bundles" / "digits-1.0.0")
     out = subprocess.run([sys.executable, "-m", "server.cli", "demo", "--no-tui", "--data-dir", str(data)],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200",

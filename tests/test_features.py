@@ -13,6 +13,7 @@ from agent.features import feature_values, model_columns
 from protocol import generate_signing_key, manifest_digest, private_key_to_pem
 from protocol.features import FeatureSet
 from tests.features_helpers import DEFINITIONS, RAW, SCHEMA, sensor_rows, write_sensor_csv
+from tests.server_helpers import server_dir
 from toolchain.bundle import verify_bundle
 from toolchain.errors import DataError
 from toolchain.export import export_onnx
@@ -222,14 +223,10 @@ V2 = DEFINITIONS.replace('offset = 50.0, factor = 0.05 }', 'offset = 45.0, facto
 @pytest.fixture(scope="module")
 def registry(sensor_build):
     """A server with the sensor bundle (temp_scaled@1) and a second one built after temp_scaled changed (@2)."""
-    from protocol import public_key_to_pem
     from server.registry import Registry
 
     tmp, key, first, x, y = sensor_build
-    data = tmp / "server"
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
+    data, _ = server_dir(tmp / "server", key)
     reg = Registry(data)
     (tmp / "features-v2.toml").write_text(V2.replace('name = "temp_scaled"\nversion = 1', 'name = "temp_scaled"\n'
                                                      'version = 2'))
@@ -376,6 +373,7 @@ def test_the_tui_drift_screen_shows_a_feature_across_model_versions(registry):
 
     from server.app import ServerApp
     from server.tui.app import make_app
+    from tests.tui_state import settle
 
     reg, *_ = registry
     _two_devices_report(registry)
@@ -385,15 +383,11 @@ def test_the_tui_drift_screen_shows_a_feature_across_model_versions(registry):
         app = make_app(reg.data, "alice", refresh_s=0)
         async with app.run_test(size=(160, 48)) as pilot:
             await pilot.press("d")
-            for _ in range(3):
-                await pilot.app.workers.wait_for_complete()
-                await pilot.pause()
+            await settle(pilot)
             drift = app.screen.query_one("#drift", DataTable)
             keys = [str(k.value) for k in drift.rows]
             drift.move_cursor(row=keys.index("sensors:2.0.0|crest_factor"))
-            for _ in range(4):
-                await pilot.app.workers.wait_for_complete()
-                await pilot.pause()
+            await settle(pilot, 4)
             versions = app.screen.query_one("#versions", DataTable)
             assert versions.display
             cells = [[str(c) for c in versions.get_row_at(i)] for i in range(versions.row_count)]
@@ -401,9 +395,7 @@ def test_the_tui_drift_screen_shows_a_feature_across_model_versions(registry):
                                                            ("crest_factor@1", "sensors:2.0.0", "yes"),
                                                            ("crest_factor@1", "all", "yes")]
             drift.move_cursor(row=keys.index("sensors:1.0.0|temp_scaled"))  # two versions, one model each
-            for _ in range(4):
-                await pilot.app.workers.wait_for_complete()
-                await pilot.pause()
+            await settle(pilot, 4)
             assert [(str(versions.get_row_at(i)[0]), str(versions.get_row_at(i)[1]))
                     for i in range(versions.row_count)] == [("temp_scaled@1", "sensors:1.0.0"),
                                                             ("temp_scaled@2", "sensors:2.0.0")]

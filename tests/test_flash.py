@@ -30,7 +30,7 @@ from server.cli import app
 from server.db.models import Device
 from tests._mosquitto import free_port
 from tests.provision_helpers import raspberry_pi_os
-from tests.server_helpers import server_dir
+from tests.server_helpers import server_dir, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +40,6 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 def run(*args: str):
     return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-
-
-def _wait(fn, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (got := fn()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return got
 
 
 def _device_python() -> str:
@@ -183,14 +175,10 @@ def test_flash_over_ssh(pi5_flash, tmp_path, monkeypatch):
 
 
 def test_x86_bundle_installs_offline_enrols_serves_and_upgrades_in_place(digits_bundle, x86_wheels, tmp_path):
-    from protocol import private_key_to_pem, public_key_to_pem
     from server.app import ServerApp
     from toolchain.data import load_digits
 
-    data = tmp_path / "server"
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    data, _ = server_dir(tmp_path / "server", digits_bundle.key)
     server = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     root = tmp_path / "device"
     layout = ["--prefix", str(root / "opt/edgeherd"), "--config-dir", str(root / "etc/edgeherd"),
@@ -255,13 +243,13 @@ def test_x86_bundle_installs_offline_enrols_serves_and_upgrades_in_place(digits_
             assert verify.returncode == 0, verify.stdout + verify.stderr
 
         agent = start_agent()
-        d = _wait(lambda: (x := device()) is not None and x.status == "online" and x.fingerprint and x, 60,
+        d = wait_for(lambda: (x := device()) is not None and x.status == "online" and x.fingerprint and x, 60,
                   "the installed agent to enrol")
         assert d.fingerprint["cpu_count"] >= 1 and d.profile == "x86-64-cpu"
 
         server.registry.push_model(digits_bundle.dir)
         server.registry.deploy("digits", "1.0.0", "x86-1")
-        _wait(lambda: (x := device()) and x.running_artifact == "digits-onnx-int8" and x.install_step == "done", 90,
+        wait_for(lambda: (x := device()) and x.running_artifact == "digits-onnx-int8" and x.install_step == "done", 90,
               "the agent to install the bundle")
         assert len(predict()["classes"]) == 8
 
@@ -290,7 +278,7 @@ def test_x86_bundle_installs_offline_enrols_serves_and_upgrades_in_place(digits_
             json.loads((second / "bundle.json").read_text())["bundle_id"])
         generation = device().desired_generation  # type: ignore[union-attr]
         agent = start_agent()
-        _wait(lambda: (x := device()) and x.status == "online" and x.state_session > d.state_session, 60,
+        wait_for(lambda: (x := device()) and x.status == "online" and x.state_session > d.state_session, 60,
               "the upgraded agent to come back")
         assert predict()["model"] == "digits"
         assert device().desired_generation == generation  # type: ignore[union-attr]
@@ -368,7 +356,7 @@ def sshd(tmp_path):
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    _wait(lambda: listening() or proc.poll() is not None, 20, "sshd to listen")
+    wait_for(lambda: listening() or proc.poll() is not None, 20, "sshd to listen")
     assert proc.poll() is None, (d / "sshd.log").read_text()
     yield port, d / "client"
     proc.terminate()

@@ -4,10 +4,7 @@ what they are told and report telemetry whose error rate depends on the version 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from server.db.models import AuditEntry, Device, GateEvaluation, Rollout, Rollou
 from server.orchestrator import create_rollout
 from server.rollouts import Gates, RolloutSpec
 from server.simulate import Behaviour, SimConfig, simulate
-from tests.server_helpers import blob_bundle, server_dir, wait_for
+from tests.server_helpers import blob_bundle, server_dir, server_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -128,19 +125,11 @@ def test_a_version_with_a_doubled_error_rate_stops_at_the_canary_and_rolls_it_ba
     assert [e.action for e in f.audit()][-2:] == ["rollout.rollback_started", "rollout.rolled_back"]
 
 
-def _server(data: Path, broker: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "server.cli", "server", "run", "--data-dir", str(data),
-                                 "--broker", broker, "--metrics-port", "0", "--drift-interval", "0",
-                                 "--rollout-interval", "0.3"], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-
-
 def test_a_server_killed_mid_rollout_finishes_it_after_a_restart_as_if_nothing_happened(fleet, tmp_path):
     f = fleet(bad_new=False, rollout_interval=0)  # this process keeps the broker; another one orchestrates
     log = tmp_path / "server.log"
     broker = f.app.registry.broker_url
-    proc = _server(f.data, broker, log)
+    proc = server_process(f.data, broker, log)
     try:
         _start(f)
         wait_for(lambda: f.rollout().wave >= 2, 120, "the rollout to reach its third wave")
@@ -148,7 +137,7 @@ def test_a_server_killed_mid_rollout_finishes_it_after_a_restart_as_if_nothing_h
         proc.wait(30)
         killed_at = f.rollout()
         assert killed_at.state == "running", killed_at.state
-        proc = _server(f.data, broker, log)
+        proc = server_process(f.data, broker, log)
         wait_for(lambda: f.rollout().state == "completed", 120, "the restarted server to finish the rollout")
     finally:
         proc.terminate()

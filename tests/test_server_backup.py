@@ -11,12 +11,12 @@ import uuid
 import pytest
 from sqlmodel import Session, select
 
-from protocol import private_key_to_pem, public_key_to_pem
 from server.app import ServerApp
 from server.backup import BackupError, backup, restore
 from server.db.models import Device, ModelVersion, TelemetryRow
 from server.registry import Registry
 from server.simulate import SimConfig, simulate
+from tests.server_helpers import server_dir
 
 pytestmark = pytest.mark.integration
 
@@ -54,10 +54,7 @@ def database(request, monkeypatch):
 
 
 def test_backup_under_load_then_restore(database, digits_bundle, tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    data, _ = server_dir(tmp_path / "data", digits_bundle.key)
     app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     reg = app.registry
     reg.push_model(digits_bundle.dir)

@@ -7,18 +7,16 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from protocol import generate_signing_key, private_key_to_pem, public_key_to_pem
+from protocol import generate_signing_key, public_key_to_pem
 from server.cli import app
+from tests.server_helpers import server_dir
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def data(tmp_path, digits_bundle):
-    d = tmp_path / "data"
-    (d / "keys").mkdir(parents=True)
-    (d / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
-    (d / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    d, _ = server_dir(tmp_path / "data", digits_bundle.key)
     return d
 
 

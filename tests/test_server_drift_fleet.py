@@ -7,20 +7,18 @@ import time
 import pytest
 from sqlmodel import Session, select
 
-from protocol import manifest_digest, private_key_to_pem, public_key_to_pem
+from protocol import manifest_digest
 from server.app import ServerApp
 from server.db.models import Alert, DriftReportRow, StatsWindow
 from server.simulate import SimConfig, simulate
+from tests.server_helpers import server_dir
 
 pytestmark = pytest.mark.integration
 
 
 def test_drifting_devices_raise_alerts_and_the_others_do_not(digits_bundle, tmp_path, monkeypatch):
     monkeypatch.delenv("EDGEHERD_DATABASE_URL", raising=False)
-    data = tmp_path / "data"
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    data, _ = server_dir(tmp_path / "data", digits_bundle.key)
     app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     try:
         reg = app.registry

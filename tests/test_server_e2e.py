@@ -9,13 +9,13 @@ import urllib.request
 import pytest
 from sqlmodel import Session, select
 
-from protocol import artifact_topic, decode_chunk, private_key_to_pem, public_key_to_pem
+from protocol import artifact_topic, decode_chunk
 from server.app import ServerApp
 from server.broker import SERVER_USER
 from server.db.models import Device, DriftReportRow, StatsWindow, TelemetryRow
 from tests._mosquitto import free_port
 from tests.agent_harness import AgentProcess
-from tests.server_helpers import wait_for
+from tests.server_helpers import server_dir, wait_for
 from toolchain.data import load_digits
 
 pytestmark = pytest.mark.integration
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
-    data = tmp_path / "server"
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    data, _ = server_dir(tmp_path / "server", digits_bundle.key)
     app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     agent = None
     try:

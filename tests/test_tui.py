@@ -21,8 +21,8 @@ from server.simulate import SimConfig, simulate
 from server.tui.app import make_app
 from server.tui.modals import ConfirmModal, ReasonModal, TypedConfirmModal
 from server.tui.screens import DeviceScreen, FleetScreen, HelpScreen, ModelsScreen, RolloutsScreen
-from tests.server_helpers import blob_bundle
-from tests.tui_state import OPERATORS
+from tests.server_helpers import blob_bundle, server_dir
+from tests.tui_state import OPERATORS, settle
 
 pytestmark = pytest.mark.integration
 SIZE = (160, 48)
@@ -30,13 +30,10 @@ SIZE = (160, 48)
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, digits_bundle):
-    from protocol import manifest_digest, private_key_to_pem, public_key_to_pem
+    from protocol import manifest_digest
 
     root = tmp_path_factory.mktemp("tui-fleet")
-    data = root / "data"
-    (data / "keys").mkdir(parents=True)
-    (data / "keys" / "signing.key").write_bytes(private_key_to_pem(digits_bundle.key))
-    (data / "keys" / "signing.pub").write_bytes(public_key_to_pem(digits_bundle.key.public_key()))
+    data, _ = server_dir(root / "data", digits_bundle.key)
     (data / "operators.toml").write_text(OPERATORS)
     app = ServerApp(data, metrics_port=0, drift_interval=0, rollout_interval=0).start()
     reg = app.registry
@@ -58,12 +55,6 @@ def fleet(tmp_path_factory, digits_bundle):
     assert app.evaluate_drift() > 0
     yield app, data
     app.stop()
-
-
-async def settle(pilot) -> None:
-    for _ in range(3):
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
 
 
 def _keys(table: DataTable) -> list[str]:

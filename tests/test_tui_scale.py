@@ -13,7 +13,7 @@ from server.tui.app import EdgeherdApp
 from server.tui.data import FleetData
 from server.tui.screens import FleetScreen
 from tests.server_helpers import server_dir
-from tests.tui_state import NOW, fill_many
+from tests.tui_state import NOW, fill_many, settle
 
 pytestmark = pytest.mark.integration
 N = 10_000
@@ -29,9 +29,7 @@ def test_ten_thousand_devices_load_and_input_is_handled_during_a_refresh(tmp_pat
 
 async def _drive(app: EdgeherdApp, fleet: FleetData) -> None:
     async with app.run_test(size=(160, 48)) as pilot:
-        for _ in range(3):
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+        await settle(pilot)
         screen = app.screen
         assert isinstance(screen, FleetScreen)
         table = screen.query_one("#fleet", DataTable)
@@ -54,7 +52,5 @@ async def _drive(app: EdgeherdApp, fleet: FleetData) -> None:
         assert screen.sort_index == before + 2 and screen._busy
         screen.refresh_data()  # an overlapping refresh is dropped, not queued
         release.set()
-        for _ in range(3):
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+        await settle(pilot)
         assert not screen._busy and screen.refreshes == 2 and table.row_count == N

@@ -9,7 +9,7 @@ from server.governance import Governance
 from server.tui.app import EdgeherdApp
 from server.tui.data import FleetData
 from tests.server_helpers import server_dir
-from tests.tui_state import NOW, fill
+from tests.tui_state import NOW, fill, settle
 
 SIZE = (150, 42)
 
@@ -27,12 +27,6 @@ def _app(fixed, actor: str = "bob") -> EdgeherdApp:
     return EdgeherdApp(FleetData(reg, gov, actor, clock=lambda: NOW), refresh_s=0)
 
 
-async def _settle(pilot) -> None:
-    for _ in range(3):
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
-
-
 @pytest.mark.parametrize(("name", "keys"), [
     ("fleet", []),
     ("fleet_filtered", ["slash", *"group:prod", "enter"]),
@@ -45,10 +39,10 @@ async def _settle(pilot) -> None:
 ])
 def test_screen(snap_compare, fixed, name, keys):
     async def run_before(pilot) -> None:
-        await _settle(pilot)
+        await settle(pilot)
         for key in keys:
             await pilot.press(key)
-            await _settle(pilot)
+            await settle(pilot)
 
     assert snap_compare(_app(fixed), terminal_size=SIZE, run_before=run_before)
 
@@ -61,12 +55,12 @@ def test_screen(snap_compare, fixed, name, keys):
 ])
 def test_dialog(snap_compare, fixed, name, keys):
     async def run_before(pilot) -> None:
-        await _settle(pilot)
+        await settle(pilot)
         if keys[0] != "m":
             await pilot.press("r")
-            await _settle(pilot)
+            await settle(pilot)
         for key in keys:
             await pilot.press(key)
-            await _settle(pilot)
+            await settle(pilot)
 
     assert snap_compare(_app(fixed, "bob"), terminal_size=SIZE, run_before=run_before)

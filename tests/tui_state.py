@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import Session
 
@@ -180,3 +181,10 @@ def fill_many(data: Path, n: int, *, now: datetime = NOW) -> Registry:
         conn.execute(insert(TelemetryRow), telemetry)
         conn.execute(insert(DriftReportRow), drift)
     return reg
+
+
+async def settle(pilot: Any, rounds: int = 3) -> None:
+    """Let the app's workers (refreshes, actions) finish and the screen catch up with what they returned."""
+    for _ in range(rounds):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
