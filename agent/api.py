@@ -10,27 +10,36 @@
 
 Bad input (wrong shape or dtype, malformed JSON, oversize body, unknown
 content type) is answered with a 4xx and a message naming what the model
-expects; the server keeps serving.
+expects; a model that fails at run time on a well-formed input
+(:class:`~agent.errors.InferenceError`) with a 500 and the runtime's message;
+anything else a handler lets out with a 500 (its traceback logged), never a
+dropped connection. Error bodies are ``{"error": <status phrase>, "message":
+<what went wrong>}``. The server keeps serving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 import numpy as np
 
-from agent.errors import InputError
+from agent.errors import AgentError, InputError
 from agent.predictor import Predictor
 
 __all__ = ["ApiServer", "ModelHost"]
 
 log = logging.getLogger(__name__)
+#: A model failing on many requests logs one line per this many seconds, with the number left out.
+_FAILURE_LOG_INTERVAL_S = 10.0
 
 
 class ModelHost(Protocol):
@@ -55,6 +64,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: dict[str, Any] | str, content_type: str = "application/json") -> None:
         data = (json.dumps(body) if isinstance(body, dict) else body).encode("utf-8")
+        self._answered = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -65,6 +75,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": status.phrase, "message": message})
 
     def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def _guarded(self, handler: Callable[[], None]) -> None:
+        """Run ``handler``; what it lets out is logged and answered with a 500, never a dropped connection."""
+        self._answered = False
+        try:
+            handler()
+        except (BrokenPipeError, ConnectionResetError) as exc:  # the client left before the answer
+            self.close_connection = True
+            log.debug("api: %s went away: %s", self.client_address[0], exc)
+        except Exception:
+            self.close_connection = True  # the body may not have been read
+            log.exception("api: %s %s failed", self.command, self.path[:100])
+            if not self._answered:
+                with contextlib.suppress(OSError):  # the client may have gone too
+                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                "the agent failed while answering this request; its log has the details")
+
+    def _get(self) -> None:
         host = self.server.host
         if self.path == "/v1/health":
             pred = host.predictor()
@@ -80,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no such endpoint {self.path[:100]!r}; see /v1/health, /v1/model, "
                         "/v1/predict, /metrics")
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         if self.path != "/v1/predict":
             self._error(HTTPStatus.NOT_FOUND, f"POST goes to /v1/predict, not {self.path[:100]!r}")
             return
@@ -106,6 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
             out = pred.predict(x)
         except InputError as exc:
             self._error(HTTPStatus.BAD_REQUEST, f"{exc}; the model takes {_expected(pred)}")
+            return
+        except AgentError as exc:  # InferenceError: the model failed on a well-formed input (already counted)
+            self.server.note_failure(str(exc))
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
             return
         except _Unsupported as exc:
             self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(exc))
@@ -153,6 +189,23 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     host: ModelHost
     max_body: int
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler]) -> None:
+        self._failures_lock = threading.Lock()
+        self._failures_logged_at = float("-inf")
+        self._failures_unlogged = 0
+        super().__init__(address, handler)
+
+    def note_failure(self, message: str) -> None:
+        """Log a failed inference: the first one, then one line per interval naming how many were left out."""
+        with self._failures_lock:
+            now = time.monotonic()
+            if now - self._failures_logged_at < _FAILURE_LOG_INTERVAL_S:
+                self._failures_unlogged += 1
+                return
+            unlogged, self._failures_unlogged, self._failures_logged_at = self._failures_unlogged, 0, now
+        log.warning("api: inference failed: %s%s", message,
+                    f" ({unlogged} more failures since the last line)" if unlogged else "")
 
 
 class ApiServer:

@@ -67,6 +67,10 @@ class AgentConfig(BaseModel):
     receipt_timeout_s: float = Field(30.0, ge=1, le=86400)
     #: MQTT keep-alive in seconds; the broker marks the device offline after 1.5 × this.
     keepalive: int = Field(30, ge=5, le=3600)
+    #: When the agent has sent the server no state, hello or report for this many seconds, it republishes its
+    #: state, so the server can tell a connected device from one whose broker went away with it (a server counts
+    #: a device silent for EDGEHERD_STALE_AFTER_S, 180 s by default, as offline: keep this well below).
+    heartbeat_s: float = Field(60.0, ge=1, le=3600)
     #: Threads per inference session.
     threads: int = Field(1, ge=1, le=64)
     #: Artifact chunk size asked of the server, in KiB (4-256): larger moves a rollout wave faster,

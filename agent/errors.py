@@ -6,13 +6,15 @@
     ├── BackendError          an inference runtime problem
     │   ├── RuntimeMissing    the runtime an artifact needs is not installed
     │   ├── ModelLoadError    the runtime could not load the artifact
-    │   └── InputError        a prediction input has the wrong shape or dtype
+    │   ├── InputError        a prediction input has the wrong shape or dtype (HTTP 400)
+    │   └── InferenceError    the runtime failed while running the model on an input (HTTP 500)
     └── ConfigError           the agent's configuration is invalid
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "BackendError", "ConfigError", "InputError", "ModelLoadError", "RuntimeMissing"]
+__all__ = ["AgentError", "BackendError", "ConfigError", "InferenceError", "InputError", "ModelLoadError",
+           "RuntimeMissing"]
 
 
 class AgentError(Exception):
@@ -33,6 +35,14 @@ class ModelLoadError(BackendError):
 
 class InputError(BackendError):
     pass
+
+
+class InferenceError(BackendError):
+    """The loaded model failed at run time (an out-of-range index, a kernel error, a device fault).
+
+    Counted as a failed request in the window statistics, so it shows in the device's error rate and in a
+    rollout's error gate.
+    """
 
 
 class ConfigError(AgentError):

@@ -9,11 +9,14 @@ after a while (:meth:`Outbox.pending`'s ``resend_before``) and after every
 reconnection (:meth:`Outbox.resend_all`). Windows produced while offline, or
 before a restart, are sent in order once the device is back. The queue is
 bounded: when full, the oldest rows are dropped and the drop is counted, and
-the count is reported in the next telemetry window.
+the count is reported in the next telemetry window. A window the server
+refuses outright (its times are off the server's clock) is given up at once
+(:meth:`Outbox.give_up`) and counted the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["MAX_ATTEMPTS", "Outbox", "Queued", "window_key"]
+
+log = logging.getLogger(__name__)
 
 #: Times a report is sent without the server confirming it before it is given up (dropped and counted): with
 #: the default receipt timeout, about 10 minutes of a server that keeps rejecting it.
@@ -118,9 +123,23 @@ class Outbox:
             if accepted:
                 self._db.execute("DELETE FROM outbox WHERE id = ? AND key IS NULL", (msg_id,))
             self._db.execute("UPDATE outbox SET sent = ?, attempts = attempts + 1 WHERE id = ?", (time.time(), msg_id))
-            gone = self._db.execute("DELETE FROM outbox WHERE id = ? AND attempts >= ?", (msg_id, MAX_ATTEMPTS))
-            if gone.rowcount:
-                self._count_dropped(gone.rowcount)
+            gone = self._db.execute("SELECT key FROM outbox WHERE id = ? AND attempts >= ?",
+                                    (msg_id, MAX_ATTEMPTS)).fetchall()
+            if gone:
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (msg_id,))
+                self._count_dropped(len(gone))
+        for (key,) in gone:
+            log.warning("gave up %s: sent %d times without the server confirming it", key or "a report",
+                        MAX_ATTEMPTS)
+
+    def give_up(self, key: str) -> int:
+        """Forget the window ``key`` without a receipt (the server refused it) and count it as dropped; returns
+        how many rows went (0: not queued, e.g. given up already)."""
+        with self._lock, self._transaction():
+            gone = self._db.execute("DELETE FROM outbox WHERE key = ?", (key,)).rowcount
+            if gone:
+                self._count_dropped(gone)
+        return int(gone)
 
     def confirm(self, keys: list[str]) -> int:
         """The server stored these windows: forget them. Returns how many rows went."""

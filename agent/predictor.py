@@ -6,6 +6,12 @@ thread turns into window statistics 64 rows at a time, so the vectorised
 counting stays off the request path. Buffers are allocated as bursts need
 them, up to 32 MiB; beyond that, rows are left out of the statistics (and
 counted in ``stats_dropped_rows``) rather than delaying a request.
+
+A request that fails, on its input (:class:`~agent.errors.InputError`) or in
+the runtime (:class:`~agent.errors.InferenceError`), is counted as an error
+in the window (so in the device's error rate and a rollout's error gate) and
+the exception re-raised; any other exception a backend lets out is counted
+too, logged with its traceback and raised as an ``InferenceError``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.backends import Backend, open_backend
-from agent.errors import InputError
+from agent.errors import AgentError, InferenceError
 from agent.window import WindowStats
 from protocol import ArtifactEntry, FeatureStats, Manifest, Target, TelemetryWindow, manifest_digest
 
@@ -84,14 +90,23 @@ class Predictor:
         return self.backend.input.shape
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Outputs (float32 logits) for a batch shaped like the model's input."""
+        """Outputs (float32 logits) for a batch shaped like the model's input.
+
+        Raises :class:`~agent.errors.InputError` (wrong shape or dtype) or :class:`~agent.errors.InferenceError`
+        (the runtime failed on this input); either is counted as a failed request.
+        """
         t0 = time.perf_counter()
         try:
             with self._lock:
                 out = self.backend.predict(x)
-        except InputError:
+        except AgentError:
             self.stats.record_request((time.perf_counter() - t0) * 1000, error=True)
             raise
+        except Exception as exc:  # a backend outside agent.backends, or a bug in one: still a failed request
+            self.stats.record_request((time.perf_counter() - t0) * 1000, error=True)
+            log.exception("the %s backend raised an unexpected error", self.backend.runtime)
+            raise InferenceError(f"{self.backend.runtime} failed unexpectedly while running the model "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); see the agent's log") from exc
         self.stats.record_request((time.perf_counter() - t0) * 1000)
         if self.stats.reference is not None:
             self._buffer(x, out)

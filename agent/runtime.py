@@ -7,7 +7,8 @@ Threads:
   (:mod:`agent.install`), one event at a time;
 - the reporter, which closes statistics windows and drains the offline
   queue (:mod:`agent.outbox`) to the broker, deleting each report only on
-  its PUBACK;
+  the server's receipt (or giving it up when the server refuses it), and
+  republishes the state when the agent has been silent for ``heartbeat_s``;
 - the local HTTP API (:mod:`agent.api`).
 """
 
@@ -74,6 +75,7 @@ from protocol import (
 from protocol._model import decode_model, encode_model
 from protocol.signing import SignedManifest
 from protocol.version import __version__
+from protocol.windows import window_from_request_id
 
 __all__ = ["Agent", "InstallFailure", "smoke_test"]
 
@@ -125,6 +127,7 @@ class Agent:
         self._window_lock = threading.Lock()
         self._last_session = 0
         self._receipt_topic = device_topic(cfg.device_id, TopicKind.RECEIPT)
+        self._error_topic = device_topic(cfg.device_id, TopicKind.ERROR)
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._deferred: deque[tuple[Any, ...]] = deque()
         self._reporter_q: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -132,6 +135,12 @@ class Agent:
         self._candidate: Predictor | None = None
         self._plock = threading.Lock()
         self._state_seq = 0
+        #: State messages are numbered and published under this lock (the worker and the reporter's heartbeat).
+        self._state_lock = threading.Lock()
+        #: The session whose "connected" state went out: heartbeats wait for it, so none precedes it.
+        self._announced: int | None = None
+        #: When (monotonic) the agent last published something the server ingests: state, hello or a report.
+        self._last_told = time.monotonic()
         self._run_id = time.time_ns() // 1_000_000
         self._window_seq = 0
         self._window_start = _now()
@@ -325,14 +334,34 @@ class Agent:
                            running=self._running(), install=self._install_status(progress, total))
 
     def _publish_state(self, reason: str = "update", **kw: Any) -> None:
-        state = self._state(reason=reason, **kw)
-        self.session.publish(device_topic(self.cfg.device_id, TopicKind.STATE), encode(state), retain=True)
+        with self._state_lock:
+            if reason == "connected":  # a new session numbers its states from 0
+                self._state_seq = 0
+                kw["seq"] = 0
+            state = self._state(reason=reason, **kw)
+            if self.session.publish(device_topic(self.cfg.device_id, TopicKind.STATE), encode(state),
+                                    retain=True) is not None:
+                self._last_told = time.monotonic()
+                if reason == "connected":
+                    self._announced = state.session
+
+    def _heartbeat(self) -> None:
+        """Republish the state when nothing the server ingests went out for ``heartbeat_s``: an idle agent
+        (no model, so no reports) still shows the server it is there (docs/protocol.md §4)."""
+        if (self.session.connected.is_set() and self._announced == self.session.session_id
+                and time.monotonic() - self._last_told >= self.cfg.heartbeat_s):
+            self._last_told = time.monotonic()  # tried: a failure is tried again one heartbeat later, not at once
+            try:
+                self._publish_state()
+            except Exception:  # the reporter must outlive it (reports go out on the same thread)
+                log.exception("could not republish the state")
 
     def _hello(self) -> None:
         hello = Hello(device_id=self.cfg.device_id, session=self.session.session_id, agent_version=__version__,
                       protocols=[PROTOCOL_VERSION], profile=self.profile,
                       fingerprint=fingerprint(self.data))
-        self.session.publish(device_topic(self.cfg.device_id, TopicKind.HELLO), encode(hello))
+        if self.session.publish(device_topic(self.cfg.device_id, TopicKind.HELLO), encode(hello)) is not None:
+            self._last_told = time.monotonic()
 
     # -- the worker ------------------------------------------------------------------
 
@@ -342,8 +371,7 @@ class Agent:
             self.events.put(ev)  # stays visible to every loop that waits
             raise _Stopping
         if ev[0] == "connected":
-            self._state_seq = 0
-            self._publish_state(reason="connected", seq=0)
+            self._publish_state(reason="connected")
             self._hello()
             while self._unsent_acks:  # answers to commands handled while the connection was down
                 topic, payload = self._unsent_acks[0]
@@ -381,7 +409,26 @@ class Agent:
                 self._reporter_q.put(("receipt", [window_key("telemetry", *k) for k in receipt.telemetry]
                                       + [window_key("stats", *k) for k in receipt.stats]))
             return
+        if topic == self._error_topic and self._refused(payload):
+            return
         self.events.put(("msg", topic, payload))
+
+    def _refused(self, payload: bytes) -> bool:
+        """A ``bad_time`` reply: the server refused a message for its times (this device's clock is off). It is
+        handled here, never by a download waiting for chunk answers: a window it names is given up by the
+        reporter. Whether ``payload`` was such a reply."""
+        try:
+            err = decode(ErrorReply, payload)
+        except InvalidMessage:
+            return False
+        if err.code is not ErrorCode.BAD_TIME:
+            return False
+        window = window_from_request_id(err.request_id) if err.request_id else None
+        if window is None:
+            log.warning("the server refused a message for its times: %s", err.message)
+        else:
+            self._reporter_q.put(("refused", window_key(*window), err.message))
+        return True
 
     def _handle(self, ev: tuple[Any, ...]) -> None:
         if ev[0] == "resume":
@@ -854,6 +901,7 @@ class Agent:
                 if self._store_failing and not self._unstored:
                     log.info("the outbox can be written again")
                     self._store_failing = False
+            self._heartbeat()
 
     def _report_step(self, kind: str, ev: tuple[Any, ...], sent: dict[int, int]) -> None:
         if kind == "puback":
@@ -862,6 +910,9 @@ class Agent:
                 self.outbox.sent(msg_id, accepted=bool(ev[2]))
         elif kind == "receipt":
             self.reports_confirmed += self.outbox.confirm(ev[1])
+        elif kind == "refused":
+            if self.outbox.give_up(ev[1]):
+                log.warning("gave up %s: the server refused it: %s", ev[1], ev[2])
         elif kind in ("connected", "disconnected"):
             sent.clear()
             if kind == "connected":
@@ -875,6 +926,7 @@ class Agent:
                 if mid is None:
                     break
                 sent[mid] = item.id
+                self._last_told = time.monotonic()
 
 
 def smoke_test(pred: Predictor) -> str | None:
@@ -891,8 +943,14 @@ def smoke_test(pred: Predictor) -> str | None:
     expected = np.asarray(smoke.outputs, dtype=np.float32)
     if expected.shape != out.shape:
         return f"smoke test: outputs shaped {out.shape}, the manifest expects {expected.shape}"
+    bad = ~np.isfinite(out)
+    if bad.any():  # NaN compares false with everything: a tolerance check alone would let it through
+        rows = np.flatnonzero(bad.any(axis=1))  # outputs are (golden inputs, classes), as expected's shape says
+        return (f"smoke test: the model output {int(np.isnan(out).sum())} NaN and {int(np.isinf(out).sum())} "
+                f"infinite values on golden input(s) {rows[:5].tolist()}; a model that outputs non-finite "
+                "values is broken (check its export and quantisation)")
     diff = float(np.abs(out - expected).max())
-    if diff > smoke.atol:
+    if not diff <= smoke.atol:
         return f"smoke test: outputs differ from the manifest's by {diff:.4g} (tolerance {smoke.atol:.4g})"
     if golden.labels is not None:
         agreement = float((out.argmax(1) == np.asarray(golden.labels)).mean())

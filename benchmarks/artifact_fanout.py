@@ -147,7 +147,7 @@ def main() -> None:
             reg = app.registry
             reg.push_model(bundle)
             ids = [f"fan-{i:03d}" for i in range(args.devices)]
-            passwords = reg.add_devices_bulk(ids, "simulated")
+            passwords = reg.add_devices_bulk(ids, "simulated", custom_profile=True)
             for d in ids:
                 reg.deploy("big", "1.0.0", d, "blob")
             raw = _baseline("127.0.0.1", reg.broker.port, "edgeherd-server", reg.broker.server_password(), payload,

@@ -74,7 +74,7 @@ def run(db: str, devices: int, seconds: float) -> None:
         try:
             reg = Registry(data)
             ids = [f"sim-{i:05d}" for i in range(devices)]
-            passwords = reg.add_devices_bulk(ids, "simulated")
+            passwords = reg.add_devices_bulk(ids, "simulated", custom_profile=True)
             server = subprocess.Popen(
                 [str(Path(sys.executable).parent / "edgeherd"), "server", "run", "--data-dir", str(data),
                  "--metrics-port", "0", "--log-level", "WARNING"], env=env,

@@ -18,9 +18,11 @@ from protocol.errors import (
     ChunkFormatError,
     InvalidMessage,
     KeyFormatError,
+    PayloadTooLarge,
     ProtocolError,
     SignatureError,
     TopicError,
+    UnsupportedVersion,
 )
 from protocol.manifest import (
     ArtifactEntry,
@@ -65,6 +67,7 @@ from protocol.messages import (
     decode,
     decode_for_topic,
     encode,
+    error_reply_for,
     will_message,
 )
 from protocol.signing import (
@@ -125,6 +128,7 @@ __all__ = [
     "KeyFormatError",
     "LatencySummary",
     "Manifest",
+    "PayloadTooLarge",
     "Precision",
     "Preprocessing",
     "ProtocolError",
@@ -142,6 +146,7 @@ __all__ = [
     "TensorSpec",
     "TopicError",
     "TopicKind",
+    "UnsupportedVersion",
     "artifact_topic",
     "canonical_json",
     "decode",
@@ -151,6 +156,7 @@ __all__ = [
     "device_topic",
     "encode",
     "encode_chunk",
+    "error_reply_for",
     "generate_signing_key",
     "key_id",
     "load_json",

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from protocol.errors import InvalidMessage
+from protocol.errors import InvalidMessage, PayloadTooLarge
 
 __all__ = ["canonical_json", "load_json", "sha256_hex"]
 
@@ -50,13 +50,13 @@ def load_json(payload: bytes, *, kind: str, max_bytes: int) -> Any:
     """Parse untrusted JSON bytes strictly.
 
     Raises :class:`InvalidMessage` (never anything else) when the payload is
-    larger than ``max_bytes``, not UTF-8, not JSON, nested too deeply, or uses
-    duplicate keys or NaN/Infinity.
+    larger than ``max_bytes`` (:class:`PayloadTooLarge`), not UTF-8, not JSON,
+    nested too deeply, or uses duplicate keys or NaN/Infinity.
     """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise InvalidMessage(kind, f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > max_bytes:
-        raise InvalidMessage(kind, f"payload is {len(payload)} bytes, the limit is {max_bytes}")
+        raise PayloadTooLarge(kind, f"payload is {len(payload)} bytes, the limit is {max_bytes}")
     try:
         text = bytes(payload).decode("utf-8")
         return json.loads(

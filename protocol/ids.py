@@ -14,6 +14,7 @@ from pydantic import StringConstraints
 
 __all__ = [
     "DEVICE_ID_PATTERN",
+    "REQUEST_ID_PATTERN",
     "DeviceId",
     "Name",
     "RequestId",
@@ -38,7 +39,10 @@ Version = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+-]{
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 """A sha256 digest as 64 lower-case hex characters."""
 
-RequestId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+#: Request and command ids.
+REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+RequestId = Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)]
 """A correlation id: 32 lower-case hex characters (a UUID4 without dashes)."""
 
 

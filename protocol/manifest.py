@@ -9,6 +9,8 @@ training data that drift detection compares against. It is signed as a whole
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from enum import Enum
 from itertools import pairwise
 from typing import Annotated, ClassVar, Literal
@@ -36,6 +38,7 @@ __all__ = [
     "TensorRTBuild",
     "TensorSpec",
     "manifest_digest",
+    "version_tuple",
 ]
 
 MANIFEST_SCHEMA: Literal["edgeherd.manifest/1"] = "edgeherd.manifest/1"
@@ -65,6 +68,11 @@ RuntimeName = Literal["onnxruntime", "ai-edge-litert", "tflite-runtime", "tensor
 DType = Literal["float32", "float16", "int8", "uint8", "int32", "int64", "bool"]
 
 
+def version_tuple(v: str) -> tuple[int, ...]:
+    """'1.18.0rc1' -> (1, 18, 0); non-numeric tails are ignored."""
+    return tuple(int(m) for m in re.findall(r"\d+", v.split("+")[0].split("rc")[0].split("dev")[0])[:4])
+
+
 class RuntimeRequirement(WireModel):
     """The runtime an artifact needs; the agent refuses it before downloading if absent."""
 
@@ -73,6 +81,20 @@ class RuntimeRequirement(WireModel):
     max_version: Version | None = None
     #: ONNX opset the artifact uses (ONNX and TensorRT targets).
     onnx_opset: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    def unmet(self, runtimes: Mapping[str, str]) -> str | None:
+        """Why runtimes ``{name: version}`` (a device's, as its hello reports them) cannot load an artifact
+        with this requirement, or None when they can. The one rule: the agent's pre-flight and the server's
+        choice of artifact both apply it."""
+        have = runtimes.get(self.name)
+        if have is None:
+            present = ", ".join(f"{k} {v}" for k, v in sorted(runtimes.items())) or "none"
+            return f"needs {self.name} >= {self.min_version}, which is not installed (installed: {present})"
+        if version_tuple(have) < version_tuple(self.min_version):
+            return f"needs {self.name} >= {self.min_version}; this device has {have}"
+        if self.max_version is not None and version_tuple(have) > version_tuple(self.max_version):
+            return f"needs {self.name} <= {self.max_version}; this device has {have}"
+        return None
 
 
 class TensorSpec(WireModel):

@@ -15,6 +15,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from protocol._model import M, WireModel, decode_model, encode_model
+from protocol.errors import InvalidMessage, PayloadTooLarge, UnsupportedVersion
 from protocol.ids import DeviceId, Name, RequestId, Sha256Hex, Version
 from protocol.manifest import MAX_BINS, MAX_FEATURES
 from protocol.signing import SignedManifest
@@ -48,6 +49,7 @@ __all__ = [
     "decode",
     "decode_for_topic",
     "encode",
+    "error_reply_for",
     "will_message",
 ]
 
@@ -227,6 +229,9 @@ class ErrorCode(str, Enum):
     UNSUPPORTED_VERSION = "unsupported_version"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
+    #: A time in the message is too far ahead of or behind the server's clock; for a window, ``request_id``
+    #: names it (protocol.windows) and the device gives it up.
+    BAD_TIME = "bad_time"
 
 
 class ErrorReply(_Msg):
@@ -239,6 +244,19 @@ class ErrorReply(_Msg):
     message: Reason
     #: Seconds to wait before retrying, for ``rate_limited`` and ``internal``.
     retry_after_s: Annotated[float, Field(ge=0, le=86400)] | None = None
+
+
+def error_reply_for(exc: InvalidMessage) -> ErrorReply:
+    """The reply to a request that did not decode: ``unsupported_version``, ``too_large`` or ``bad_request``,
+    naming the request when its id could be read."""
+    match exc:
+        case UnsupportedVersion():
+            code = ErrorCode.UNSUPPORTED_VERSION
+        case PayloadTooLarge():
+            code = ErrorCode.TOO_LARGE
+        case _:
+            code = ErrorCode.BAD_REQUEST
+    return ErrorReply(request_id=exc.request_id, code=code, message=str(exc)[:1000])
 
 
 # --- telemetry and statistics -------------------------------------------------

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,6 +43,7 @@ from protocol import (
     decode,
     device_topic,
     encode,
+    error_reply_for,
     parse_device_topic,
     server_subscriptions,
 )
@@ -52,8 +53,9 @@ from server.broker import SERVER_USER
 from server.db.models import Alert, Device, DriftReportRow, ModelVersion, StatsWindow
 from server.distribution import BroadcastLedger, DirectoryStore, Route, answer
 from server.drift import Hysteresis, score
-from server.ingest import Ingestor
+from server.ingest import Batch, Ingestor
 from server.orchestrator import Orchestrator
+from server.presence import online_clause
 from server.registry import Registry
 
 __all__ = ["ServerApp"]
@@ -64,6 +66,9 @@ _BATCH = 500
 
 
 class ServerApp:
+    #: Devices read and republished at a time when the server (re)connects to the broker.
+    republish_batch = 500
+
     def __init__(self, data_dir: Path, *, broker_url: str | None = None, metrics_port: int = 9470,
                  workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True,
                  rollout_interval: float = 2.0, broadcast_chunk: int = 256 * 1024) -> None:
@@ -92,6 +97,9 @@ class ServerApp:
         self.chunks_shared = 0
         self.ledger = BroadcastLedger()
         self.chunk_errors = 0
+        #: Chunk requests refused, by reason (the error code, or ``bad_topic``); on /metrics.
+        self.chunk_refused: Counter[str] = Counter()
+        self._refused_lock = threading.Lock()
         self.receipts_sent = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -107,7 +115,11 @@ class ServerApp:
         if self.managed:
             self.registry.broker.start()
             self._spawn(self._supervise, "broker-supervisor")
-        parts = urlsplit(self.registry.broker_url)
+        #: Set on every (re)connection to the broker: the republisher publishes every desired state again.
+        self._republish = threading.Event()
+        #: Republishing passes finished (each covers every device), for tests and logs.
+        self.republish_passes = 0
+        parts = urlsplit(self.registry.server_broker_url)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgeherd-server-{uuid.uuid4().hex[:8]}",
                              protocol=mqtt.MQTTv5)
         client.username_pw_set(SERVER_USER, self.registry.broker.server_password())
@@ -117,6 +129,7 @@ class ServerApp:
         client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
         client.loop_start()
         self.client = client
+        self._spawn(self._republisher, "republish")
         for i in range(self.workers):
             self._spawn(lambda i=i: self._work(self.queues[i]), f"worker-{i}")
         if self.drift_interval > 0:  # 0: this replica leaves drift to the others
@@ -126,7 +139,8 @@ class ServerApp:
         if self.metrics_port:
             self._http = _metrics_server(self, self.metrics_port)
             self._spawn(self._http.serve_forever, "metrics")
-        log.info("server running; broker %s", self.registry.broker_url)
+        log.info("server running; broker %s (devices), %s (the server)", self.registry.broker_url,
+                 self.registry.server_broker_url)
         return self
 
     def _spawn(self, target: Any, name: str) -> None:
@@ -171,6 +185,27 @@ class ServerApp:
             log.error("broker refused the server: %s", reason)
             return
         client.subscribe(server_subscriptions(shared=True))
+        self._republish.set()  # the broker may have lost retained desired states: the registry has them
+
+    def _republisher(self) -> None:
+        """Off paho's network thread: after each (re)connection, every device's desired state again, as recorded
+        (:meth:`Registry.republish_desired`), in batches of :attr:`republish_batch`. A reconnection during a
+        pass starts it again; a failed pass is retried."""
+        while not self._stop.is_set():
+            if not self._republish.wait(0.5):
+                continue
+            self._republish.clear()
+            assert self.client is not None  # noqa: S101 - set before this thread starts
+            try:
+                self.registry.republish_desired(self.client, batch=self.republish_batch,
+                                                cancelled=lambda: self._stop.is_set() or self._republish.is_set())
+            except Exception:
+                log.exception("republishing the desired states failed; trying again in 5 s")
+                if not self._stop.wait(5):
+                    self._republish.set()
+                continue
+            if not (self._stop.is_set() or self._republish.is_set()):
+                self.republish_passes += 1
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
         device = topic.split("/", 4)[3] if topic.count("/") >= 4 else topic
@@ -210,40 +245,68 @@ class ServerApp:
             if not reports:
                 continue
             try:
-                self._send_receipts(self.ingestor.ingest(reports).receipts)
+                self._after_ingest(self.ingestor.ingest(reports))
             except Exception:  # e.g. a database error: retry one by one so one message cannot sink a batch
                 log.exception("batch ingest failed; retrying %d messages one by one", len(reports))
                 for topic, payload in reports:
                     try:
-                        self._send_receipts(self.ingestor.ingest([(topic, payload)]).receipts)
+                        self._after_ingest(self.ingestor.ingest([(topic, payload)]))
                     except Exception:
                         log.exception("error ingesting a message on %s", topic[:200])
 
-    def _send_receipts(self, receipts: list[Receipt]) -> None:
-        """Tell devices which windows are stored (after the commit), so they can forget them."""
+    def _after_ingest(self, batch: Batch) -> None:
+        """What a committed batch calls for: receipts, and the desired state of devices that were waiting for
+        their runtimes to be known (their hello is in the batch)."""
+        self._send_receipts(batch.receipts, batch.refused)
+        if batch.hellos:
+            assert self.client is not None  # noqa: S101
+            self.registry.assign_waiting(self.client, batch.hellos)
+
+    def _send_receipts(self, receipts: list[Receipt], refused: list[tuple[str, ErrorReply]] | None = None) -> None:
+        """Tell devices which windows are stored (after the commit), so they can forget them, and which
+        messages were refused for their times (``bad_time``: a refused window is named, so the device gives it
+        up; any other refusal is unsolicited, so at most one per device per second)."""
         assert self.client is not None  # noqa: S101
         for receipt in receipts:
             self.client.publish(device_topic(receipt.device_id, TopicKind.RECEIPT), encode(receipt), qos=1)
         self.receipts_sent += len(receipts)
+        for device_id, reply in refused or []:
+            self._send_error(device_id, reply, unsolicited=reply.request_id is None)
 
-    def _reply_error(self, device_id: str, reply: ErrorReply) -> None:
+    def _refused(self, device_id: str, reason: str, detail: str) -> None:
+        """Every refused chunk request is logged with the device id and counted by reason."""
+        with self._refused_lock:
+            self.chunk_refused[reason] += 1
+        log.warning("refused a chunk request from %s: %s: %s", device_id, reason, detail[:300])
+
+    def _reply_error(self, device_id: str, reply: ErrorReply, *, undecoded: bool = False) -> None:
+        """Log, count and answer a refused chunk request. A request that did not decode is answered at most
+        once per device per second (docs/protocol.md §7); it is logged and counted all the same."""
+        self._refused(device_id, reply.code.value, reply.message)
+        if self._send_error(device_id, reply, unsolicited=undecoded):
+            self.chunk_errors += 1
+
+    def _send_error(self, device_id: str, reply: ErrorReply, *, unsolicited: bool) -> bool:
+        """Publish ``reply`` on the device's error topic; an unsolicited one (answering nothing the device can
+        name) at most once per device per second. Whether it went."""
         now = time.monotonic()
-        if reply.request_id is None and now - self._error_sent.get(device_id, 0.0) < 1.0:
-            return  # at most one unsolicited error reply per device per second
+        if unsolicited and now - self._error_sent.get(device_id, 0.0) < 1.0:
+            return False
         self._error_sent[device_id] = now
-        self.chunk_errors += 1
         assert self.client is not None  # noqa: S101
         self.client.publish(device_topic(device_id, TopicKind.ERROR), encode(reply), qos=1)
+        return True
 
     def _serve_chunks(self, topic: str, payload: bytes, received: float) -> None:
         try:
             device_id, _ = parse_device_topic(topic)
-        except TopicError:
+        except TopicError as exc:
+            self._refused("?", "bad_topic", str(exc))
             return
         try:
             req = decode(ChunkRequest, payload)
         except InvalidMessage as exc:
-            self._reply_error(device_id, ErrorReply(code=ErrorCode.BAD_REQUEST, message=str(exc)[:1000]))
+            self._reply_error(device_id, error_reply_for(exc), undecoded=True)
             return
         if req.sha256 not in self.registry.desired_bundle_artifacts(device_id):
             self._reply_error(device_id, ErrorReply(request_id=req.request_id, code=ErrorCode.NOT_FOUND,
@@ -336,7 +399,9 @@ class ServerApp:
 
     def metrics_text(self) -> str:
         with Session(self.registry.engine) as db:
-            online = len(db.exec(select(Device.id).where(Device.status == "online")).all())
+            # online by server/presence.py: a stored "online" the broker never corrected (it went away with the
+            # devices) stops counting once the device has been silent too long
+            online = db.exec(select(func.count()).select_from(Device).where(online_clause())).one()
         lines = ["# TYPE edgeherd_server_devices_online gauge", f"edgeherd_server_devices_online {online}",
                  "# TYPE edgeherd_server_queue_depth gauge", f"edgeherd_server_queue_depth {self.queued()}",
                  "# TYPE edgeherd_server_chunks_sent_total counter", f"edgeherd_server_chunks_sent_total "
@@ -348,6 +413,9 @@ class ServerApp:
         lines += [f'edgeherd_server_messages_total{{result="{k}"}} {v}' for k, v in self.ingestor.accepted.items()]
         lines.append("# TYPE edgeherd_server_dropped_total counter")
         lines += [f'edgeherd_server_dropped_total{{reason="{k}"}} {v}' for k, v in self.ingestor.dropped.items()]
+        lines.append("# TYPE edgeherd_server_chunk_requests_refused_total counter")
+        lines += [f'edgeherd_server_chunk_requests_refused_total{{reason="{k}"}} {v}'
+                  for k, v in sorted(self.chunk_refused.items())]
         return "\n".join(lines) + "\n"
 
 

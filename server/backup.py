@@ -7,9 +7,18 @@ A backup directory holds:
 - ``store/``: the content-addressed artifacts (immutable, copied as they are);
 - ``keys/``, ``broker/`` (users, password and ACL files, listener) and
   ``devices/`` (agent configs): what the fleet needs to reconnect unchanged;
-- ``backup.json``: when, from what, and row counts.
+- ``operators.toml`` (operators, roles, production groups) and
+  ``audit-anchor.json`` (the audit log's anchor), where the server has them:
+  without the first a restored server would run in bootstrap mode, without
+  governance; the anchor is copied *before* the database snapshot is taken, so
+  the entry it names is in the snapshot and ``audit verify`` holds after a
+  restore;
+- ``backup.json``: when, from what, row counts, and which of those two files it holds.
 
-``restore`` refuses to overwrite an existing database or data directory.
+``restore`` refuses to overwrite an existing database or data directory, and
+warns when the restored server will refuse to start because its audit log
+shows governance that the backup's files do not carry
+(:func:`server.governance.check_bootstrap`).
 """
 
 from __future__ import annotations
@@ -26,12 +35,16 @@ from urllib.parse import urlsplit
 from sqlalchemy import func
 from sqlmodel import Session, select
 
+from server.audit import ANCHOR_FILE
 from server.db import database_url, make_engine
 from server.db.models import Device, ModelVersion, TelemetryRow
+from server.governance import OPERATORS_FILE, GovernanceError, check_bootstrap
 
 __all__ = ["BackupError", "backup", "restore"]
 
 _TREES = ("store", "keys", "broker", "devices")
+#: Single files of the data directory a backup carries, when the server has them.
+_FILES = (OPERATORS_FILE, ANCHOR_FILE)
 _SKIP = {"mosquitto.pid", "mosquitto.log"}
 
 
@@ -65,6 +78,14 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(path, target)
 
 
+def _copy_file(src: Path, dst: Path) -> bool:
+    """Copy one file (mode kept) if it exists; whether it did."""
+    if not src.is_file():
+        return False
+    shutil.copy2(src, dst)
+    return True
+
+
 _COUNTED = (("devices", Device), ("model_versions", ModelVersion), ("telemetry", TelemetryRow))
 
 
@@ -94,6 +115,8 @@ def backup(data_dir: Path, dest: Path) -> dict[str, object]:
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty; back up into a new directory")
     dest.mkdir(parents=True, exist_ok=True)
+    # files first: an anchor read before the snapshot names an entry the snapshot holds
+    files = {name: _copy_file(data_dir / name, dest / name) for name in _FILES}
     url = database_url(data_dir)
     if url.startswith("sqlite"):
         src_path = url.split("///", 1)[1]
@@ -115,7 +138,8 @@ def backup(data_dir: Path, dest: Path) -> dict[str, object]:
     for tree in _TREES:
         _copy_tree(data_dir / tree, dest / tree)
     info: dict[str, object] = {"created_at": datetime.now(timezone.utc).isoformat(), "database": kind,
-                               "source": str(data_dir), "counts": counts}
+                               "source": str(data_dir), "counts": counts,
+                               "files": sorted(name for name, copied in files.items() if copied)}
     (dest / "backup.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -126,7 +150,7 @@ def restore(src: Path, data_dir: Path) -> dict[str, object]:
         info = json.loads((src / "backup.json").read_text())
     except (OSError, ValueError) as exc:
         raise BackupError(f"{src} is not an edgeherd backup: {exc}") from None
-    if data_dir.exists() and any(p.name in (*_TREES, "edgeherd.db") for p in data_dir.iterdir()):
+    if data_dir.exists() and any(p.name in (*_TREES, *_FILES, "edgeherd.db") for p in data_dir.iterdir()):
         raise BackupError(f"{data_dir} already holds a server; restore into an empty or new directory")
     data_dir.mkdir(parents=True, exist_ok=True)
     url = database_url(data_dir)
@@ -144,7 +168,14 @@ def restore(src: Path, data_dir: Path) -> dict[str, object]:
             raise BackupError(f"pg_restore failed: {out.stderr.strip()[:500]}")
     for tree in _TREES:
         _copy_tree(src / tree, data_dir / tree)
+    for name in _FILES:
+        _copy_file(src / name, data_dir / name)
     for secret in (data_dir / "keys" / "signing.key", data_dir / "broker" / "server.password"):
         if secret.exists():
             os.chmod(secret, 0o600)
-    return dict(info)
+    restored = dict(info)
+    try:
+        check_bootstrap(data_dir)
+    except GovernanceError as exc:  # a backup made without operators.toml, of a governed server
+        restored["warnings"] = [str(exc)]
+    return restored

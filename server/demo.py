@@ -70,15 +70,45 @@ class DemoFailed(Exception):
 @dataclass
 class DemoResult:
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
-    v2_gate: str | None = None
+    #: How the v1 rollout ended, and the v2 one.
+    v1_state: str | None = None
+    v2_state: str | None = None
+    #: The gates that failed v2, the wave they failed it at, and their numbers.
+    v2_gates: list[str] = field(default_factory=list)
+    v2_wave: int | None = None
     v2_numbers: dict[str, Any] = field(default_factory=dict)
+    #: The devices v2 was sent to (the canary only, when the story holds).
+    v2_devices: list[str] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
+    def v2_gate(self) -> str | None:
+        return self.v2_gates[0] if self.v2_gates else None
+
+    def problems(self) -> list[str]:
+        """Where the run departed from what the demo narrates: v1 rolled out everywhere, v2 stopped at its
+        canary (wave 0, one device) by the predictions gate and rolled back, one drift alert on SHIFTED."""
+        out = []
+        if self.v1_state != "completed":
+            out.append(f"the v1 rollout ended {self.v1_state}, not completed")
+        not_v1 = sorted(d for d, row in self.devices.items() if row["version"] != "digits:1.0.0")
+        if not_v1 or len(self.devices) != len(DEVICES):
+            out.append(f"not every device runs digits:1.0.0 ({', '.join(not_v1) or 'devices missing'})")
+        if self.v2_state != "rolled_back":
+            out.append(f"the v2 rollout ended {self.v2_state}, not rolled_back")
+        if self.v2_gates != ["predictions"] or self.v2_wave != 0:
+            out.append(f"v2 was stopped by {', '.join(self.v2_gates) or 'no gate'} at wave {self.v2_wave}, not by "
+                       "the predictions gate at its canary (wave 0)")
+        if len(self.v2_devices) != 1:
+            out.append(f"v2 reached {len(self.v2_devices)} devices ({', '.join(self.v2_devices)}), not one canary")
+        if self.alerts != [SHIFTED]:
+            out.append(f"drift alerts on {', '.join(self.alerts) or 'nobody'}, not on {SHIFTED} alone")
+        return out
+
+    @property
     def ok(self) -> bool:
-        return (all(d["version"] == "digits:1.0.0" for d in self.devices.values()) and self.v2_gate is not None
-                and self.alerts == [SHIFTED])
+        return not self.problems()
 
 
 def _wait(what: str, fn: Callable[[], Any], timeout: float, poll: float = 0.5) -> Any:
@@ -192,10 +222,36 @@ def _start_agents(data: Path, registry: Any, console: Console) -> list[_Agent]:
             proc = subprocess.Popen([*cmd, "run", "--config", str(enrolled.agent_config)], stdout=out,  # noqa: S603
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
         agents.append(_Agent(device, profile, port, proc, log))
-        note = " (TensorRT needs an NVIDIA GPU and JetPack: unavailable here, ONNX Runtime serves)" \
-            if profile.startswith("jetson") else ""
-        console.print(f"  {device:<12} {profile:<18} pid {proc.pid}, API on 127.0.0.1:{port}{note}")
+        console.print(f"  {device:<12} {profile:<18} pid {proc.pid}, API on 127.0.0.1:{port}")
     return agents
+
+
+def _hellos(registry: Any) -> dict[str, dict[str, str]] | None:
+    """Each demo device's reported runtimes, once every one of them has sent its hello (else None)."""
+    from server.assignment import runtimes_of
+    from server.db.models import Device
+
+    with Session(registry.engine) as db:
+        rows = {d.id: runtimes_of(d.fingerprint) for d in db.exec(select(Device))}
+    if any(rows.get(device) is None for device, _ in DEVICES):
+        return None
+    return {device: rows[device] or {} for device, _ in DEVICES}
+
+
+def _narrate_runtimes(registry: Any, runtimes: dict[str, dict[str, str]], console: Console) -> None:
+    """What each device reported having, and which artifact of v1 that gets it (server/assignment.py)."""
+    from server.assignment import choose
+
+    _, signed = registry.model("digits", "1.0.0")
+    for device, profile in DEVICES:
+        have = runtimes[device]
+        choice = choose(signed.manifest, profile, have)
+        said = ", ".join(f"{k} {v}" for k, v in sorted(have.items())) or "no runtime"
+        gets = choice.artifact or f"nothing ({choice.reason})"
+        note = ""
+        if profile.startswith("jetson") and "tensorrt" not in have:
+            note = " — no TensorRT here (it needs an NVIDIA GPU and JetPack), so not the TensorRT engine"
+        console.print(f"  {device:<12} reported {said}: gets {gets}{note}")
 
 
 class _Traffic:
@@ -278,6 +334,24 @@ def _rollout(registry: Any, name: str, ref: str, console: Console) -> None:
     console.print(f"  rollout {name}: waves 1 → 50 % → 100 % of group {GROUP}, soak {spec.soak_s:g} s")
 
 
+def _v2_outcome(registry: Any, name: str, result: DemoResult) -> None:
+    """Which gates failed the rollout, at which wave, and which devices it reached (from the database)."""
+    from server.db.models import GateEvaluation, Rollout, RolloutDevice
+
+    with Session(registry.engine) as db:
+        row = db.exec(select(Rollout).where(Rollout.name == name)).one()
+        failed = db.exec(select(GateEvaluation).where(GateEvaluation.rollout_id == row.id,
+                                                      GateEvaluation.verdict == "fail")
+                         .order_by(col(GateEvaluation.id))).all()
+        result.v2_state = row.state
+        result.v2_gates = sorted({g.gate for g in failed})
+        result.v2_wave = min((g.wave for g in failed), default=None)
+        result.v2_numbers = next((g.numbers for g in failed if g.gate == "predictions"), failed[0].numbers
+                                 if failed else {})
+        result.v2_devices = sorted(db.exec(select(RolloutDevice.device_id).where(
+            RolloutDevice.rollout_id == row.id)).all())
+
+
 def _watch(registry: Any, name: str, until: set[str], console: Console, timeout: float) -> str:
     from server.db.models import AuditEntry, Rollout
 
@@ -297,10 +371,28 @@ def _watch(registry: Any, name: str, until: set[str], console: Console, timeout:
     return str(_wait(f"rollout {name} to reach {' or '.join(sorted(until))}", state, timeout))
 
 
+def _log_to_file(path: Path) -> None:
+    """Every log record (the server's, the build's, the libraries') goes to ``path``, none to the terminal,
+    where the narrative is: the root logger's console handlers are replaced by one file handler."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
 def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     from protocol import generate_signing_key, private_key_to_pem, public_key_to_pem
     from server.app import ServerApp
-    from server.db.models import Alert, Device, GateEvaluation, ModelVersion
+    from server.db.models import Alert, Device, ModelVersion
+    from server.presence import online_clause
 
     t_start = time.monotonic()
     result = DemoResult()
@@ -312,19 +404,14 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
         (keys / "signing.key").chmod(0o600)
         (keys / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
     (data / "operators.toml").write_text(OPERATORS)
+    _log_to_file(data / "logs" / "server.log")
+    console.print(f"  logs: {data / 'logs'} (server.log, one file per agent)")
 
     console.rule("[bold]1. Build: train, quantize, convert, sign")
     v1 = _build_v1(data, console)
     v2 = _build_v2(data, v1, console)
 
     console.rule("[bold]2. Server, broker and six devices")
-    import logging
-
-    (data / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(data / "logs" / "server.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("server").addHandler(handler)
-    logging.getLogger("server").setLevel(logging.INFO)
     app = ServerApp(data, metrics_port=0, drift_interval=2, rollout_interval=1).start()
     reg = app.registry
     console.print(f"  server up; managed Mosquitto on {reg.broker_url}; registry {data / 'edgeherd.db'}")
@@ -336,26 +423,28 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     try:
         with _stopping(agents):
             agents.extend(_start_agents(data, reg, console))
-            _wait("every agent to connect", lambda: _count(reg, select(Device).where(Device.status == "online"))
+            _wait("every agent to connect", lambda: _count(reg, select(Device).where(online_clause()))
                   == len(DEVICES), 120)
-            console.print("  all six agents connected with their own credentials")
+            runtimes = _wait("every agent's hello (its runtimes)", lambda: _hellos(reg), 60)
+            console.print("  all six agents connected with their own credentials; what they reported:")
+            _narrate_runtimes(reg, runtimes, console)
             traffic = _Traffic(agents)
             traffic.start()
             console.print("  traffic: batches of 16 digits to every agent's /v1/predict, 4 per second")
 
             console.rule("[bold]3. v1: approved, then rolled out in canary waves")
             _rollout(reg, "digits-v1", "digits:1.0.0", console)
-            _watch(reg, "digits-v1", {"completed"}, console, 300)
+            result.v1_state = _watch(reg, "digits-v1", {"completed", "rolled_back", "paused"}, console, 300)
+            if result.v1_state != "completed":
+                raise DemoFailed(f"the v1 rollout ended {result.v1_state} (see `edgeherd rollout show digits-v1` "
+                                 "and the audit log)")
 
             console.rule("[bold]4. v2 (broken preprocessing): its canary is caught and rolled back")
             _rollout(reg, "digits-v2", "digits:2.0.0", console)
-            _watch(reg, "digits-v2", {"rolled_back"}, console, 300)
-            with Session(reg.engine) as db:
-                failed = db.exec(select(GateEvaluation).where(GateEvaluation.verdict == "fail")
-                                 .order_by(col(GateEvaluation.id).desc())).first()
-                if failed is not None:
-                    result.v2_gate, result.v2_numbers = failed.gate, failed.numbers
-            console.print(f"  the [bold]{result.v2_gate}[/] gate stopped it: {json.dumps(result.v2_numbers)[:160]}")
+            _watch(reg, "digits-v2", {"rolled_back", "completed", "paused"}, console, 300)
+            _v2_outcome(reg, "digits-v2", result)
+            console.print(f"  v2 reached {', '.join(result.v2_devices)}; the [bold]{', '.join(result.v2_gates)}[/] "
+                          f"gate stopped it at wave {result.v2_wave}: {json.dumps(result.v2_numbers)[:160]}")
             v1_digest = next(v.manifest_sha256 for v in reg.models() if v.version == "1.0.0")
             _wait("every device to run v1 again",
                   lambda: _count(reg, select(Device).where(Device.running_manifest == v1_digest)) == len(DEVICES), 120)
@@ -396,10 +485,13 @@ def _summary(result: DemoResult, traffic: _Traffic, console: Console) -> None:
                       "[red]yes[/]" if device in result.alerts else "no")
     console.print(table)
     everywhere = all(d["version"] == "digits:1.0.0" for d in result.devices.values())
-    console.print(f"v1 on all devices: {'yes' if everywhere else 'NO'}"
-                  f" · v2 rolled back at the canary by the [bold]{result.v2_gate}[/] gate"
+    stopped = (f"v2 rolled back at the canary by the [bold]{result.v2_gate}[/] gate" if result.v2_wave == 0
+               else f"v2 {result.v2_state} at wave {result.v2_wave} by {', '.join(result.v2_gates) or 'no gate'}")
+    console.print(f"v1 on all devices: {'yes' if everywhere else 'NO'} · {stopped}"
                   f" · drift alert on {', '.join(result.alerts) or 'nobody'} · {traffic.sent} prediction requests"
                   f" · {result.seconds:.0f} s")
+    for problem in result.problems():
+        console.print(f"[red]not as narrated:[/] {problem}")
 
 
 def main(data_dir: Path | None, tui: bool) -> int:

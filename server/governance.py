@@ -17,7 +17,11 @@ Operators and their roles come from ``<data_dir>/operators.toml``:
 Without that file, edgeherd runs in *bootstrap mode*: the OS user running the
 command is an admin and nobody else is known. That is for a fresh install; as
 a version's author cannot approve it and nobody else exists, four-eyes cannot
-be satisfied until ``operators.toml`` names a second person.
+be satisfied until ``operators.toml`` names a second person. A server whose
+audit log shows that ``operators.toml`` was in force (an approval, or actions
+by two or more people: :func:`governed_history`) refuses bootstrap mode
+(:func:`check_bootstrap`), so losing the file, e.g. in a restore, does not
+silently drop governance.
 
 Identity is claimed, not proven: ``--as``, ``EDGEHERD_OPERATOR`` or the OS user
 name (:func:`current_operator`). Role checks stop mistakes and record who said
@@ -46,22 +50,29 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import func, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from protocol.tomlfile import read_toml
 from server import audit
-from server.db.models import Approval, Device, ModelVersion
+from server.db import database_url, make_engine
+from server.db.models import Approval, AuditEntry, Device, ModelVersion
 
-__all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "Governance", "GovernanceError", "OperatorEntry", "OperatorsConfig",
-           "Permission", "Role", "Stage", "Transition", "approve", "check_deploy", "check_rollout", "current_operator",
-           "find_version", "is_production_target", "load_operators", "mark_deployed", "promote", "reject", "retire",
-           "subject", "version_card"]
+__all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "SERVICE_ACTORS", "Governance", "GovernanceError", "OperatorEntry",
+           "OperatorsConfig", "Permission", "Role", "Stage", "Transition", "approve", "check_bootstrap", "check_deploy",
+           "check_rollout", "current_operator", "find_version", "governed_history", "is_production_target",
+           "load_operators", "mark_deployed", "promote", "reject", "retire", "subject", "version_card"]
 
 OPERATORS_FILE = "operators.toml"
 #: Environment variable naming the operator when ``--as`` is not given.
 OPERATOR_ENV = "EDGEHERD_OPERATOR"
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$"
 MAX_REASON = 1000
+#: Actors the server records for itself, never a person: the registry's default (``server.registry.SYSTEM``)
+#: and the rollout orchestrator (``server.orchestrator.ORCHESTRATOR``).
+SERVICE_ACTORS = frozenset({"system", "orchestrator"})
 
 
 class GovernanceError(Exception):
@@ -219,10 +230,12 @@ class Governance:
         self._roles = {e.name.casefold(): e.role for e in config.operator}
 
     @classmethod
-    def load(cls, data_dir: Path) -> Governance:
-        """From ``<data_dir>/operators.toml``, or bootstrap mode when that file does not exist."""
+    def load(cls, data_dir: Path, engine: Engine | None = None) -> Governance:
+        """From ``<data_dir>/operators.toml``, or bootstrap mode when that file does not exist and the database
+        (``engine``, else the data directory's) does not show it was in force (:func:`check_bootstrap`)."""
         path = data_dir / OPERATORS_FILE
         if not path.exists():
+            check_bootstrap(data_dir, engine)
             me = _os_user()
             return cls(OperatorsConfig(operator=[OperatorEntry(name=me, role=Role.ADMIN)]), source=str(path),
                        bootstrap=True)
@@ -255,6 +268,65 @@ class Governance:
 
     def is_production(self, groups: list[str]) -> bool:
         return is_production_target(self.config, groups)
+
+
+# -- bootstrap mode and the audit log ---------------------------------------------------------------
+
+
+def governed_history(db: Session) -> str | None:
+    """What in the audit log shows that an ``operators.toml`` was in force, in words; None when nothing does.
+
+    Bootstrap mode knows one person, the OS user, and no production groups. So an approval on record (four-eyes
+    needs a second person) or actions by two or more people (actors other than :data:`SERVICE_ACTORS`, names
+    compared regardless of case) can only come from operators that a file named.
+    """
+    approval = db.exec(select(AuditEntry).where(AuditEntry.action == "model.approve")
+                       .order_by(col(AuditEntry.seq)).limit(1)).first()
+    if approval is not None:
+        return f"audit #{approval.seq}: {approval.actor} approved {approval.subject.removeprefix('model:')}"
+    first_seq = func.min(AuditEntry.seq)
+    people: dict[str, tuple[str, int]] = {}
+    people_first = (select(AuditEntry.actor, first_seq).where(col(AuditEntry.actor).not_in(sorted(SERVICE_ACTORS)))
+                    .group_by(col(AuditEntry.actor)).order_by(first_seq).limit(1000))
+    for actor, seq in db.exec(people_first):
+        people.setdefault(actor.casefold(), (actor, seq))
+        if len(people) == 2:
+            (a, a_seq), (b, b_seq) = people.values()
+            return f"audit #{a_seq} and #{b_seq}: actions by {a} and by {b}"
+    return None
+
+
+def check_bootstrap(data_dir: Path, engine: Engine | None = None) -> None:
+    """:class:`GovernanceError` when ``data_dir`` has no ``operators.toml`` (bootstrap mode) but the audit log of
+    its database (``engine``, else the data directory's) shows one was in force (:func:`governed_history`):
+    a restore that left the file out, or a file deleted by mistake, must not silently drop roles, production
+    groups and four-eyes. Nothing to check when the file exists or there is no database yet."""
+    path = data_dir / OPERATORS_FILE
+    if path.exists():
+        return
+    own = engine is None
+    if engine is None:
+        url = database_url(data_dir)
+        if url.startswith("sqlite") and not Path(url.split("///", 1)[1]).exists():
+            return  # a fresh install: no database, no history
+        engine = make_engine(url)
+    try:
+        if not inspect(engine).has_table(AuditEntry.__tablename__):
+            return
+        with Session(engine) as db:
+            evidence = governed_history(db)
+    except SQLAlchemyError as exc:
+        raise GovernanceError(f"{path} does not exist and the audit log, which says whether it must, cannot be "
+                              f"read: {exc}") from None
+    finally:
+        if own:
+            engine.dispose()
+    if evidence is not None:
+        raise GovernanceError(
+            f"{path} does not exist, so edgeherd would run in bootstrap mode (the OS user the only operator, an "
+            f"admin; no production groups), but the audit log shows operators were governed by one ({evidence}). "
+            f"Restore operators.toml from the backup (`edgeherd server backup` keeps it) or recreate it "
+            f"(docs/governance.md)")
 
 
 # -- the version lifecycle -----------------------------------------------------------------------

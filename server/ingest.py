@@ -12,6 +12,14 @@ topic's. Otherwise:
   a duplicate changes nothing. Either way the window is named in the
   device's :class:`~protocol.Receipt` (``Ingestor.ingest``), which the server
   publishes once the transaction has committed, so the device can forget it.
+
+Every time a device sends (a window's ``start`` and ``end``, a state's ``ts``)
+must lie within :class:`TimeBounds` of the server's clock: at most
+``EDGEHERD_CLOCK_SKEW_S`` ahead, at most ``EDGEHERD_REPORT_HORIZON_S`` behind
+(:func:`check_times`). A message with a time outside is dropped as
+``bad_time`` and answered with a ``bad_time`` :class:`~protocol.ErrorReply`
+(``Batch.refused``); a refused window is never named in a receipt, and the
+reply names it, so the device gives it up (docs/protocol.md §7).
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -30,6 +39,8 @@ from sqlmodel import Session, col, select
 
 from protocol import (
     MAX_RECEIPT_WINDOWS,
+    ErrorCode,
+    ErrorReply,
     InvalidMessage,
     Receipt,
     TopicError,
@@ -37,9 +48,11 @@ from protocol import (
     decode_for_topic,
     parse_device_topic,
 )
+from protocol.windows import window_request_id
 from server.db.models import Device, StatsWindow, TelemetryRow
+from server.settings import CLOCK_SKEW, REPORT_HORIZON
 
-__all__ = ["Batch", "Ingestor"]
+__all__ = ["Batch", "Ingestor", "TimeBounds", "check_times"]
 
 log = logging.getLogger(__name__)
 _INGESTED = {TopicKind.STATE, TopicKind.HELLO, TopicKind.TELEMETRY, TopicKind.STATS}
@@ -52,6 +65,61 @@ class Batch:
 
     results: list[str]
     receipts: list[Receipt] = field(default_factory=list)
+    #: Devices whose hello this batch stored: their runtimes are known now (see Registry.assign_waiting).
+    hellos: list[str] = field(default_factory=list)
+    #: (device id, reply) for each message refused for its times, to send on the device's error topic.
+    refused: list[tuple[str, ErrorReply]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TimeBounds:
+    """How far the times a device sends may stray from the server's clock: ``ahead`` of it (a clock running
+    fast), ``behind`` it (a window the device kept while offline, or a clock that never got set)."""
+
+    ahead: timedelta = timedelta(minutes=5)
+    behind: timedelta = timedelta(days=7)
+
+    @classmethod
+    def from_settings(cls) -> TimeBounds:
+        """``EDGEHERD_CLOCK_SKEW_S`` and ``EDGEHERD_REPORT_HORIZON_S`` (server/settings.py)."""
+        return cls(CLOCK_SKEW.read(), REPORT_HORIZON.read())
+
+
+def _span(d: timedelta) -> str:
+    s = abs(d.total_seconds())
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 2 * 86400:
+        return f"{s / 3600:.0f} h"
+    return f"{s / 86400:,.0f} days"
+
+
+def check_times(msg: Any, now: datetime, bounds: TimeBounds) -> str | None:
+    """Why the times in ``msg`` (a decoded device message; every top-level time field) cannot be right by the
+    server's clock ``now``, or None when each lies within ``bounds``."""
+    for name, value in msg:
+        if not isinstance(value, datetime):
+            continue
+        if value > now + bounds.ahead:
+            return (f"{name} {value.isoformat()} is {_span(value - now)} ahead of the server's clock "
+                    f"({now.isoformat(timespec='seconds')}), more than the {_span(bounds.ahead)} accepted: "
+                    "set the device's clock (NTP)")
+        if value < now - bounds.behind:
+            return (f"{name} {value.isoformat()} is {_span(now - value)} behind the server's clock "
+                    f"({now.isoformat(timespec='seconds')}), more than the {_span(bounds.behind)} accepted: "
+                    "set the device's clock (NTP); reports older than that are not stored")
+    return None
+
+
+def _refusal(kind: TopicKind, msg: Any, problem: str) -> ErrorReply:
+    """The ``bad_time`` reply to a message refused for its times; a window's names it (protocol.windows)."""
+    if kind in (TopicKind.TELEMETRY, TopicKind.STATS):
+        name = "telemetry" if kind is TopicKind.TELEMETRY else "stats"
+        return ErrorReply(request_id=window_request_id(name, msg.session, msg.window_seq), code=ErrorCode.BAD_TIME,
+                          message=f"{name} window [{msg.session}, {msg.window_seq}] refused: {problem}"[:1000])
+    return ErrorReply(code=ErrorCode.BAD_TIME, message=f"{kind.value} refused: {problem}"[:1000])
 
 
 def _receipts(stored: dict[str, dict[str, list[tuple[int, int]]]]) -> list[Receipt]:
@@ -64,9 +132,18 @@ def _receipts(stored: dict[str, dict[str, list[tuple[int, int]]]]) -> list[Recei
     return out
 
 
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 class Ingestor:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, bounds: TimeBounds | None = None,
+                 clock: Callable[[], datetime] = _utcnow) -> None:
         self.engine = engine
+        #: The times a device sends must lie within these of ``clock()`` (default: the server settings).
+        self.bounds = TimeBounds.from_settings() if bounds is None else bounds
+        #: The server's clock: what times are checked against, and when a message counts as received.
+        self.clock = clock
         self.accepted: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -119,12 +196,13 @@ class Ingestor:
         return self.ingest(messages).results
 
     def ingest(self, messages: list[tuple[str, bytes]]) -> Batch:
-        """Ingest several messages in one transaction; the results in order and the receipts to send once
-        it has committed."""
+        """Ingest several messages in one transaction; the results in order, and the receipts and the
+        ``bad_time`` replies to send once it has committed."""
         results: list[str] = []
         stored: dict[str, dict[str, list[tuple[int, int]]]] = {}
         checked = [self._check(t, p) for t, p in messages]
-        now = datetime.now(timezone.utc)
+        refused: list[tuple[str, ErrorReply]] = []
+        now = self.clock()
         with Session(self.engine) as db:
             wanted = {item[0] for item in checked if not isinstance(item, str)}
             states = {item[0] for item in checked if not isinstance(item, str) and item[1] is TopicKind.STATE}
@@ -139,7 +217,12 @@ class Ingestor:
                 if device is None or device.revoked:
                     results.append(self._drop("unknown_device", device_id, "not enrolled or revoked"))
                     continue
-                device.last_seen = now
+                device.last_seen = now  # heard from, even when what it said is refused below
+                problem = check_times(msg, now, self.bounds)
+                if problem is not None:
+                    results.append(self._drop("bad_time", device_id, f"{kind.value}: {problem}"))
+                    refused.append((device_id, _refusal(kind, msg, problem)))
+                    continue
                 if kind is TopicKind.TELEMETRY:
                     windows[TelemetryRow].append((len(results), _telemetry_row(msg, now)))
                     results.append("pending")
@@ -163,7 +246,9 @@ class Ingestor:
             for r in results:
                 if r in ("ok", "duplicate", "stale"):
                     self.accepted[r] += 1
-        return Batch(results, _receipts(stored))
+        hellos = sorted({item[0] for item, r in zip(checked, results, strict=True)
+                         if not isinstance(item, str) and item[1] is TopicKind.HELLO and r == "ok"})
+        return Batch(results, _receipts(stored), hellos, refused)
 
     def _apply(self, db: Session, device: Device, kind: TopicKind, msg: Any) -> str:
         """State and hello: update the device row."""

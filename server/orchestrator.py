@@ -29,11 +29,14 @@ from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
 from protocol import SignedManifest
+from protocol._model import decode_model
 from protocol.ids import is_device_id
 from server import audit, leases
+from server.assignment import Outcome, choose, runtimes_of
 from server.db.models import Device, DriftReportRow, GateEvaluation, ModelVersion, Rollout, RolloutDevice, TelemetryRow
 from server.governance import ROLLOUT_COMMANDS, Governance, Permission, check_rollout, find_version
-from server.registry import PREFERENCE, Registry, RegistryError, choose_artifact
+from server.presence import is_online
+from server.registry import Registry, RegistryError, check_artifact
 from server.rollouts import (
     ACTIVE,
     Assign,
@@ -194,9 +197,17 @@ def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set
         keep = [d for d in keep if not production_groups.intersection(d.groups) or d.id in view.assignments]
     target = tuple(d.id for d in keep)
     ids = set(target) | set(view.assignments)
-    devices = {d.id: DeviceView(d.id, d.status == "online", d.running_manifest, d.running_artifact, d.install_step,
-                                d.install_error, d.desired_manifest)
-               for d in db.exec(select(Device).where(col(Device.id).in_(ids)))}
+    rows = db.exec(select(Device).where(col(Device.id).in_(ids))).all()
+    devices = {d.id: DeviceView(d.id, is_online(d.status, d.last_seen), d.running_manifest, d.running_artifact,
+                                d.install_step, d.install_error, d.desired_manifest)
+               for d in rows}
+    version = db.get(ModelVersion, row.version_id)
+    signed = decode_model(SignedManifest, version.signed_manifest) if version is not None else None
+    for d in rows:  # the artifact policy's verdict for each device still to be assigned
+        if signed is not None and d.id not in view.assignments:
+            choice = choose(signed.manifest, d.profile, runtimes_of(d.fingerprint), row.artifact)
+            devices[d.id] = replace(devices[d.id], runtimes_known=choice.outcome is not Outcome.WAITING,
+                                    unsuitable=choice.reason if choice.outcome is Outcome.UNSUITABLE else None)
     start = soak_start(view)
     if start is None:
         return Observation(target, devices)
@@ -224,8 +235,7 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
             if device is None or client is None:
                 continue
             if isinstance(action, Assign) and signed is not None:
-                registry.set_desired(db, client, device, signed, _artifact_for(device, signed, row.artifact),
-                                     rollout=row.name)
+                registry.assign(db, client, device, signed, row.artifact, rollout=row.name)
             elif isinstance(action, Revert) and action.manifest is not None:
                 if device.desired_manifest not in (None, version.manifest_sha256):
                     superseded.append(device.id)  # a later deploy or rollout has moved it on: leave it there
@@ -236,11 +246,10 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
                                 row.name, device.id, action.manifest[:12])
                     superseded.append(device.id)
                     continue
-                try:  # the artifact name came from the device's own report: fall back to the preferred one
-                    artifact = choose_artifact(previous, action.artifact)
-                except RegistryError:
-                    artifact = choose_artifact(previous)
-                registry.set_desired(db, client, device, previous, artifact, rollout=row.name)
+                if action.artifact in {a.name for a in previous.manifest.artifacts}:  # what it ran: it loads
+                    registry.set_desired(db, client, device, previous, action.artifact, rollout=row.name)
+                else:
+                    registry.assign(db, client, device, previous, rollout=row.name)
     if superseded:
         view = replace(view, assignments={**view.assignments, **{
             d: replace(view.assignments[d], state="superseded", error="moved to another version since")
@@ -265,27 +274,6 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
         version.stage = "deployed"
         db.add(version)
         audit.append(db, actor, "model.deployed", f"model:{version.name}:{version.version}", {"rollout": row.name})
-
-
-def _artifact_for(device: Device, signed: SignedManifest, artifact: str | None) -> str:
-    """The rollout's artifact if it names one; else the first the device's hardware profile prefers among the
-    bundle's artifacts whose runtime the device reported having (its hello); else the general preference."""
-    if artifact is not None:
-        return choose_artifact(signed, artifact)
-    arts = list(signed.manifest.artifacts)
-    has = set((device.fingerprint or {}).get("runtimes", {}))
-    if has:  # a Jetson without TensorRT installed runs the ONNX artifact, not one it cannot load
-        arts = [a for a in arts if a.runtime.name in has] or arts
-    from hardware.profiles import ProfileError, load
-
-    try:
-        chosen = load(device.profile).choose_artifact(arts)
-    except ProfileError:
-        chosen = None  # a profile edgeherd does not know (e.g. "simulated"): the general order
-    if chosen is not None:
-        return chosen.name
-    names = {a.name for a in arts}
-    return next((n for pref in PREFERENCE for n in sorted(names) if n.endswith(pref)), choose_artifact(signed))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -336,7 +324,7 @@ def create_rollout(registry: Registry, *, name: str, model: str, version: str, t
         raise RolloutError("give a target: --group, --tag or --device")
     try:
         row_version, signed = registry.model(model, version)
-        choose_artifact(signed, artifact)
+        check_artifact(signed, artifact)
     except RegistryError as exc:
         raise RolloutError(str(exc)) from None
     if row_version.stage == "retired":
@@ -446,7 +434,7 @@ class Orchestrator:
         from server.governance import GovernanceError
 
         try:
-            return set(Governance.load(self.registry.data).config.production_groups)
+            return set(Governance.load(self.registry.data, self.registry.engine).config.production_groups)
         except GovernanceError as exc:  # a broken operators.toml: nothing is production-guarded; say so
             log.error("operators.toml: %s", exc)
             return set()

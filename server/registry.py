@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -45,32 +46,28 @@ from protocol import (
 from protocol._model import decode_model
 from protocol.ids import is_device_id
 from server import audit
+from server.assignment import Outcome, choose, runtimes_of
 from server.broker import SERVER_USER, MosquittoBroker
 from server.db import database_url, make_engine, migrate
-from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, VersionArtifact
+from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, Rollout, RolloutDevice, VersionArtifact
 from toolchain.bundle import CARD, MANIFEST, verify_bundle
 from toolchain.errors import BundleError
 
-__all__ = ["Enrolled", "Registry", "RegistryError", "Rotation", "choose_artifact"]
+__all__ = ["Enrolled", "Registry", "RegistryError", "Rotation", "check_artifact"]
 
 log = logging.getLogger(__name__)
-#: Artifact preference when a deploy does not name one (hardware profiles refine this).
 #: Model cards longer than this are cut when stored (they are generated, a few KiB).
 MAX_CARD = 256 * 1024
 #: Actor recorded in the audit log when the caller names nobody (tests, the simulator, the demo).
 SYSTEM = "system"
-PREFERENCE = ["onnx-int8", "onnx-fp32", "tflite-int8", "tflite-fp32"]
 
 
-def choose_artifact(signed: SignedManifest, artifact: str | None = None) -> str:
-    """``artifact`` when the bundle has it, else the first by :data:`PREFERENCE`; RegistryError otherwise."""
+def check_artifact(signed: SignedManifest, artifact: str | None) -> None:
+    """RegistryError unless ``artifact`` (when given) is one of the bundle's."""
     names = [a.name for a in signed.manifest.artifacts]
-    if artifact is None:
-        return next((n for pref in PREFERENCE for n in names if n.endswith(pref)), names[0])
-    if artifact not in names:
+    if artifact is not None and artifact not in names:
         raise RegistryError(f"{signed.manifest.model}:{signed.manifest.version} has no artifact {artifact!r} "
                             f"(it has {', '.join(names)})")
-    return artifact
 
 
 class RegistryError(Exception):
@@ -114,9 +111,13 @@ class Registry:
     # -- devices -------------------------------------------------------------------------
 
     def add_device(self, device_id: str, profile: str, groups: list[str] | None = None,
-                   agent_data_dir: str = "/var/lib/edgeherd", actor: str = SYSTEM) -> Enrolled:
+                   agent_data_dir: str = "/var/lib/edgeherd", actor: str = SYSTEM, *,
+                   custom_profile: bool = False) -> Enrolled:
+        """Enrol ``device_id`` with hardware ``profile``: one of hardware/profiles, or any other well-formed name
+        when ``custom_profile`` marks it custom (no latency budget, the general artifact order)."""
         if not is_device_id(device_id):
             raise RegistryError(f"{device_id!r} is not a valid device name: use a-z, 0-9 and '-', at most 63")
+        self._check_profile(profile, custom_profile)
         server_key = self.public_key_text()
         with Session(self.engine) as db:
             existing = db.get(Device, device_id)
@@ -127,7 +128,8 @@ class Registry:
             device.credentials_ref = "mosquitto:passwd"
             db.add(device)
             entry = audit.append(db, actor, "device.add", f"device:{device_id}",
-                                 {"profile": profile, "groups": groups or []})
+                                 {"profile": profile, "groups": groups or []}
+                                 | ({"custom_profile": True} if custom_profile else {}))
             db.commit()
             db.refresh(device)
             self.anchor_audit(entry)
@@ -150,11 +152,13 @@ class Registry:
         return Enrolled(device, out / "agent.toml")
 
     def add_devices_bulk(self, device_ids: list[str], profile: str, groups: list[str] | None = None,
-                         actor: str = SYSTEM) -> dict[str, str]:
-        """Enrol many devices at once (simulators, fleet imports); returns their broker passwords."""
+                         actor: str = SYSTEM, *, custom_profile: bool = False) -> dict[str, str]:
+        """Enrol many devices at once (simulators, fleet imports), all with ``profile`` (custom when
+        ``custom_profile`` says so, as for :meth:`add_device`); returns their broker passwords."""
         bad = [d for d in device_ids if not is_device_id(d)]
         if bad:
             raise RegistryError(f"not valid device names: {bad[:5]}")
+        self._check_profile(profile, custom_profile)
         with Session(self.engine) as db:
             taken = set(db.exec(select(Device.id).where(col(Device.id).in_(device_ids))).all())
             if taken:
@@ -162,10 +166,23 @@ class Registry:
             for d in device_ids:
                 db.add(Device(id=d, profile=profile, groups=groups or [], credentials_ref="mosquitto:passwd"))
             entry = audit.append(db, actor, "device.add_bulk", f"devices:{len(device_ids)}", {
-                "profile": profile, "groups": groups or [], "count": len(device_ids), "first": device_ids[:5]})
+                "profile": profile, "groups": groups or [], "count": len(device_ids), "first": device_ids[:5]}
+                | ({"custom_profile": True} if custom_profile else {}))
             db.commit()
             self.anchor_audit(entry)
         return self.broker.add_devices(device_ids)
+
+    @staticmethod
+    def _check_profile(profile: str, custom: bool) -> None:
+        """RegistryError unless ``profile`` is a hardware profile's name or, ``custom``, a name that is none's."""
+        from hardware.profiles import ProfileError, UnknownProfile, check_device_profile
+
+        try:
+            check_device_profile(profile, custom=custom)
+        except UnknownProfile as exc:
+            raise RegistryError(str(exc) if custom else f"{exc}: `edgeherd device add --custom-profile`") from None
+        except ProfileError as exc:
+            raise RegistryError(str(exc)) from None
 
     def revoke_device(self, device_id: str, actor: str = SYSTEM) -> None:
         with Session(self.engine) as db:
@@ -286,17 +303,26 @@ class Registry:
             client.disconnect()
             client.loop_stop()
 
+    @property
+    def server_broker_url(self) -> str:
+        """Where the server's own clients connect. The managed broker's loopback listener when the broker is this
+        data directory's own (also when ``--broker`` names its devices' listener, as a second replica on the same
+        data directory does): there client ids are not bound to user names, so the server's clients, all logged
+        in as the one server user, keep theirs apart. Otherwise ``--broker``."""
+        return self.broker.server_url if self.broker_url == self.broker.url else self.broker_url
+
     def client(self, client_id: str | None = None) -> mqtt.Client:
-        """A connected MQTT client as the server user (the caller disconnects it)."""
+        """A connected MQTT client as the server user, on :attr:`server_broker_url` (the caller disconnects it)."""
         from urllib.parse import urlsplit
 
-        parts = urlsplit(self.broker_url)
+        url = self.server_broker_url
+        parts = urlsplit(url)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"edgeherd-cli-{uuid.uuid4().hex[:8]}",
                              protocol=mqtt.MQTTv5)
         client.username_pw_set(SERVER_USER, self.broker.server_password())
         connected = threading.Event()
         client.on_connect = lambda c, u, f, rc, p: connected.set()
-        unreachable = f"cannot reach the broker at {self.broker_url}; is `edgeherd server run` running?"
+        unreachable = f"cannot reach the broker at {url}; is `edgeherd server run` running?"
         try:
             client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=10)
         except OSError:
@@ -308,7 +334,10 @@ class Registry:
         return client
 
     def _kick(self, device_id: str) -> None:
-        """Take over the device's MQTT session (same client id), which makes the broker drop it."""
+        """Take over the device's MQTT session (same client id), which makes the broker drop it.
+
+        On the server's own listener, where a client keeps the id it asks for: on the devices' listener the
+        broker would give this client the server user's name as its id instead (docs/server.md, "The broker")."""
         try:
             client = self.client(client_id=device_id)
         except (RegistryError, OSError) as exc:
@@ -417,24 +446,81 @@ class Registry:
     # -- deploy -----------------------------------------------------------------------------
 
     def deploy(self, name: str, version: str, device_id: str, artifact: str | None = None,
-               actor: str = SYSTEM) -> DesiredState:
+               actor: str = SYSTEM) -> DesiredState | None:
+        """Make ``device_id`` run NAME:VERSION, with the artifact :func:`server.assignment.choose` picks (or
+        ``artifact``, if the device can load it). The desired state is published at once when the device has
+        reported its runtimes; otherwise the version is recorded as its desired one and sent when its hello
+        arrives (returns None then). RegistryError, with nothing changed, when it cannot run the bundle."""
         _, signed = self.model(name, version)
-        artifact = choose_artifact(signed, artifact)
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
             if device is None or device.revoked:
                 raise RegistryError(f"no enrolled device named {device_id}")
+            choice = choose(signed.manifest, device.profile, runtimes_of(device.fingerprint), artifact)
+            if choice.outcome is Outcome.UNSUITABLE:
+                raise RegistryError(f"{device_id} {choice.reason}")
             client = self.client()  # before anything changes: no broker, no deploy
             try:
-                desired = self.set_desired(db, client, device, signed, artifact)
+                desired = self.assign(db, client, device, signed, artifact)
             finally:
                 client.disconnect()
                 client.loop_stop()
             entry = audit.append(db, actor, "device.deploy", f"device:{device_id}", {
-                "model": name, "version": version, "artifact": artifact, "generation": desired.generation})
+                "model": name, "version": version, "artifact": desired.artifact if desired else None,
+                "generation": desired.generation if desired else None,
+                **({} if desired else {"waiting": "for the device to report its runtimes"})})
             db.commit()
             self.anchor_audit(entry)
         return desired
+
+    def assign(self, db: Session, client: mqtt.Client, device: Device, signed: SignedManifest,
+               requested: str | None = None, rollout: str | None = None) -> DesiredState | None:
+        """Give ``device`` the bundle ``signed`` by the one artifact policy (server/assignment.py); the caller
+        commits. Chosen: the desired state is published (:meth:`set_desired`). The device has not reported its
+        runtimes: the bundle is recorded as desired with no artifact, nothing is published, and
+        :meth:`assign_waiting` finishes the job when its hello arrives (None is returned). No artifact suits
+        it: the bundle is recorded as desired and its install as failed, with the reason (None)."""
+        choice = choose(signed.manifest, device.profile, runtimes_of(device.fingerprint), requested)
+        if choice.outcome is Outcome.CHOSEN:
+            assert choice.artifact is not None  # noqa: S101 - CHOSEN always names one
+            return self.set_desired(db, client, device, signed, choice.artifact, rollout)
+        device.desired_manifest, device.desired_artifact = manifest_digest(signed.manifest), None
+        if choice.outcome is Outcome.UNSUITABLE:
+            device.install_step, device.install_error = "failed", f"assignment: {choice.reason}"[:1000]
+            log.warning("%s cannot take %s:%s: %s", device.id, signed.manifest.model, signed.manifest.version,
+                        choice.reason)
+        else:
+            device.install_step = device.install_error = None
+            log.info("%s gets %s:%s once it reports its runtimes", device.id, signed.manifest.model,
+                     signed.manifest.version)
+        db.add(device)
+        return None
+
+    def assign_waiting(self, client: mqtt.Client, device_ids: Iterable[str]) -> int:
+        """Publish the desired state of those of ``device_ids`` that were waiting for their runtimes (their hello
+        has just been stored); returns how many were published."""
+        done = 0
+        with Session(self.engine) as db:
+            waiting = db.exec(select(Device).where(col(Device.id).in_(list(device_ids)),
+                                                   Device.revoked == False,  # noqa: E712 - SQL comparison
+                                                   col(Device.desired_manifest).is_not(None),
+                                                   col(Device.desired_artifact).is_(None))).all()
+            for device in waiting:
+                assert device.desired_manifest is not None  # noqa: S101 - selected so
+                signed = self.signed_manifest(db, device.desired_manifest)
+                if signed is None:
+                    continue
+                # a rollout assigned it while it was waiting: its name goes with the desired state, and the
+                # artifact it names (if any) is the one asked for
+                rollout, requested = db.exec(select(Rollout.name, Rollout.artifact).where(
+                    RolloutDevice.rollout_id == Rollout.id, RolloutDevice.device_id == device.id,
+                    RolloutDevice.state == "assigned", col(Rollout.state).in_(["running", "paused"]),
+                    Rollout.version_id == ModelVersion.id,
+                    ModelVersion.manifest_sha256 == device.desired_manifest)).first() or (None, None)
+                if self.assign(db, client, device, signed, requested, rollout) is not None:
+                    done += 1
+            db.commit()
+        return done
 
     def anchor_audit(self, entry: AuditEntry) -> None:
         """Advance the audit anchor in the data directory (after the entry's commit)."""
@@ -466,6 +552,83 @@ class Registry:
             device.install_step, device.install_error = None, None  # what it reports next is about this one
         db.add(device)
         return desired
+
+    def republish_desired(self, client: mqtt.Client, *, batch: int = 500,
+                          cancelled: Callable[[], bool] = lambda: False) -> int:
+        """Publish again, retained (QoS 1), every enrolled device's desired state as the registry records it, with
+        its recorded generation; returns how many were published.
+
+        The registry is the source of truth and the broker's retained messages a cache of it: after a broker
+        restart without its store, or a retained message deleted, a device connecting later still finds its
+        desired state. The generation is the recorded one, not a new one, so an agent that has acted on it
+        ignores it as seen (docs/protocol.md §5), and several replicas doing this at once are harmless. Nothing
+        is published for a device without a desired state, for a revoked one, or for one whose bundle waits for
+        its runtimes (:meth:`assign_waiting` publishes that). ``issued_at`` is now; ``rollout_id`` is left out.
+
+        ``batch`` devices are read and published at a time, each batch waited for before the next is read;
+        ``cancelled`` is asked between batches (a reconnection starts the whole thing again). Then devices whose
+        desired state changed while this ran are published again as they are now, so a desired state set
+        meanwhile (deploy, a rollout, another replica) is what stays retained. RegistryError when the broker
+        does not acknowledge a message (the connection dropped: the next connection publishes them all again).
+        """
+        # enrolled, a bundle and an artifact recorded (not a bundle waiting for its runtimes), a generation given
+        has_desired = (Device.revoked == False, col(Device.desired_manifest).is_not(None),  # noqa: E712 - SQL
+                       col(Device.desired_artifact).is_not(None), col(Device.desired_generation) > 0)
+        manifests: dict[str, SignedManifest | None] = {}
+        published: dict[str, int] = {}  # device -> the generation published
+        after = ""
+        while not cancelled():
+            with Session(self.engine) as db:
+                rows = db.exec(select(Device).where(*has_desired, col(Device.id) > after)
+                               .order_by(col(Device.id)).limit(batch)).all()
+                if not rows:
+                    break
+                after = rows[-1].id
+                published |= self._publish_recorded(db, client, rows, manifests)
+        for _ in range(3):  # those set meanwhile: what is recorded now must be what stays retained
+            if cancelled():
+                break
+            ids, changed = sorted(published), []
+            with Session(self.engine) as db:
+                for i in range(0, len(ids), batch):
+                    changed += [d for d in db.exec(select(Device).where(*has_desired, col(Device.id).in_(
+                        ids[i:i + batch]))).all() if d.desired_generation != published[d.id]]
+                if not changed:
+                    break
+                for i in range(0, len(changed), batch):
+                    published |= self._publish_recorded(db, client, changed[i:i + batch], manifests)
+        log.info("republished the desired states of %d devices", len(published))
+        return len(published)
+
+    def _publish_recorded(self, db: Session, client: mqtt.Client, devices: Sequence[Device],
+                          manifests: dict[str, SignedManifest | None]) -> dict[str, int]:
+        """Publish ``devices``' recorded desired states, retained, and wait for the broker to take them all;
+        ``{device: generation}``. ``manifests`` caches signed manifests by digest across calls."""
+        sent: list[tuple[Device, mqtt.MQTTMessageInfo]] = []
+        now = datetime.now(timezone.utc)
+        for device in devices:
+            digest, artifact = device.desired_manifest, device.desired_artifact
+            assert digest is not None and artifact is not None  # noqa: S101 - selected so
+            if digest not in manifests:
+                manifests[digest] = self.signed_manifest(db, digest)
+            signed = manifests[digest]
+            if signed is None:
+                log.warning("%s's desired bundle %s is no longer registered; its desired state is not republished",
+                            device.id, digest[:12])
+                continue
+            desired = DesiredState(device_id=device.id, generation=device.desired_generation, issued_at=now,
+                                   bundle=signed, artifact=artifact)
+            sent.append((device, client.publish(device_topic(device.id, TopicKind.DESIRED), encode(desired),
+                                                qos=1, retain=True)))
+        deadline = time.monotonic() + 30
+        for device, info in sent:
+            try:
+                info.wait_for_publish(max(deadline - time.monotonic(), 0.1))
+            except (RuntimeError, ValueError) as exc:  # not connected, or paho's queue full
+                raise RegistryError(f"could not republish the desired state of {device.id}: {exc}") from None
+            if not info.is_published():
+                raise RegistryError(f"the broker did not acknowledge the desired state of {device.id} within 30 s")
+        return {device.id: device.desired_generation for device, _ in sent}
 
     def signed_manifest(self, db: Session, manifest_sha256: str) -> SignedManifest | None:
         row = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == manifest_sha256)).first()

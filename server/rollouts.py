@@ -158,6 +158,11 @@ class DeviceView:
     install_step: str | None = None
     install_error: str | None = None
     desired_manifest: str | None = None
+    #: Whether the device has reported its runtimes (its hello): until then no artifact can be chosen for it,
+    #: and it is assigned only when no device that has reported is left to take its place.
+    runtimes_known: bool = True
+    #: Why no artifact of the rollout's bundle suits the device (server/assignment.py), or None.
+    unsuitable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -431,21 +436,39 @@ def _fail(view: RolloutView, assignments: dict[str, Assignment], now: float, rea
 
 
 def _assign(view: RolloutView, obs: Observation, assignments: dict[str, Assignment], now: float,
-            wave: int) -> tuple[dict[str, Assignment], list[Assign | Revert]]:
-    """Assign target devices until the wave's cumulative size is reached (online devices first)."""
+            wave: int) -> tuple[dict[str, Assignment], list[Assign | Revert], Events]:
+    """Assign target devices until the wave's cumulative size is reached.
+
+    Devices an artifact can be chosen for come first (online before offline), then devices that have not
+    reported their runtimes yet (they get the bundle when they do), last those no artifact of the bundle
+    suits: such a device fails at once, with the reason, and nothing is sent to it.
+    """
     sizes = wave_sizes(view.spec.effective_waves(), len(obs.target))
     want = sizes[min(wave, len(sizes) - 1)]
     have = sum(1 for did in obs.target if did in assignments)
     fresh = [did for did in obs.target if did not in assignments]
-    fresh.sort(key=lambda did: (not (obs.devices.get(did) and obs.devices[did].online), did))
+
+    def rank(did: str) -> tuple[bool, bool, bool, str]:
+        d = obs.devices.get(did)
+        if d is None:
+            return True, True, True, did
+        return d.unsuitable is not None, not d.runtimes_known, not d.online, did
+
+    fresh.sort(key=rank)
     out = dict(assignments)
     actions: list[Assign | Revert] = []
+    events: Events = []
     for did in fresh[: max(want - have, 0)]:
         d = obs.devices.get(did)
-        out[did] = Assignment(did, wave, "assigned", d.running_manifest if d else None,
-                              d.running_artifact if d else None, now)
+        a = Assignment(did, wave, "assigned", d.running_manifest if d else None, d.running_artifact if d else None,
+                       now)
+        if d is not None and d.unsuitable is not None:
+            out[did] = replace(a, state="failed", finished_at=now, error=d.unsuitable)
+            events.append(("rollout.device_failed", {"device": did, "error": d.unsuitable}))
+            continue
+        out[did] = a
         actions.append(Assign(did, wave))
-    return out, actions
+    return out, actions, events
 
 
 def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
@@ -463,16 +486,18 @@ def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
         return Plan(replace(view, assignments=assignments), [], [], events)
     if view.state is State.PENDING:
         view = replace(view, state=State.RUNNING, wave=0, wave_started_at=now)
-        assignments, actions = _assign(view, obs, assignments, now, 0)
+        assignments, actions, failed_now = _assign(view, obs, assignments, now, 0)
         events.append(("rollout.started", {"waves": wave_sizes(view.spec.effective_waves(), len(obs.target)),
                                            "target": len(obs.target)}))
         events.append(("rollout.wave_started", {"wave": 0, "devices": [a.device_id for a in actions
                                                                         if isinstance(a, Assign)]}))
+        events += failed_now
     else:  # keep the current wave filled: devices joining the target mid-rollout get the version too
-        assignments, actions = _assign(view, obs, assignments, now, view.wave)
+        assignments, actions, failed_now = _assign(view, obs, assignments, now, view.wave)
         if actions:
             events.append(("rollout.devices_joined", {"wave": view.wave, "devices": [
                 a.device_id for a in actions if isinstance(a, Assign)]}))
+        events += failed_now
     current = replace(view, assignments=assignments)
     wave = [a for a in assignments.values() if a.wave == view.wave and a.state != "left"]
     if not wave:
@@ -517,9 +542,10 @@ def _advance(view: RolloutView, obs: Observation, now: float, actions: list[Assi
         events.append(("rollout.completed", {"devices": len(view.assignments)}))
         return Plan(replace(view, state=State.COMPLETED, reason=None), actions, gates, events)
     nxt = replace(view, wave=view.wave + 1, wave_started_at=now)
-    assignments, more = _assign(nxt, obs, dict(view.assignments), now, nxt.wave)
+    assignments, more, failed_now = _assign(nxt, obs, dict(view.assignments), now, nxt.wave)
     events.append(("rollout.wave_started", {"wave": nxt.wave, "devices": [
         a.device_id for a in more if isinstance(a, Assign)]}))
+    events += failed_now
     return Plan(replace(nxt, assignments=assignments), actions + more, gates, events)
 
 

@@ -1,7 +1,8 @@
 """A fleet simulator: many lightweight devices that speak the real protocol.
 
 Each simulated device is a real MQTT 5 connection with its own credentials
-and last will; it publishes an online state and a hello, then one
+and last will; it publishes an online state and a hello (reporting the
+runtimes of this installation, :func:`local_runtimes`), then one
 telemetry window (and, when the device runs a bundle with a reference
 profile, feature statistics) per interval. Drift can be injected into the
 statistics of chosen devices. Devices are spread over worker processes, each
@@ -23,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -50,7 +52,24 @@ from protocol import (
 )
 from protocol.messages import Fingerprint, will_message
 
-__all__ = ["Behaviour", "SimConfig", "SimResult", "simulate"]
+__all__ = ["PROFILE", "Behaviour", "SimConfig", "SimResult", "local_runtimes", "simulate"]
+
+#: The hardware profile simulated devices are enrolled with: a custom one (no latency budget, the general
+#: artifact order), as no board has it.
+PROFILE = "simulated"
+
+
+def local_runtimes() -> dict[str, str]:
+    """The CPU inference runtimes installed here and their versions. Simulated devices report these in their
+    hello (the server gives a device only artifacts its reported runtimes can load): they run nothing, so they
+    can take whatever this installation builds."""
+    found = {}
+    for name in ("onnxruntime", "ai-edge-litert"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,8 @@ class SimConfig:
     running: tuple[str, str] | None = None
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     requests_per_window: int = 10
+    #: The runtimes every device reports in its hello ({name: version}).
+    runtimes: dict[str, str] = field(default_factory=local_runtimes)
 
 
 @dataclass
@@ -147,7 +168,7 @@ def _run_shard(cfg: SimConfig, ids: list[str], out: mp.Queue, stop: Any = None) 
         clients[device_id] = c
     time.sleep(1.0)
     fp = Fingerprint(arch="x86_64", os="simulated", python="3.11", cpu_count=1, memory_bytes=1 << 30,
-                     disk_free_bytes=1 << 30)
+                     disk_free_bytes=1 << 30, runtimes=cfg.runtimes)
     for device_id, c in clients.items():
         c.publish(device_topic(device_id, TopicKind.STATE), encode(DeviceState(
             device_id=device_id, status="online", session=session, seq=0, reason="connected",

@@ -36,8 +36,8 @@ class TestClient:
     __test__ = False  # not a pytest test class
 
     def __init__(self, broker: Broker, user: str, password: str, *, will: tuple[str, bytes] | None = None,
-                 timeout: float = 10.0) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-{uuid.uuid4().hex[:8]}",
+                 timeout: float = 10.0, client_id: str | None = None) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"{user}-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
         self.client.username_pw_set(user, password)
         if will is not None:
@@ -48,7 +48,10 @@ class TestClient:
         self._connected = threading.Event()
         self._suback = threading.Event()
         self.connect_reason: ReasonCode | None = None
+        #: Connections the broker (or the network) ended that this client did not close itself.
+        self.dropped = 0
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
@@ -68,6 +71,11 @@ class TestClient:
         if reason.is_failure:
             client.disconnect()  # stop paho from retrying a refused login
         self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       props: Properties | None) -> None:
+        if reason.value != 0:  # 0: our own DISCONNECT
+            self.dropped += 1
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))

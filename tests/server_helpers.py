@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ from protocol import (
     Manifest,
     Precision,
     RuntimeRequirement,
+    ShapeRange,
     Target,
+    TensorRTBuild,
     TensorSpec,
     generate_signing_key,
     manifest_digest,
@@ -40,21 +42,35 @@ def server_dir(path: Path, key: Ed25519PrivateKey | None = None) -> tuple[Path, 
     return path, key
 
 
+#: (name, target, precision, runtime, minimum version) of blob_bundle's one artifact by default.
+BLOB = ("blob", Target.ONNX, Precision.FP32, "onnxruntime", "1.17")
+
+
 def blob_bundle(path: Path, key: Ed25519PrivateKey, *, model: str = "blob", version: str = "1.0.0",
-                size: int = 64 * 1024, author: str | None = None) -> tuple[Path, bytes, str]:
-    """A signed bundle whose one artifact ("blob") is ``size`` random bytes; (dir, the bytes, manifest digest)."""
-    blob = os.urandom(size)
-    sha = hashlib.sha256(blob).hexdigest()
+                size: int = 64 * 1024, author: str | None = None,
+                artifacts: Sequence[tuple[str, Target, Precision, str, str]] = (BLOB,)) -> tuple[Path, bytes, str]:
+    """A signed bundle whose artifacts (by default one, "blob") are ``size`` random bytes each; (dir, the first
+    artifact's bytes, manifest digest)."""
     (path / "artifacts").mkdir(parents=True)
-    (path / "artifacts" / sha).write_bytes(blob)
-    art = ArtifactEntry(name="blob", target=Target.ONNX, precision=Precision.FP32, sha256=sha, size=size,
-                        runtime=RuntimeRequirement(name="onnxruntime", min_version="1.17"),
-                        inputs=[TensorSpec(name="x", shape=[-1, 1], dtype="float32")],
-                        outputs=[TensorSpec(name="y", shape=[-1, 1], dtype="float32")])
+    entries, first = [], b""
+    for name, target, precision, runtime, min_version in artifacts:
+        blob = os.urandom(size)
+        first = first or blob
+        sha = hashlib.sha256(blob).hexdigest()
+        (path / "artifacts" / sha).write_bytes(blob)
+        entries.append(ArtifactEntry(name=name, target=target, precision=precision, sha256=sha, size=size,
+                                     runtime=RuntimeRequirement(name=runtime, min_version=min_version),  # type: ignore[arg-type]
+                                     inputs=[TensorSpec(name="x", shape=[-1, 1], dtype="float32")],
+                                     outputs=[TensorSpec(name="y", shape=[-1, 1], dtype="float32")],
+                                     tensorrt=TensorRTBuild(
+                                         precision=precision, workspace_bytes=1 << 20, compute_capabilities=["8.7"],
+                                         min_tensorrt=min_version,
+                                         profiles=[ShapeRange(input="x", min=[1, 1], opt=[1, 1], max=[8, 1])])
+                                     if target is Target.TENSORRT else None))
     m = Manifest(model=model, version=version, created_at=datetime.now(timezone.utc), task="classification",
-                 artifacts=[art], author=author)
+                 artifacts=entries, author=author)
     (path / "manifest.json").write_bytes(encode_model(sign_manifest(m, key)))
-    return path, blob, manifest_digest(m)
+    return path, first, manifest_digest(m)
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 60.0, what: str = "condition", poll: float = 0.2) -> Any:

@@ -1,6 +1,7 @@
 """On a real Mosquitto with the generated password and ACL files: devices are
-confined to their own topics, bad passwords are refused, and a killed device
-is marked offline by its retained last will."""
+confined to their own topics, cannot take another device's session over,
+bad passwords are refused, and a killed device is marked offline by its
+retained last will."""
 
 from __future__ import annotations
 
@@ -56,6 +57,30 @@ def test_device_cannot_subscribe_to_another_devices_topics(mosquitto):
         assert [(m.topic, m.payload) for m in a.drain(wait=1.0)] == [("edgeherd/v1/devices/dev-a/desired", b"mine")]
     finally:
         a.close()
+        server.close()
+
+
+def test_a_device_cannot_take_over_another_devices_session(mosquitto):
+    """Logged in as dev-a with dev-b's client id: the broker gives dev-a its own id, and dev-b keeps its
+    connection, its session and its subscription."""
+    pw_a, pw_b = mosquitto.add_user("dev-a"), mosquitto.add_user("dev-b")
+    b = TestClient(mosquitto, "dev-b", pw_b, client_id="dev-b")
+    server = TestClient(mosquitto, mosquitto.server_user, mosquitto.server_password)
+    try:
+        b.subscribe("edgeherd/v1/devices/dev-b/#")
+        a = TestClient(mosquitto, "dev-a", pw_a, client_id="dev-b")
+        try:  # connected, as itself: its own topics are still its only ones
+            assert not a.publish(device_topic("dev-a", TopicKind.TELEMETRY), b"{}").is_failure
+            assert a.publish(device_topic("dev-b", TopicKind.TELEMETRY), b"{}").value == NOT_AUTHORIZED
+        finally:
+            a.close()
+        assert server.publish(device_topic("dev-b", TopicKind.COMMAND), b"marker").is_failure is False
+        got = b.drain(wait=1.0)
+        assert [(m.topic, m.payload) for m in got] == [("edgeherd/v1/devices/dev-b/cmd", b"marker")]
+        assert b.dropped == 0 and b.client.is_connected()
+        assert "Client dev-b already connected" not in mosquitto.log()
+    finally:
+        b.close()
         server.close()
 
 

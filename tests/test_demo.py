@@ -1,8 +1,10 @@
-"""`edgeherd demo --no-tui`, as `make demo` runs it (with the digits build already made)."""
+"""`edgeherd demo --no-tui`, as `make demo` runs it (with the digits build already made): once in `make test`,
+ten times in a row in the slow suite."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,18 +16,49 @@ from tests.server_helpers import server_dir
 
 pytestmark = pytest.mark.integration
 
+#: A line a logging handler printed (the default format, or ours), not the demo's narrative.
+LOG_LINE = re.compile(r"^(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.]+:|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ )", re.M)
 
-def test_the_demo_rolls_out_v1_catches_v2_at_the_canary_and_the_drifting_device(digits_bundle, tmp_path):
-    data, _ = server_dir(tmp_path / "demo", digits_bundle.key)
-    shutil.copytree(digits_bundle.dir, data / "bundles" / "digits-1.0.0")
+
+def _run_demo(data: Path) -> str:
     out = subprocess.run([sys.executable, "-m", "server.cli", "demo", "--no-tui", "--data-dir", str(data)],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200",
                          "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:] + "".join(
         f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((data / "logs").glob("*.log")))
-    assert "reusing" in text and "signature checked" in text
+    return text
+
+
+def _check(text: str) -> None:
     assert "v1 on all devices: yes" in text
     assert "v2 rolled back at the canary by the predictions gate" in text
     assert "drift alert on x86-lab ·" in text  # and on nobody else
-    assert "TensorRT needs an NVIDIA GPU" in text
+    assert "not as narrated" not in text
+    # the Jetson's line says what it reported, and what that gets it
+    jetson = next(line for line in text.splitlines() if line.strip().startswith("orin-dock") and "reported" in line)
+    assert re.search(r"reported .*onnxruntime \d", jetson) and "gets digits-onnx-int8" in jetson, jetson
+    assert "no TensorRT here" in jetson or "tensorrt" in jetson
+    assert not LOG_LINE.search(text), LOG_LINE.search(text)
+
+
+def test_the_demo_rolls_out_v1_catches_v2_at_the_canary_and_the_drifting_device(digits_bundle, tmp_path):
+    data, _ = server_dir(tmp_path / "demo", digits_bundle.key)
+    shutil.copytree(digits_bundle.dir, data / "bundles" / "digits-1.0.0")
+    text = _run_demo(data)
+    assert "reusing" in text and "signature checked" in text
+    _check(text)
+    assert (data / "logs" / "server.log").stat().st_size > 0  # the logs went to the file instead
+
+
+@pytest.mark.slow
+def test_the_demo_passes_ten_times_in_a_row(digits_bundle, tmp_path):
+    """Ten fresh runs (each its own server, broker, database and agents; the builds reused): all ten pass."""
+    first, _ = server_dir(tmp_path / "run-0", digits_bundle.key)
+    shutil.copytree(digits_bundle.dir, first / "bundles" / "digits-1.0.0")
+    _check(_run_demo(first))
+    for i in range(1, 10):
+        data, _ = server_dir(tmp_path / f"run-{i}", digits_bundle.key)
+        for built in ("digits-1.0.0", "digits-2.0.0"):
+            shutil.copytree(first / "bundles" / built, data / "bundles" / built)
+        _check(_run_demo(data))

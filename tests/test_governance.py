@@ -15,6 +15,7 @@ from server import audit
 from server.db import make_engine, migrate
 from server.db.models import Approval, AuditEntry, Device, ModelVersion
 from server.governance import (
+    SERVICE_ACTORS,
     Governance,
     GovernanceError,
     OperatorEntry,
@@ -26,6 +27,7 @@ from server.governance import (
     check_rollout,
     current_operator,
     find_version,
+    governed_history,
     is_production_target,
     load_operators,
     mark_deployed,
@@ -569,3 +571,83 @@ def test_cli_bootstrap_mode(data):
     with Session(eng) as db:
         assert [e.actor for e in db.exec(select(AuditEntry)).all()] == ["carol"]
     eng.dispose()
+
+
+# -- bootstrap mode refused where operators.toml was in force, and backups that keep it -----------------------
+
+
+def test_service_actors_are_the_ones_the_server_records():
+    from server.orchestrator import ORCHESTRATOR
+    from server.registry import SYSTEM
+
+    assert {SYSTEM, ORCHESTRATOR} == SERVICE_ACTORS
+
+
+@pytest.mark.parametrize(("entries", "evidence"), [
+    ([], None),
+    ([("system", "device.add"), ("orchestrator", "rollout.wave_passed")], None),
+    ([("carol", "model.push"), ("system", "device.add"), ("carol", "model.promote")], None),  # bootstrap's one admin
+    ([("carol", "model.push"), ("Carol", "model.promote")], None),  # one person, whatever the case
+    ([("carol", "model.push"), ("system", "device.add"), ("dave", "model.promote"), ("erin", "device.add")],
+     "audit #1 and #3: actions by carol and by dave"),
+    ([("system", "model.push"), ("carol", "model.approve")], "audit #2: carol approved digits:1.0.0"),
+])
+def test_governed_history_is_an_approval_or_two_people(engine, entries, evidence):
+    for actor, action in entries:
+        audit.append_with_retry(engine, actor, action, "model:digits:1.0.0")
+    with Session(engine) as db:
+        assert governed_history(db) == evidence
+
+
+@pytest.mark.integration
+def test_a_governed_server_without_operators_toml_refuses_to_run(data, tmp_path):
+    assert cli(data, "model", "promote", "digits:1.0.0", user="otto")[0] == 0
+    assert cli(data, "model", "approve", "digits:1.0.0", "--reason", "fine", user="bob")[0] == 0
+    backup = tmp_path / "backup"
+    assert cli(data, "server", "backup", str(backup))[0] == 0
+    (backup / "operators.toml").unlink()  # a backup that lacks it, as those made before it was kept
+
+    restored = tmp_path / "restored"
+    code, out = cli(restored, "server", "restore", str(backup))
+    assert code == 0 and "warning:" in out and "would run in bootstrap mode" in out, out
+    refusal = (f"error: {restored / 'operators.toml'} does not exist, so edgeherd would run in bootstrap mode (the OS "
+               f"user the only operator, an admin; no production groups), but the audit log shows operators were "
+               f"governed by one (audit #2: bob approved digits:1.0.0). Restore operators.toml from the backup "
+               f"(`edgeherd server backup` keeps it) or recreate it (docs/governance.md)")
+    for argv in (("model", "retire", "digits:1.0.0"), ("device", "add", "pi-9", "--profile", "raspberry-pi-5"),
+                 ("rollout", "pause", "any"), ("deploy", "digits:1.0.0", "--device", "pi-9"),
+                 ("server", "run", "--metrics-port", "0")):
+        assert cli(restored, *argv, env={"LOGNAME": "carol"}) == (1, refusal), argv
+    assert not (restored / "broker" / "mosquitto.pid").exists()  # the server never started
+    # reading stays possible, and putting the file back is the way out
+    assert cli(restored, "audit", "verify")[0] == 0
+    (restored / "operators.toml").write_text(OPERATORS_TOML)
+    code, out = cli(restored, "model", "retire", "digits:1.0.0", user="ada")
+    assert code == 0 and "approved → retired by ada" in out, out
+
+
+@pytest.mark.integration
+def test_backup_and_restore_keep_governance(data, tmp_path):
+    assert cli(data, "model", "promote", "digits:1.0.0", user="otto")[0] == 0
+    backup = tmp_path / "backup"
+    code, out = cli(data, "server", "backup", str(backup))
+    assert code == 0 and "audit-anchor.json, operators.toml" in out, out
+    restored = tmp_path / "restored"
+    assert cli(restored, "server", "restore", str(backup))[0] == 0
+    assert (restored / "operators.toml").read_text() == OPERATORS_TOML
+    assert cli(restored, "audit", "verify") == (0, "audit log OK: 1 entries, chain intact; anchored entry #1 matches")
+
+    # four-eyes and roles hold on the restored server as they did before
+    code, out = cli(restored, "model", "approve", "digits:1.0.0", "--reason", "mine", user="alice")
+    assert code == 1 and "alice is the author of digits:1.0.0 and cannot approve it" in out, out
+    code, out = cli(restored, "model", "approve", "digits:1.0.0", "--reason", "fine", user="otto")
+    assert code == 1 and "otto is an operator; approving a version needs the approver role" in out, out
+    code, out = cli(restored, "model", "approve", "digits:1.0.0", "--reason", "held-out accuracy fine", user="bob")
+    assert code == 0 and "candidate → approved by bob (audit #2)" in out, out
+    assert cli(restored, "audit", "verify") == (0, "audit log OK: 2 entries, chain intact; anchored entry #2 matches")
+
+    prepared = tmp_path / "prepared"  # restore never overwrites an operators.toml already there
+    prepared.mkdir()
+    (prepared / "operators.toml").write_text('[[operator]]\nname = "mallory"\nrole = "admin"\n')
+    code, out = cli(prepared, "server", "restore", str(backup))
+    assert code == 1 and "already holds a server" in out, out

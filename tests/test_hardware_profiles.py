@@ -98,6 +98,31 @@ def test_unknown_profile_lists_the_known_ones():
         load("../etc/passwd")
 
 
+@pytest.mark.parametrize(("name", "custom", "refusal"), [
+    ("raspberry-pi-5", False, None),
+    ("banana-board", True, None),
+    ("simulated", True, None),
+    ("banana-board", False, "no hardware profile 'banana-board'; profiles: jetson-agx-orin, jetson-orin-nano, "
+                            "jetson-orin-nx, jetson-xavier-nx, raspberry-pi-4, raspberry-pi-5, raspberry-pi-zero-2w, "
+                            "x86-64-cpu, x86-64-nvidia; for hardware without a profile, mark the name as a custom "
+                            "profile"),
+    ("raspberry-pi-5", True, "raspberry-pi-5 is a hardware profile, not a custom one"),
+    ("Banana_Board", True, "'Banana_Board' is not a profile name"),
+    ("banana\n", True, "is not a profile name"),  # it goes into the agent's TOML config
+    ("", True, "is not a profile name"),
+    ("b" * 65, True, "is not a profile name"),
+])
+def test_which_profile_names_a_device_may_be_enrolled_with(name, custom, refusal):
+    if refusal is None:
+        profiles.check_device_profile(name, custom=custom)
+        assert profiles.label(name) == (f"{name} (custom)" if custom else name)
+        assert profiles.is_known(name) is not custom
+        return
+    with pytest.raises(ProfileError) as info:
+        profiles.check_device_profile(name, custom=custom)
+    assert str(info.value).startswith(refusal) or refusal in str(info.value)
+
+
 BROKEN = [
     # (what is done to raspberry-pi-5.toml, the key the error must name, a part of its message)
     ("top-level key", lambda t: t.replace('title = "Raspberry Pi 5"', 'title = "Raspberry Pi 5"\ncolour = "red"'),

@@ -50,3 +50,19 @@ def test_config_is_closed_by_default(tmp_path):
     assert "listener 18830 127.0.0.1" in conf
     with pytest.raises(ValueError):
         render_config(port=0, password_file=tmp_path / "p", acl_file=tmp_path / "a")
+
+
+def test_config_binds_client_ids_on_the_devices_listener_only(tmp_path):
+    conf = render_config(port=18830, host="0.0.0.0", server_port=18831, password_file=tmp_path / "p",  # noqa: S104
+                         acl_file=tmp_path / "a", persistence_dir=tmp_path / "store")
+    lines = [line for line in conf.splitlines() if line and not line.startswith("#")]
+    # a listener's options follow its `listener` line: the server's listener has none, the devices' binds ids
+    server, devices = lines.index("listener 18831 127.0.0.1"), lines.index("listener 18830 0.0.0.0")
+    assert server < devices and lines[devices + 1:] == ["use_username_as_clientid true"]
+    assert lines.count("use_username_as_clientid true") == 1
+    assert f"persistence_location {tmp_path / 'store'}/" in lines and "persistence true" in lines
+    assert lines.index("persistence true") < server  # a global option, before the listeners
+    with pytest.raises(ValueError, match="port of its own"):
+        render_config(port=18830, server_port=18830, password_file=tmp_path / "p", acl_file=tmp_path / "a")
+    with pytest.raises(ValueError, match="server_port"):
+        render_config(port=18830, server_port=70000, password_file=tmp_path / "p", acl_file=tmp_path / "a")

@@ -25,8 +25,8 @@ def data(tmp_path):
     bundle, _, _ = blob_bundle(tmp_path / "bundle", key, model="blob", version="1.0.0", author="alice")
     reg = Registry(d)
     reg.push_model(bundle)
-    reg.add_devices_bulk(["p-1", "p-2"], "x86-64", ["prod"])
-    reg.add_devices_bulk(["l-1"], "x86-64", ["lab"])
+    reg.add_devices_bulk(["p-1", "p-2"], "x86-64", ["prod"], custom_profile=True)
+    reg.add_devices_bulk(["l-1"], "x86-64", ["lab"], custom_profile=True)
     reg.engine.dispose()
     return d
 
@@ -109,7 +109,7 @@ def test_pause_resume_abort_are_recorded_and_refused_when_they_make_no_sense(dat
 
 def test_fleet_commands_check_roles_and_leave_an_audit_trail(data, tmp_path):
     assert run(data, "dave", "device", "add", "x-1", "--profile", "x86-64").exit_code == 1  # a viewer
-    assert run(data, "alice", "device", "add", "x-1", "--profile", "x86-64").exit_code == 0
+    assert run(data, "alice", "device", "add", "x-1", "--profile", "x86-64", "--custom-profile").exit_code == 0
     assert run(data, "dave", "device", "revoke", "x-1").exit_code == 1
     assert run(data, "bob", "device", "revoke", "x-1").exit_code == 0
     engine = Registry(data).engine

@@ -137,8 +137,8 @@ def test_a_rollout_leaves_out_devices_another_one_is_moving_and_unplanned_produc
     from server.db.models import RolloutDevice
     from server.orchestrator import observe
 
-    registry.add_devices_bulk(["d1", "d2", "d3"], "x86-64", ["lab"])
-    registry.add_devices_bulk(["p1"], "x86-64", ["lab", "prod"])  # joined a production group too
+    registry.add_devices_bulk(["d1", "d2", "d3"], "x86-64", ["lab"], custom_profile=True)
+    registry.add_devices_bulk(["p1"], "x86-64", ["lab", "prod"], custom_profile=True)  # joined a production group too
     a = create_rollout(registry, name="a", model="blob", version="1.0.0", target={"devices": ["d1"]},
                        spec=RolloutSpec(), actor="alice")
     with Session(registry.engine) as db:

@@ -39,7 +39,7 @@ class Fleet:
         reg.push_model(b1)
         reg.push_model(b2)
         ids = [f"sim-{i:02d}" for i in range(N)]
-        passwords = reg.add_devices_bulk(ids, "x86-64", ["lab"])
+        passwords = reg.add_devices_bulk(ids, "x86-64", ["lab"], custom_profile=True)
         behaviours = {self.v1: Behaviour(error_rate=0.01, p95_ms=3.0),
                       self.v2: Behaviour(error_rate=0.3 if bad_new else 0.01, p95_ms=3.0)}
         self.stop = mp.get_context("spawn").Event()

@@ -369,3 +369,36 @@ def test_without_a_budget_of_its_own_the_latency_gate_holds_devices_to_their_har
     own = SPEC.model_copy(update={"gates": SPEC.gates.model_copy(update={"latency_budget_ms": 50.0})})
     latency = next(g for g in evaluate_gates(own, slow) if g.gate == "latency")
     assert latency.verdict == "pass" and latency.numbers["budget_ms"] == 50.0
+
+
+# -- which devices a wave takes: the artifact policy's verdicts ---------------------------------------------
+
+
+@pytest.mark.parametrize(("views", "canary"), [
+    # the demo's Jetson, enrolled first but not yet heard from, is not the canary while a device that has
+    # reported its runtimes can be
+    ({"a-jetson": {"runtimes_known": False}, "b-pi": {}, "c-x86": {"online": False}}, "b-pi"),
+    ({"a-jetson": {"runtimes_known": False}, "b-pi": {"online": False}}, "b-pi"),
+    # nobody has reported yet: one is assigned anyway, and gets the bundle when its hello arrives
+    ({"a": {"runtimes_known": False}, "b": {"runtimes_known": False, "online": False}}, "a"),
+    # a device no artifact suits is taken last
+    ({"a": {"unsuitable": "no artifact suits it"}, "b": {"runtimes_known": False, "online": False}}, "b"),
+])
+def test_the_canary_is_a_device_an_artifact_can_be_chosen_for(views, canary):
+    devices = {d: replace(DeviceView(d, True, OLD, "art", "done", None, OLD), **kw) for d, kw in views.items()}
+    p, _ = start(devices=devices, spec=SPEC.model_copy(update={"waves": ("1", "100%")}))
+    assert [a.device_id for a in p.actions] == [canary]
+    assert p.rollout.assignments[canary].state == "assigned"
+
+
+def test_a_device_no_artifact_suits_fails_when_its_wave_takes_it_and_is_sent_nothing():
+    devices = fleet(2)
+    devices["d01"] = replace(devices["d01"], unsuitable="no artifact of m:2 suits it: ...")
+    p, _ = start(devices=devices, spec=SPEC.model_copy(update={"strategy": "all-at-once", "failure_threshold_pct": 50}))
+    assert [a.device_id for a in p.actions] == ["d00"]
+    failed = p.rollout.assignments["d01"]
+    assert (failed.state, failed.error) == ("failed", "no artifact of m:2 suits it: ...")
+    assert ("rollout.device_failed", {"device": "d01", "error": "no artifact of m:2 suits it: ..."}) in p.events
+    # with no failure allowed, that stops the rollout at once
+    p, _ = start(devices=devices, spec=SPEC.model_copy(update={"strategy": "all-at-once"}))
+    assert p.rollout.state is State.ROLLING_BACK and "1 of 2 devices failed to install" in (p.rollout.reason or "")

@@ -58,7 +58,7 @@ def test_backup_under_load_then_restore(database, digits_bundle, tmp_path, monke
     app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     reg = app.registry
     reg.push_model(digits_bundle.dir)
-    passwords = reg.add_devices_bulk([f"sim-{i:03d}" for i in range(30)], "simulated")
+    passwords = reg.add_devices_bulk([f"sim-{i:03d}" for i in range(30)], "simulated", custom_profile=True)
     load = threading.Thread(target=simulate, args=(SimConfig("127.0.0.1", reg.broker.port, passwords, seconds=8,
                                                              interval=0.5, processes=2),))
     load.start()

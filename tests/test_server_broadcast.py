@@ -110,7 +110,7 @@ def served(tmp_path):
         apps.append(app)
         reg = app.registry
         reg.push_model(bundle)
-        passwords = reg.add_devices_bulk(["a", "b", "c", "d"], "x86-64")
+        passwords = reg.add_devices_bulk(["a", "b", "c", "d"], "x86-64", custom_profile=True)
         for d in ("a", "b", "c"):
             reg.deploy("blob", "1.0.0", d, "blob")
 

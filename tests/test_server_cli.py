@@ -78,3 +78,42 @@ def test_push_refuses_the_same_version_with_other_contents(data, digits_bundle, 
     blob.write_bytes(b"\0" + blob.read_bytes()[1:])
     out = run("model", "push", str(tampered), "--data-dir", str(data))
     assert out.exit_code == 1 and "not matching their sha256" in " ".join(out.output.split())
+
+
+def test_device_add_refuses_an_unknown_profile_unless_it_is_marked_custom(tmp_path):
+    from sqlmodel import Session
+
+    from server import audit
+    from server.registry import Registry, RegistryError
+
+    data, _ = server_dir(tmp_path / "data")
+    refused = run("device", "add", "bb-1", "--profile", "banana-board", "--data-dir", str(data))
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1, said
+    assert "no hardware profile 'banana-board'; profiles: jetson-agx-orin, jetson-orin-nano," in said
+    assert "x86-64-cpu, x86-64-nvidia" in said and "edgeherd device add --custom-profile" in said
+    reg = Registry(data)
+    with pytest.raises(RegistryError, match=r"no hardware profile 'banana-board'; profiles: .*raspberry-pi-5"):
+        reg.add_device("bb-2", "banana-board")
+    with pytest.raises(RegistryError, match=r"no hardware profile 'banana-board'; profiles: .*raspberry-pi-5"):
+        reg.add_devices_bulk(["bb-3", "bb-4"], "banana-board")
+    with pytest.raises(RegistryError, match="raspberry-pi-5 is a hardware profile, not a custom one"):
+        reg.add_device("bb-2", "raspberry-pi-5", custom_profile=True)
+    passwd = data / "broker" / "passwd"
+    assert reg.devices() == [] and not (data / "devices").exists()  # nothing enrolled, no credentials made
+    assert not passwd.exists() or "bb-" not in passwd.read_text()
+
+    accepted = run("device", "add", "bb-1", "--profile", "banana-board", "--custom-profile", "--data-dir", str(data))
+    assert accepted.exit_code == 0, accepted.output
+    assert "with the custom profile banana-board (no latency budget)" in " ".join(accepted.output.split())
+    assert 'profile = "banana-board"' in (data / "devices" / "bb-1" / "agent.toml").read_text()
+    reg.add_devices_bulk(["bb-3", "bb-4"], "banana-board", custom_profile=True)
+    reg.add_device("pi-1", "raspberry-pi-5")
+    rows = {line.split()[0]: line for line in run("device", "list", "--data-dir", str(data)).output
+            .replace("│", " ").splitlines() if line.split()}
+    assert "banana-board (custom)" in rows["bb-1"] and "banana-board (custom)" in rows["bb-3"]
+    assert "raspberry-pi-5" in rows["pi-1"] and "custom" not in rows["pi-1"]
+    with Session(reg.engine) as db:
+        details = [(e.action, e.detail.get("custom_profile")) for e in reversed(audit.entries(db))]
+    assert details == [("device.add", True), ("device.add_bulk", True), ("device.add", None)]
+    reg.engine.dispose()

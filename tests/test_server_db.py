@@ -47,6 +47,12 @@ def test_migrations_match_the_models(engine):
     assert diff == []
 
 
+def _ingestor(engine):
+    """An ingestor whose clock reads half an hour after the sample messages' times (tests.samples.T0), so
+    they are within the times it accepts whatever day the tests run (tests/test_ingest_time.py)."""
+    return Ingestor(engine, clock=lambda: T0 + timedelta(minutes=30))
+
+
 def _topic(kind, device="pi5-kitchen"):
     return device_topic(device, kind)
 
@@ -57,7 +63,7 @@ def _device(engine, device_id="pi5-kitchen"):
 
 
 def test_state_is_order_tolerant(engine):
-    ing = Ingestor(engine)
+    ing = _ingestor(engine)
     newer = STATE.model_copy(update={"seq": 7, "status": "online"})
     older = STATE.model_copy(update={"seq": 5, "status": "offline"})
     assert ing.handle(_topic(TopicKind.STATE), encode(newer)) == "ok"
@@ -78,7 +84,7 @@ def test_an_install_status_about_another_bundle_than_the_desired_one_is_ignored(
         d.desired_manifest = "f" * 64  # what the server wants now; STATE reports an install of another one
         db.add(d)
         db.commit()
-    ing = Ingestor(engine)
+    ing = _ingestor(engine)
     assert ing.handle(_topic(TopicKind.STATE), encode(STATE)) == "ok"
     d = _device(engine)
     assert d.running_artifact == STATE.running.artifact and d.install_step is None
@@ -89,7 +95,7 @@ def test_an_install_status_about_another_bundle_than_the_desired_one_is_ignored(
 
 
 def test_windows_are_stored_once_whatever_the_order(engine):
-    ing = Ingestor(engine)
+    ing = _ingestor(engine)
     windows = [TELEMETRY.model_copy(update={"window_seq": i, "start": T0 + timedelta(minutes=i),
                                             "end": T0 + timedelta(minutes=i + 1)}) for i in range(5)]
     for w in [*reversed(windows), *windows]:
@@ -106,7 +112,7 @@ def test_windows_are_stored_once_whatever_the_order(engine):
 
 
 def test_stored_and_duplicate_windows_are_confirmed_and_dropped_ones_are_not(engine):
-    ing = Ingestor(engine)
+    ing = _ingestor(engine)
     first = ing.ingest([(_topic(TopicKind.TELEMETRY), encode(TELEMETRY)), (_topic(TopicKind.STATS), encode(STATS))])
     assert first.results == ["ok", "ok"]
     key = (TELEMETRY.session, TELEMETRY.window_seq)
@@ -140,7 +146,7 @@ def test_stored_and_duplicate_windows_are_confirmed_and_dropped_ones_are_not(eng
     ],
 )
 def test_bad_messages_are_dropped_and_counted(engine, topic, payload, reason):
-    ing = Ingestor(engine)
+    ing = _ingestor(engine)
     assert ing.handle(topic, payload) == reason
     assert ing.dropped[reason] == 1
     with Session(engine) as db:
@@ -152,7 +158,7 @@ def test_bad_messages_are_dropped_and_counted(engine, topic, payload, reason):
 @given(kind=st.sampled_from([TopicKind.STATE, TopicKind.HELLO, TopicKind.TELEMETRY, TopicKind.STATS]),
        payload=st.binary(max_size=300))
 def test_random_bytes_never_crash_ingestion(engine, kind, payload):
-    assert Ingestor(engine).handle(_topic(kind), payload) == "invalid"
+    assert _ingestor(engine).handle(_topic(kind), payload) == "invalid"
 
 
 def test_two_batches_with_states_of_one_device_never_write_back_an_older_state(engine):
@@ -161,7 +167,7 @@ def test_two_batches_with_states_of_one_device_never_write_back_an_older_state(e
     import threading
     import time as _time
 
-    ing = Ingestor(engine)
+    ing = _ingestor(engine)
     read = ing._lock_devices
     slow = threading.local()
 

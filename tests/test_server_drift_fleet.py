@@ -25,7 +25,7 @@ def test_drifting_devices_raise_alerts_and_the_others_do_not(digits_bundle, tmp_
         reg.push_model(digits_bundle.dir)
         manifest = digits_bundle.signed.manifest
         ids = [f"sim-{i}" for i in range(6)]
-        passwords = reg.add_devices_bulk(ids, "simulated")
+        passwords = reg.add_devices_bulk(ids, "simulated", custom_profile=True)
         result = simulate(SimConfig("127.0.0.1", reg.broker.port, passwords, seconds=3, interval=0.3, processes=2,
                                     reference=manifest.reference, manifest_sha256=manifest_digest(manifest),
                                     samples=200, drifting=frozenset(ids[:2])))

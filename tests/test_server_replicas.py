@@ -38,7 +38,8 @@ def test_two_replicas_split_the_load_and_store_each_window_once(pg_database, tmp
     first = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     second = ServerApp(data, broker_url=first.registry.broker_url, metrics_port=0, drift_interval=3600).start()
     try:
-        passwords = first.registry.add_devices_bulk([f"sim-{i:02d}" for i in range(20)], "simulated")
+        passwords = first.registry.add_devices_bulk([f"sim-{i:02d}" for i in range(20)], "simulated",
+                                                               custom_profile=True)
         result = simulate(SimConfig("127.0.0.1", first.registry.broker.port, passwords, seconds=4, interval=0.25,
                                     processes=2))
         expected = result.acked - 2 * 20  # telemetry only: minus one state and one hello per device

@@ -10,15 +10,17 @@ import time
 
 import pytest
 from sqlmodel import Session, col, select
-from textual.widgets import DataTable, Select, Static
+from textual.widgets import DataTable, Label, Select, Sparkline, Static
 
 from server import audit
 from server.app import ServerApp
-from server.db.models import AuditEntry, ModelVersion, Rollout
-from server.governance import find_version, promote
+from server.db.models import AuditEntry, DriftReportRow, ModelVersion, Rollout
+from server.governance import Governance, find_version, promote
 from server.orchestrator import Orchestrator
+from server.registry import Registry
 from server.simulate import SimConfig, simulate
-from server.tui.app import make_app
+from server.tui.app import EdgeherdApp, make_app
+from server.tui.data import FleetData
 from server.tui.modals import ConfirmModal, ReasonModal, TypedConfirmModal
 from server.tui.screens import DeviceScreen, FleetScreen, HelpScreen, ModelsScreen, RolloutsScreen
 from tests.server_helpers import blob_bundle, server_dir
@@ -41,8 +43,8 @@ def fleet(tmp_path_factory, digits_bundle):
     reg.push_model(blob_bundle(root / "b", digits_bundle.key, model="digits", version="1.1.0")[0], actor="alice")
     with Session(reg.engine) as db:
         promote(db, find_version(db, "digits:1.0.0"), "alice")
-    lab = reg.add_devices_bulk([f"lab-{i:02d}" for i in range(20)], "raspberry-pi-5", ["lab"])
-    prod = reg.add_devices_bulk([f"prod-{i:02d}" for i in range(10)], "x86-64", ["prod"])
+    lab = reg.add_devices_bulk([f"lab-{i:02d}" for i in range(20)], "x86-64-cpu", ["lab"])  # takes onnx-fp32
+    prod = reg.add_devices_bulk([f"prod-{i:02d}" for i in range(10)], "x86-64", ["prod"], custom_profile=True)
     manifest = digits_bundle.signed.manifest
     digest = manifest_digest(manifest)
     simulate(SimConfig("127.0.0.1", reg.broker.port, {**lab, **prod}, seconds=3, interval=0.25, processes=2,
@@ -235,3 +237,48 @@ async def _test_drift_audit_and_help_screens(fleet):
         await pilot.press("escape")
         await settle(pilot)
         assert not isinstance(app.screen, HelpScreen)
+
+
+def _drawn(spark: Sparkline) -> str:
+    return "".join(spark.render_line(y).text for y in range(spark.size.height))
+
+
+def test_drift_and_device_screens_draw_no_bar_without_data(tmp_path):
+    asyncio.run(_test_drift_and_device_screens_draw_no_bar_without_data(tmp_path))
+
+
+async def _test_drift_and_device_screens_draw_no_bar_without_data(tmp_path):
+    data, _ = server_dir(tmp_path / "data")
+    (data / "operators.toml").write_text(OPERATORS)
+    reg = Registry(data)
+    reg.add_device("pi-1", "raspberry-pi-5")
+    app = EdgeherdApp(FleetData(reg, Governance.load(data), "dave"), refresh_s=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("enter")  # the device screen of a device that never sent telemetry
+        await settle(pilot)
+        assert isinstance(app.screen, DeviceScreen)
+        for name, label in (("latency", "p95 latency (ms): no telemetry yet"),
+                            ("errors", "error rate: no telemetry yet")):
+            assert not app.screen.query_one(f"#{name}", Sparkline).display
+            assert str(app.screen.query_one(f"#{name}-label", Label).render()) == label
+        await pilot.press("d")  # no drift evaluated anywhere
+        await settle(pilot)
+        series = app.screen.query_one("#series", Sparkline)
+        assert not series.display and app.screen.query_one("#drift", DataTable).row_count == 0
+        assert str(app.screen.query_one("#series-label", Label).render()) == "no drift evaluated yet"
+
+        with Session(reg.engine) as db:  # one fleet-wide evaluation: a flat line, not a full bar
+            db.add(ModelVersion(name="digits", version="1.0.0", manifest_sha256="1" * 64, signed_manifest=b"{}"))
+            db.add(DriftReportRow(scope="fleet", manifest_sha256="1" * 64, n=500, drifted=False, worst="pixel_13",
+                                  score=0.3, report={"features": [{"name": "pixel_13", "psi": 0.03,
+                                                                   "psi_threshold": 0.1}]}))
+            db.commit()
+        await pilot.press("l", "d")
+        await settle(pilot)
+        series = app.screen.query_one("#series", Sparkline)
+        assert series.display and list(series.data or []) == [pytest.approx(0.3)] * 2
+        drawn = _drawn(series)
+        assert "█" not in drawn and "▁" in drawn, drawn
+        assert "over the last 1 evaluations" in str(app.screen.query_one("#series-label", Label).render())
+    reg.engine.dispose()

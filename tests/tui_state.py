@@ -82,13 +82,13 @@ def fill(data: Path) -> Registry:
         db.add(Approval(version_id=1, actor="bob", decision="approve", reason="canary clean for a week",
                         at=NOW - timedelta(days=1)))
         profiles = ["raspberry-pi-5", "raspberry-pi-4", "jetson-orin-nano", "x86-64"]
-        for i in range(12):
+        for i in range(12):  # each seen within the 180 s that count as online (server/presence.py)
             did = f"{'pi' if i < 8 else 'jet'}-{i:02d}"
             online = i not in (5, 11)
             running = V2 if i < 2 else V1
             db.add(Device(id=did, profile=profiles[i % 4], groups=["prod" if i % 3 == 0 else "lab"],
                           tags=["kitchen"] if i % 2 else ["garage"], status="online" if online else "offline",
-                          last_seen=NOW - timedelta(seconds=30 + 60 * i), running_manifest=running,
+                          last_seen=NOW - timedelta(seconds=5 + 15 * i), running_manifest=running,
                           running_artifact="digits-onnx-int8", install_step="failed" if i == 7 else "done",
                           install_error="smoke test failed: accuracy 0.41" if i == 7 else None,
                           desired_manifest=running, desired_artifact="digits-onnx-int8", desired_generation=1,

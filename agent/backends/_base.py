@@ -8,9 +8,12 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.errors import InputError
+from agent.errors import InferenceError, InputError
 
-__all__ = ["Backend", "IOSpec", "check_input", "dequantize", "installed_runtimes", "quantize"]
+__all__ = ["Backend", "IOSpec", "check_input", "dequantize", "inference_failed", "installed_runtimes", "quantize"]
+
+#: Longest runtime message quoted in an :class:`InferenceError`.
+_MAX_DETAIL = 300
 
 #: Manifest runtime name -> distribution that provides it.
 _DISTRIBUTIONS = {
@@ -53,7 +56,12 @@ class Backend(Protocol):
     output: IOSpec
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Run a float32 batch shaped like ``input`` (any batch size); return float32 outputs."""
+        """Run a float32 batch shaped like ``input`` (any batch size); return float32 outputs.
+
+        Raises :class:`InputError` for a batch of the wrong shape or dtype and :class:`InferenceError`
+        (see :func:`inference_failed`) when the runtime fails while running it; never the runtime's own
+        exceptions.
+        """
         ...
 
     def close(self) -> None: ...
@@ -71,6 +79,16 @@ def check_input(spec: IOSpec, x: np.ndarray) -> np.ndarray:
     if x.shape[0] < 1:
         raise InputError("input batch is empty")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def inference_failed(runtime: str, exc: BaseException) -> InferenceError:
+    """The :class:`InferenceError` for ``runtime``'s own exception ``exc``, raised while running a batch."""
+    detail = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    if len(detail) > _MAX_DETAIL:
+        detail = detail[: _MAX_DETAIL - 1] + "…"
+    return InferenceError(f"{runtime} failed while running the model on this input: {detail}. The input has a "
+                          "valid shape, so the model itself cannot handle these values (often a value outside "
+                          "the range it was built for); the request is counted as an error")
 
 
 def _shape(spec: IOSpec) -> str:

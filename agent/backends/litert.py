@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends._base import IOSpec, check_input, dequantize, quantize
+from agent.backends._base import IOSpec, check_input, dequantize, inference_failed, quantize
 from agent.errors import InputError, ModelLoadError, RuntimeMissing
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,18 @@ class LiteRTBackend:
         return np.concatenate([self._run(x[i : i + step]) for i in range(0, x.shape[0], step)])
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] != self._batch:
-            self.interp.resize_tensor_input(self._in, list(x.shape))
-            self.interp.allocate_tensors()
-            self._batch = x.shape[0]
-        feed = quantize(self._raw_in, x) if self._raw_in.quantized else x.astype(self._raw_in.dtype, copy=False)
-        self.interp.set_tensor(self._in, feed)
-        self.interp.invoke()
-        out = self.interp.get_tensor(self._out)
+        try:
+            if x.shape[0] != self._batch:
+                self._batch = -1  # resized again on the next call should this fail half-way
+                self.interp.resize_tensor_input(self._in, list(x.shape))
+                self.interp.allocate_tensors()
+                self._batch = x.shape[0]
+            feed = quantize(self._raw_in, x) if self._raw_in.quantized else x.astype(self._raw_in.dtype, copy=False)
+            self.interp.set_tensor(self._in, feed)
+            self.interp.invoke()
+            out = self.interp.get_tensor(self._out)
+        except (RuntimeError, ValueError) as exc:  # the interpreter reports kernel failures as RuntimeError
+            raise inference_failed(self.runtime, exc) from exc
         return dequantize(self.output, out) if self.output.quantized else np.array(out, dtype=np.float32)
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends._base import IOSpec, check_input
+from agent.backends._base import IOSpec, check_input, inference_failed
 from agent.errors import ModelLoadError, RuntimeMissing
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,18 @@ class OnnxRuntimeBackend:
         if len(inputs) != 1 or len(outputs) < 1:
             raise ModelLoadError(f"{path}: expected one input and at least one output, got {len(inputs)} inputs")
         self.input, self.output = _spec(inputs[0]), _spec(outputs[0])
+        # a failed run is raised as InferenceError and logged by the agent (throttled); ORT's own error line
+        # per failed request would flood the device's log
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         log.info("loaded %s with onnxruntime %s", path, ort.__version__)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = check_input(self.input, x)
-        out = self.session.run([self.output.name], {self.input.name: x})[0]
+        try:
+            out = self.session.run([self.output.name], {self.input.name: x}, self._run_options)[0]
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeException types
+            raise inference_failed(self.runtime, exc) from exc
         return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:

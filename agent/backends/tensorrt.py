@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from agent.backends._base import IOSpec, check_input
-from agent.errors import ModelLoadError, RuntimeMissing
+from agent.errors import BackendError, InferenceError, InputError, ModelLoadError, RuntimeMissing
 from agent.files import atomic_write
 from protocol import TensorRTBuild
 
@@ -54,10 +54,13 @@ def _cudart() -> Any:
     return cudart
 
 
-def _check(result: Any) -> Any:
+def _check(result: Any, error: type[BackendError] = ModelLoadError) -> Any:
+    """The value of a cuda-python call, or ``error`` (ModelLoadError while loading, InferenceError while
+    running) when it failed."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise ModelLoadError(f"CUDA call failed with error {err}")
+        raise error(f"CUDA call failed with error {err}; check the GPU's state (nvidia-smi / tegrastats) and the "
+                    "agent's log")
     return rest[0] if len(rest) == 1 else rest
 
 
@@ -126,20 +129,28 @@ class TensorRTBackend:
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = check_input(self.input, x)
         cudart = self._cudart
-        self.context.set_input_shape(self.input.name, x.shape)
+        if not self.context.set_input_shape(self.input.name, x.shape):
+            raise InputError(f"input shape {tuple(x.shape)} is outside the TensorRT engine's optimisation profile "
+                             "(the manifest's tensorrt.profiles); send a batch within it")
         out_shape = tuple(self.context.get_tensor_shape(self.output.name))
         out = np.empty(out_shape, dtype=np.float32)
-        d_in = _check(cudart.cudaMalloc(x.nbytes))
-        d_out = _check(cudart.cudaMalloc(out.nbytes))
+        d_in = _check(cudart.cudaMalloc(x.nbytes), InferenceError)
+        try:
+            d_out = _check(cudart.cudaMalloc(out.nbytes), InferenceError)
+        except InferenceError:
+            cudart.cudaFree(d_in)
+            raise
         try:
             h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            _check(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
+            _check(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, h2d, self._stream), InferenceError)
             self.context.set_tensor_address(self.input.name, int(d_in))
             self.context.set_tensor_address(self.output.name, int(d_out))
             if not self.context.execute_async_v3(self._stream):
-                raise ModelLoadError("TensorRT execution failed")
-            _check(cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self._stream))
-            _check(cudart.cudaStreamSynchronize(self._stream))
+                raise InferenceError("TensorRT failed while running the model on this input (execute_async_v3 "
+                                     "returned false); the agent's log has TensorRT's own message; the request "
+                                     "is counted as an error")
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self._stream), InferenceError)
+            _check(cudart.cudaStreamSynchronize(self._stream), InferenceError)
         finally:
             cudart.cudaFree(d_in)
             cudart.cudaFree(d_out)

@@ -13,6 +13,12 @@ The schema forbids unknown keys; a malformed file raises
     ProfileError
     └── UnknownProfile     no profile of that name
 
+A device is enrolled with one of these profiles or, marked *custom*, with a
+name that is none of theirs (hardware without a profile, a simulator):
+:func:`check_device_profile` decides which names enrolment accepts, and
+:func:`label` shows a custom one as such. A custom profile has no latency
+budget and its devices get the general artifact order.
+
 Loading needs only the standard library, pydantic and :mod:`protocol`, so
 the agent can read profiles on the device.
 """
@@ -20,7 +26,7 @@ the agent can read profiles on the device.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,6 +42,10 @@ __all__ = [
     "Profile",
     "ProfileError",
     "UnknownProfile",
+    "check_device_profile",
+    "first_in_order",
+    "is_known",
+    "label",
     "load",
     "load_all",
     "load_file",
@@ -244,15 +254,28 @@ class Profile(_Section):
             out.append(ArtifactChoice(target=Target(target), precision=Precision(precision)))
         return tuple(out)
 
-    def choose_artifact(self, artifacts: Iterable[ArtifactEntry]) -> ArtifactEntry | None:
-        """The first of ``artifacts`` (a manifest's) in this profile's order whose runtime the device has, or None."""
-        arts = list(artifacts)
-        runtimes = {r.name for r in self.runtimes}
-        for choice in self.artifact_order:
-            for art in arts:
-                if (art.target, art.precision) == (choice.target, choice.precision) and art.runtime.name in runtimes:
-                    return art
-        return None
+    def choose_artifact(self, artifacts: Iterable[ArtifactEntry],
+                        runtimes: Mapping[str, str] | None = None) -> ArtifactEntry | None:
+        """The first of ``artifacts`` (a manifest's) in this profile's order that the device can load, or None.
+
+        ``runtimes``: what the device reported having (``{name: version}``, from its hello), each artifact's
+        runtime requirement checked against it; None: any runtime this profile lists, versions unchecked.
+        """
+        if runtimes is None:
+            listed = {r.name for r in self.runtimes}
+            return first_in_order(self.artifact_order, artifacts, lambda art: art.runtime.name in listed)
+        return first_in_order(self.artifact_order, artifacts, lambda art: art.runtime.unmet(runtimes) is None)
+
+
+def first_in_order(order: Iterable[ArtifactChoice], artifacts: Iterable[ArtifactEntry],
+                   loadable: Callable[[ArtifactEntry], bool]) -> ArtifactEntry | None:
+    """The first of ``artifacts`` by (target, precision) in ``order`` for which ``loadable`` holds, or None."""
+    arts = list(artifacts)
+    for choice in order:
+        for art in arts:
+            if (art.target, art.precision) == (choice.target, choice.precision) and loadable(art):
+                return art
+    return None
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -301,3 +324,32 @@ def load(name: str, directory: Path = PROFILE_DIR) -> Profile:
 def load_all(directory: Path = PROFILE_DIR) -> dict[str, Profile]:
     """Every profile in ``directory`` by name; the first malformed one raises ProfileError."""
     return {n: load(n, directory) for n in names(directory)}
+
+
+def is_known(name: str, directory: Path = PROFILE_DIR) -> bool:
+    """Whether ``name`` is a profile's (a device enrolled with any other name has a custom profile)."""
+    return bool(re.fullmatch(_NAME, name)) and (directory / f"{name}.toml").is_file()
+
+
+def label(name: str, directory: Path = PROFILE_DIR) -> str:
+    """A device's profile as it is shown: the name, followed by ``(custom)`` when it is no profile's."""
+    return name if is_known(name, directory) else f"{name} (custom)"
+
+
+def check_device_profile(name: str, *, custom: bool = False, directory: Path = PROFILE_DIR) -> None:
+    """Accept ``name`` as a device's profile: a profile that loads or, with ``custom``, a well-formed name that
+    is no profile's. UnknownProfile lists the profiles and says how to mark a name custom; ProfileError names
+    a profile file that does not load, or a profile's name marked custom."""
+    if not custom:
+        try:
+            load(name, directory)
+        except UnknownProfile as exc:
+            raise UnknownProfile(f"{exc}; for hardware without a profile, mark the name as a custom profile "
+                                 "(no latency budget, the general artifact order)") from None
+        return
+    if not re.fullmatch(_NAME, name):
+        raise UnknownProfile(f"{name!r} is not a profile name: a-z, 0-9 and '-', at most 64 characters, starting "
+                             "with a letter or a digit")
+    if is_known(name, directory):
+        raise ProfileError(f"{name} is a hardware profile, not a custom one: enrol the device with it without "
+                           "marking it custom")

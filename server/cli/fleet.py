@@ -64,16 +64,24 @@ def server_run(
         "artifacts).")] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
-    """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM."""
+    """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM.
+
+    Refuses to start without operators.toml when the audit log shows the server was governed by one."""
     from agent.cli import configure_logging, wait_for_termination
     from server.app import ServerApp
     from server.broker import BrokerError
+    from server.governance import GovernanceError, check_bootstrap
+    from server.settings import SettingError
 
+    try:
+        check_bootstrap(data_dir)
+    except GovernanceError as exc:
+        _fail(exc)
     configure_logging(log_level)
     try:
         app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval,
                         broadcast=not unicast_artifacts, rollout_interval=rollout_interval).start()
-    except (BrokerError, OSError) as exc:
+    except (BrokerError, OSError, SettingError) as exc:
         _fail(exc)
     wait_for_termination()
     app.stop()
@@ -82,20 +90,24 @@ def server_run(
 @server_app.command("backup")
 def server_backup(dest: Annotated[Path, typer.Argument(help="New directory for the backup.")],
                   data_dir: DataDir = Path("data")) -> None:
-    """Back up the database, artifact store, keys and broker files; safe while the server runs."""
+    """Back up the database, artifact store, keys, broker files, operators.toml and the audit anchor; safe while
+    the server runs."""
     from server.backup import BackupError, backup
 
     try:
         info = backup(data_dir, dest)
     except BackupError as exc:
         _fail(exc)
-    console.print(f"backed up to {dest}: {info['counts']}")
+    files = [str(f) for f in info["files"]] if isinstance(info["files"], list) else []
+    console.print(f"backed up to {dest}: {info['counts']}" + "".join(f", {f}" for f in files)
+                  + ("" if "operators.toml" in files else "; no operators.toml (the server is in bootstrap mode)"))
 
 
 @server_app.command("restore")
 def server_restore(src: Annotated[Path, typer.Argument(help="A directory made by `edgeherd server backup`.")],
                    data_dir: DataDir = Path("data")) -> None:
-    """Restore a backup into an empty data directory (and, for PostgreSQL, an empty database)."""
+    """Restore a backup into an empty data directory (and, for PostgreSQL, an empty database), operators.toml
+    and the audit anchor included."""
     from server.backup import BackupError, restore
 
     try:
@@ -103,14 +115,21 @@ def server_restore(src: Annotated[Path, typer.Argument(help="A directory made by
     except BackupError as exc:
         _fail(exc)
     console.print(f"restored {info['counts']} from {src} into {data_dir}")
+    warnings = info.get("warnings")
+    for warning in warnings if isinstance(warnings, list) else []:
+        err.print(f"[yellow]warning:[/] {warning}")
 
 
 @device_app.command("add")
 def device_add(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Device id: a-z, 0-9 and '-'.")],
-    profile: Annotated[str, typer.Option("--profile", help="Hardware profile, e.g. raspberry-pi-5.")],
+    profile: Annotated[str, typer.Option("--profile", help="Hardware profile (hardware/profiles, "
+                                         "docs/hardware.md), e.g. raspberry-pi-5.")],
     group: Annotated[list[str] | None, typer.Option("--group", help="Group(s) the device belongs to.")] = None,
+    custom_profile: Annotated[bool, typer.Option(
+        "--custom-profile", help="--profile names hardware edgeherd has no profile for: accept the name, with no "
+        "latency budget and the general artifact order.")] = False,
     data_dir: DataDir = Path("data"),
     broker: Broker = None,
 ) -> None:
@@ -119,10 +138,12 @@ def device_add(
 
     actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
     try:
-        enrolled = _registry(data_dir, broker).add_device(name, profile, group or [], actor=actor)
+        enrolled = _registry(data_dir, broker).add_device(name, profile, group or [], actor=actor,
+                                                          custom_profile=custom_profile)
     except RegistryError as exc:
         _fail(exc)
-    console.print(f"enrolled {name}; agent config and password in {enrolled.agent_config.parent}")
+    custom = f" with the custom profile {profile} (no latency budget)" if custom_profile else ""
+    console.print(f"enrolled {name}{custom}; agent config and password in {enrolled.agent_config.parent}")
 
 
 @device_app.command("revoke")
@@ -140,12 +161,24 @@ def device_revoke(ctx: typer.Context, name: str, data_dir: DataDir = Path("data"
 
 @device_app.command("list")
 def device_list(data_dir: DataDir = Path("data")) -> None:
-    """Every device with its state."""
+    """Every device with its state; a custom profile (no hardware profile of that name) says so."""
+    from datetime import datetime, timezone
+
+    from hardware.profiles import label
+    from server.presence import shown_status
+    from server.settings import STALE_AFTER, SettingError
+
+    try:
+        stale_after = STALE_AFTER.read()
+    except SettingError as exc:
+        _fail(exc)
     table = Table()
     for col in ("device", "profile", "groups", "status", "running", "install", "last seen"):
         table.add_column(col)
+    now = datetime.now(timezone.utc)
     for d in _registry(data_dir).devices():
-        table.add_row(d.id, d.profile, ",".join(d.groups), "revoked" if d.revoked else d.status,
+        status = shown_status(d.status, d.last_seen, revoked=d.revoked, now=now, stale_after=stale_after)
+        table.add_row(d.id, label(d.profile), ",".join(d.groups), status,
                       d.running_artifact or "—", d.install_step or "—",
                       f"{d.last_seen:%Y-%m-%d %H:%M:%S}" if d.last_seen else "—")
     console.print(table)
@@ -219,8 +252,8 @@ def deploy_command(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
     device: Annotated[str, typer.Option("--device", help="The device to run it.")],
-    artifact: Annotated[str | None, typer.Option("--artifact", help="Which artifact (default: best for the "
-                                                 "device).")] = None,
+    artifact: Annotated[str | None, typer.Option("--artifact", help="Which artifact (default: the "
+                                                 "first its profile prefers among those it can load).")] = None,
     data_dir: DataDir = Path("data"),
     broker: Broker = None,
 ) -> None:
@@ -239,7 +272,12 @@ def deploy_command(
         desired = registry.deploy(name, version, device, artifact, actor=actor)
     except (RegistryError, GovernanceError) as exc:
         _fail(exc)
-    console.print(f"{device} should now run {name} {version} ({desired.artifact}), generation {desired.generation}")
+    if desired is None:
+        console.print(f"{device} will run {name} {version} once it connects and reports its runtimes (it has not "
+                      "yet); the artifact is chosen then")
+    else:
+        console.print(f"{device} should now run {name} {version} ({desired.artifact}), generation "
+                      f"{desired.generation}")
 
 
 @fleet_app.command("simulate")
@@ -261,7 +299,7 @@ def fleet_simulate(
     from agent.files import atomic_write
     from protocol import manifest_digest
     from server.registry import RegistryError
-    from server.simulate import SimConfig, simulate
+    from server.simulate import PROFILE, SimConfig, simulate
 
     reg = _registry(data_dir, broker)
     creds = data_dir / "simulator" / "passwords.json"
@@ -270,7 +308,7 @@ def fleet_simulate(
     missing = [d for d in ids if d not in known]
     try:
         if missing:
-            known |= reg.add_devices_bulk(missing, "simulated", ["simulated"])
+            known |= reg.add_devices_bulk(missing, PROFILE, ["simulated"], custom_profile=True)
             creds.parent.mkdir(exist_ok=True, mode=0o700)
             atomic_write(creds, json.dumps(known).encode(), 0o600)
         reference = digest = None

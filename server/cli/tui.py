@@ -39,6 +39,11 @@ def tui_command(
         typer.echo(f"serving the edgeherd TUI as {actor} on http://{host}:{port} (Ctrl-C stops)")
         Server(command, host=host, port=port, title="edgeherd").serve()
         return
+    from server.settings import SettingError
     from server.tui.app import make_app
 
-    make_app(data_dir, actor, broker_url=broker, refresh_s=refresh).run()
+    try:
+        app = make_app(data_dir, actor, broker_url=broker, refresh_s=refresh)
+    except (GovernanceError, SettingError) as exc:  # a broken operators.toml or EDGEHERD_* setting, or bootstrap
+        _fail(exc)  # mode refused: say so, without a traceback
+    app.run()

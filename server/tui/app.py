@@ -98,4 +98,4 @@ class EdgeherdApp(App[None]):
 
 def make_app(data_dir: Path, actor: str, *, broker_url: str | None = None, refresh_s: float = 2.0) -> EdgeherdApp:
     registry = Registry(data_dir, broker_url=broker_url)
-    return EdgeherdApp(FleetData(registry, Governance.load(data_dir), actor), refresh_s=refresh_s)
+    return EdgeherdApp(FleetData(registry, Governance.load(data_dir, registry.engine), actor), refresh_s=refresh_s)

@@ -49,8 +49,10 @@ from server.orchestrator import (
     rollout_view,
     start_governed,
 )
+from server.presence import shown_status
 from server.registry import Registry, RegistryError
 from server.rollouts import RolloutSpec, wave_sizes
+from server.settings import STALE_AFTER
 
 __all__ = ["ActionError", "DeviceDetail", "DeviceRow", "DriftRow", "FleetData", "ModelRow", "RolloutDetail",
            "RolloutRow"]
@@ -160,6 +162,8 @@ class FleetData:
     actor: str
     #: "Now", for what counts as recent (injectable, so a fixed database renders the same every time).
     clock: Callable[[], datetime] = _utcnow
+    #: A device silent this long counts as offline whatever its last state said (server/presence.py).
+    stale_after: timedelta = field(default_factory=STALE_AFTER.read)
     _versions: dict[str, str] = field(default_factory=dict)
 
     # -- who may do what ------------------------------------------------------------------------
@@ -211,7 +215,8 @@ class FleetData:
                 req, err, p95w, p95n = health.get(d.id, (0, 0, None, None))
                 out.append(DeviceRow(
                     id=d.id, profile=d.profile, groups=",".join(d.groups), tags=",".join(d.tags),
-                    status="revoked" if d.revoked else d.status,
+                    status=shown_status(d.status, d.last_seen, revoked=d.revoked, now=now,
+                                        stale_after=self.stale_after),
                     running=names.get(d.running_manifest or "", "—") if d.running_manifest else "—",
                     desired=names.get(d.desired_manifest or "", "—") if d.desired_manifest else "—",
                     install=d.install_step or "—", last_seen=d.last_seen,
@@ -359,7 +364,8 @@ class FleetData:
             return feature_drift(db, feature, since=self.clock() - timedelta(hours=hours))
 
     def drift_series(self, version: str, feature: str, points: int = 60) -> list[float]:
-        """The fleet's PSI / threshold of one feature of one version, oldest first."""
+        """The fleet's PSI / threshold of one feature of one version, oldest first; an evaluation without a score
+        for the feature (it was not reported, or has no threshold) is no point, not a zero."""
         with Session(self.registry.engine) as db:
             digest = next((d for d, n in self._names(db).items() if n == version), version)
             rows = list(db.exec(select(DriftReportRow).where(DriftReportRow.scope == "fleet",
@@ -368,7 +374,8 @@ class FleetData:
         out = []
         for r in rows:
             f = next((f for f in r.report.get("features", []) if f["name"] == feature), None)
-            out.append(f["psi"] / f["psi_threshold"] if f and f.get("psi_threshold") else 0.0)
+            if f is not None and f.get("psi_threshold"):
+                out.append(f["psi"] / f["psi_threshold"])
         return out
 
     def audit_log(self, text: str = "", limit: int = 500) -> tuple[list[AuditEntry], audit.AuditReport]:
@@ -423,15 +430,19 @@ class FleetData:
             me = self.actor.casefold()
             return v.stage == "candidate" and me not in ((v.author or "").casefold(), (v.pushed_by or "").casefold())
 
-    def deploy(self, device_id: str, ref: str) -> None:
+    def deploy(self, device_id: str, ref: str) -> str:
+        """Deploy ``ref`` to the device; what happened, in a sentence."""
         self._require(Permission.DEPLOY)
         name, _, version = ref.partition(":")
         try:
             with Session(self.registry.engine) as db:  # production devices take approved versions only
                 check_deploy(db, ref, device_id, self.governance.config)
-            self.registry.deploy(name, version, device_id, actor=self.actor)
+            desired = self.registry.deploy(name, version, device_id, actor=self.actor)
         except (RegistryError, GovernanceError) as exc:
             raise ActionError(str(exc)) from None
+        if desired is None:
+            return f"{device_id} will run {ref} once it connects and reports its runtimes"
+        return f"{device_id} should now run {ref} ({desired.artifact})"
 
     def revoke(self, device_id: str) -> None:
         self._require(Permission.REVOKE_DEVICE)

@@ -7,8 +7,9 @@ updates its tables in place by row key.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.text import Text
@@ -19,6 +20,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, ProgressBar, Sparkline, Static
 
+from hardware.profiles import label as profile_label
 from server.governance import ROLLOUT_COMMANDS, Permission
 from server.tui.data import ActionError, DeviceRow, FleetData
 from server.tui.modals import (
@@ -48,6 +50,17 @@ def _fmt(value: float | None, spec: str, dash: str = "—") -> str:
 
 def _when(at: datetime | None) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S") if at else "—"
+
+
+#: A device's profile as shown: ``(custom)`` after a name that is no hardware profile's (one lookup per name).
+_profile = lru_cache(maxsize=256)(profile_label)
+
+
+def _plot(spark: Sparkline, values: Sequence[float]) -> None:
+    """Show ``values`` in ``spark``, or hide it when there are none. Textual draws a single value as a full bar
+    and scales a series between its own minimum and maximum, so one value is drawn as a flat line."""
+    spark.display = bool(values)
+    spark.data = list(values) * 2 if len(values) == 1 else list(values)
 
 
 class Loading(Screen[None]):
@@ -106,15 +119,16 @@ class Loading(Screen[None]):
         raise NotImplementedError
 
     @work(thread=True, group="action")
-    def act(self, what: str, fn: Callable[[], None]) -> None:
-        """Run an action off the event loop; tell the operator how it went, then refresh."""
+    def act(self, what: str, fn: Callable[[], str | None]) -> None:
+        """Run an action off the event loop; tell the operator how it went (what ``fn`` returns, else ``what``),
+        then refresh."""
         try:
-            fn()
+            said = fn()
         except ActionError as exc:
             self.app.call_from_thread(self.notify, str(exc), title=f"{what}: refused", severity="error",
                                       timeout=8)
         else:
-            self.app.call_from_thread(self.notify, what, title="done")
+            self.app.call_from_thread(self.notify, said or what, title="done")
         self.app.call_from_thread(self.refresh_data)
 
     def allowed(self, permission: Permission) -> bool | None:
@@ -154,7 +168,7 @@ FLEET_WIDTHS = {"id": 14, "profile": 18, "groups": 10, "status": 8, "running": 1
 
 def _fleet_cells(r: DeviceRow) -> list[Text]:
     style = HEALTH_STYLE[r.health]
-    values = [r.id, r.profile, r.groups, r.status, r.running, r.desired, r.install, _when(r.last_seen),
+    values = [r.id, _profile(r.profile), r.groups, r.status, r.running, r.desired, r.install, _when(r.last_seen),
               _fmt(r.p95_ms, ".1f"), _fmt(None if r.error_rate is None else 100 * r.error_rate, ".2f"),
               _fmt(r.drift, ".2f")]
     return [Text(v, style=style, justify="right" if i >= 8 else "left") for i, v in enumerate(values)]
@@ -334,9 +348,9 @@ class DeviceScreen(Loading):
         with VerticalScroll():
             yield Static(f"[b]{self.device_id}[/b]", id="device-head")
             yield Static("", id="fingerprint")
-            yield Label("p95 latency (ms), last 60 windows")
+            yield Label("p95 latency (ms), last 60 windows", id="latency-label")
             yield Sparkline([], id="latency")
-            yield Label("error rate, last 60 windows")
+            yield Label("error rate, last 60 windows", id="errors-label")
             yield Sparkline([], id="errors")
             yield Label("drift per feature (PSI / threshold, latest window)")
             yield Static("", id="features")
@@ -367,15 +381,18 @@ class DeviceScreen(Loading):
         detail, self.versions = result
         r = detail.row
         self.query_one("#device-head", Static).update(
-            Text.assemble((r.id, "bold"), f"  {r.profile} · ", (r.status, HEALTH_STYLE[r.health]),
+            Text.assemble((r.id, "bold"), f"  {_profile(r.profile)} · ", (r.status, HEALTH_STYLE[r.health]),
                           f" · running {r.running} · desired {r.desired} · install {r.install} · "
                           f"last seen {_when(r.last_seen)}"))
         fp = detail.fingerprint
         self.query_one("#fingerprint", Static).update(
             " · ".join(f"{k} {v}" for k, v in sorted(fp.items()) if not isinstance(v, (dict, list))) or
             "no fingerprint reported yet")
-        self.query_one("#latency", Sparkline).data = detail.latency or [0.0]
-        self.query_one("#errors", Sparkline).data = detail.errors or [0.0]
+        for name, what, values in (("latency", "p95 latency (ms)", detail.latency),
+                                   ("errors", "error rate", detail.errors)):
+            self.query_one(f"#{name}-label", Label).update(
+                f"{what}, last 60 windows" if values else f"{what}: no telemetry yet")
+            _plot(self.query_one(f"#{name}", Sparkline), values)
         lines = [Text.assemble(f"{name[:20]:<20} ", _bar(score), f" {score:.2f}") for name, score in detail.features]
         self.query_one("#features", Static).update(Text("\n").join(lines) if lines else "no drift report yet")
         history = self.query_one("#history", DataTable)
@@ -698,9 +715,10 @@ class DriftScreen(Loading):
             table.move_cursor(row=table.get_row_index(cursor))
         self.selected = key
         self.query_one("#series-label", Label).update(
-            f"{key[0]} · {key[1]} over the last {len(series)} evaluations (1.0 = threshold)" if key else
-            "no drift evaluated yet")
-        self.query_one("#series", Sparkline).data = series or [0.0]
+            "no drift evaluated yet" if key is None else
+            f"{key[0]} · {key[1]}: no fleet-wide evaluation of it yet" if not series else
+            f"{key[0]} · {key[1]} over the last {len(series)} evaluations (1.0 = threshold)")
+        _plot(self.query_one("#series", Sparkline), series)
 
     @on(DataTable.RowHighlighted, "#drift")
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:
