@@ -52,6 +52,7 @@ def test_the_demo_rolls_out_v1_catches_v2_at_the_canary_and_the_drifting_device(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ten runs of about a minute each; the suite's 300 s is per ordinary test
 def test_the_demo_passes_ten_times_in_a_row(digits_bundle, tmp_path):
     """Ten fresh runs (each its own server, broker, database and agents; the builds reused): all ten pass."""
     first, _ = server_dir(tmp_path / "run-0", digits_bundle.key)
