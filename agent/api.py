@@ -3,7 +3,7 @@
 =============  ==========================================================
 ``POST /v1/predict``  ``application/json`` ``{"inputs": [...]}`` (one sample or a batch)
                       or ``application/x-npy`` (a .npy array); answers JSON
-``GET /v1/health``    ``{"status": "ok" | "no_model", ...}``
+``GET /v1/health``    ``{"status": "ok" | "no_model", "connected": ..., "broker_error": ..., ...}``
 ``GET /v1/model``     the running model: name, version, artifact, slot, input shape
 ``GET /metrics``      Prometheus text format
 =============  ==========================================================
@@ -46,6 +46,8 @@ class ModelHost(Protocol):
     def predictor(self) -> Predictor | None: ...
 
     def model_info(self) -> dict[str, Any]: ...
+
+    def health_info(self) -> dict[str, Any]: ...
 
     def metrics_text(self) -> str: ...
 
@@ -100,7 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
         host = self.server.host
         if self.path == "/v1/health":
             pred = host.predictor()
-            self._send(200, {"status": "ok" if pred else "no_model", **host.model_info()})
+            self._send(200, {"status": "ok" if pred else "no_model", **host.model_info(), **host.health_info()})
         elif self.path == "/v1/model":
             if host.predictor() is None:
                 self._error(HTTPStatus.SERVICE_UNAVAILABLE, "no model is installed yet")

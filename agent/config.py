@@ -6,8 +6,10 @@ required key is an error naming the key, never a silent default.
 .. code-block:: toml
 
     device_id = "pi5-kitchen"
-    broker_url = "mqtt://broker.example:1883"     # mqtts:// for TLS
-    password_file = "/etc/edgeherd/broker-password"
+    broker_url = "mqtts://broker.example:8883"    # mqtt:// without TLS
+    tls_ca = "ca.pem"                             # the CA pinned for the broker's certificate
+    tls_cert = "device.pem"                       # this device's certificate and key (or a password_file)
+    tls_key = "device.key"
     server_key = "ed25519:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
     data_dir = "/var/lib/edgeherd"
 """
@@ -43,9 +45,13 @@ class AgentConfig(BaseModel):
     password: str | None = None
     #: File holding the broker password (first line), readable only by the agent.
     password_file: Path | None = None
-    #: CA bundle to verify the broker's certificate (mqtts only; default: system CAs).
+    #: CA bundle the broker's certificate must be signed by (mqtts only): only these CAs are trusted, and the
+    #: certificate must name the host in ``broker_url``. Without it, the system's CAs (a broker with a public
+    #: certificate). Required with ``tls_cert``.
     tls_ca: Path | None = None
-    #: Client certificate and key for TLS client authentication.
+    #: This device's certificate (its common name is the device id) and private key, PEM, for a broker that
+    #: authenticates devices by certificate (mqtts only). A credential rotation replaces them, keeping the
+    #: replaced ones as ``<file>.previous`` until the broker accepts the new ones (agent/credentials.py).
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: The server's bundle-signing public key, pinned: 'ed25519:<base64>' or a PEM file path.
@@ -97,6 +103,13 @@ class AgentConfig(BaseModel):
             raise ValueError("give password or password_file, not both")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        given = [k for k in ("tls_ca", "tls_cert", "tls_key") if getattr(self, k) is not None]
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)} need a TLS broker_url (mqtts://host:8883), not {self.broker_url}")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_ca is required with tls_cert and tls_key: it pins the CA that signed the broker's "
+                             "certificate (the server's ca-bundle.pem, written next to the device's certificate at "
+                             "enrolment)")
         return self
 
     @property

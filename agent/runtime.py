@@ -31,6 +31,7 @@ import numpy as np
 from agent import preflight
 from agent.api import ApiServer
 from agent.config import AgentConfig
+from agent.credentials import check_certificate
 from agent.download import Download, download_slot
 from agent.errors import AgentError, ConfigError
 from agent.files import atomic_write
@@ -259,6 +260,10 @@ class Agent:
                      "slot": self.slots.active(), "input_shape": list(pred.input_shape),
                      "labels": pred.manifest.labels, "manifest_sha256": pred.manifest_sha256}
         return info
+
+    def health_info(self) -> dict[str, Any]:
+        """The broker connection, for ``/v1/health``: whether the agent is on the broker, and if not, why."""
+        return {"connected": self.session.connected.is_set(), "broker_error": self.session.broker_error}
 
     def metrics_text(self) -> str:
         pred = self._predictor
@@ -766,7 +771,11 @@ class Agent:
         elif cmd.kind is CommandKind.ROLLBACK:
             ack(*self._rollback())
         elif cmd.kind is CommandKind.ROTATE_CREDENTIALS:
-            ack(*self._rotate_credentials(str(cmd.args["password"])))
+            if "certificate" in cmd.args:
+                ack(*self._rotate_certificate(str(cmd.args["certificate"]), str(cmd.args["key"]),
+                                              str(cmd.args["ca"])))
+            else:
+                ack(*self._rotate_credentials(str(cmd.args["password"])))
         else:
             ack("rejected", f"{cmd.kind.value} is not supported by this agent")
 
@@ -783,6 +792,26 @@ class Agent:
             return "failed", f"could not store the new password: {exc}"
         self.session.reconnect_at_once()
         return "done", f"new password stored in {creds.file}; used from the next connection"
+
+    def _rotate_certificate(self, certificate: str, key: str, ca: str) -> tuple[str, str]:
+        """Check and store the next certificate, key and CA bundle for the next connection (agent/credentials.py);
+        expect the server to end this connection once it has revoked the old certificate, and then reconnect at
+        once."""
+        certs = self.session.certificates
+        if not certs.rotatable:
+            return "rejected", ("this agent logs in without a certificate of its own (tls_cert and tls_key in its "
+                                "config, with an mqtts:// broker_url), so it cannot take a new one")
+        material = certificate.encode(), key.encode(), ca.encode()
+        problem = check_certificate(*material, self.cfg.device_id)
+        if problem is not None:
+            log.warning("refused a new certificate from the server: %s", problem)
+            return "rejected", problem
+        try:
+            certs.rotate(*material)
+        except (OSError, AgentError) as exc:
+            return "failed", f"could not store the new certificate: {exc}"
+        self.session.reconnect_at_once()
+        return "done", f"new certificate stored in {self.cfg.tls_cert}; used from the next connection"
 
     def _rollback(self) -> tuple[str, str]:
         active = self.slots.active()

@@ -8,12 +8,27 @@ ends. The first connection of a process starts a clean session; every
 reconnection resumes it, so subscriptions and the QoS 1 messages sent to the
 device while it was off (a command, say) survive a dropped connection, such
 as the one Mosquitto ends when a credential rotation changes the password.
+
+Over TLS (``mqtts://``) the context is built from the certificate files
+before every connection attempt (:class:`agent.credentials.Certificates`), so
+a rotation takes effect on the next connection, and the previous files are
+tried when the current ones fail. Why the agent is not on the broker is kept
+in :attr:`Session.broker_error` (the local API's ``/v1/health`` shows it) and
+logged; a failed TLS handshake is explained (:func:`explain_handshake`,
+:func:`explain_refusal`): the broker's certificate is not from the pinned CA,
+does not name the host in ``broker_url``, or the broker refused this
+device's certificate. With TLS 1.3 a broker that refuses a client
+certificate often just closes the connection once the handshake is done,
+before answering CONNECT; the agent then asks the broker once more in a TLS
+1.2 handshake, where the broker checks the certificate inside the handshake
+and names its objection in an alert (revoked, unknown CA, expired).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -27,10 +42,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import AgentConfig
-from agent.credentials import Credentials
+from agent.credentials import Certificates, Credentials, TlsFiles
+from agent.errors import ConfigError
 from protocol import TopicKind, device_topic, will_message
 
-__all__ = ["Session"]
+__all__ = ["Session", "ask_broker_why", "explain_handshake", "explain_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +56,129 @@ SUBSCRIBED_KINDS = (TopicKind.DESIRED, TopicKind.COMMAND, TopicKind.ARTIFACT_CHU
 SESSION_EXPIRY_S = 60
 #: CONNACK reason codes that mean "wrong user name or password": try the next candidate password at once.
 _BAD_CREDENTIALS = (134, 135)
+#: How long the TLS 1.2 handshake that asks a broker why it refused the certificate may take.
+PROBE_TIMEOUT_S = 5.0
+
+#: OpenSSL verify codes (``SSLCertVerificationError.verify_code``) meaning "not signed by a CA we trust".
+_UNTRUSTED = {2, 7, 18, 19, 20, 21, 30}
+#: ... "the certificate does not name the host we connected to" (a DNS name, an IP address).
+_WRONG_HOST = {62, 64}
+#: ... "not valid at this time".
+_NOT_NOW = {9, 10}
+#: TLS alerts with which a broker refuses a client certificate, and what each means for the device.
+_REFUSALS = {
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "it is revoked (`edgeherd device revoke`, or replaced by a credential "
+                                       "rotation): a revoked device must be enrolled again",
+    "TLSV1_ALERT_UNKNOWN_CA": "it is not signed by a CA the broker trusts (it comes from another server, or the "
+                              "server's CA rotation finished without this device): enrol the device again",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it has expired (or the broker's clock is wrong): enrol the device again",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "",
+    "TLSV1_ALERT_ACCESS_DENIED": "",
+}
+
+
+def explain_handshake(exc: OSError, cfg: AgentConfig, files: TlsFiles) -> str:
+    """Why a TLS handshake with the broker failed, as a person can act on it (``exc`` is what it raised)."""
+    where = f"{cfg.broker_host}:{cfg.broker_port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code, detail = exc.verify_code, exc.verify_message
+        if code in _WRONG_HOST:
+            return (f"the broker's certificate does not name {cfg.broker_host}, the host in broker_url ({detail}): "
+                    "set broker_url to a name the certificate has, or have the server's certificate name this one "
+                    f"(`edgeherd server run --public-host {cfg.broker_host}`)")
+        if code in _UNTRUSTED:
+            pinned = (f"the CA pinned in tls_ca ({files.ca})" if files.ca is not None
+                      else "a CA this system trusts (no tls_ca is set)")
+            return (f"the broker's certificate is not signed by {pinned} ({detail}): {where} is not the broker this "
+                    "device was enrolled with, or the server's CA changed; the server's pki/ca-bundle.pem is the "
+                    "bundle to pin")
+        if code in _NOT_NOW:
+            return (f"the broker's certificate is not valid at this device's time ({detail}): check the device's "
+                    "clock (date -u) and the certificate's dates")
+        return f"the broker's certificate was refused: {detail}"
+    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+    if reason in _REFUSALS:
+        return explain_refusal(reason, files)
+    if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError)) or reason == "WRONG_VERSION_NUMBER":
+        return (f"{where} ended the TLS handshake without a word ({exc}): is it the broker's TLS listener? A plain "
+                "MQTT listener (use mqtt:// for it) does this")
+    return f"the TLS handshake with {where} failed: {exc}"
+
+
+def explain_refusal(reason: str | None, files: TlsFiles) -> str:
+    """Why the broker refused this device's TLS client: ``reason`` is its alert (an OpenSSL reason such as
+    ``SSLV3_ALERT_CERTIFICATE_REVOKED``), None when it closed the connection without one."""
+    if files.cert is None:
+        return ("the broker requires a client certificate and this device has none: set tls_cert and tls_key "
+                "(its enrolment writes them), or use the broker's password listener")
+    which = f"this device's {'previous ' if files.previous else ''}certificate ({files.cert})"
+    if reason is None:
+        return (f"the broker closed the connection right after the TLS handshake, before answering: it refused "
+                f"{which}; it is revoked, expired or not from a CA the broker trusts (the broker's log says which)")
+    meaning = _REFUSALS.get(reason) or f"the broker answered {reason.lower().replace('_', ' ')}"
+    return f"the broker refused {which}: {meaning}"
+
+
+def ask_broker_why(ctx: ssl.SSLContext, host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Handshake with the broker in TLS 1.2 (``ctx`` limited to it), where the broker checks the client certificate
+    within the handshake and names its objection in an alert: the alert's reason (one of those that refuse a
+    certificate); "" when the handshake succeeds (the broker takes the certificate); None when the broker does not
+    say (it has no TLS 1.2, or cannot be reached)."""
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host):
+            return ""
+    except ssl.SSLError as exc:
+        return exc.reason if exc.reason in _REFUSALS else None
+    except OSError:
+        return None
+
+
+class _TlsSocket(ssl.SSLSocket):
+    """Keeps the error that ended the connection: paho only logs it, and a TLS alert says why the broker
+    refused this device."""
+
+    failure: OSError | None = None
+
+    def _keep(self, exc: OSError) -> None:
+        if not isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError)):
+            self.failure = exc
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except OSError as exc:
+            self._keep(exc)
+            raise
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except OSError as exc:
+            self._keep(exc)
+            raise
+
+
+class _TlsContext(ssl.SSLContext):
+    """The context paho holds for the client's life. Each connection's socket comes from :attr:`inner`, the
+    context built from the certificate files for that attempt (a rotation changes them), and is kept in
+    :attr:`socket`."""
+
+    inner: ssl.SSLContext | None = None
+    socket: _TlsSocket | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if self.inner is None:
+            raise ssl.SSLError("no TLS context was built for this connection")
+        self.inner.sslsocket_class = _TlsSocket
+        wrapped = self.inner.wrap_socket(sock, *args, **kwargs)
+        self.socket = wrapped if isinstance(wrapped, _TlsSocket) else None
+        return wrapped
 
 
 class Session:
@@ -62,16 +201,26 @@ class Session:
         cfg.broker_password()  # an unreadable password file stops the agent here, saying which
         self._candidate = 0
         self._candidates: list[str | None] = []
+        #: The TLS files to connect with (the current ones first); re-read before every connection.
+        self.certificates = Certificates(cfg)
+        self._tls_index = 0
+        self._tls_candidates: list[TlsFiles] = []
+        #: The files of the connection being made (None: plain MQTT).
+        self._tls_files: TlsFiles | None = None
+        #: Why the agent is not on the broker: the last attempt's failure or what ended the last connection;
+        #: None while connected (and before the first attempt).
+        self.broker_error: str | None = None
+        #: Whether the broker answered CONNECT on the connection being made.
+        self._answered = False
         self._on_message, self._on_connected = on_message, on_connected
         self._on_disconnected, self._on_puback = on_disconnected, on_puback
         self._next_session = next_session
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.device_id, protocol=mqtt.MQTTv5)
+        self._tls = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname: paho leaves the host name check on
         if cfg.tls:
-            ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
-            if cfg.tls_cert and cfg.tls_key:
-                ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
-            self.client.tls_set_context(ctx)
+            self._check_tls_files()
+            self.client.tls_set_context(self._tls)
         self.client.on_connect = self._connect_cb
         self.client.on_disconnect = self._disconnect_cb
         self.client.on_message = self._message_cb
@@ -102,8 +251,10 @@ class Session:
 
     def _connect_cb(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     props: Properties | None) -> None:
+        self._answered = True
         if reason.is_failure:
             self.last_refusal = str(reason)
+            self.broker_error = f"the broker refused the connection: {reason}"
             if reason.value in _BAD_CREDENTIALS and self._candidate + 1 < len(self._candidates):
                 log.warning("broker refused the connection: %s; trying the previous password", reason)
                 self._candidate += 1
@@ -112,12 +263,14 @@ class Session:
                 self._candidate = 0
             client.disconnect()
             return
-        self.last_refusal = None
+        self.last_refusal = self.broker_error = None
         self.session_present = bool(getattr(flags, "session_present", False))
         self._clean_start = False  # from now on, reconnections resume this session
         self.connections += 1
         self.resumed += self.session_present
         self.credentials.accepted(self._candidate)
+        if self._tls_files is not None:
+            self.certificates.accepted(self._tls_files)
         client.subscribe([(device_topic(self.cfg.device_id, k), 1) for k in SUBSCRIBED_KINDS])
         with self._lock:
             self.granted.clear()
@@ -140,6 +293,7 @@ class Session:
         was = self.connected.is_set()
         self.connected.clear()
         if was:
+            self.broker_error = f"the connection to the broker ended: {reason}"
             log.warning("disconnected from the broker: %s", reason)
             self._on_disconnected()
 
@@ -173,19 +327,30 @@ class Session:
             if self._candidate >= len(self._candidates):
                 self._candidate = 0
             self.client.username_pw_set(self.cfg.username or self.cfg.device_id, self._candidates[self._candidate])
+            if self.cfg.tls and not self._use_tls_files():
+                delay = self._pause(delay)  # no files of any candidate can be used: logged, retried later
+                continue
             self.session_id = self._next_session()
             topic, payload = will_message(self.cfg.device_id, self.session_id)
             self.client.will_set(topic, payload, qos=1, retain=True)
+            self._answered = False
+            self._tls.socket = None
             try:
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
                 self.client.connect(self.cfg.broker_host, self.cfg.broker_port, keepalive=self.cfg.keepalive,
                                     clean_start=self._clean_start, properties=props)
-            except (OSError, ssl.SSLError) as exc:
-                wait = random.uniform(self.min_backoff / 2, delay)  # noqa: S311 - jitter, not crypto
-                log.info("cannot reach %s (%s); retrying in %.1f s", self.cfg.broker_url, exc, wait)
-                self._stop.wait(wait)
-                delay = min(delay * 2, self.max_backoff)
+            except OSError as exc:  # ssl.SSLError included
+                if self._tls.socket is not None:  # a failed handshake leaves paho without a socket to close
+                    self._tls.socket.close()
+                files = self._tls_files
+                if files is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
+                    self._failed(logging.WARNING, explain_handshake(exc, self.cfg, files))
+                    if self._next_tls_files():
+                        continue  # the previous certificate is next: try it now
+                else:
+                    self._failed(logging.INFO, f"cannot reach {self.cfg.broker_url} ({exc})")
+                delay = self._pause(delay)
                 continue
             while not self._stop.is_set():
                 rc = self.client.loop(timeout=0.5)
@@ -196,6 +361,13 @@ class Session:
                 self._on_disconnected()
             if self._stop.is_set():
                 break
+            if not self._answered:  # the broker ended the connection before answering CONNECT
+                problem, refused = self._unanswered()
+                self._failed(logging.WARNING, problem)
+                if refused and self._next_tls_files():
+                    continue
+                delay = self._pause(delay)
+                continue
             if self.last_refusal is None:
                 delay = self.min_backoff
                 if self._quick.is_set():
@@ -203,16 +375,91 @@ class Session:
                     continue  # expected (credential rotation): reconnect at once
             elif self._candidate > 0:
                 continue  # a previous password is next: try it now
-            wait = random.uniform(self.min_backoff / 2, delay)  # noqa: S311
-            self._stop.wait(wait)
-            delay = min(delay * 2, self.max_backoff)
+            delay = self._pause(delay)
+
+    def _pause(self, delay: float) -> float:
+        """Wait a jittered ``delay`` (or until stopped); the next delay."""
+        wait = random.uniform(self.min_backoff / 2, delay)  # noqa: S311 - jitter, not crypto
+        log.info("retrying in %.1f s", wait)
+        self._stop.wait(wait)
+        return min(delay * 2, self.max_backoff)
+
+    def _failed(self, level: int, problem: str) -> None:
+        self.broker_error = problem
+        log.log(level, "not on the broker: %s", problem)
+
+    # -- TLS files ----------------------------------------------------------------------
+
+    def _check_tls_files(self) -> None:
+        """At start: ConfigError (naming the file) when no candidate's files can be used."""
+        problems = []
+        for files in self.certificates.candidates():
+            try:
+                self.certificates.context(files)
+                return
+            except ConfigError as exc:
+                problems.append(str(exc))
+        raise ConfigError("; ".join(problems))
+
+    def _use_tls_files(self) -> bool:
+        """Build the context of this attempt from the candidate files (the current ones, or the previous ones after
+        the current ones failed); False when none can be used."""
+        self._tls_candidates = self.certificates.candidates()
+        if self._tls_index >= len(self._tls_candidates):
+            self._tls_index = 0
+        while True:
+            files = self._tls_candidates[self._tls_index]
+            try:
+                self._tls.inner = self.certificates.context(files)
+            except ConfigError as exc:
+                self._failed(logging.ERROR, str(exc))
+                if self._next_tls_files():
+                    continue
+                self._tls_files = None
+                return False
+            self._tls_files = files
+            return True
+
+    def _next_tls_files(self) -> bool:
+        """After the files of this attempt failed: move on to the next candidate; True when there is one."""
+        if self._tls_index + 1 < len(self._tls_candidates):
+            self._tls_index += 1
+            log.warning("trying the previous certificate (%s) next", self._tls_candidates[self._tls_index].cert)
+            return True
+        self._tls_index = 0
+        return False
+
+    def _unanswered(self) -> tuple[str, bool]:
+        """Why the broker ended a connection before answering CONNECT, and whether it refused this device's TLS
+        client certificate (so the next candidate's files are worth a try)."""
+        files = self._tls_files
+        if files is None:
+            return "the broker closed the connection before answering CONNECT; its log says why", False
+        sock = self._tls.socket
+        failure = sock.failure if sock is not None else None
+        reason = failure.reason if isinstance(failure, ssl.SSLError) else None
+        if reason not in _REFUSALS:
+            reason = self._ask_why(files)
+            if reason == "":
+                return ("the broker closed the connection before answering CONNECT, though it takes this device's "
+                        "certificate; its log says why"), False
+        return explain_refusal(reason, files), True
+
+    def _ask_why(self, files: TlsFiles) -> str | None:
+        try:
+            ctx = self.certificates.context(files)
+        except ConfigError:
+            return None
+        return ask_broker_why(ctx, self.cfg.broker_host, self.cfg.broker_port)
 
     def start(self) -> None:
         self._thread.start()
 
     def reconnect_at_once(self) -> None:
-        """The next time the connection ends, reconnect without waiting: the broker is expected to end it (it
-        re-checks a connection's password when its password file changes, as Mosquitto does)."""
+        """The next time the connection ends, reconnect without waiting, with the current credentials (those a
+        rotation has just stored): the broker is expected to end it (it re-checks a connection's password when its
+        password file changes, as Mosquitto does; the server ends it after revoking the old certificate)."""
+        self._candidate = self._tls_index = 0
         self._quick.set()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:

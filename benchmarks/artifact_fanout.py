@@ -1,22 +1,37 @@
-"""A 20 MiB artifact to 50 devices at once, against raw Mosquitto moving the same bytes in the same run.
+"""A 20 MiB artifact to 50 devices at once, over the devices' TLS listener and over plain TCP, against raw
+Mosquitto moving the same bytes, all in the same run.
 
 Baseline: ``mosquitto_pub --repeat`` publishes the artifact as 64 KiB messages
-(QoS 1) to one topic that 50 ``mosquitto_sub`` processes receive: the
-broker's own fan-out of the same bytes. edgeherd: 50 simulated devices pull
-the artifact with the real chunk protocol as the agent does (ranged requests
-for missing bytes, two in flight, per-chunk sha256, listening to the
-artifact's broadcast topic so a wave shares the chunks) from ``edgeherd
-server run``'s answering code, through the same kind of broker. Prints both
-aggregate rates and their ratio (target ≥ 0.5).
+(QoS 1) to one topic that 50 ``mosquitto_sub`` processes receive (on the
+broker's plain loopback listener): the broker's own fan-out of the same
+bytes. edgeherd: 50 simulated devices pull the artifact with the real chunk
+protocol as the agent does (ranged requests for missing bytes, two in
+flight, per-chunk sha256, listening to the artifact's broadcast topic so a
+wave shares the chunks) from ``edgeherd server run``'s answering code,
+through the same kind of broker.
 
-Run: ``python -m benchmarks.artifact_fanout [--devices 50] [--mib 20]``
+The cost of TLS: every run pulls the artifact twice, each time from a fresh
+server: once as the default has it (the devices' listener speaks TLS 1.2+,
+each device logs in with its own certificate, the handshakes done before the
+wave starts) and once from a data directory whose ``broker/listener.json``
+says ``"tls": false`` before the server first opens it (the same code, its
+devices logging in with passwords over plain TCP); the order alternates from
+run to run. Prints each run's rates, then over the runs the median (with the
+lowest and highest) of edgeherd / raw (target ≥ 0.5) for both listeners and
+of TLS / plain for the wave time. The 50 receiving devices (4 Python
+processes), the broker and the server share this machine's cores.
+
+Run: ``python -m benchmarks.artifact_fanout [--devices 50] [--mib 20] [--runs 5]``
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing as mp
+import os
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -24,6 +39,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -36,11 +52,15 @@ from protocol import (
     decode_chunk,
     device_topic,
     encode,
+    generate_signing_key,
 )
 from server.app import ServerApp
+from server.broker import SERVER_HOST, DeviceCredentials
+from server.simulate import device_tls_context
 from tests.server_helpers import blob_bundle, server_dir
 
 CHUNK = 64 * 1024
+LISTENERS = ("tls", "plain")
 
 
 def _baseline(host: str, port: int, user: str, password: str, payload: Path, devices: int, total: int) -> float:
@@ -58,17 +78,27 @@ def _baseline(host: str, port: int, user: str, password: str, payload: Path, dev
     return devices * count * CHUNK / (time.monotonic() - t0)
 
 
-def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: int, chunk_size: int,
+def _pull(url: str, creds: list[tuple[str, DeviceCredentials]], sha: str, size: int, chunk_size: int,
           out: mp.Queue, go: Any) -> None:  # type: ignore[type-arg]
-    """Devices that fetch like the agent: listen to the broadcast topic, keep two requests for missing bytes."""
+    """Devices that fetch like the agent: listen to the broadcast topic, keep two requests for missing bytes.
+    On ``mqtts://`` each logs in with its certificate, the broker checked against its CA bundle and the URL's
+    host (TLS contexts are made here: they cannot cross processes)."""
     done = threading.Event()
     remaining = [len(creds)]
+    subscribed = [0]
+    all_subscribed = threading.Event()
     lock = threading.Lock()
     clients = []
     chunks = (size + chunk_size - 1) // chunk_size
     shared = artifact_topic(sha)
+    parts = urlsplit(url)
+    host, port = parts.hostname or SERVER_HOST, parts.port or 1883
+    contexts = {}
+    if parts.scheme == "mqtts":
+        with tempfile.TemporaryDirectory(prefix="edgeherd-bench-") as scratch:  # the keys' files, while loaded
+            contexts = {d: device_tls_context(c, Path(scratch)) for d, c in creds}
 
-    def make(device_id: str, password: str) -> None:
+    def make(device_id: str, password: str | None) -> None:
         have: set[int] = set()
         inflight: dict[str, tuple[int, int]] = {}  # request id -> offset, length
         finished = [False]
@@ -76,6 +106,8 @@ def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: in
         slot = download_slot(device_id)
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         c.username_pw_set(device_id, password)
+        if device_id in contexts:
+            c.tls_set_context(contexts[device_id])
 
         def request() -> None:
             busy = set(inflight.values())
@@ -107,17 +139,23 @@ def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: in
 
         def on_subscribe(cl: mqtt.Client, u: object, mid: int, rc: object, p: object) -> None:
             granted[0] = time.monotonic()
+            with lock:
+                subscribed[0] += 1
+                if subscribed[0] == len(creds):
+                    all_subscribed.set()
             ready.wait()
             request()
 
         c.on_message, c.on_connect, c.on_subscribe = on_message, on_connect, on_subscribe
-        c.connect(host, port, keepalive=60)
+        c.connect(host, port, keepalive=60)  # on TLS the handshake runs here, before the wave
         c.loop_start()
         clients.append(c)
 
     ready = threading.Event()
-    for device_id, password in creds:
-        make(device_id, password)
+    for device_id, login in creds:
+        make(device_id, login.password)
+    if not all_subscribed.wait(120):
+        raise RuntimeError(f"only {subscribed[0]} of {len(creds)} devices logged in and subscribed at {url}")
     out.put("connected")
     go.wait(120)  # every device of every process is connected: start together, as a rollout wave does
     ready.set()
@@ -128,55 +166,94 @@ def _pull(host: str, port: int, creds: list[tuple[str, str]], sha: str, size: in
         c.loop_stop()
 
 
+def _wave(root: Path, key: Any, bundle: Path, sha: str, listener: str, devices: int, size: int, chunk: int,
+          payload: Path | None) -> tuple[float, float, float | None]:
+    """One wave from a fresh server on a data directory under ``root``: (seconds from the go to the last byte,
+    times the server sent the artifact, mosquitto_pub/sub's rate on its broker when ``payload`` is given)."""
+    data, _ = server_dir(root / f"{listener}-{uuid.uuid4().hex[:8]}" / "data", key)
+    if listener == "plain":  # before the server first opens it: the broker keeps a "tls" it finds
+        (data / "broker").mkdir(mode=0o700)
+        (data / "broker" / "listener.json").write_text(json.dumps({"tls": False}))
+    app = ServerApp(data, metrics_port=0, drift_interval=3600, workers=2).start()
+    try:
+        reg = app.registry
+        assert reg.certificates == (listener == "tls"), reg.broker_url  # what is measured
+        reg.push_model(bundle)
+        ids = [f"fan-{i:03d}" for i in range(devices)]
+        creds = reg.add_devices_bulk(ids, "simulated", custom_profile=True)
+        for d in ids:
+            reg.deploy("big", "1.0.0", d, "blob")
+        raw = None
+        if payload is not None:  # the broker's own fan-out, on its plain listener for the server's processes
+            raw = _baseline(SERVER_HOST, reg.broker.server_port, "edgeherd-server", reg.broker.server_password(),
+                            payload, devices, size)
+        ctx = mp.get_context("spawn")
+        out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+        go = ctx.Event()
+        shards = [list(creds.items())[i::4] for i in range(4)]
+        procs = [ctx.Process(target=_pull, args=(reg.broker_url, s, sha, size, chunk, out, go)) for s in shards if s]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            out.get(timeout=180)
+        t0 = time.monotonic()
+        go.set()
+        for _ in procs:
+            assert out.get(timeout=900) == "done"
+        seconds = time.monotonic() - t0
+        sent = app.chunks_sent * chunk / size
+        for p in procs:
+            p.join(30)
+    finally:
+        app.stop()
+    return seconds, sent, raw
+
+
+def _median(values: list[float]) -> str:
+    """The median, with the lowest and highest."""
+    v = sorted(values)
+    return f"{statistics.median(v):.2f} ({v[0]:.2f}–{v[-1]:.2f})"
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=50)
     ap.add_argument("--mib", type=int, default=20)
     ap.add_argument("--chunk-kib", type=int, default=256, help="chunk size the devices ask for (4-256)")
+    ap.add_argument("--runs", type=int, default=5, help="waves per listener (TLS and plain TCP)")
     args = ap.parse_args()
     size = args.mib * 1024 * 1024
+    chunk = args.chunk_kib * 1024
+    moved = args.devices * size / 2**20  # MiB per wave, all devices together
+    print(f"{args.devices} devices × {args.mib} MiB, {args.chunk_kib} KiB chunks; the devices (4 processes), the "
+          f"broker and the server share this machine's {os.cpu_count()} cores", flush=True)
+    waves: dict[str, list[float]] = {name: [] for name in LISTENERS}
+    raws: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        data, key = server_dir(Path(tmp) / "data")
-        bundle, blob, _ = blob_bundle(Path(tmp) / "bundle", key, model="big", size=size)
+        os.chmod(tmp, 0o711)  # noqa: S103 - search only: the broker, run as its own user, reads its files below
+        root = Path(tmp)
+        key = generate_signing_key()
+        bundle, blob, _ = blob_bundle(root / "bundle", key, model="big", size=size)
         sha = hashlib.sha256(blob).hexdigest()
-        payload = Path(tmp) / "chunk.bin"
+        payload = root / "chunk.bin"
         payload.write_bytes(blob[:CHUNK])
-
-        app = ServerApp(data, metrics_port=0, drift_interval=3600, workers=2).start()
-        try:
-            reg = app.registry
-            reg.push_model(bundle)
-            ids = [f"fan-{i:03d}" for i in range(args.devices)]
-            passwords = reg.add_devices_bulk(ids, "simulated", custom_profile=True)
-            for d in ids:
-                reg.deploy("big", "1.0.0", d, "blob")
-            raw = _baseline("127.0.0.1", reg.broker.port, "edgeherd-server", reg.broker.server_password(), payload,
-                            args.devices, size)
-            ctx = mp.get_context("spawn")
-            out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-            go = ctx.Event()
-            shards = [list(passwords.items())[i::4] for i in range(4)]
-            procs = [ctx.Process(target=_pull, args=("127.0.0.1", reg.broker.port, s, sha, size,
-                                                     args.chunk_kib * 1024, out, go))
-                     for s in shards if s]
-            for p in procs:
-                p.start()
-            for _ in procs:
-                out.get(timeout=120)
-            t0 = time.monotonic()
-            go.set()
-            for _ in procs:
-                assert out.get(timeout=900) == "done"
-            ours = args.devices * size / (time.monotonic() - t0)
-            sent = app.chunks_sent * args.chunk_kib * 1024 / size
-            for p in procs:
-                p.join(30)
-        finally:
-            app.stop()
-    print(f"{args.devices} devices × {args.mib} MiB, {args.chunk_kib} KiB chunks: "
-          f"mosquitto_pub/sub {raw / 2**20:7.1f} MiB/s, "
-          f"edgeherd chunk protocol {ours / 2**20:7.1f} MiB/s, ratio {ours / raw:.2f} (target ≥ 0.5); "
-          f"the server sent the artifact {sent:.1f} times")
+        for i in range(args.runs):
+            line = []
+            for listener in (LISTENERS if i % 2 == 0 else LISTENERS[::-1]):
+                seconds, sent, raw = _wave(root, key, bundle, sha, listener, args.devices, size, chunk,
+                                           payload if listener == "tls" else None)
+                waves[listener].append(seconds)
+                if raw is not None:
+                    raws.append(raw)
+                line.append(f"{'TLS' if listener == 'tls' else 'plain TCP'} {moved / seconds:7.1f} MiB/s "
+                            f"(wave {seconds:5.2f} s, artifact sent {sent:.1f} times)")
+            print(f"run {i + 1}: mosquitto_pub/sub {raws[-1] / 2**20:7.1f} MiB/s; edgeherd chunk protocol over "
+                  + ", over ".join(line), flush=True)
+    tls, plain = waves["tls"], waves["plain"]
+    print(f"over {args.runs} run(s), median (lowest–highest): edgeherd / mosquitto_pub/sub: over TLS "
+          f"{_median([moved * 2**20 / s / r for s, r in zip(tls, raws, strict=True)])}, over plain TCP "
+          f"{_median([moved * 2**20 / s / r for s, r in zip(plain, raws, strict=True)])} (target ≥ 0.5); "
+          f"TLS / plain wave time {_median([t / p for t, p in zip(tls, plain, strict=True)])}")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ SUITES = [
     ("agent_overhead", "Agent overhead", "a prediction through the agent (validation, statistics, API) against "
                                          "the bare runtime session"),
     ("ingest", "Ingest: 1,000 devices", "messages/s, p95 lag and loss against what the simulator sent, on "
-                                        "SQLite and PostgreSQL"),
+                                        "SQLite and PostgreSQL; the devices' TLS listener against plain TCP in "
+                                        "the same run (TLS / plain)"),
     ("artifact_fanout", "Artifact fan-out", "50 devices pulling 20 MiB against mosquitto_pub/sub moving the same "
-                                            "bytes"),
+                                            "bytes, over the TLS listener and over plain TCP (TLS / plain wave "
+                                            "time)"),
     ("tui_refresh", "TUI refresh at 10,000 devices", "fetch and render against a bare SELECT of the devices"),
     ("demo_time", "End-to-end demo", "the whole demo against building its model alone"),
 ]

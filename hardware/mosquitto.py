@@ -19,12 +19,14 @@ import hashlib
 import re
 import secrets
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.topics import ARTIFACTS, DEVICES, PREFIX
 
 __all__ = [
     "DEVICE_PATTERN",
+    "TlsFiles",
     "hash_password",
     "new_password",
     "render_acl",
@@ -36,6 +38,18 @@ __all__ = [
 DEVICE_PATTERN = f"pattern readwrite {DEVICES}/%u/#"
 ARTIFACT_PATTERN = f"pattern read {ARTIFACTS}/+/chunk"
 _PBKDF2_ITERATIONS = 101  # what mosquitto_passwd writes; the hash cost is per broker login
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The devices' listener's TLS files, as the broker process reads them."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    crlfile: Path
+
+
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -97,6 +111,7 @@ def render_config(
     server_port: int | None = None,
     persistence_dir: Path | None = None,
     max_packet_size: int = 2 * 1024 * 1024,
+    tls: TlsFiles | None = None,
 ) -> str:
     """A ``mosquitto.conf`` with password and ACL files: the devices' listener on ``host:port`` and, with
     ``server_port``, a listener on loopback for the server's own connections.
@@ -143,4 +158,9 @@ def render_config(
                   f"listener {server_port} 127.0.0.1"]
     lines += ["# devices: the user name (the device id) is the client id", f"listener {port} {host}",
               "use_username_as_clientid true"]
+    if tls is not None:
+        lines += ["# TLS only, a certificate from our CA required; its common name is the user name",
+                  f"cafile {tls.cafile}", f"certfile {tls.certfile}", f"keyfile {tls.keyfile}",
+                  f"crlfile {tls.crlfile}", "require_certificate true", "use_identity_as_username true",
+                  "tls_version tlsv1.2"]
     return "\n".join(lines) + "\n"

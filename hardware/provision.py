@@ -1,17 +1,25 @@
 """Provisioning bundles: everything a device needs to run the agent, installed offline by one script.
 
 A bundle is a directory ``edgeherd-<device>/``, shipped as a ``.tar.gz``
-(written mode 0600: it holds the device's broker password)::
+(written mode 0600: it holds the device's private key or broker password)::
 
     install.sh                          the installer (docs/hardware.md); 0700
     bundle.json                         what the bundle is: device, profile, Python, platform, wheels
     requirements.txt                    every wheel pinned with its sha256
     wheelhouse/*.whl                    edgeherd and its dependencies for the device's platform and Python
     config/agent.toml                   the agent's configuration (paths filled in by install.sh)
-    config/broker-password              the device's broker password; 0600
-    config/ca.crt                       the broker's CA certificate, when the broker URL is mqtts://
+    config/credentials/device.pem       the device's certificate (its common name: the device id); 0600
+    config/credentials/device.key       its private key; 0600
+    config/credentials/ca.pem           the CA bundle the agent pins (the server's own CA); 0600
+    config/credentials/broker-password  instead of the three above, for a broker the user brings; 0600
+    config/ca.crt                       with a password: the broker's CA certificate, when one was given
     systemd/edgeherd-agent.service      the agent's unit (paths filled in by install.sh)
     systemd/edgeherd-firstboot.service  the unit that runs install.sh on the first boot of a flashed image
+
+A device of the managed broker logs in with a certificate of its own over mutual TLS (``mqtts://``, the
+server's CA pinned); a password is for a broker the user brings, the weaker option (docs/server.md). install.sh
+installs whichever the bundle holds into ``<config>/credentials/``, 0600 and owned by the agent's user, which
+rotates them there (``device rotate-credentials``).
 
 It gets onto a device three ways (``edgeherd flash``): as the file itself
 (:func:`write_tarball`), written into a mounted root filesystem with the
@@ -60,6 +68,8 @@ AGENT_UNIT = "edgeherd-agent.service"
 FIRSTBOOT_UNIT = "edgeherd-firstboot.service"
 #: Where a flashed root filesystem keeps the bundle until the first boot has installed it.
 FIRSTBOOT_DIR = "/var/lib/edgeherd-firstboot"
+#: The device's credentials in the bundle's ``config/credentials/`` and, installed, ``<config>/credentials/``.
+CERT_FILE, KEY_FILE, CA_FILE, PASSWORD_FILE = "device.pem", "device.key", "ca.pem", "broker-password"
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: What ``ssh`` and ``scp`` are given as the device: ``user@host``, an ssh_config alias, ``host``.
 _SSH_TARGET = re.compile(r"^(?:[a-z_][a-z0-9_.-]{0,31}@)?[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
@@ -70,20 +80,48 @@ class ProvisionError(Exception):
     """A bundle cannot be written or installed; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeviceSecrets:
-    """What the server gives the device: who it is, where the broker is, its password, the key it must trust."""
+    """What the server gives the device: who it is, where the broker is, what it logs in with (a certificate and
+    key, or a password) and the keys it must trust."""
 
     device_id: str
     broker_url: str
-    password: str
     #: The pinned bundle-signing key, ``ed25519:<base64>``.
     server_key: str
-    #: The broker's CA certificate (PEM) for mqtts://; None: the device's system CAs (or plain mqtt://).
+    #: The broker password: for a broker the user brings (the managed one takes certificates).
+    password: str | None = None
+    #: The device's certificate and private key (PEM), for mutual TLS with the managed broker.
+    certificate: bytes | None = None
+    key: bytes | None = None
+    #: The CA bundle (PEM) the agent pins for mqtts://: the server's CA with a certificate; with a password, the
+    #: broker's CA certificate where one was given (None: the device's system CAs, or plain mqtt://).
     ca_cert: bytes | None = None
 
-    def __repr__(self) -> str:  # never print the password
-        return f"DeviceSecrets(device_id={self.device_id!r}, broker_url={self.broker_url!r}, password=***)"
+    def __post_init__(self) -> None:
+        if (self.password is None) == (self.certificate is None):
+            raise ProvisionError("a device logs in with a password or with a certificate: give exactly one")
+        if self.certificate is None:
+            if self.key is not None:
+                raise ProvisionError("a private key goes with a certificate, not with a password")
+            return
+        if self.key is None or self.ca_cert is None:
+            raise ProvisionError("a device certificate goes with its private key and the CA bundle to pin")
+        if not self.broker_url.startswith("mqtts://"):
+            raise ProvisionError(f"a device certificate is for an mqtts:// broker, not {self.broker_url}")
+        for what, pem, marker in (("certificate", self.certificate, b"-----BEGIN CERTIFICATE-----"),
+                                  ("private key", self.key, b"PRIVATE KEY-----"),
+                                  ("CA bundle", self.ca_cert, b"-----BEGIN CERTIFICATE-----")):
+            if marker not in pem:
+                raise ProvisionError(f"the device's {what} is not PEM")
+
+    @property
+    def uses_certificate(self) -> bool:
+        return self.certificate is not None
+
+    def __repr__(self) -> str:  # never print the password or the key
+        kind = "certificate" if self.uses_certificate else "password"
+        return f"DeviceSecrets(device_id={self.device_id!r}, broker_url={self.broker_url!r}, {kind}=***)"
 
 
 @dataclass(frozen=True)
@@ -123,17 +161,23 @@ def _toml_string(value: str) -> str:
 def agent_toml(spec: BundleSpec) -> str:
     """The agent's configuration; ``@CONFIG_DIR@`` and ``@DATA_DIR@`` are filled in by install.sh."""
     s = spec.secrets
+    if s.uses_certificate:
+        login = [f'tls_ca = "@CONFIG_DIR@/credentials/{CA_FILE}"',
+                 f'tls_cert = "@CONFIG_DIR@/credentials/{CERT_FILE}"',
+                 f'tls_key = "@CONFIG_DIR@/credentials/{KEY_FILE}"']
+    else:
+        login = [f'password_file = "@CONFIG_DIR@/credentials/{PASSWORD_FILE}"']
+        if s.ca_cert is not None:
+            login.append('tls_ca = "@CONFIG_DIR@/ca.crt"')
     lines = [
         f"# edgeherd agent configuration for {s.device_id} (docs/agent.md), written by `edgeherd flash`",
         f"device_id = {_toml_string(s.device_id)}",
         f"broker_url = {_toml_string(s.broker_url)}",
-        'password_file = "@CONFIG_DIR@/credentials/broker-password"',
+        *login,
         f"server_key = {_toml_string(s.server_key)}",
         'data_dir = "@DATA_DIR@"',
         f"profile = {_toml_string(spec.profile.name)}",
     ]
-    if s.ca_cert is not None:
-        lines.append('tls_ca = "@CONFIG_DIR@/ca.crt"')
     return "\n".join(lines) + "\n"
 
 
@@ -186,9 +230,16 @@ def stage(parent: Path, spec: BundleSpec, wheelhouse: Path, requirements: str, w
     _write(root / "install.sh", install_script(spec), 0o700)
     _write(root / "requirements.txt", requirements, 0o600)
     _write(root / "config" / "agent.toml", agent_toml(spec), 0o600)
-    _write(root / "config" / "broker-password", s.password + "\n", 0o600)
-    if s.ca_cert is not None:
-        _write(root / "config" / "ca.crt", s.ca_cert, 0o644)
+    creds = root / "config" / "credentials"
+    if s.uses_certificate:
+        assert s.certificate is not None and s.key is not None and s.ca_cert is not None  # noqa: S101 - checked
+        _write(creds / CERT_FILE, s.certificate, 0o600)
+        _write(creds / KEY_FILE, s.key, 0o600)
+        _write(creds / CA_FILE, s.ca_cert, 0o600)
+    else:
+        _write(creds / PASSWORD_FILE, f"{s.password}\n", 0o600)
+        if s.ca_cert is not None:
+            _write(root / "config" / "ca.crt", s.ca_cert, 0o644)
     _write(root / "systemd" / AGENT_UNIT, agent_unit(spec), 0o644)
     _write(root / "systemd" / FIRSTBOOT_UNIT, firstboot_unit(spec), 0o644)
     info = {
@@ -197,6 +248,7 @@ def stage(parent: Path, spec: BundleSpec, wheelhouse: Path, requirements: str, w
         "python": spec.python, "architecture": p.system.architecture, "platforms": list(platforms),
         "extra": p.install.extra, "wheels": list(wheels), "broker_url": s.broker_url,
         "tls": s.broker_url.startswith("mqtts://"), "ca_cert": s.ca_cert is not None,
+        "credentials": "certificate" if s.uses_certificate else "password",
     }
     _write(root / "bundle.json", json.dumps(info, indent=2) + "\n", 0o600)
     return root

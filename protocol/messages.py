@@ -9,6 +9,7 @@ payloads with :func:`decode` (or :func:`decode_for_topic`), which raises only
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, ClassVar, Literal
 
@@ -370,36 +371,61 @@ class CommandKind(str, Enum):
     ROLLBACK = "rollback"
     RESTART_AGENT = "restart_agent"
     SET_LOG_LEVEL = "set_log_level"
-    #: ``args.password``: the device's next broker password. The device stores it for its next connection
-    #: and acknowledges ``done``; only then does the server make the broker accept it instead of the old one.
+    #: ``args.password`` (the device's next broker password), or ``args.certificate``, ``args.key`` and
+    #: ``args.ca`` (its next client certificate, private key and the CA bundle to pin, PEM). The device stores
+    #: them for its next connection and acknowledges ``done``; only then does the server retire the old ones.
     ROTATE_CREDENTIALS = "rotate_credentials"
 
 
 #: Length limits of a broker password carried by ``rotate_credentials``.
 MIN_PASSWORD, MAX_PASSWORD = 16, 256
+#: Largest PEM text (a certificate, a key, a CA bundle) a ``rotate_credentials`` command may carry.
+MAX_PEM = 8 * 1024
+#: What each PEM argument of ``rotate_credentials`` must hold.
+PEM_ARGS = {"certificate": ("CERTIFICATE",), "key": ("PRIVATE KEY", "EC PRIVATE KEY"), "ca": ("CERTIFICATE",)}
+PemText = Annotated[str, StringConstraints(max_length=MAX_PEM)]
+
+
+def _check_pem(name: str, value: object, labels: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or not value.isascii():
+        raise ValueError(f"rotate_credentials args.{name} must be PEM text")
+    blocks = re.findall(r"-----BEGIN ([A-Z ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----", value)
+    if not blocks or any(b not in labels for b in blocks):
+        raise ValueError(f"rotate_credentials args.{name} must hold PEM blocks of {' or '.join(labels)}")
+    if name == "key" and len(blocks) != 1:
+        raise ValueError("rotate_credentials args.key must hold exactly one private key")
 
 
 class Command(_Msg):
     KIND: ClassVar[str] = "command"
-    MAX_BYTES: ClassVar[int] = 8 * 1024
+    MAX_BYTES: ClassVar[int] = 32 * 1024
 
     command_id: RequestId
     kind: CommandKind
-    args: dict[Name, bool | int | float | ShortText] = Field(default_factory=dict, max_length=16)
+    #: Values longer than 256 characters are PEM texts, which only ``rotate_credentials`` takes.
+    args: dict[Name, bool | int | float | PemText] = Field(default_factory=dict, max_length=16)
     issued_at: AwareDatetime
     #: The device ignores (and rejects) a command received after this time.
     expires_at: AwareDatetime | None = None
 
     @model_validator(mode="after")
     def _args(self) -> Command:
+        long = [k for k, v in self.args.items() if isinstance(v, str) and len(v) > 256]
         if self.kind is CommandKind.ROTATE_CREDENTIALS:
+            if set(self.args) == set(PEM_ARGS):
+                for name, labels in PEM_ARGS.items():
+                    _check_pem(name, self.args[name], labels)
+                return self
             password = self.args.get("password")
             if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD \
                     or not password.isprintable() or password != password.strip():
                 raise ValueError(f"rotate_credentials needs args.password: {MIN_PASSWORD}-{MAX_PASSWORD} printable "
-                                 "characters without leading or trailing spaces")
+                                 "characters without leading or trailing spaces, or args.certificate, args.key and "
+                                 "args.ca (PEM)")
             if set(self.args) != {"password"}:
-                raise ValueError("rotate_credentials takes args.password only")
+                raise ValueError("rotate_credentials takes args.password, or args.certificate, args.key and args.ca")
+        elif long:
+            raise ValueError(f"args.{long[0]}: at most 256 characters")
         return self
 
 

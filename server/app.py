@@ -71,9 +71,10 @@ class ServerApp:
 
     def __init__(self, data_dir: Path, *, broker_url: str | None = None, metrics_port: int = 9470,
                  workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True,
-                 rollout_interval: float = 2.0, broadcast_chunk: int = 256 * 1024) -> None:
+                 rollout_interval: float = 2.0, broadcast_chunk: int = 256 * 1024,
+                 listen: tuple[str, int] | None = None, public_hosts: list[str] | None = None) -> None:
         self.managed = broker_url is None
-        self.registry = Registry(data_dir, broker_url=broker_url)
+        self.registry = Registry(data_dir, broker_url=broker_url, listen=listen, public_hosts=public_hosts)
         self.ingestor = Ingestor(self.registry.engine)
         self.store = DirectoryStore(self.registry.store)
         #: One queue per worker of (topic, payload, monotonic time received); a device's messages always go to

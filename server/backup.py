@@ -42,7 +42,7 @@ from server.governance import OPERATORS_FILE, GovernanceError, check_bootstrap
 
 __all__ = ["BackupError", "backup", "restore"]
 
-_TREES = ("store", "keys", "broker", "devices")
+_TREES = ("store", "keys", "broker", "devices", "pki")
 #: Single files of the data directory a backup carries, when the server has them.
 _FILES = (OPERATORS_FILE, ANCHOR_FILE)
 _SKIP = {"mosquitto.pid", "mosquitto.log"}

@@ -16,6 +16,7 @@ states) and sessions across restarts in ``<data>/broker/persistence``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -25,25 +26,30 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from hardware.files import atomic_write
 from hardware.mosquitto import (
+    TlsFiles,
     hash_password,
     new_password,
     render_acl,
     render_config,
     render_password_file,
 )
+from server.pki import Authority, Issued, PkiError, check_host_name
 
-__all__ = ["SERVER_HOST", "SERVER_USER", "BrokerCredentials", "BrokerError", "MosquittoBroker", "find_mosquitto",
-           "free_port"]
+__all__ = ["DEFAULT_TLS_PORT", "SERVER_HOST", "SERVER_USER", "BrokerCredentials", "BrokerError", "DeviceCredentials",
+           "MosquittoBroker", "find_mosquitto", "free_port", "parse_listen", "take_over"]
 
 log = logging.getLogger(__name__)
 SERVER_USER = "edgeherd-server"
 #: Where the managed broker's listener for the server's own connections binds: loopback only.
 SERVER_HOST = "127.0.0.1"
+#: The devices' listener's port when ``--public-host`` is given without ``--listen`` (MQTT over TLS).
+DEFAULT_TLS_PORT = 8883
 
 
 class BrokerError(RuntimeError):
@@ -53,6 +59,11 @@ class BrokerError(RuntimeError):
 class BrokerCredentials(Protocol):
     def add_device(self, device_id: str, password: str | None = None) -> str:
         """Create (or re-key) the device's credentials, with ``password`` or a fresh one; returns the password."""
+
+    def issue_certificates(self, device_ids: list[str]) -> dict[str, Issued]:
+        """A certificate and key per device, for a broker that authenticates devices by certificate."""
+
+    def revoke_certificates(self, serials: list[int]) -> list[int]: ...
 
     def revoke_device(self, device_id: str) -> None: ...
 
@@ -64,15 +75,51 @@ def find_mosquitto() -> str | None:
     return shutil.which("mosquitto", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
 
 
-class MosquittoBroker:
-    """Mosquitto's files in ``<data_dir>/broker``; optionally the process too (``managed``)."""
+@dataclass(frozen=True)
+class DeviceCredentials:
+    """What a device logs in with: a password, or a certificate and key (PEM) with the CA bundle its agent pins."""
 
-    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    password: str | None = None
+    certificate: bytes | None = None
+    key: bytes | None = None
+    ca_bundle: bytes | None = None
+    serial: int | None = None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as given to ``--listen``; BrokerError saying what is wrong."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        value = int(port)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise BrokerError(f"--listen {text!r}: give an IP address and a port, like 0.0.0.0:8883 or "
+                          "127.0.0.1:8883") from None
+    if not sep or not 0 <= value < 65536:
+        raise BrokerError(f"--listen {text!r}: the port must be 0-65535 (0: any free port)")
+    return host, value
+
+
+class MosquittoBroker:
+    """Mosquitto's files in ``<data_dir>/broker``; optionally the process too (``managed``).
+
+    ``listen`` (host, port) and ``public_hosts`` are what ``server run`` was given; they are kept in
+    ``broker/listener.json``, so other commands on the data directory (``device add``, ``flash``) write the
+    address devices reach. A data directory from before the devices' listener had TLS keeps it plain (devices
+    with passwords) until ``"tls": true`` is set there; a new one has TLS from the start.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1",
+                 listen: tuple[str, int] | None = None, public_hosts: list[str] | None = None) -> None:
+        self.data_dir = data_dir
         self.dir = data_dir / "broker"
+        fresh = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         #: Mosquitto's store of retained messages and sessions (``persistence_location``).
         self.persistence = self.dir / "persistence"
-        self.host = host
+        #: What the broker process reads for TLS: copies of the authority's public files and the broker's key.
+        self.tls_dir = self.dir / "tls"
         self._users_file = self.dir / "users.json"  # user -> $7$ hash (the source of truth)
         users = self._users()
         if SERVER_USER not in users:
@@ -80,28 +127,58 @@ class MosquittoBroker:
             atomic_write(self.dir / "server.password", password + "\n", 0o600)
             users[SERVER_USER] = hash_password(password)
             self._save(users)
-        # the devices' port (what their agent configs name) and the server's; a directory from before the
-        # server had a listener of its own keeps its devices' port and gains the server's
+        # the devices' address and port (what their agent configs name) and the server's; a directory from
+        # before the server had a listener of its own keeps its devices' port and gains the server's
         settings = self.dir / "listener.json"
         try:
             saved = json.loads(settings.read_text()) if settings.exists() else {}
-            self.port = int(saved.get("port") or port or free_port(host))
+            names = [check_host_name(n) for n in (public_hosts if public_hosts is not None
+                                                  else saved.get("public_hosts", []))]
+            if listen is None and public_hosts and not saved.get("public_hosts"):
+                listen = ("0.0.0.0", DEFAULT_TLS_PORT)  # noqa: S104 - a public host was named: serve the LAN
+            if listen is not None:
+                self.host, wanted = listen
+                kept = int(saved["port"]) if saved.get("port") and saved.get("host") == self.host else 0
+                self.port = wanted or kept or free_port(
+                    self.host if self.host != "0.0.0.0" else "127.0.0.1")  # noqa: S104
+            else:
+                self.host = str(saved.get("host") or host)
+                self.port = int(saved.get("port") or port or free_port(self.host))
             self.server_port = int(saved.get("server_port") or free_port(SERVER_HOST))
-        except (ValueError, TypeError, AttributeError) as exc:
+            self.tls = bool(saved.get("tls", fresh or not (set(users) - {SERVER_USER})))
+        except (ValueError, TypeError, AttributeError, PkiError) as exc:
             raise BrokerError(f"{settings} is not valid ({exc}): it must be JSON like "
-                              f'{{"port": 1883, "server_port": 1884}}, "port" being the one the devices\' '
-                              f"agent.toml names") from None
+                              f'{{"host": "0.0.0.0", "port": 8883, "server_port": 1884, "tls": true, '
+                              f'"public_hosts": ["gateway.lan"]}}, "port" being the one the devices\' agent.toml '
+                              "names") from None
         while self.server_port == self.port:
             self.server_port = free_port(SERVER_HOST)
-        if saved.get("port") != self.port or saved.get("server_port") != self.server_port:
-            atomic_write(settings, json.dumps({**saved, "host": saved.get("host", host), "port": self.port,
-                                               "server_port": self.server_port}), 0o600)
+        self.public_hosts = names
+        wanted_settings = {**saved, "host": self.host, "port": self.port, "server_port": self.server_port,
+                           "tls": self.tls, "public_hosts": names}
+        if wanted_settings != saved:
+            atomic_write(settings, json.dumps(wanted_settings), 0o600)
+        #: The certificate authority (``<data>/pki``), when the devices' listener has TLS.
+        self.authority = Authority.open(data_dir) if self.tls else None
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def device_host(self) -> str:
+        """The host name devices connect to: the first public host, else the listener's own address."""
+        if self.public_hosts:
+            return self.public_hosts[0]
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104
+
+    @property
+    def certificate_names(self) -> list[str]:
+        """What the broker's certificate names: the public hosts, the listener's address, and loopback."""
+        extra = [] if self.host in ("0.0.0.0", "::") else [self.host]  # noqa: S104
+        return list(dict.fromkeys([*self.public_hosts, *extra, "localhost", "127.0.0.1"]))
 
     @property
     def url(self) -> str:
         """The devices' listener: the address agent configs name."""
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.device_host}:{self.port}"
 
     @property
     def server_url(self) -> str:
@@ -123,23 +200,22 @@ class MosquittoBroker:
         self._hand_to_broker_user()
 
     def _hand_to_broker_user(self) -> None:
-        """Mosquitto started as root drops to the 'mosquitto' user before reading its files."""
-        if os.geteuid() != 0:
-            return
-        try:
-            entry = pwd.getpwnam("mosquitto")
-        except KeyError:
+        """Mosquitto started as root drops to the 'mosquitto' user before it reads its files: they are its."""
+        entry = _broker_user()
+        if entry is None:
             return
         kept = list(self.persistence.iterdir()) if self.persistence.is_dir() else []  # a restored or root-run store
-        for path in [self.dir, *self.dir.iterdir(), *kept]:
+        tls = list(self.tls_dir.iterdir()) if self.tls_dir.is_dir() else []
+        for path in [self.dir, *self.dir.iterdir(), *kept, *tls]:
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def add_device(self, device_id: str, password: str | None = None) -> str:
         return self.add_devices([device_id], {device_id: password} if password else None)[device_id]
 
     def add_devices(self, device_ids: list[str], passwords: dict[str, str] | None = None) -> dict[str, str]:
-        """Credentials for many devices (``passwords`` where given, else fresh ones) with one rewrite of the files
-        and one reload."""
+        """Passwords for many devices (``passwords`` where given, else fresh ones) with one rewrite of the files
+        and one reload. On a TLS listener they are of no use to a device (it logs in with its certificate)."""
+        _refuse_reserved(device_ids)
         users = self._users()
         chosen = {d: (passwords or {}).get(d) or new_password() for d in device_ids}
         for d, password in chosen.items():
@@ -148,41 +224,88 @@ class MosquittoBroker:
         self.reload()
         return chosen
 
+    def issue_certificates(self, device_ids: list[str]) -> dict[str, Issued]:
+        """A new certificate and key per device, from the data directory's CA (earlier ones stay valid until
+        revoked)."""
+        _refuse_reserved(device_ids)
+        if self.authority is None:
+            raise BrokerError("the devices' listener has no TLS (broker/listener.json says \"tls\": false), so "
+                              "devices log in with passwords")
+        return self.authority.issue_devices(device_ids)
+
+    def revoke_certificates(self, serials: list[int]) -> list[int]:
+        """Put ``serials`` on the CRL and make the broker re-read it: the next handshake with one fails."""
+        if self.authority is None:
+            return []
+        done = self.authority.revoke(serials)
+        if done:
+            self.install_tls()
+            self.reload()
+        return done
+
     def revoke_device(self, device_id: str) -> None:
+        """Remove the device's password and revoke all its certificates, then reload the broker."""
         users = self._users()
-        users.pop(device_id, None)
-        self._save(users)
+        if users.pop(device_id, None) is not None:
+            self._save(users)
+        if self.authority is not None and self.authority.revoke_device(device_id):
+            self.install_tls()
         self.reload()
 
     def server_password(self) -> str:
         return (self.dir / "server.password").read_text().strip()
 
+    # -- TLS files -----------------------------------------------------------------------------
+
+    def tls_files(self) -> TlsFiles:
+        return TlsFiles(cafile=self.tls_dir / "ca-bundle.pem", certfile=self.tls_dir / "broker.pem",
+                        keyfile=self.tls_dir / "broker.key", crlfile=self.tls_dir / "crl.pem")
+
+    def install_tls(self) -> None:
+        """Copy the authority's CA bundle, CRL and the broker's certificate and key where the broker reads them
+        (its own directory, its own user's files); the broker's certificate is re-issued first when its names
+        changed, the CA rotated or it is close to expiry."""
+        if self.authority is None:
+            return
+        self.authority.broker_certificate(self.certificate_names)
+        self.tls_dir.mkdir(exist_ok=True, mode=0o700)
+        files = self.tls_files()
+        for src, dst, mode in ((self.authority.ca_bundle, files.cafile, 0o644),
+                               (self.authority.crl, files.crlfile, 0o644),
+                               (self.authority.broker_cert, files.certfile, 0o644),
+                               (self.authority.broker_key, files.keyfile, 0o600)):
+            atomic_write(dst, src.read_bytes(), mode)
+        self._hand_to_broker_user()
+
     # -- the managed process ------------------------------------------------------------
 
-    def _run_as_root(self) -> bool:
-        """True when started as root and the 'mosquitto' user could not reach our files."""
-        if os.geteuid() != 0:
-            return False
-        try:
-            uid = pwd.getpwnam("mosquitto").pw_uid
-        except KeyError:
-            return True
-        for parent in self.dir.resolve().parents:
+    def _check_reachable(self) -> None:
+        """Started as root, Mosquitto drops to the 'mosquitto' user before it reads its files, so that user must
+        be able to reach ``<data>/broker``. The data directory is made traversable (0711: no listing); a parent
+        above it that is not is an error saying what to do."""
+        entry = _broker_user()
+        if entry is None:
+            if os.geteuid() == 0:
+                raise BrokerError("there is no 'mosquitto' user for the broker to run as (apt-get install mosquitto "
+                                  "creates it)")
+            return
+        data = self.data_dir.resolve()
+        if data.stat().st_uid == os.geteuid():
+            os.chmod(data, data.stat().st_mode | 0o001)  # search only: others still cannot list it
+        for parent in data.parents:
             st = parent.stat()
-            if st.st_uid != uid and not st.st_mode & 0o001:
-                log.warning("the mosquitto user cannot reach %s (%s is not world-searchable); the managed broker "
-                            "keeps running as root", self.dir, parent)
-                return True
-        return False
+            if st.st_uid != entry.pw_uid and not st.st_mode & 0o001:
+                raise BrokerError(f"the broker runs as the 'mosquitto' user, which cannot reach {self.dir}: {parent} "
+                                  f"is not searchable by others. Put the data directory under a path it can reach "
+                                  f"(such as /var/lib/edgeherd), or `chmod o+x {parent}`")
 
     def write_config(self) -> Path:
         conf = self.dir / "mosquitto.conf"
         self.persistence.mkdir(exist_ok=True, mode=0o700)
+        self.install_tls()
         text = render_config(port=self.port, host=self.host, server_port=self.server_port,
                              password_file=self.dir / "passwd", acl_file=self.dir / "acl",
-                             persistence_dir=self.persistence)
-        if self._run_as_root():
-            text += "user root\n"
+                             persistence_dir=self.persistence, tls=self.tls_files() if self.tls else None)
         atomic_write(conf, text, 0o600)
         self._hand_to_broker_user()
         return conf
@@ -191,23 +314,27 @@ class MosquittoBroker:
         exe = find_mosquitto()
         if exe is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto), and no --broker was given")
+        self._check_reachable()
         conf = self.write_config()
         log_file = (self.dir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log_file, stderr=log_file)  # noqa: S603
         log_file.close()
         atomic_write(self.dir / "mosquitto.pid", str(self.proc.pid), 0o600)
         deadline = time.monotonic() + timeout
-        waiting = [(self.host, self.port), (SERVER_HOST, self.server_port)]
+        probe = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104
+        waiting = [(probe, self.port), (SERVER_HOST, self.server_port)]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BrokerError(f"mosquitto exited at start; see {self.dir / 'mosquitto.log'}")
+                tail = (self.dir / "mosquitto.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise BrokerError(f"mosquitto exited at start ({' / '.join(tail)}); see {self.dir / 'mosquitto.log'}")
             try:
                 socket.create_connection(waiting[0], timeout=0.2).close()
                 waiting.pop(0)
             except OSError:
                 time.sleep(0.05)
             if not waiting:
-                log.info("managed mosquitto listening on %s (devices) and %s (the server)", self.url, self.server_url)
+                log.info("managed mosquitto listening on %s (devices%s) and %s (the server)", self.url,
+                         ", TLS with client certificates" if self.tls else ", passwords without TLS", self.server_url)
                 return
         raise BrokerError(f"mosquitto did not listen on {self.url} and {self.server_url} within {timeout} s")
 
@@ -234,6 +361,65 @@ class MosquittoBroker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _mqtt_string(raw: bytes) -> bytes:
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def take_over(host: str, port: int, client_id: str, user: str, password: str, *, keep_session: bool,
+              session_expiry: int = 60, timeout: float = 10.0) -> int:
+    """Connect as ``client_id``, which makes the broker drop that client's live connection, then leave.
+
+    ``keep_session``: connect without clean start and close the socket without reading on, so the session (its
+    subscriptions, and the QoS 1 messages queued or in flight for it, which this connection never acknowledges)
+    stays for ``session_expiry`` seconds for the device to resume — a credential rotation must not lose the
+    commands sent meanwhile. Otherwise the session is discarded with the connection (revocation). Written at the
+    packet level because an MQTT library would read and acknowledge what the broker sends after CONNACK.
+    Returns the CONNACK reason code; OSError when the broker cannot be reached or does not answer.
+    """
+    props = b"\x11" + session_expiry.to_bytes(4, "big") if keep_session else b""
+    flags = 0x80 | 0x40 | (0 if keep_session else 0x02)
+    variable = _mqtt_string(b"MQTT") + bytes([5, flags]) + (10).to_bytes(2, "big") + _varint(len(props)) + props
+    payload = _mqtt_string(client_id.encode()) + _mqtt_string(user.encode()) + _mqtt_string(password.encode())
+    body = variable + payload
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        head = b""
+        while len(head) < 4:
+            chunk = sock.recv(4 - len(head))
+            if not chunk:
+                raise OSError(f"the broker at {host}:{port} closed the connection before CONNACK")
+            head += chunk
+        if head[0] != 0x20:
+            raise OSError(f"the broker at {host}:{port} answered CONNECT with packet type {head[0] >> 4}")
+        sock.shutdown(socket.SHUT_RDWR)
+    return head[3]
+
+
+def _refuse_reserved(device_ids: list[str]) -> None:
+    """A device may not be named as the server's broker user: its identity would get the server's ACL."""
+    if SERVER_USER in device_ids:
+        raise BrokerError(f"{SERVER_USER!r} is the server's own broker user; give the device another name")
+
+
+def _broker_user() -> pwd.struct_passwd | None:
+    """The user Mosquitto drops to when started as root (None when not root, or there is no such user)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -415,6 +415,8 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     app = ServerApp(data, metrics_port=0, drift_interval=2, rollout_interval=1).start()
     reg = app.registry
     console.print(f"  server up; managed Mosquitto on {reg.broker_url}; registry {data / 'edgeherd.db'}")
+    if reg.certificates:
+        console.print(f"  devices log in over TLS with a certificate each, from the server's own CA in {data / 'pki'}")
     for bundle in (v1, v2):
         v = reg.push_model(bundle, actor="ml-engineer")
         console.print(f"  pushed {v.name}:{v.version} (signature verified, digest {v.manifest_sha256[:12]}…)")

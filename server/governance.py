@@ -116,6 +116,7 @@ class Permission(Enum):
     APPROVE = "approving a version"
     REJECT = "rejecting a version"
     RETIRE = "retiring a version"
+    ROTATE_CA = "rotating the certificate authority"
 
     @property
     def min_role(self) -> Role:
@@ -127,6 +128,7 @@ _MIN_ROLE: dict[Permission, Role] = {p: Role.OPERATOR for p in Permission} | {
     Permission.APPROVE: Role.APPROVER,
     Permission.REJECT: Role.APPROVER,
     Permission.RETIRE: Role.ADMIN,
+    Permission.ROTATE_CA: Role.ADMIN,
 }
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -47,9 +49,10 @@ from protocol._model import decode_model
 from protocol.ids import is_device_id
 from server import audit
 from server.assignment import Outcome, choose, runtimes_of
-from server.broker import SERVER_USER, MosquittoBroker
+from server.broker import SERVER_USER, DeviceCredentials, MosquittoBroker, take_over
 from server.db import database_url, make_engine, migrate
 from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, Rollout, RolloutDevice, VersionArtifact
+from server.pki import PkiError
 from toolchain.bundle import CARD, MANIFEST, verify_bundle
 from toolchain.errors import BundleError
 
@@ -90,14 +93,16 @@ class Rotation:
 
 
 class Registry:
-    def __init__(self, data_dir: Path, *, broker_url: str | None = None, engine: Engine | None = None) -> None:
+    def __init__(self, data_dir: Path, *, broker_url: str | None = None, engine: Engine | None = None,
+                 listen: tuple[str, int] | None = None, public_hosts: list[str] | None = None) -> None:
         self.data = data_dir
         self.data.mkdir(parents=True, exist_ok=True)
         self.store = data_dir / "store"
         self.store.mkdir(exist_ok=True)
         self.engine = engine or make_engine(database_url(data_dir))
         migrate(self.engine)
-        self.broker = MosquittoBroker(data_dir)
+        #: ``listen`` and ``public_hosts`` are what ``server run`` was given; other commands read them back.
+        self.broker = MosquittoBroker(data_dir, listen=listen, public_hosts=public_hosts)
         self.broker_url = broker_url or self.broker.url
 
     def public_key_text(self) -> str:
@@ -115,8 +120,9 @@ class Registry:
                    custom_profile: bool = False) -> Enrolled:
         """Enrol ``device_id`` with hardware ``profile``: one of hardware/profiles, or any other well-formed name
         when ``custom_profile`` marks it custom (no latency budget, the general artifact order)."""
-        if not is_device_id(device_id):
-            raise RegistryError(f"{device_id!r} is not a valid device name: use a-z, 0-9 and '-', at most 63")
+        if not is_device_id(device_id) or device_id == SERVER_USER:
+            raise RegistryError(f"{device_id!r} is not a valid device name: use a-z, 0-9 and '-', at most 63"
+                                + (", and not the server's own broker user" if device_id == SERVER_USER else ""))
         self._check_profile(profile, custom_profile)
         server_key = self.public_key_text()
         with Session(self.engine) as db:
@@ -125,7 +131,7 @@ class Registry:
                 raise RegistryError(f"device {device_id} already exists; revoke it first to re-enrol")
             device = existing or Device(id=device_id, profile=profile)
             device.profile, device.groups, device.revoked = profile, groups or [], False
-            device.credentials_ref = "mosquitto:passwd"
+            device.credentials_ref = self._credentials_ref
             db.add(device)
             entry = audit.append(db, actor, "device.add", f"device:{device_id}",
                                  {"profile": profile, "groups": groups or []}
@@ -133,15 +139,16 @@ class Registry:
             db.commit()
             db.refresh(device)
             self.anchor_audit(entry)
-        password = self.broker.add_device(device_id)
+        creds = self.new_credentials([device_id])[device_id]
         out = self.data / "devices" / device_id
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(out / "broker-password", (password + "\n").encode(), 0o600)
+        self._store_credentials(device_id, creds)
         config = "\n".join([
             "# edgeherd agent configuration (docs/agent.md)",
             f'device_id = "{device_id}"',
             f'broker_url = "{self.broker_url}"',
-            'password_file = "broker-password"',
+            *(['tls_ca = "ca.pem"', 'tls_cert = "device.pem"', 'tls_key = "device.key"'] if creds.certificate
+              else ['password_file = "broker-password"']),
             f'server_key = "{server_key}"',
             f'data_dir = "{agent_data_dir}"',
             f'profile = "{profile}"',
@@ -152,10 +159,10 @@ class Registry:
         return Enrolled(device, out / "agent.toml")
 
     def add_devices_bulk(self, device_ids: list[str], profile: str, groups: list[str] | None = None,
-                         actor: str = SYSTEM, *, custom_profile: bool = False) -> dict[str, str]:
+                         actor: str = SYSTEM, *, custom_profile: bool = False) -> dict[str, DeviceCredentials]:
         """Enrol many devices at once (simulators, fleet imports), all with ``profile`` (custom when
-        ``custom_profile`` says so, as for :meth:`add_device`); returns their broker passwords."""
-        bad = [d for d in device_ids if not is_device_id(d)]
+        ``custom_profile`` says so, as for :meth:`add_device`); returns what each logs in with."""
+        bad = [d for d in device_ids if not is_device_id(d) or d == SERVER_USER]
         if bad:
             raise RegistryError(f"not valid device names: {bad[:5]}")
         self._check_profile(profile, custom_profile)
@@ -164,13 +171,31 @@ class Registry:
             if taken:
                 raise RegistryError(f"{len(taken)} of these devices already exist, e.g. {sorted(taken)[:3]}")
             for d in device_ids:
-                db.add(Device(id=d, profile=profile, groups=groups or [], credentials_ref="mosquitto:passwd"))
+                db.add(Device(id=d, profile=profile, groups=groups or [], credentials_ref=self._credentials_ref))
             entry = audit.append(db, actor, "device.add_bulk", f"devices:{len(device_ids)}", {
                 "profile": profile, "groups": groups or [], "count": len(device_ids), "first": device_ids[:5]}
                 | ({"custom_profile": True} if custom_profile else {}))
             db.commit()
             self.anchor_audit(entry)
-        return self.broker.add_devices(device_ids)
+        return self.new_credentials(device_ids)
+
+    @property
+    def certificates(self) -> bool:
+        """Whether devices log in with certificates: the devices' listener is the managed broker's, with TLS.
+        Devices of a broker the user brings (``--broker``) get passwords (docs/server.md)."""
+        return self.broker.tls and self.broker_url == self.broker.url
+
+    def new_credentials(self, device_ids: list[str]) -> dict[str, DeviceCredentials]:
+        """Fresh credentials for ``device_ids``, in force at once: a certificate each (earlier ones stay valid until
+        revoked) or a password each (replacing the old one)."""
+        try:
+            if self.certificates:
+                return {d: DeviceCredentials(certificate=i.certificate, key=i.key, ca_bundle=i.ca_bundle,
+                                             serial=i.serial)
+                        for d, i in self.broker.issue_certificates(device_ids).items()}
+        except PkiError as exc:
+            raise RegistryError(str(exc)) from None
+        return {d: DeviceCredentials(password=p) for d, p in self.broker.add_devices(device_ids).items()}
 
     @staticmethod
     def _check_profile(profile: str, custom: bool) -> None:
@@ -201,68 +226,100 @@ class Registry:
 
     # -- credential rotation --------------------------------------------------------------------
 
-    def rotate_credentials(self, device_id: str, actor: str = SYSTEM, timeout: float = 30.0) -> Rotation:
-        """Give a connected device a new broker password over its own session, then make the broker take it.
+    @property
+    def _credentials_ref(self) -> str:
+        return "pki:certificate" if self.certificates else "mosquitto:passwd"
 
-        The password goes to the agent in a ``rotate_credentials`` command that expires after ``timeout``
-        seconds. Nothing changes here until the agent acknowledges ``done`` (it has stored the password for its
-        next connection); a failure, a refusal or silence raises RegistryError and the old password keeps
-        working. Then the broker's password file takes the new password (the old one stops working) and the
-        rotation's audit entry is committed, in one transaction. Mosquitto, reloading its password file, ends the
-        connection the device made with the old password; the agent expects that and reconnects at once with
-        the new one, resuming its MQTT session (docs/hardware.md).
+    def rotate_credentials(self, device_id: str, actor: str = SYSTEM, timeout: float = 30.0) -> Rotation:
+        """Give a connected device new credentials over its own session, then retire the old ones.
+
+        A certificate device gets a new key and certificate (from the current CA, with the current CA bundle, so
+        this is also how devices move to a rotated CA); a password device a new password. They go to the agent
+        in a ``rotate_credentials`` command that expires after ``timeout`` seconds. Nothing is retired until the
+        agent acknowledges ``done`` (it has stored them for its next connection); a failure, a refusal or silence
+        raises RegistryError and the old credentials keep working. Then, with the rotation's audit entry in one
+        transaction, the old certificates go on the CRL (or the broker's password file takes the new password),
+        and the device's session is dropped: the agent expects that and reconnects at once with the new
+        credentials, resuming its MQTT session (docs/hardware.md).
         """
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
             if device is None or device.revoked:
                 raise RegistryError(f"no enrolled device named {device_id}")
-        password = new_password()
+        creds = (self.new_credentials([device_id])[device_id] if self.certificates
+                 else DeviceCredentials(password=new_password()))
+        args: dict[str, bool | int | float | str]
+        if creds.certificate is not None and creds.key is not None and creds.ca_bundle is not None:
+            args = {"certificate": creds.certificate.decode(), "key": creds.key.decode(),
+                    "ca": creds.ca_bundle.decode()}
+        else:
+            args = {"password": str(creds.password)}
         now = datetime.now(timezone.utc)
-        cmd = Command(command_id=uuid.uuid4().hex, kind=CommandKind.ROTATE_CREDENTIALS, args={"password": password},
+        cmd = Command(command_id=uuid.uuid4().hex, kind=CommandKind.ROTATE_CREDENTIALS, args=args,
                       issued_at=now, expires_at=now + timedelta(seconds=timeout))
         ack = self._send_command(device_id, cmd, timeout)
-        unchanged = "nothing changed: its current password still works"
-        if ack is None:
-            raise RegistryError(f"{device_id} did not confirm the new password within {timeout:.0f} s (is it online? "
-                                f"see `edgeherd device list`); {unchanged}")
-        if ack.status != "done":
+        unchanged = "nothing changed: its current credentials still work"
+        if ack is None or ack.status != "done":
+            if creds.serial is not None:
+                self.broker.revoke_certificates([creds.serial])  # never delivered: of no use to anyone
+            if ack is None:
+                raise RegistryError(f"{device_id} did not confirm its new credentials within {timeout:.0f} s (is it "
+                                    f"online? see `edgeherd device list`); {unchanged}")
             raise RegistryError(f"{device_id} answered {ack.status}: {ack.message or 'no reason given'}; {unchanged}")
-        self._set_password(device_id, actor, {"via": "agent", "command_id": cmd.command_id},
-                           f"{device_id} was revoked while its password was being rotated", password)
-        log.info("rotated the broker password of %s", device_id)
+        self._retire(device_id, actor, {"via": "agent", "command_id": cmd.command_id},
+                     f"{device_id} was revoked while its credentials were being rotated", creds)
+        if creds.serial is not None:  # the old certificate's connection (a password's, the broker drops itself)
+            self._kick(device_id, keep_session=True)  # the agent reconnects at once and resumes its session
+        log.info("rotated the broker credentials of %s", device_id)
         return Rotation(device_id, cmd.command_id, ack.message)
 
-    def reissue_credentials(self, device_id: str, actor: str = SYSTEM, detail: dict[str, str] | None = None) -> str:
-        """A new broker password for an enrolled device, in force at once, without asking the device (it is being
-        re-flashed); its old password and any connection made with it are dropped. Returns the password."""
-        password = self._set_password(device_id, actor, {"via": "reissue", **(detail or {})},
-                                      f"no enrolled device named {device_id}")
+    def reissue_credentials(self, device_id: str, actor: str = SYSTEM,
+                            detail: dict[str, str] | None = None) -> DeviceCredentials:
+        """New credentials for an enrolled device, in force at once, without asking the device (it is being
+        re-flashed); its old ones and any connection made with them are dropped."""
+        creds = self.new_credentials([device_id])[device_id] if self.certificates else DeviceCredentials(
+            password=new_password())
+        self._retire(device_id, actor, {"via": "reissue", **(detail or {})}, f"no enrolled device named {device_id}",
+                     creds)
         self._kick(device_id)
         log.info("issued new broker credentials to %s", device_id)
-        return password
+        return creds
 
-    def _set_password(self, device_id: str, actor: str, detail: dict[str, str], gone: str,
-                      password: str | None = None) -> str:
-        """Make the broker take ``password`` (a fresh one if None) for the device instead of its old one, with the
-        ``device.rotate_credentials`` audit entry, in one transaction; keep the copy the data directory holds.
-        RegistryError(``gone``) if the device is not enrolled. Returns the password."""
+    def _retire(self, device_id: str, actor: str, detail: dict[str, str], gone: str, creds: DeviceCredentials) -> None:
+        """Make ``creds`` the device's only credentials (its other certificates revoked, or the broker's password
+        file given the new password), with the ``device.rotate_credentials`` audit entry, in one transaction;
+        keep the copy the data directory holds. RegistryError(``gone``) if the device is not enrolled."""
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
             if device is None or device.revoked:
+                if creds.serial is not None:
+                    self.broker.revoke_certificates([creds.serial])
                 raise RegistryError(gone)
             db.add(device)
-            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}", detail)
-            password = self.broker.add_device(device_id, password)  # from here the broker takes only this one
+            serial = {"serial": f"{creds.serial:x}"} if creds.serial is not None else {}
+            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}", detail | serial)
+            if creds.serial is not None and self.broker.authority is not None:
+                old = [s for s in self.broker.authority.serials(device_id) if s != creds.serial]
+                self.broker.revoke_certificates(old)  # from here the broker takes only the new certificate
+            else:
+                self.broker.add_device(device_id, creds.password)  # from here the broker takes only this one
             db.commit()
             self.anchor_audit(entry)
-        self._store_password(device_id, password)
-        return password
+        self._store_credentials(device_id, creds, only_existing=True)
 
-    def _store_password(self, device_id: str, password: str) -> None:
-        """Keep ``devices/<id>/broker-password`` (the enrolment copy) current, where it exists."""
-        path = self.data / "devices" / device_id / "broker-password"
-        if path.exists():
-            atomic_write(path, (password + "\n").encode(), 0o600)
+    def _store_credentials(self, device_id: str, creds: DeviceCredentials, *, only_existing: bool = False) -> None:
+        """Keep ``devices/<id>/`` (the enrolment copy: ``device.pem``, ``device.key`` and ``ca.pem``, or
+        ``broker-password``) current; with ``only_existing``, only where the directory exists."""
+        out = self.data / "devices" / device_id
+        if only_existing and not out.is_dir():
+            return
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if creds.certificate is not None and creds.key is not None and creds.ca_bundle is not None:
+            atomic_write(out / "device.key", creds.key, 0o600)
+            atomic_write(out / "device.pem", creds.certificate, 0o600)
+            atomic_write(out / "ca.pem", creds.ca_bundle, 0o600)
+        if creds.password is not None:
+            atomic_write(out / "broker-password", (creds.password + "\n").encode(), 0o600)
 
     def _send_command(self, device_id: str, cmd: Command, timeout: float = 30.0) -> CommandAck | None:
         """Send ``cmd`` to the device and wait for its final acknowledgement (done, failed or rejected); None when
@@ -333,18 +390,18 @@ class Registry:
             raise RegistryError(unreachable)
         return client
 
-    def _kick(self, device_id: str) -> None:
-        """Take over the device's MQTT session (same client id), which makes the broker drop it.
+    def _kick(self, device_id: str, *, keep_session: bool = False) -> None:
+        """Take over the device's MQTT connection (same client id), which makes the broker drop it; with
+        ``keep_session`` its session stays for the device to resume (see :func:`server.broker.take_over`).
 
         On the server's own listener, where a client keeps the id it asks for: on the devices' listener the
         broker would give this client the server user's name as its id instead (docs/server.md, "The broker")."""
+        parts = urlsplit(self.server_broker_url)
         try:
-            client = self.client(client_id=device_id)
-        except (RegistryError, OSError) as exc:
-            log.warning("could not kick %s off the broker now: %s", device_id, exc)
-            return
-        client.disconnect()
-        client.loop_stop()
+            take_over(parts.hostname or "127.0.0.1", parts.port or 1883, device_id, SERVER_USER,
+                      self.broker.server_password(), keep_session=keep_session)
+        except OSError as exc:
+            log.warning("could not drop %s's connection now: %s", device_id, exc)
 
     def devices(self) -> list[Device]:
         with Session(self.engine) as db:
@@ -521,6 +578,13 @@ class Registry:
                     done += 1
             db.commit()
         return done
+
+    def record(self, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
+        """An audit entry of its own (committed, anchored) for an action outside the database."""
+        with Session(self.engine) as db:
+            entry = audit.append(db, actor, action, target, detail)
+            db.commit()
+            self.anchor_audit(entry)
 
     def anchor_audit(self, entry: AuditEntry) -> None:
         """Advance the audit anchor in the data directory (after the entry's commit)."""

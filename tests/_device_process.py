@@ -2,6 +2,7 @@
 publish a retained online state, then idle until killed.
 
 Usage: python -m tests._device_process HOST PORT DEVICE_ID PASSWORD SESSION
+(PASSWORD ``tls:CERT,KEY,CA``: log in with that certificate over TLS instead)
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from protocol import DeviceState, TopicKind, device_topic, encode, will_message
 def main() -> None:
     host, port, device_id, password, session = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device_id}-proc", protocol=mqtt.MQTTv5)
-    client.username_pw_set(device_id, password)
+    if password.startswith("tls:"):
+        import ssl
+
+        cert, key, ca = password[4:].split(",")
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.load_cert_chain(cert, key)
+        client.tls_set_context(ctx)
+    else:
+        client.username_pw_set(device_id, password)
     will_topic, will_payload = will_message(device_id, session)
     client.will_set(will_topic, will_payload, qos=1, retain=True)
     connected = threading.Event()

@@ -40,7 +40,7 @@ from protocol import (
     public_key_to_text,
 )
 from server.distribution import DirectoryStore, answer
-from tests._mosquitto import Broker
+from tests._mosquitto import Broker, DeviceTls
 from tests._mosquitto import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ class FakeServer:
         if persistent:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 3600
-        self.client.connect(broker.host, broker.port, keepalive=10, clean_start=not persistent, properties=props)
+        self.client.connect(broker.host, broker.server_port, keepalive=10, clean_start=not persistent, properties=props)
         self.client.loop_start()
         if not self._connected.wait(10):
             raise TimeoutError("fake server could not connect")
@@ -180,10 +180,13 @@ class FakeServer:
         self.client.disconnect()
 
 
-def agent_config(broker: Broker, data_dir: Path, device_id: str, password: str, server_pub: Any,
+def agent_config(broker: Broker, data_dir: Path, device_id: str, password: str | DeviceTls, server_pub: Any,
                  **extra: Any) -> AgentConfig:
+    """``password``: the device's certificate (``broker.add_device``) or, on a plain broker, its password."""
+    login: dict[str, Any] = ({"tls_cert": password.cert, "tls_key": password.key, "tls_ca": password.ca}
+                             if isinstance(password, DeviceTls) else {"password": password})
     # small chunks, so the test artifacts (a few hundred KiB) take many frames and resumes mean something
-    return AgentConfig(device_id=device_id, broker_url=broker.url, password=password,
+    return AgentConfig(device_id=device_id, broker_url=broker.url, **login,
                        server_key=public_key_to_text(server_pub), data_dir=data_dir,
                        api_port=extra.pop("api_port", _free_port()), chunk_kib=extra.pop("chunk_kib", 16), **extra)
 

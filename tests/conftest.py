@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,26 @@ from tests._mosquitto import Broker, find_mosquitto, running_broker
 
 #: Admin connection used to create and drop per-session test databases.
 PG_ADMIN_DSN = os.environ.get("EDGEHERD_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_can_reach_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A managed broker runs as the 'mosquitto' user, which must reach the data directories tests make under
+    pytest's private temporary root: make that root and its parents searchable by others (not listable)."""
+    base = tmp_path_factory.getbasetemp()
+    for d in [base, *base.parents]:
+        if d == Path(tempfile.gettempdir()) or d == d.parent:
+            break
+        if d.stat().st_uid == os.geteuid():
+            os.chmod(d, d.stat().st_mode | 0o001)
+
+
+@pytest.fixture(autouse=True)
+def _broker_can_reach_tmp_path(request: pytest.FixtureRequest) -> None:
+    """pytest makes each test's ``tmp_path`` 0700: searchable by others too, for data directories in it."""
+    if "tmp_path" in request.fixturenames:
+        path = request.getfixturevalue("tmp_path")
+        os.chmod(path, path.stat().st_mode | 0o001)
 
 
 @pytest.fixture
@@ -101,7 +122,7 @@ def fleet(mosquitto: Broker, digits_bundle: BuiltBundle, tmp_path: Path) -> Iter
     agents: list[Any] = []
 
     def make(device_id: str = "pi-1", **kw: Any) -> Any:
-        password = mosquitto.add_user(device_id)
+        password = mosquitto.add_device(device_id)
         cfg = agent_config(mosquitto, tmp_path / device_id, device_id, password, digits_bundle.key.public_key(),
                            window_seconds=3600)
         agent = Agent(cfg, download_timeout=kw.pop("download_timeout", 2.0), min_backoff=0.2, max_backoff=1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 import uuid
 from dataclasses import dataclass
@@ -13,13 +14,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests._mosquitto import Broker
+from tests._mosquitto import Broker, DeviceTls
 
 
 class ConnectRefused(Exception):
     def __init__(self, reason: ReasonCode) -> None:
         super().__init__(f"connect refused: {reason} ({reason.value})")
         self.reason = reason
+
+
+class HandshakeRefused(Exception):
+    """The broker ended the connection before answering CONNECT: it refused the TLS client."""
 
 
 @dataclass
@@ -30,16 +35,46 @@ class Received:
     qos: int
 
 
+class _Tracked(ssl.SSLContext):
+    """Remembers the sockets it wrapped: paho does not close one whose handshake failed."""
+
+    sockets: list[ssl.SSLSocket]
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        sock = super().wrap_socket(*args, **kwargs)
+        self.sockets.append(sock)
+        return sock
+
+
+def device_context(creds: DeviceTls) -> ssl.SSLContext:
+    """TLS as an agent makes it: only the pinned CA trusted, the host name checked, the device's certificate."""
+    ctx = _Tracked(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.sockets = []
+    ctx.load_verify_locations(cafile=str(creds.ca))
+    ctx.load_cert_chain(str(creds.cert), str(creds.key))
+    return ctx
+
+
 class TestClient:
     """A connected MQTT 5 client that records what it receives and PUBACK reason codes."""
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, broker: Broker, user: str, password: str, *, will: tuple[str, bytes] | None = None,
-                 timeout: float = 10.0, client_id: str | None = None) -> None:
+    def __init__(self, broker: Broker, user: str, password: str | DeviceTls, *,
+                 will: tuple[str, bytes] | None = None, timeout: float = 10.0, client_id: str | None = None,
+                 port: int | None = None) -> None:
+        """``password``: a password (the server user's goes to the server's own listener), or a device's
+        certificate (TLS to the devices' listener)."""
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"{user}-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(user, password)
+        self._tls: _Tracked | None = None
+        if isinstance(password, DeviceTls):
+            self._tls = device_context(password)  # type: ignore[assignment]
+            self.client.tls_set_context(self._tls)
+        else:
+            self.client.username_pw_set(user, password)
+        if port is None:
+            port = broker.server_port if user == broker.server_user and broker.server_port else broker.port
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.messages: queue.Queue[Received] = queue.Queue()
@@ -55,12 +90,21 @@ class TestClient:
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
-        self.client.connect(broker.host, broker.port, keepalive=10)
+        try:
+            self.client.connect(broker.host, port, keepalive=10)
+        except OSError:
+            for sock in self._tls.sockets if self._tls is not None else []:
+                sock.close()
+            raise
         self.client.loop_start()
         if not self._connected.wait(timeout):
             self.close()
+            if self.dropped:
+                raise HandshakeRefused(f"the broker closed the connection before any CONNACK ({self.dropped} times)")
             raise TimeoutError("no CONNACK from broker")
-        assert self.connect_reason is not None
+        if self.connect_reason is None:
+            self.close()
+            raise HandshakeRefused(f"the broker closed the connection before any CONNACK ({self.dropped} times)")
         if self.connect_reason.is_failure:
             self.close()
             raise ConnectRefused(self.connect_reason)
@@ -76,6 +120,8 @@ class TestClient:
                        props: Properties | None) -> None:
         if reason.value != 0:  # 0: our own DISCONNECT
             self.dropped += 1
+        if self.connect_reason is None and self.dropped >= 2:
+            self._connected.set()  # closed twice before a CONNACK: the broker will not have us
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))
@@ -119,3 +165,5 @@ class TestClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        for sock in self._tls.sockets if self._tls is not None else []:
+            sock.close()

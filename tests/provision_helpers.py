@@ -1,30 +1,57 @@
-"""Bundles for the provisioning tests: a fast one (its wheelhouse holds only the edgeherd wheel) and fake root
-filesystems laid out like the images the profiles are for."""
+"""Bundles for the provisioning tests: a fast one (its wheelhouse holds only the edgeherd wheel), device
+certificates from a real CA, the agent's full wheelhouse shared by the test modules, the installed agent started
+the way its unit says, and fake root filesystems laid out like the images the profiles are for."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+
 from hardware.files import sha256_file
 from hardware.profiles import load
 from hardware.provision import BundleSpec, DeviceSecrets, stage
-from hardware.wheelhouse import DeviceTarget, agent_wheel
+from hardware.wheelhouse import DeviceTarget, agent_wheel, build
 from protocol.version import __version__
 
 SERVER_KEY = "ed25519:Jpn69PZ51Vluwz2vQYcuWf+9zuqAACue9tnTfwOnUkk="
 
 
-def spec(device: str = "pi-1", profile: str = "x86-64-cpu",
-         password: str = "correct-horse-battery-staple-1",  # noqa: S107 - a test bundle's password
-         broker_url: str = "mqtt://broker.example:1883", ca: bytes | None = None,
-         bundle_id: str | None = None) -> BundleSpec:
+@functools.cache
+def device_certificate(device: str) -> tuple[bytes, bytes, bytes]:
+    """A real certificate for ``device`` from a CA of its own (made with :class:`server.pki.Authority`, then
+    thrown away): (certificate, key, CA bundle), PEM."""
+    from server.pki import Authority
+
+    with tempfile.TemporaryDirectory() as d:
+        issued = Authority.open(Path(d)).issue_device(device)
+    return issued.certificate, issued.key, issued.ca_bundle
+
+
+def spec(device: str = "pi-1", profile: str = "x86-64-cpu", *, password: str | None = None,
+         broker_url: str | None = None, ca: bytes | None = None, bundle_id: str | None = None) -> BundleSpec:
+    """A bundle's spec: the device logs in with a certificate of its own over mqtts:// (the managed broker), or,
+    given a ``password``, with that (a broker the user brings; ``ca`` pinned where given)."""
     p = load(profile)
-    return BundleSpec(DeviceSecrets(device, broker_url, password, SERVER_KEY, ca), p, p.system.python,
-                      bundle_id or uuid.uuid4().hex[:16], __version__, datetime.now(timezone.utc))
+    if password is None:
+        cert, key, bundle = device_certificate(device)
+        secrets = DeviceSecrets(device_id=device, broker_url=broker_url or "mqtts://broker.example:8883",
+                                server_key=SERVER_KEY, certificate=cert, key=key, ca_cert=bundle)
+    else:
+        secrets = DeviceSecrets(device_id=device, broker_url=broker_url or "mqtt://broker.example:1883",
+                                server_key=SERVER_KEY, password=password, ca_cert=ca)
+    return BundleSpec(secrets, p, p.system.python, bundle_id or uuid.uuid4().hex[:16], __version__,
+                      datetime.now(timezone.utc))
 
 
 def fast_bundle(parent: Path, s: BundleSpec, wheel_cache: Path) -> Path:
@@ -42,6 +69,52 @@ def fast_bundle(parent: Path, s: BundleSpec, wheel_cache: Path) -> Path:
 
 def packed_wheel(dest: Path) -> Path:
     return agent_wheel(dest)
+
+
+def profile_wheelhouse(factory: pytest.TempPathFactory, profile: str) -> tuple[Path, list[str]]:
+    """The agent's wheelhouse for ``profile`` (its platform, Python and extra), downloaded from the package index
+    once per test session whichever module asks first (and pip's lines as they came)."""
+    p = load(profile)
+    d = factory.getbasetemp() / f"wheelhouse-{p.name}"
+    done = d / "lines.json"
+    if not done.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        lines: list[str] = []
+        build(d / "w", target=DeviceTarget(p.system.python, p.system.architecture, p.system.glibc),
+              extra=p.install.extra, packages=p.install.packages, on_line=lines.append)
+        done.write_text(json.dumps(lines))
+    return d / "w", json.loads(done.read_text())
+
+
+def device_python() -> str:
+    """The OS's own Python 3.11 when it can make virtual environments (as on a device), else this one."""
+    system = Path("/usr/bin/python3.11")
+    if system.exists() and subprocess.run([str(system), "-c", "import ensurepip, venv"]).returncode == 0:
+        return str(system)
+    return sys.executable
+
+
+def install_layout(root: Path) -> list[str]:
+    """install.sh's options that put everything under ``root`` (a device's /)."""
+    return ["--prefix", str(root / "opt/edgeherd"), "--config-dir", str(root / "etc/edgeherd"),
+            "--data-dir", str(root / "var/lib/edgeherd"), "--unit-dir", str(root / "etc/systemd/system")]
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of an installer on a device that can reach nothing: a proxy that refuses (pip is told not
+    to use an index in any case), and no systemd to start the unit."""
+    return {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+            "EDGEHERD_INSTALL_NO_SYSTEMD": "1", **extra}
+
+
+def start_installed_agent(root: Path, api_port: int, log: Path) -> subprocess.Popen[bytes]:
+    """The agent installed under ``root``, started as systemd would: the unit's ExecStart, from /, with the
+    unit's environment (none but the API port: tests run in parallel)."""
+    unit = (root / "etc/systemd/system/edgeherd-agent.service").read_text()
+    line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    env = {"PATH": "/usr/bin:/bin", "EDGEHERD_AGENT_API_PORT": str(api_port)}
+    with log.open("ab") as out:
+        return subprocess.Popen(shlex.split(line[len("ExecStart="):]), cwd="/", env=env, stdout=out, stderr=out)
 
 
 def raspberry_pi_os(root: Path, *, arch: str = "aarch64", python: str = "3.11") -> Path:

@@ -18,7 +18,7 @@ STEPS = ["preflight", "download", "download-mid", "verify", "install", "load", "
 @pytest.mark.parametrize("step", STEPS)
 def test_sigkill_at_each_install_step_then_restart(mosquitto, digits_bundle, tmp_path, step):
     server = FakeServer(mosquitto, digits_bundle.artifacts)
-    password = mosquitto.add_user("pi-1")
+    password = mosquitto.add_device("pi-1")
     cfg = agent_config(mosquitto, tmp_path / "data", "pi-1", password, digits_bundle.key.public_key())
     config = write_agent_toml(tmp_path / "agent.toml", cfg)
     log = tmp_path / "agent.log"
@@ -34,12 +34,14 @@ def test_sigkill_at_each_install_step_then_restart(mosquitto, digits_bundle, tmp
         killed_at = len(server.seen.states)
         second = AgentProcess(config, log)
         done = server.wait_running(INT8, timeout=90)
-        after = server.seen.states[killed_at:]
-        # on reconnect it reported the old model running and the install in progress (or just finished)
+        # (a connection of the restarted agent that drops at once shows as its will first: not a report)
+        after = [st for st in server.seen.states[killed_at:] if st.status == "online"]
+        # on reconnect it reported a working model: the old one with the install in progress, or (the resumed
+        # install may finish before the TLS session is up) the new one with the install done
         assert after[0].status == "online" and after[0].running is not None
         assert after[0].running.artifact in (FP32, INT8)
-        if step != "switch":
-            assert after[0].running.artifact == FP32
+        if step != "switch" and after[0].running.artifact == INT8:
+            assert after[0].install is not None and after[0].install.step.value == "done", after[0]
         assert done.install.version == digits_bundle.signed.manifest.version and done.install.error is None
     finally:
         if second is not None:

@@ -68,3 +68,18 @@ def test_rotate_credentials_command_carries_exactly_a_password():
                  {"password": "line\nbreak-0123456789"}):
         with pytest.raises(InvalidMessage):
             decode(Command, encode(cmd.model_construct(**{**cmd.__dict__, "args": args})))
+
+
+def test_an_agent_without_a_certificate_of_its_own_rejects_one(tmp_path):
+    """A certificate rotation for an agent that logs in with a password: rejected, saying why, nothing written."""
+    from agent.runtime import Agent
+    from server.pki import Authority
+
+    (tmp_path / "broker-password").write_text("old-password-0123456789\n")
+    agent = Agent(_cfg(tmp_path, profile="x86-64-cpu"), api=False)
+    issued = Authority.open(tmp_path / "server").issue_device("pi-1")
+    status, message = agent._rotate_certificate(issued.certificate.decode(), issued.key.decode(),
+                                                issued.ca_bundle.decode())
+    assert status == "rejected" and "without a certificate of its own (tls_cert and tls_key" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broker-password", "data", "server"]
+    agent.outbox.close()

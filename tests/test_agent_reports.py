@@ -23,7 +23,7 @@ FP32 = "digits-onnx-fp32"
 
 def test_windows_made_offline_survive_a_restart_and_arrive_exactly_once(digits_bundle, tmp_path):
     with running_broker(persistence=True) as broker:
-        password = broker.add_user("pi-1")
+        password = broker.add_device("pi-1")
         server = FakeServer(broker, digits_bundle.artifacts, persistent=True)
         cfg = agent_config(broker, tmp_path / "data", "pi-1", password, digits_bundle.key.public_key(),
                            window_seconds=3600)
@@ -50,8 +50,10 @@ def test_windows_made_offline_survive_a_restart_and_arrive_exactly_once(digits_b
         finally:
             agent.stop()
             server.close()
-    keys = [(t.session, t.window_seq) for t in server.seen.telemetry]
-    assert len(keys) == 100 and len(set(keys)) == 100
+    # every window arrived, each sent once by the agent (requests == 1); a QoS 1 message may reach a subscriber
+    # twice when a PUBACK is lost with a connection (the server stores it once: ingest is idempotent)
+    keys = {(t.session, t.window_seq) for t in server.seen.telemetry}
+    assert len(keys) == 100 and len({k[0] for k in keys}) == 1
     assert sorted(k[1] for k in keys) == list(range(100))
     assert all(t.requests == 1 for t in server.seen.telemetry)
     assert len({(s.session, s.window_seq) for s in server.seen.stats}) == 100
@@ -123,7 +125,7 @@ def test_windows_the_broker_took_but_never_delivered_are_sent_again(digits_bundl
     was subscribed (the broker acknowledges and drops them, as a broker killed before delivering does) reach
     the server once it is back, because the agent keeps each window until a receipt names it."""
     with running_broker() as broker:
-        password = broker.add_user("pi-1")
+        password = broker.add_device("pi-1")
         server = FakeServer(broker, digits_bundle.artifacts)
         cfg = agent_config(broker, tmp_path / "data", "pi-1", password, digits_bundle.key.public_key(),
                            window_seconds=3600, receipt_timeout_s=2)

@@ -16,8 +16,10 @@ from protocol import DesiredState, Fingerprint, Hello, Precision, Target, TopicK
 from server.app import ServerApp
 from server.db.models import Device
 from server.registry import RegistryError
+from tests._mosquitto import DeviceTls
 from tests.mqtt_helpers import TestClient
 from tests.server_helpers import blob_bundle, server_dir, wait_for
+from tests.tls_device_helpers import listeners, reachable
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +34,11 @@ class _Device:
     def __init__(self, app: ServerApp, device_id: str, config_path) -> None:
         cfg = tomllib.loads(config_path.read_text())
         url = urlsplit(cfg["broker_url"])
-        password = (config_path.parent / cfg["password_file"]).read_text().strip()
-
-        class _B:
-            host, port = url.hostname, url.port
-
+        assert url.scheme == "mqtts" and url.port == app.registry.broker.port
+        files = config_path.parent
+        creds = DeviceTls(device_id, files / cfg["tls_cert"], files / cfg["tls_key"], files / cfg["tls_ca"], 0)
         self.id = device_id
-        self.client = TestClient(_B, device_id, password)  # type: ignore[arg-type]
+        self.client = TestClient(listeners(app.registry.broker), device_id, creds)  # type: ignore[arg-type]
         self.client.subscribe(device_topic(device_id, TopicKind.DESIRED))
 
     def hello(self, runtimes: dict[str, str]) -> None:
@@ -53,7 +53,7 @@ class _Device:
 
 @pytest.fixture
 def served(tmp_path):
-    data, key = server_dir(tmp_path / "server")
+    data, key = server_dir(reachable(tmp_path) / "server")
     bundle, _, _ = blob_bundle(tmp_path / "bundle", key, model="multi", artifacts=ARTIFACTS)
     app = ServerApp(data, metrics_port=0, drift_interval=0, rollout_interval=0).start()
     devices: list[_Device] = []

@@ -1,7 +1,8 @@
-"""On a real Mosquitto with the generated password and ACL files: devices are
-confined to their own topics, cannot take another device's session over,
-bad passwords are refused, and a killed device is marked offline by its
-retained last will."""
+"""On a real Mosquitto with the generated config, ACL and TLS files: devices
+(each with its own certificate) are confined to their own topics, cannot take
+another device's session over, and a killed device is marked offline by its
+retained last will. On a plain listener with passwords (a broker the user
+brings may be one), bad passwords are refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from protocol import DeviceState, TopicKind, decode, device_topic, encode
+from tests._mosquitto import running_broker
 from tests.mqtt_helpers import ConnectRefused, TestClient
 from tests.samples import all_messages
 
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_device_cannot_publish_into_another_devices_topics(mosquitto):
-    pw_a, pw_b = mosquitto.add_user("dev-a"), mosquitto.add_user("dev-b")
+    pw_a, pw_b = mosquitto.add_device("dev-a"), mosquitto.add_device("dev-b")
     a = TestClient(mosquitto, "dev-a", pw_a)
     b = TestClient(mosquitto, "dev-b", pw_b)
     server = TestClient(mosquitto, mosquitto.server_user, mosquitto.server_password)
@@ -46,7 +48,7 @@ def test_device_cannot_publish_into_another_devices_topics(mosquitto):
 
 
 def test_device_cannot_subscribe_to_another_devices_topics(mosquitto):
-    pw_a = mosquitto.add_user("dev-a")
+    pw_a = mosquitto.add_device("dev-a")
     a = TestClient(mosquitto, "dev-a", pw_a)
     server = TestClient(mosquitto, mosquitto.server_user, mosquitto.server_password)
     try:
@@ -63,7 +65,7 @@ def test_device_cannot_subscribe_to_another_devices_topics(mosquitto):
 def test_a_device_cannot_take_over_another_devices_session(mosquitto):
     """Logged in as dev-a with dev-b's client id: the broker gives dev-a its own id, and dev-b keeps its
     connection, its session and its subscription."""
-    pw_a, pw_b = mosquitto.add_user("dev-a"), mosquitto.add_user("dev-b")
+    pw_a, pw_b = mosquitto.add_device("dev-a"), mosquitto.add_device("dev-b")
     b = TestClient(mosquitto, "dev-b", pw_b, client_id="dev-b")
     server = TestClient(mosquitto, mosquitto.server_user, mosquitto.server_password)
     try:
@@ -84,7 +86,14 @@ def test_a_device_cannot_take_over_another_devices_session(mosquitto):
         server.close()
 
 
-def test_wrong_password_and_unknown_user_are_refused(mosquitto):
+@pytest.fixture
+def plain_mosquitto():
+    with running_broker(tls=False) as broker:
+        yield broker
+
+
+def test_wrong_password_and_unknown_user_are_refused(plain_mosquitto):
+    mosquitto = plain_mosquitto
     mosquitto.add_user("dev-a")
     with pytest.raises(ConnectRefused) as err:
         TestClient(mosquitto, "dev-a", "not-the-password")
@@ -94,7 +103,8 @@ def test_wrong_password_and_unknown_user_are_refused(mosquitto):
     assert err.value.reason.value in BAD_CREDENTIALS
 
 
-def test_removed_user_cannot_log_in_after_reload(mosquitto):
+def test_removed_user_cannot_log_in_after_reload(plain_mosquitto):
+    mosquitto = plain_mosquitto
     pw = mosquitto.add_user("dev-a")
     TestClient(mosquitto, "dev-a", pw).close()
     mosquitto.remove_user("dev-a")
@@ -103,7 +113,8 @@ def test_removed_user_cannot_log_in_after_reload(mosquitto):
 
 
 def test_last_will_marks_a_killed_device_offline(mosquitto):
-    pw = mosquitto.add_user("dev-a")
+    creds = mosquitto.add_device("dev-a")
+    pw = f"tls:{creds.cert},{creds.key},{creds.ca}"
     server = TestClient(mosquitto, mosquitto.server_user, mosquitto.server_password)
     server.subscribe(device_topic("dev-a", TopicKind.STATE))
     proc = subprocess.Popen(

@@ -56,6 +56,7 @@ from tests._mosquitto import free_port
 from tests.agent_harness import AgentProcess
 from tests.mqtt_helpers import TestClient
 from tests.server_helpers import server_dir, server_process, wait_for
+from tests.tls_device_helpers import listeners
 from toolchain.data import load_digits
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -261,7 +262,7 @@ class Chaos:
         frame = encode_chunk(Chunk(request_id="0" * 32, artifact_sha256=art.sha256, offset=0, total_size=art.size,
                                    data=b"\x55" * 4096))
         broken = frame[:-1] + b"\x56"  # the data no longer matches its hash
-        client = TestClient(self.reg.broker, SERVER_USER, self.reg.broker.server_password())  # type: ignore[arg-type]
+        client = TestClient(listeners(self.reg.broker), SERVER_USER, self.reg.broker.server_password())  # type: ignore[arg-type]
         try:
             while not stop.wait(0.05):
                 for device in self.devices:

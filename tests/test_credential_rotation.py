@@ -1,8 +1,13 @@
-"""``edgeherd device rotate-credentials`` on a real Mosquitto with the real agent: the new password reaches the
-agent over its own authenticated session and is stored before the broker changes; then the old password is
-refused, the agent is back on the broker with the new one at once (Mosquitto ends the connection made with the
-old password when it reloads its password file) while its local API keeps serving, and its connections after a
-broker restart use the new password."""
+"""``edgeherd device rotate-credentials`` on a real Mosquitto with the real agent.
+
+Passwords (a broker without TLS, as one the user brings may be): the new password reaches the agent over its own
+authenticated session and is stored before the broker changes; then the old password is refused, the agent is
+back on the broker with the new one at once (Mosquitto ends the connection made with the old password when it
+reloads its password file) while its local API keeps serving, and its connections after a broker restart use
+the new password.
+
+Certificates (the managed broker's default): the same promises, the old certificate revoked after the agent
+confirms and its connection dropped with the session kept, so every command sent meanwhile is carried out."""
 
 from __future__ import annotations
 
@@ -32,18 +37,51 @@ pytestmark = pytest.mark.integration
 
 
 class _Addr:
-    def __init__(self, port: int) -> None:
-        self.host, self.port = "127.0.0.1", port
+    def __init__(self, port: int, server_port: int = 0) -> None:
+        self.host, self.port, self.server_port, self.server_user = "127.0.0.1", port, server_port, SERVER_USER
+
+
+def _plain(data):
+    """A data directory whose managed broker serves devices with passwords over plain TCP."""
+    (data / "broker").mkdir(mode=0o700)
+    (data / "broker" / "listener.json").write_text(json.dumps({"tls": False}))
+    return data
 
 
 @pytest.fixture
 def server(tmp_path):
     data, _ = server_dir(tmp_path / "server")
-    reg = Registry(data)
+    reg = Registry(_plain(data))
+    assert not reg.certificates
     reg.broker.start()
     yield reg
     reg.broker.stop()
     reg.engine.dispose()
+
+
+@pytest.fixture
+def cert_server(tmp_path):
+    data, _ = server_dir(tmp_path / "server")
+    reg = Registry(data)
+    assert reg.certificates
+    reg.broker.start()
+    yield reg
+    reg.broker.stop()
+    reg.engine.dispose()
+
+
+def _cert_agent(reg, tmp_path, device_id="pi-1"):
+    """Enrol ``device_id`` and start an agent with a copy of its config, certificate, key and CA (as on a
+    device)."""
+    enrolled = reg.add_device(device_id, "raspberry-pi-5")
+    etc = tmp_path / f"{device_id}-etc"
+    etc.mkdir()
+    for name in ("agent.toml", "device.pem", "device.key", "ca.pem"):
+        shutil.copy(enrolled.agent_config.parent / name, etc / name)
+    cfg = load_config(etc / "agent.toml", data_dir=str(tmp_path / f"{device_id}-data"), api_port=free_port())
+    agent = Agent(cfg, min_backoff=0.2, max_backoff=1.0).start()
+    wait_for(agent.session.connected.is_set, 20, "the agent to connect", poll=0.05)
+    return agent, etc
 
 
 def _agent(reg, tmp_path, device_id="pi-1"):
@@ -91,7 +129,8 @@ class _Commands:
     """Sends ``report_now`` to pi-1 every 5 ms as the server user, and collects the ids acknowledged done."""
 
     def __init__(self, reg):
-        self.client = TestClient(_Addr(reg.broker.port), SERVER_USER, reg.broker.server_password())  # type: ignore[arg-type]
+        self.client = TestClient(_Addr(reg.broker.port, reg.broker.server_port), SERVER_USER,  # type: ignore[arg-type]
+                                 reg.broker.server_password())
         self.client.client.on_message = self._ack
         self.client.subscribe(device_topic("pi-1", TopicKind.ACK))
         self.sent: list[str] = []
@@ -185,7 +224,7 @@ def test_an_offline_device_keeps_its_password(server, tmp_path):
     agent, password_file = _agent(server, tmp_path)
     old = password_file.read_text().strip()
     agent.stop()
-    with pytest.raises(RegistryError, match=r"did not confirm the new password within 2 s.*password still works"):
+    with pytest.raises(RegistryError, match=r"did not confirm its new credentials within 2 s.*credentials still work"):
         server.rotate_credentials("pi-1", timeout=2)
     TestClient(_Addr(server.broker.port), "pi-1", old).close()  # type: ignore[arg-type]
     with Session(server.engine) as db:
@@ -202,7 +241,7 @@ def test_an_agent_with_an_inline_password_refuses_and_nothing_changes(server, tm
     agent = Agent(cfg, min_backoff=0.2, max_backoff=1.0, api=False).start()
     try:
         wait_for(agent.session.connected.is_set, 20, "the agent to connect", poll=0.05)
-        with pytest.raises(RegistryError, match=r"answered failed: .*password_file.*current password still works"):
+        with pytest.raises(RegistryError, match=r"answered failed: .*password_file.*current credentials still work"):
             server.rotate_credentials("pi-2", timeout=10)
         TestClient(_Addr(server.broker.port), "pi-2", password).close()  # type: ignore[arg-type]
     finally:
@@ -242,4 +281,50 @@ def test_the_command(server, tmp_path):
     finally:
         agent.stop()
     result = CliRunner().invoke(app, [*args[:-2], "--timeout", "1"], env={"COLUMNS": "200"})
-    assert result.exit_code == 1 and "did not confirm the new password within 1 s" in result.output
+    assert result.exit_code == 1 and "did not confirm its new credentials within 1 s" in result.output
+
+
+def test_certificate_rotation_keeps_the_session_and_revokes_the_old_certificate(cert_server, tmp_path):
+    from cryptography import x509
+
+    from tests._mosquitto import DeviceTls
+    from tests.mqtt_helpers import HandshakeRefused
+
+    reg = cert_server
+    agent, etc = _cert_agent(reg, tmp_path)
+    try:
+        old_serial = x509.load_pem_x509_certificate((etc / "device.pem").read_bytes()).serial_number
+        shutil.copy(etc / "device.pem", tmp_path / "old.pem")
+        shutil.copy(etc / "device.key", tmp_path / "old.key")
+        session = agent.session.session_id
+        watch = _Watch(agent)
+        commands = _Commands(reg)
+        rotation = reg.rotate_credentials("pi-1", actor="alice", timeout=15)
+        wait_for(lambda: agent.session.connected.is_set() and agent.session.session_id != session, 10,
+                 "the agent to be back on the broker", poll=0.05)
+        time.sleep(0.3)
+        watch.stop()
+        sent = commands.stop()
+        # the session lived through the change: every command sent meanwhile was carried out
+        assert agent.session.session_present and agent.session.resumed >= 1
+        wait_for(lambda: commands.done >= set(sent), 20, "every command to be acknowledged done", poll=0.05)
+        assert watch.api_failures == 0 and watch.offline_s < 2.0, watch.offline_s
+        print(f"{len(sent)} commands during the rotation, all carried out; off the broker {watch.offline_s:.2f} s")
+
+        new_serial = x509.load_pem_x509_certificate((etc / "device.pem").read_bytes()).serial_number
+        assert new_serial != old_serial and stat.S_IMODE((etc / "device.key").stat().st_mode) == 0o600
+        assert reg.broker.authority.serials("pi-1") == [new_serial]
+        assert reg.broker.authority.serials("pi-1", revoked=True) == [old_serial]
+        with Session(reg.engine) as db:
+            entries = audit.entries(db, action="device.rotate_credentials")
+        assert [e.detail for e in entries] == [{"via": "agent", "command_id": rotation.command_id,
+                                                 "serial": f"{new_serial:x}"}]
+        # the old certificate no longer gets in; the new one does
+        addr = _Addr(reg.broker.port, reg.broker.server_port)
+        with pytest.raises((HandshakeRefused, OSError)):
+            TestClient(addr, "pi-1", DeviceTls("pi-1", tmp_path / "old.pem", tmp_path / "old.key",  # type: ignore[arg-type]
+                                               etc / "ca.pem", old_serial), client_id="x", timeout=5)
+        TestClient(addr, "pi-1", DeviceTls("pi-1", etc / "device.pem", etc / "device.key", etc / "ca.pem",  # type: ignore[arg-type]
+                                           new_serial), client_id="x").close()
+    finally:
+        agent.stop()

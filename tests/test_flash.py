@@ -1,7 +1,8 @@
 """``edgeherd flash`` end to end: real wheelhouses made with pip's platform options, an x86-64 bundle installed
-offline and run the way its unit says until it serves a model from a real server, a Raspberry Pi 5 bundle that
-holds only aarch64 and pure wheels for Python 3.11, the same bundle written into a Raspberry Pi OS root filesystem,
-and the ssh commands."""
+offline and run the way its unit says until it serves a model from a real server over TLS with its own
+certificate (and re-flashed: its old certificate revoked), a Raspberry Pi 5 bundle that holds only aarch64 and
+pure wheels for Python 3.11 and a certificate for the server's public host name, the same bundle written into a
+Raspberry Pi OS root filesystem, the ssh commands, and the password bundle of a broker the user brings."""
 
 from __future__ import annotations
 
@@ -20,16 +21,25 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from packaging.utils import parse_wheel_filename
 from sqlmodel import Session
 from typer.testing import CliRunner
 
 from hardware.provision import FIRSTBOOT_DIR
-from hardware.wheelhouse import DeviceTarget, build
+from server.broker import MosquittoBroker
 from server.cli import app
 from server.db.models import Device
 from tests._mosquitto import free_port
-from tests.provision_helpers import raspberry_pi_os
+from tests.provision_helpers import (
+    device_python,
+    install_layout,
+    offline_env,
+    profile_wheelhouse,
+    raspberry_pi_os,
+    start_installed_agent,
+)
 from tests.server_helpers import server_dir, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,21 +52,18 @@ def run(*args: str):
     return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
 
 
-def _device_python() -> str:
-    """The OS's own Python 3.11 when it can make virtual environments (as on a device), else this one."""
-    system = Path("/usr/bin/python3.11")
-    if system.exists() and subprocess.run([str(system), "-c", "import ensurepip, venv"]).returncode == 0:
-        return str(system)
-    return sys.executable
+def _serial(pem: bytes) -> int:
+    return x509.load_pem_x509_certificate(pem).serial_number
+
+
+def _common_name(pem: bytes) -> str:
+    return str(x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
 @pytest.fixture(scope="session")
 def x86_download(tmp_path_factory) -> tuple[Path, list[str]]:
     """The x86-64 agent wheelhouse, downloaded once per session (and pip's lines as they came)."""
-    d = tmp_path_factory.mktemp("x86-wheels")
-    lines: list[str] = []
-    build(d / "w", target=DeviceTarget("3.11", "x86_64", "2.35"), extra="onnx", on_line=lines.append)
-    return d / "w", lines
+    return profile_wheelhouse(tmp_path_factory, "x86-64-cpu")
 
 
 @pytest.fixture(scope="session")
@@ -77,13 +84,14 @@ def test_the_download_shows_its_progress(x86_download):
 
 @pytest.fixture(scope="session")
 def pi5_flash(tmp_path_factory):
-    """A Raspberry Pi 5 bundle made by the command itself, downloading from the package index."""
+    """A Raspberry Pi 5 bundle made by the command itself, downloading from the package index, for a server
+    whose managed broker devices reach as broker.lan (`server run --public-host broker.lan`)."""
     root = tmp_path_factory.mktemp("pi5")
     data, _ = server_dir(root / "server")
+    MosquittoBroker(data, public_hosts=["broker.lan"])  # what `server run --public-host broker.lan` keeps
     out = root / "pi-5.tar.gz"
     t0 = time.monotonic()
-    result = run("flash", "pi-5", "--profile", "raspberry-pi-5", "--out", str(out), "--data-dir", str(data),
-                 "--broker-url", "mqtt://broker.lan:1883")
+    result = run("flash", "pi-5", "--profile", "raspberry-pi-5", "--out", str(out), "--data-dir", str(data))
     assert result.exit_code == 0, result.output
     print(f"flash --profile raspberry-pi-5 with a download: {time.monotonic() - t0:.1f} s")
     unpacked = root / "unpacked"
@@ -120,16 +128,66 @@ def test_pi5_bundle_holds_only_aarch64_and_pure_wheels_for_python_3_11(pi5_flash
     assert "pi-5" in listed.output and "raspberry-pi-5" in listed.output
 
 
+def test_pi5_bundle_logs_in_with_its_own_certificate_for_the_public_host(pi5_flash):
+    """The certificate the registry issued (the enrolment copy in devices/pi-5/), its CN the device id, signed by
+    the data directory's CA, which the bundle pins; the broker URL is the public host, which the broker's
+    certificate names; no password anywhere."""
+    data, _, bundle, output = pi5_flash
+    cred = bundle / "config/credentials"
+    assert sorted(p.name for p in cred.iterdir()) == ["ca.pem", "device.key", "device.pem"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in cred.iterdir()} == {0o600}
+    enrolled = data / "devices" / "pi-5"
+    for name in ("device.pem", "device.key", "ca.pem"):
+        assert (cred / name).read_bytes() == (enrolled / name).read_bytes(), name
+    cert = (cred / "device.pem").read_bytes()
+    assert _common_name(cert) == "pi-5"
+    ca = x509.load_pem_x509_certificate((cred / "ca.pem").read_bytes())
+    x509.load_pem_x509_certificate(cert).verify_directly_issued_by(ca)
+    assert (cred / "ca.pem").read_bytes() == (data / "pki" / "ca-bundle.pem").read_bytes()
+    broker = MosquittoBroker(data)
+    assert broker.authority is not None and broker.authority.serials("pi-5") == [_serial(cert)]
+    toml = (bundle / "config/agent.toml").read_text()
+    assert 'broker_url = "mqtts://broker.lan:8883"' in toml and "broker.lan" in broker.certificate_names
+    assert 'tls_cert = "@CONFIG_DIR@/credentials/device.pem"' in toml and "password" not in toml
+    assert not list(bundle.rglob("*password*"))
+    assert json.loads((bundle / "bundle.json").read_text())["credentials"] == "certificate"
+    assert "private key" in " ".join(output.split()) and "loopback" not in output
+
+
+def test_flash_for_a_broker_the_user_brings_gives_a_password(pi5_flash, tmp_path):
+    """`--broker` (a broker the user brings): a password, and the broker's CA from --ca-cert pinned."""
+    data, _, bundle, _ = pi5_flash
+    ca = tmp_path / "broker-ca.crt"
+    ca.write_bytes((bundle / "config/credentials/ca.pem").read_bytes())  # a CA certificate; whose does not matter
+    out = tmp_path / "pi-9.tar.gz"
+    result = run("flash", "pi-9", "--profile", "raspberry-pi-5", "--out", str(out), "--data-dir", str(data),
+                 "--broker", "mqtts://emqx.lan:8883", "--ca-cert", str(ca), "--find-links",
+                 str(bundle / "wheelhouse"), "--no-index")
+    assert result.exit_code == 0, result.output
+    assert "broker password" in " ".join(result.output.split())
+    with tarfile.open(out) as tar:
+        names = set(tar.getnames())
+        toml = tar.extractfile("edgeherd-pi-9/config/agent.toml").read().decode()  # type: ignore[union-attr]
+        password = tar.extractfile(  # type: ignore[union-attr]
+            "edgeherd-pi-9/config/credentials/broker-password").read().decode().strip()
+        pinned = tar.extractfile("edgeherd-pi-9/config/ca.crt").read()  # type: ignore[union-attr]
+    assert password == (data / "devices" / "pi-9" / "broker-password").read_text().strip() and len(password) >= 20
+    assert pinned == ca.read_bytes() and not any(n.endswith(("device.pem", "device.key")) for n in names)
+    assert 'broker_url = "mqtts://emqx.lan:8883"' in toml and "password_file" in toml and "tls_cert" not in toml
+    assert MosquittoBroker(data).authority.serials("pi-9") == []  # type: ignore[union-attr]
+
+
 def test_flash_into_a_raspberry_pi_os_root_filesystem(pi5_flash, tmp_path):
     data, _, bundle, _ = pi5_flash
     rootfs = raspberry_pi_os(tmp_path / "rootfs")
     result = run("flash", "pi-6", "--profile", "raspberry-pi-5", "--rootfs", str(rootfs), "--data-dir", str(data),
-                 "--find-links", str(bundle / "wheelhouse"), "--no-index", "--broker-url", "mqtt://broker.lan:1883")
+                 "--find-links", str(bundle / "wheelhouse"), "--no-index")
     assert result.exit_code == 0, result.output
     assert "enabled edgeherd-firstboot.service" in " ".join(result.output.split())
     dest = rootfs / FIRSTBOOT_DIR.lstrip("/") / "edgeherd-pi-6"
     assert stat.S_IMODE(dest.stat().st_mode) == 0o700
-    assert stat.S_IMODE((dest / "config/broker-password").stat().st_mode) == 0o600
+    assert stat.S_IMODE((dest / "config/credentials/device.key").stat().st_mode) == 0o600
+    assert _common_name((dest / "config/credentials/device.pem").read_bytes()) == "pi-6"
     assert stat.S_IMODE((dest / "install.sh").stat().st_mode) == 0o700
     unit = (rootfs / "etc/systemd/system/edgeherd-firstboot.service").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
@@ -171,24 +229,24 @@ def test_flash_over_ssh(pi5_flash, tmp_path, monkeypatch):
     assert calls[1][-1] == "pi@pi-8.lan:/tmp/edgeherd-flash.Zx81Qw07/bundle.tar.gz"
     assert "sudo ./edgeherd-pi-8/install.sh" in calls[2][-1]
     with tarfile.open(copied) as tar:
-        assert "edgeherd-pi-8/config/broker-password" in tar.getnames()
+        assert {"edgeherd-pi-8/config/credentials/device.pem", "edgeherd-pi-8/config/credentials/device.key",
+                "edgeherd-pi-8/config/credentials/ca.pem"} <= set(tar.getnames())
 
 
 def test_x86_bundle_installs_offline_enrols_serves_and_upgrades_in_place(digits_bundle, x86_wheels, tmp_path):
+    from server import audit
     from server.app import ServerApp
     from toolchain.data import load_digits
 
+    os.chmod(tmp_path, 0o711)  # noqa: S103 - the broker runs as its own user and must reach the data directory
     data, _ = server_dir(tmp_path / "server", digits_bundle.key)
     server = ServerApp(data, metrics_port=0, drift_interval=3600).start()
+    assert server.registry.certificates and server.registry.broker_url.startswith("mqtts://127.0.0.1:")
     root = tmp_path / "device"
-    layout = ["--prefix", str(root / "opt/edgeherd"), "--config-dir", str(root / "etc/edgeherd"),
-              "--data-dir", str(root / "var/lib/edgeherd"), "--unit-dir", str(root / "etc/systemd/system"),
-              "--user", ME, "--python", _device_python()]
-    # pip on the "device" can reach nothing: no index, and a proxy that refuses
-    offline = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-               "EDGEHERD_INSTALL_NO_SYSTEMD": "1"}
+    layout = [*install_layout(root), "--user", ME, "--python", device_python()]
     agent: subprocess.Popen[bytes] | None = None
     api_port = free_port()
+    cred = root / "etc/edgeherd/credentials"
 
     def flash_and_unpack(name: str) -> Path:
         out = tmp_path / f"{name}.tar.gz"
@@ -204,19 +262,12 @@ def test_x86_bundle_installs_offline_enrols_serves_and_upgrades_in_place(digits_
 
     def install(bundle: Path) -> str:
         t0 = time.monotonic()
-        out = subprocess.run([str(bundle / "install.sh"), *layout], capture_output=True, text=True, env=offline,
-                             timeout=600)
+        # pip on the "device" can reach nothing: no index, and a proxy that refuses
+        out = subprocess.run([str(bundle / "install.sh"), *layout], capture_output=True, text=True,
+                             env=offline_env(), timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
         print(f"install.sh: {time.monotonic() - t0:.1f} s")
         return out.stdout
-
-    def start_agent() -> subprocess.Popen[bytes]:
-        """As systemd would: the unit's ExecStart, from /, with the unit's environment (none)."""
-        unit = (root / "etc/systemd/system/edgeherd-agent.service").read_text()
-        line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
-        env = {"PATH": "/usr/bin:/bin", "EDGEHERD_AGENT_API_PORT": str(api_port)}  # the port: tests run in parallel
-        with (tmp_path / "agent.log").open("ab") as log:
-            return subprocess.Popen(shlex.split(line[len("ExecStart="):]), cwd="/", env=env, stdout=log, stderr=log)
 
     def stop_agent(proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGTERM)
@@ -241,45 +292,49 @@ def test_x86_bundle_installs_offline_enrols_serves_and_upgrades_in_place(digits_
             unit = root / "etc/systemd/system/edgeherd-agent.service"
             verify = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True)
             assert verify.returncode == 0, verify.stdout + verify.stderr
+        first_serial = _serial((cred / "device.pem").read_bytes())
 
-        agent = start_agent()
+        agent = start_installed_agent(root, api_port, tmp_path / "agent.log")
         d = wait_for(lambda: (x := device()) is not None and x.status == "online" and x.fingerprint and x, 60,
-                  "the installed agent to enrol")
+                     "the installed agent to enrol")
         assert d.fingerprint["cpu_count"] >= 1 and d.profile == "x86-64-cpu"
 
         server.registry.push_model(digits_bundle.dir)
         server.registry.deploy("digits", "1.0.0", "x86-1")
         wait_for(lambda: (x := device()) and x.running_artifact == "digits-onnx-int8" and x.install_step == "done", 90,
-              "the agent to install the bundle")
+                 "the agent to install the bundle")
         assert len(predict()["classes"]) == 8
 
-        # the same installer again: nothing reinstalled, the agent's data and password kept
+        # the same installer again: nothing reinstalled, the agent's data and credentials kept
         stop_agent(agent)
         agent = None
-        password = (root / "etc/edgeherd/credentials/broker-password").read_text()
+        kept = {p.name: p.read_bytes() for p in cred.iterdir()}
         slots = sorted(p.name for p in (root / "var/lib/edgeherd").iterdir())
         again = install(first)
-        assert "is installed already" in again and "kept the broker password" in again
-        assert (root / "etc/edgeherd/credentials/broker-password").read_text() == password
+        assert "is installed already" in again and "kept the certificate, key and pinned CA" in again
+        assert {p.name: p.read_bytes() for p in cred.iterdir()} == kept
         assert sorted(p.name for p in (root / "var/lib/edgeherd").iterdir()) == slots
 
-        # a new bundle (re-flashed: fresh credentials) upgrades in place and keeps the data: the agent comes back
-        # with the new password and serves the model it had, without another deploy
+        # a new bundle (re-flashed: a fresh certificate, the old one revoked) upgrades in place and keeps the data:
+        # the agent comes back with the new certificate and serves the model it had, without another deploy
         second = flash_and_unpack("second")
-        from server import audit
-
         with Session(server.registry.engine) as db:
             reissued = audit.entries(db, action="device.rotate_credentials", subject="device:x86-1")
-        assert len(reissued) == 1 and reissued[0].detail == {"via": "flash", "output": "out"}
+        second_serial = _serial((second / "config/credentials/device.pem").read_bytes())
+        assert len(reissued) == 1 and reissued[0].detail == {"via": "flash", "output": "out",
+                                                             "serial": f"{second_serial:x}"}
+        auth = server.registry.broker.authority
+        assert auth.is_revoked(first_serial) and auth.serials("x86-1") == [second_serial]
         out = install(second)
-        assert "installed the broker password" in out
+        assert "installed the certificate, key and pinned CA of x86-1" in out
+        assert _serial((cred / "device.pem").read_bytes()) == second_serial
         venvs = sorted(p.name for p in (root / "opt/edgeherd/venvs").iterdir())
         assert len(venvs) == 2 and os.readlink(root / "opt/edgeherd/venv").endswith(
             json.loads((second / "bundle.json").read_text())["bundle_id"])
         generation = device().desired_generation  # type: ignore[union-attr]
-        agent = start_agent()
+        agent = start_installed_agent(root, api_port, tmp_path / "agent.log")
         wait_for(lambda: (x := device()) and x.status == "online" and x.state_session > d.state_session, 60,
-              "the upgraded agent to come back")
+                 "the upgraded agent to come back")
         assert predict()["model"] == "digits"
         assert device().desired_generation == generation  # type: ignore[union-attr]
     finally:
@@ -304,7 +359,7 @@ def test_a_bundle_for_python_3_10_installs_and_runs_the_agent_there(tmp_path):
     data, _ = server_dir(tmp_path / "server")
     out = tmp_path / "py310.tar.gz"
     result = run("flash", "py310", "--profile", "x86-64-cpu", "--python", "3.10", "--out", str(out),
-                 "--data-dir", str(data), "--broker-url", "mqtt://broker.lan:1883")
+                 "--data-dir", str(data))
     assert result.exit_code == 0, result.output
     subprocess.run(["tar", "-xzf", str(out), "-C", str(tmp_path)], check=True)
     bundle = tmp_path / "edgeherd-py310"
@@ -378,7 +433,7 @@ def test_flash_over_a_real_ssh_connection_installs_the_agent(sshd, x86_wheels, t
     root = tmp_path / "device"
     layout = ["--prefix", str(root / "opt/edgeherd"), "--config-dir", str(root / "etc/edgeherd"),
               "--data-dir", str(root / "var/lib/edgeherd"), "--unit-dir", str(root / "etc/systemd/system"),
-              "--user", ME, "--python", _device_python(), "--systemd", "no"]
+              "--user", ME, "--python", device_python(), "--systemd", "no"]
     options = ("-o", f"Port={port}", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o",
                "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR")
     before = set(Path("/tmp").glob("edgeherd-flash.*"))
@@ -388,7 +443,7 @@ def test_flash_over_a_real_ssh_connection_installs_the_agent(sshd, x86_wheels, t
     # installed: the venv's agent runs, the config with the device's secret is 0600
     agent = root / "opt/edgeherd/venv/bin/edgeherd-agent"
     assert subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    password = root / "etc/edgeherd/credentials/broker-password"
-    assert stat.S_IMODE(password.stat().st_mode) == 0o600
-    assert password.read_text().strip() == (data / "devices" / "x86-2" / "broker-password").read_text().strip()
+    key = root / "etc/edgeherd/credentials/device.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_bytes() == (data / "devices" / "x86-2" / "device.key").read_bytes()
     assert set(Path("/tmp").glob("edgeherd-flash.*")) == before  # the remote temporary directory is removed

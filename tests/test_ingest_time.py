@@ -171,17 +171,15 @@ def test_a_real_server_refuses_badly_dated_windows_with_an_error_reply_and_a_cou
     from server.app import ServerApp
     from tests.mqtt_helpers import TestClient
     from tests.server_helpers import server_dir, wait_for
+    from tests.tls_device_helpers import device_tls, listeners, reachable
 
-    data, _ = server_dir(tmp_path / "data")
+    data, _ = server_dir(reachable(tmp_path) / "data")
     app = ServerApp(data, metrics_port=0, drift_interval=0, rollout_interval=0).start()
     device = None
     try:
-        password = app.registry.add_devices_bulk(["pi-1"], "x86-64-cpu")["pi-1"]
-
-        class _B:  # the managed broker's address, for the test client
-            host, port = "127.0.0.1", app.registry.broker.port
-
-        device = TestClient(_B, "pi-1", password)  # type: ignore[arg-type]
+        creds = app.registry.add_devices_bulk(["pi-1"], "x86-64-cpu")["pi-1"]
+        device = TestClient(listeners(app.registry.broker), "pi-1",  # type: ignore[arg-type]
+                            device_tls("pi-1", creds, tmp_path / "device"))
         device.subscribe(device_topic("pi-1", TopicKind.ERROR))
         device.subscribe(device_topic("pi-1", TopicKind.RECEIPT))
         now = datetime.now(timezone.utc)

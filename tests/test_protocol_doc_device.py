@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import shutil
+import ssl
 import struct
 import subprocess
 import time
@@ -80,16 +81,20 @@ class DocDevice:
         cfg = tomllib.loads(agent_toml.read_text())
         self.id: str = cfg["device_id"]
         self.server_key: str = cfg["server_key"]
-        password = (agent_toml.parent / cfg["password_file"]).read_text().strip()
         url = urlsplit(cfg["broker_url"])
-        assert url.scheme == "mqtt" and url.hostname and url.port, cfg["broker_url"]
+        assert url.scheme in ("mqtt", "mqtts") and url.hostname and url.port, cfg["broker_url"]
         self.session = time.time_ns() // 1_000_000  # §4: increases with every connection
         self.seq = 0
         self.inbox: dict[str, queue.Queue[bytes]] = {k: queue.Queue() for k in TOPIC_TABLE}
         self._subacks: queue.Queue[int] = queue.Queue()
         self._connected: queue.Queue[bool] = queue.Queue()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id, protocol=mqtt.MQTTv5)  # §1
-        self.client.username_pw_set(self.id, password)
+        if url.scheme == "mqtts":  # §1: its own certificate; only the pinned CA trusted, the host name checked
+            ctx = ssl.create_default_context(cafile=str(agent_toml.parent / cfg["tls_ca"]))
+            ctx.load_cert_chain(str(agent_toml.parent / cfg["tls_cert"]), str(agent_toml.parent / cfg["tls_key"]))
+            self.client.tls_set_context(ctx)
+        else:  # a broker the user brings, with passwords
+            self.client.username_pw_set(self.id, (agent_toml.parent / cfg["password_file"]).read_text().strip())
         will = DOC.build("DeviceState", device_id=self.id, status="offline", reason="lost", session=self.session,
                          seq=FINAL_SEQ)
         qos, retain = TOPIC_TABLE["state"]
@@ -251,6 +256,7 @@ def _rich_bundle(root: Path, key: Any) -> tuple[Path, dict[str, bytes]]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("doc-device")
+    os.chmod(root, 0o711)  # noqa: S103 - the broker, run as the mosquitto user, reaches the data directory below
     data, key = server_dir(root / "server")
     app = ServerApp(data, metrics_port=0, drift_interval=0, rollout_interval=0).start()
     try:

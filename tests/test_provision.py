@@ -1,6 +1,7 @@
-"""Provisioning bundles without the network: layout and modes, install.sh (offline, idempotent, upgrading in place,
-keeping data and rotated passwords), a Raspberry Pi OS root filesystem with the first-boot unit, the ssh commands,
-and the wheelhouse's closure over the device's markers."""
+"""Provisioning bundles without the network: layout and modes (a device certificate, or a password for a broker
+the user brings), install.sh (offline, idempotent, upgrading in place, keeping data and rotated credentials), a
+Raspberry Pi OS root filesystem with the first-boot unit, the ssh commands, and the wheelhouse's closure over the
+device's markers."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from packaging.requirements import Requirement
 from hardware.profiles import load
 from hardware.provision import (
     FIRSTBOOT_DIR,
+    DeviceSecrets,
     ProvisionError,
     SshTarget,
     check_rootfs,
@@ -30,7 +32,14 @@ from hardware.provision import (
     write_tarball,
 )
 from hardware.wheelhouse import DeviceTarget, agent_wheel, close
-from tests.provision_helpers import SERVER_KEY, fast_bundle, raspberry_pi_os, spec
+from tests.provision_helpers import (
+    SERVER_KEY,
+    device_certificate,
+    fast_bundle,
+    install_layout,
+    raspberry_pi_os,
+    spec,
+)
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 MY_GROUP = grp.getgrgid(os.getgid()).gr_name
@@ -52,36 +61,95 @@ def wheel_dir(tmp_path_factory) -> Path:
 # -- the bundle ---------------------------------------------------------------------------------------------------
 
 
+def _regular(tar: tarfile.TarFile) -> dict[str, int]:
+    return {m.name: stat.S_IMODE(m.mode) for m in tar.getmembers() if not m.isdir() and "wheelhouse/" not in m.name}
+
+
 def test_bundle_layout_modes_and_contents(tmp_path, wheel_dir):
-    s = spec("pi-1", "x86-64-cpu", ca=b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-             broker_url="mqtts://broker.example:8883")
+    """The managed broker's device: its certificate, key and pinned CA bundle, 0600 under config/credentials/,
+    named by agent.toml with an mqtts:// broker; nothing secret in bundle.json or a repr."""
+    s = spec("pi-1", "x86-64-cpu", broker_url="mqtts://broker.example:8883")
+    cert, key, ca = device_certificate("pi-1")
     bundle = fast_bundle(tmp_path, s, wheel_dir)
     out = tmp_path / "pi-1.tar.gz"
     write_tarball(bundle, out, s.created_at)
     assert mode(out) == 0o600
     with tarfile.open(out) as tar:
         members = {m.name: m for m in tar.getmembers()}
+        files = _regular(tar)
         agent_toml = tar.extractfile("edgeherd-pi-1/config/agent.toml").read().decode()  # type: ignore[union-attr]
         info = json.loads(tar.extractfile("edgeherd-pi-1/bundle.json").read())  # type: ignore[union-attr]
-        password = tar.extractfile("edgeherd-pi-1/config/broker-password").read()  # type: ignore[union-attr]
-    assert {n: stat.S_IMODE(m.mode) for n, m in members.items() if not m.isdir() and "wheelhouse/" not in n} == {
+        stored = {n: tar.extractfile(f"edgeherd-pi-1/config/credentials/{n}").read()  # type: ignore[union-attr]
+                  for n in ("device.pem", "device.key", "ca.pem")}
+    assert files == {
         "edgeherd-pi-1/install.sh": 0o700, "edgeherd-pi-1/bundle.json": 0o600,
         "edgeherd-pi-1/requirements.txt": 0o600, "edgeherd-pi-1/config/agent.toml": 0o600,
-        "edgeherd-pi-1/config/broker-password": 0o600, "edgeherd-pi-1/config/ca.crt": 0o644,
+        "edgeherd-pi-1/config/credentials/device.pem": 0o600, "edgeherd-pi-1/config/credentials/device.key": 0o600,
+        "edgeherd-pi-1/config/credentials/ca.pem": 0o600,
         "edgeherd-pi-1/systemd/edgeherd-agent.service": 0o644,
         "edgeherd-pi-1/systemd/edgeherd-firstboot.service": 0o644}
     assert stat.S_IMODE(members["edgeherd-pi-1"].mode) == 0o700
+    assert stat.S_IMODE(members["edgeherd-pi-1/config/credentials"].mode) == 0o700
     assert all(m.uid == 0 and m.uname == "root" for m in members.values())
-    assert password == b"correct-horse-battery-staple-1\n"
+    assert stored == {"device.pem": cert, "device.key": key, "ca.pem": ca}
     assert agent_toml.splitlines()[1:] == [
         'device_id = "pi-1"', 'broker_url = "mqtts://broker.example:8883"',
-        'password_file = "@CONFIG_DIR@/credentials/broker-password"', f'server_key = "{SERVER_KEY}"',
-        'data_dir = "@DATA_DIR@"', 'profile = "x86-64-cpu"', 'tls_ca = "@CONFIG_DIR@/ca.crt"']
+        'tls_ca = "@CONFIG_DIR@/credentials/ca.pem"', 'tls_cert = "@CONFIG_DIR@/credentials/device.pem"',
+        'tls_key = "@CONFIG_DIR@/credentials/device.key"', f'server_key = "{SERVER_KEY}"',
+        'data_dir = "@DATA_DIR@"', 'profile = "x86-64-cpu"']
     assert info["device_id"] == "pi-1" and info["profile"] == "x86-64-cpu" and info["python"] == "3.11"
-    assert info["tls"] and info["ca_cert"] and info["platforms"][0] == "manylinux_2_35_x86_64"
-    assert "correct-horse" not in json.dumps(info) and "correct-horse" not in repr(s.secrets)
+    assert info["tls"] and info["ca_cert"] and info["credentials"] == "certificate"
+    assert info["platforms"][0] == "manylinux_2_35_x86_64"
+    body = key.split(b"\n")[1].decode()  # a line of the key itself
+    assert body not in json.dumps(info) and body not in repr(s.secrets) and "certificate=***" in repr(s.secrets)
     with pytest.raises(ProvisionError, match="exists; it holds another device's credentials"):
         write_tarball(bundle, out)
+
+
+def test_password_bundle_for_a_broker_the_user_brings(tmp_path, wheel_dir):
+    """A broker the user brings: the password, 0600 under config/credentials/, and the broker's CA pinned."""
+    s = spec("pi-1", password="correct-horse-battery-staple-1",  # noqa: S106 - a test bundle's password
+             ca=b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+             broker_url="mqtts://broker.example:8883")
+    bundle = fast_bundle(tmp_path, s, wheel_dir)
+    out = tmp_path / "pi-1.tar.gz"
+    write_tarball(bundle, out, s.created_at)
+    with tarfile.open(out) as tar:
+        files = _regular(tar)
+        agent_toml = tar.extractfile("edgeherd-pi-1/config/agent.toml").read().decode()  # type: ignore[union-attr]
+        password = tar.extractfile(  # type: ignore[union-attr]
+            "edgeherd-pi-1/config/credentials/broker-password").read()
+    assert {n: m for n, m in files.items() if "/config/" in n} == {
+        "edgeherd-pi-1/config/agent.toml": 0o600, "edgeherd-pi-1/config/credentials/broker-password": 0o600,
+        "edgeherd-pi-1/config/ca.crt": 0o644}
+    assert password == b"correct-horse-battery-staple-1\n"
+    assert agent_toml.splitlines()[3:5] == ['password_file = "@CONFIG_DIR@/credentials/broker-password"',
+                                            'tls_ca = "@CONFIG_DIR@/ca.crt"']
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["credentials"] == "password" and info["ca_cert"] and "correct-horse" not in json.dumps(info)
+    assert "correct-horse" not in repr(s.secrets) and "password=***" in repr(s.secrets)
+
+
+def test_device_secrets_take_one_kind_of_credentials_complete():
+    cert, key, ca = device_certificate("pi-1")
+    ok = {"device_id": "pi-1", "broker_url": "mqtts://b:8883", "server_key": SERVER_KEY}
+    cases = [
+        ({}, "give exactly one"),
+        ({"password": "p" * 24, "certificate": cert, "key": key, "ca_cert": ca}, "give exactly one"),
+        ({"password": "p" * 24, "key": key}, "a private key goes with a certificate"),
+        ({"certificate": cert, "ca_cert": ca}, "goes with its private key and the CA bundle"),
+        ({"certificate": cert, "key": key}, "goes with its private key and the CA bundle"),
+        ({"certificate": cert, "key": key, "ca_cert": ca, "broker_url": "mqtt://b:1883"},
+         "is for an mqtts:// broker, not mqtt://b:1883"),
+        ({"certificate": b"not a certificate", "key": key, "ca_cert": ca}, "certificate is not PEM"),
+        ({"certificate": cert, "key": cert, "ca_cert": ca}, "private key is not PEM"),
+        ({"certificate": cert, "key": key, "ca_cert": key}, "CA bundle is not PEM"),
+    ]
+    for given, message in cases:
+        with pytest.raises(ProvisionError, match=message):
+            DeviceSecrets(**(ok | given))
+    assert DeviceSecrets(**ok, certificate=cert, key=key, ca_cert=ca).uses_certificate
+    assert not DeviceSecrets(**ok, password="p" * 24).uses_certificate
 
 
 def test_the_unit_is_hardened_and_the_jetson_one_sees_the_gpu(tmp_path, wheel_dir):
@@ -102,8 +170,7 @@ def test_the_unit_is_hardened_and_the_jetson_one_sees_the_gpu(tmp_path, wheel_di
 
 
 def _layout(root: Path) -> list[str]:
-    return ["--prefix", str(root / "opt/edgeherd"), "--config-dir", str(root / "etc/edgeherd"),
-            "--data-dir", str(root / "var/lib/edgeherd"), "--unit-dir", str(root / "etc/systemd/system")]
+    return install_layout(root)
 
 
 def _install(bundle: Path, root: Path, *extra: str, env: dict[str, str] | None = None,
@@ -127,11 +194,18 @@ def _fake_systemctl(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return {"PATH": f"{bindir}:{os.environ['PATH']}"}, calls
 
 
+def _creds(cred: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cred.iterdir()) if p.name != "bundle-id"}
+
+
 def test_install_sh_installs_offline_is_idempotent_and_upgrades_in_place(tmp_path, wheel_dir):
+    from agent.config import load_config
+
     root = tmp_path / "root"
-    first = fast_bundle(tmp_path / "b1", spec(password="first-password-0123456789"), wheel_dir)  # noqa: S106
+    first = fast_bundle(tmp_path / "b1", spec("pi-1"), wheel_dir)
     out = _install(first, root, "--systemd", "no")
     assert "no network" in out.stdout and "systemd does not manage services here" in out.stdout
+    assert "installed the certificate, key and pinned CA of pi-1" in out.stdout
     prefix, etc, data = root / "opt/edgeherd", root / "etc/edgeherd", root / "var/lib/edgeherd"
     first_env = f"venvs/0.1.0-{json.loads((first / 'bundle.json').read_text())['bundle_id']}"
     assert os.readlink(prefix / "venv") == first_env
@@ -142,11 +216,17 @@ def test_install_sh_installs_offline_is_idempotent_and_upgrades_in_place(tmp_pat
     assert version.returncode == 0 and version.stdout.startswith(f"0.1.0 {prefix}/venv/lib/"), version
     assert (prefix / "venv/bin/edgeherd-agent").exists()
     cred = etc / "credentials"
-    assert (cred / "broker-password").read_text() == "first-password-0123456789\n"
-    assert (mode(cred), mode(cred / "broker-password"), mode(data)) == (0o700, 0o600, 0o750)
-    assert (cred / "broker-password").stat().st_uid == os.getuid()
-    toml = (etc / "agent.toml").read_text()
-    assert f'password_file = "{etc}/credentials/broker-password"' in toml and f'data_dir = "{data}"' in toml
+    cert, key, ca = device_certificate("pi-1")
+    assert _creds(cred) == {"ca.pem": ca, "device.key": key, "device.pem": cert}
+    assert {p.name: mode(p) for p in cred.iterdir()} == {
+        "ca.pem": 0o600, "device.key": 0o600, "device.pem": 0o600, "bundle-id": 0o644}
+    assert (mode(cred), mode(data)) == (0o700, 0o750)
+    assert {p.stat().st_uid for p in [cred, *cred.iterdir()]} == {os.getuid()}
+    # the agent's own configuration loader finds the files installed where agent.toml says
+    cfg = load_config(etc / "agent.toml")
+    assert (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) == (cred / "device.pem", cred / "device.key", cred / "ca.pem")
+    assert cfg.tls and cfg.broker_url == "mqtts://broker.example:8883" and cfg.password_file is None
+    assert cfg.data_dir == data and cfg.device_id == "pi-1"
     assert mode(etc / "agent.toml") == (0o640 if os.getuid() == 0 else 0o600)
     unit = (root / "etc/systemd/system/edgeherd-agent.service").read_text()
     assert f"ExecStart={prefix}/venv/bin/edgeherd-agent run --config {etc}/agent.toml" in unit
@@ -156,31 +236,77 @@ def test_install_sh_installs_offline_is_idempotent_and_upgrades_in_place(tmp_pat
                                 capture_output=True, text=True)
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
-    # the agent ran: its data, and a rotated password
+    # the agent ran: its data, and rotated credentials (a new certificate and key, stored where agent.toml says)
     (data / "install.json").write_text("{}")
-    (cred / "broker-password").write_text("rotated-password-0123456789\n")
-    (cred / "broker-password.previous").write_text("first-password-0123456789\n")
+    (cred / "device.pem").write_bytes(b"rotated certificate\n")
+    (cred / "device.key").write_bytes(b"rotated key\n")
+    rotated = _creds(cred)
 
-    # the same bundle again, with systemd: nothing reinstalled, data and the rotated password kept, service restarted
+    # the same bundle again, with systemd: nothing reinstalled, data and the rotated credentials kept, restarted
     env, calls = _fake_systemctl(tmp_path)
     out = _install(first, root, "--systemd", "yes", env=env)
-    assert "is installed already" in out.stdout and "kept the broker password" in out.stdout
+    assert "is installed already" in out.stdout and "kept the certificate, key and pinned CA" in out.stdout
     assert calls.read_text().splitlines() == ["daemon-reload", "enable edgeherd-agent.service",
                                               "restart edgeherd-agent.service"]
-    assert (cred / "broker-password").read_text() == "rotated-password-0123456789\n"
+    assert _creds(cred) == rotated
     assert (data / "install.json").read_text() == "{}"
 
     # a newer bundle (a re-flash: fresh credentials) upgrades in place; an old third environment is removed
     (prefix / "venvs/0.0.9-0000000000000000").mkdir()
-    second = fast_bundle(tmp_path / "b2", spec(password="second-password-0123456789"), wheel_dir)  # noqa: S106
+    device_certificate.cache_clear()  # a new certificate, as a re-flash issues
+    second = fast_bundle(tmp_path / "b2", spec("pi-1"), wheel_dir)
+    assert device_certificate("pi-1")[0] != cert
     _install(second, root, "--systemd", "no")
     second_env = f"venvs/0.1.0-{json.loads((second / 'bundle.json').read_text())['bundle_id']}"
     assert os.readlink(prefix / "venv") == second_env
     assert (prefix / "previous").read_text().strip() == first_env
     assert sorted(p.name for p in (prefix / "venvs").iterdir()) == sorted([first_env[6:], second_env[6:]])
-    assert (cred / "broker-password").read_text() == "second-password-0123456789\n"
-    assert not (cred / "broker-password.previous").exists()
+    new_cert, new_key, new_ca = device_certificate("pi-1")
+    assert _creds(cred) == {"ca.pem": new_ca, "device.key": new_key, "device.pem": new_cert}
     assert (data / "install.json").read_text() == "{}"
+
+
+def test_install_sh_password_path_and_moving_a_device_to_certificates(tmp_path, wheel_dir):
+    """A broker the user brings: the password installed 0600 and the broker's CA pinned, a rotated password kept
+    on a re-install; then the device flashed for the managed broker: its certificate installed and the password
+    files (and the other broker's CA) gone."""
+    from agent.config import load_config
+
+    root = tmp_path / "root"
+    etc = root / "etc/edgeherd"
+    cred = etc / "credentials"
+    ca = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    first = fast_bundle(tmp_path / "b1", spec(password="first-password-0123456789",  # noqa: S106
+                                              broker_url="mqtts://broker.lan:8883", ca=ca), wheel_dir)
+    out = _install(first, root, "--systemd", "no")
+    assert "installed the broker password of pi-1" in out.stdout
+    assert (cred / "broker-password").read_text() == "first-password-0123456789\n"
+    assert (mode(cred / "broker-password"), (etc / "ca.crt").read_bytes(), mode(etc / "ca.crt")) == (0o600, ca, 0o644)
+    cfg = load_config(etc / "agent.toml")
+    assert (cfg.password_file, cfg.tls_ca, cfg.tls_cert) == (cred / "broker-password", etc / "ca.crt", None)
+    assert cfg.broker_password() == "first-password-0123456789"
+
+    # the agent rotated its password: a re-install of the same bundle keeps it
+    (cred / "broker-password").write_text("rotated-password-0123456789\n")
+    (cred / "broker-password.previous").write_text("first-password-0123456789\n")
+    out = _install(first, root, "--systemd", "no")
+    assert "kept the broker password" in out.stdout
+    assert (cred / "broker-password").read_text() == "rotated-password-0123456789\n"
+
+    # flashed again for the managed broker (certificates)
+    second = fast_bundle(tmp_path / "b2", spec("pi-1"), wheel_dir)
+    out = _install(second, root, "--systemd", "no")
+    assert "installed the certificate, key and pinned CA of pi-1" in out.stdout
+    assert sorted(p.name for p in cred.iterdir()) == ["bundle-id", "ca.pem", "device.key", "device.pem"]
+    assert not (etc / "ca.crt").exists()
+    cfg = load_config(etc / "agent.toml")
+    assert cfg.password_file is None and cfg.tls_cert == cred / "device.pem"
+
+    # and back to a password (a broker the user brings, without a CA of its own): the certificate files go
+    third = fast_bundle(tmp_path / "b3", spec(password="third-password-0123456789"), wheel_dir)  # noqa: S106
+    _install(third, root, "--systemd", "no")
+    assert sorted(p.name for p in cred.iterdir()) == ["broker-password", "bundle-id"]
+    assert load_config(etc / "agent.toml").tls_ca is None
 
 
 def test_install_sh_first_boot_removes_the_bundle_and_itself(tmp_path, wheel_dir):
@@ -192,7 +318,8 @@ def test_install_sh_first_boot_removes_the_bundle_and_itself(tmp_path, wheel_dir
                                               "start --no-block edgeherd-agent.service",
                                               "disable edgeherd-firstboot.service"]
     assert not bundle.exists() and "removed the bundle" in out.stdout
-    assert (root / "etc/edgeherd/credentials/broker-password").exists()
+    cred = root / "etc/edgeherd/credentials"
+    assert all(mode(cred / n) == 0o600 for n in ("device.pem", "device.key", "ca.pem"))
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [
@@ -229,7 +356,7 @@ def test_rootfs_gets_the_bundle_and_an_enabled_first_boot_unit(tmp_path, wheel_d
     home = rootfs / FIRSTBOOT_DIR.lstrip("/")
     dest = home / "edgeherd-pi-1"
     assert result.bundle_dir == dest and not result.replaced and result.problems == ()
-    assert (mode(home), mode(dest), mode(dest / "install.sh"), mode(dest / "config/broker-password")) == (
+    assert (mode(home), mode(dest), mode(dest / "install.sh"), mode(dest / "config/credentials/device.key")) == (
         0o700, 0o700, 0o700, 0o600)
     unit = rootfs / "etc/systemd/system/edgeherd-firstboot.service"
     assert mode(unit) == 0o644
@@ -369,27 +496,41 @@ def test_the_packed_edgeherd_wheel_is_complete(wheel_dir):
 def test_flash_refuses_bad_requests_before_changing_anything(tmp_path):
     from typer.testing import CliRunner
 
+    from server.broker import MosquittoBroker
     from server.cli import app
     from server.registry import Registry
     from tests.server_helpers import server_dir
 
     data, _ = server_dir(tmp_path / "server")
+    MosquittoBroker(data, public_hosts=["gateway.lan", "10.0.0.2"])  # as `server run --public-host` leaves it
     Registry(data).add_device("pi-2", "x86-64-cpu")
+    serials = Registry(data).broker.authority.serials("pi-2")  # type: ignore[union-attr]
     taken = tmp_path / "taken.tar.gz"
     taken.write_text("another device's bundle")
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     out = str(tmp_path / "new.tar.gz")
     base = ["flash", "pi-1", "--profile", "raspberry-pi-5", "--data-dir", str(data)]
+    bring = ["--broker", "mqtt://b.lan:1883"]  # a broker the user brings: passwords
     cases = [
         (base, "give exactly one of --out FILE, --rootfs DIR or --ssh USER@HOST"),
         ([*base, "--out", out, "--rootfs", str(tmp_path)], "give exactly one of"),
         (["flash", "pi-1", "--profile", "raspberry-pi-9", "--out", out, "--data-dir", str(data)],
          "no hardware profile 'raspberry-pi-9'"),
         ([*base, "--out", out, "--python", "3.8"], "--python 3.8: the agent needs Python 3.10 or newer"),
-        ([*base, "--out", out, "--ca-cert", str(ca), "--broker-url", "mqtt://b.lan:1883"],
-         "--ca-cert is for an mqtts:// broker URL"),
         ([*base, "--out", out, "--broker-url", "http://b.lan"], "give mqtt://host:1883 or mqtts://host:8883"),
+        # the managed broker: its own CA, TLS only, and a host name its certificate names
+        ([*base, "--out", out, "--ca-cert", str(ca)], "--ca-cert is for a broker you bring (--broker)"),
+        ([*base, "--out", out, "--broker-url", "mqtt://gateway.lan:1883"],
+         "the managed broker's devices' listener takes TLS only"),
+        ([*base, "--out", out, "--broker-url", "mqtts://b.lan:8883"],
+         "names b.lan, which is not in the managed broker's TLS certificate (gateway.lan, 10.0.0.2, localhost, "
+         "127.0.0.1): the device would refuse the broker. Restart the server with `edgeherd server run "
+         "--public-host b.lan`"),
+        ([*base, "--out", out, "--broker-url", "mqtts://10.0.0.3:8883"], "--public-host 10.0.0.3"),
+        # a broker the user brings
+        ([*base, *bring, "--out", out, "--ca-cert", str(ca), "--broker-url", "mqtt://b.lan:1883"],
+         "--ca-cert is for an mqtts:// broker URL"),
         ([*base, "--out", str(taken)], "exists; it may hold another device's credentials"),
         ([*base, "--ssh", "pi@host;reboot"], "is not USER@HOST or HOST"),
         ([*base, "--rootfs", str(tmp_path)], "does not look like a root filesystem"),
@@ -402,12 +543,15 @@ def test_flash_refuses_bad_requests_before_changing_anything(tmp_path):
     listed = CliRunner().invoke(app, ["device", "list", "--data-dir", str(data)], env={"COLUMNS": "300"}).output
     assert "pi-1" not in listed and "pi-2" in listed
     assert not (tmp_path / "new.tar.gz").exists() and taken.read_text() == "another device's bundle"
+    auth = Registry(data).broker.authority
+    assert auth is not None and auth.serials("pi-1") == [] and auth.serials("pi-2") == serials
+    assert not auth.serials("pi-2", revoked=True)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="creating the agent's user is root's job; this test runs as root only")
 def test_install_sh_creates_the_agents_system_user(tmp_path, wheel_dir):
     """With ``useradd`` and ``id`` stood in for (so that this machine gets no new user): the user is created as a
-    locked system user whose home is the data directory, and owns its password and data."""
+    locked system user whose home is the data directory, and owns its certificate, key and data."""
     bindir = tmp_path / "fakebin"
     bindir.mkdir()
     made = tmp_path / "useradd.args"
@@ -433,7 +577,7 @@ exec {real_id} "$@"
     assert made.read_text().split() == ["--system", "--user-group", "--home-dir", str(root / "var/lib/edgeherd"),
                                         "--no-create-home", "--shell", "/usr/sbin/nologin", "edgeherd-test"]
     cred = root / "etc/edgeherd/credentials"
-    for path in (cred, cred / "broker-password", root / "var/lib/edgeherd"):
+    for path in (cred, cred / "device.pem", cred / "device.key", cred / "ca.pem", root / "var/lib/edgeherd"):
         assert (path.stat().st_uid, path.stat().st_gid) == (4242, 4343), path
     toml = root / "etc/edgeherd/agent.toml"
     assert (toml.stat().st_uid, toml.stat().st_gid, mode(toml)) == (0, 4343, 0o640)

@@ -18,6 +18,7 @@ from server.orchestrator import create_rollout
 from server.rollouts import Gates, RolloutSpec
 from server.simulate import Behaviour, SimConfig, simulate
 from tests.server_helpers import blob_bundle, server_dir, server_process, wait_for
+from tests.tls_device_helpers import reachable
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +40,12 @@ class Fleet:
         reg.push_model(b1)
         reg.push_model(b2)
         ids = [f"sim-{i:02d}" for i in range(N)]
-        passwords = reg.add_devices_bulk(ids, "x86-64", ["lab"], custom_profile=True)
+        creds = reg.add_devices_bulk(ids, "x86-64", ["lab"], custom_profile=True)  # certificates: TLS
         behaviours = {self.v1: Behaviour(error_rate=0.01, p95_ms=3.0),
                       self.v2: Behaviour(error_rate=0.3 if bad_new else 0.01, p95_ms=3.0)}
         self.stop = mp.get_context("spawn").Event()
-        cfg = SimConfig("127.0.0.1", reg.broker.port, passwords, seconds=300, interval=0.2, processes=2,
-                        follow_desired=True, install_s=0.3, running=(self.v1, "blob"), behaviours=behaviours,
-                        requests_per_window=20)
+        cfg = SimConfig(reg.broker_url, creds, seconds=300, interval=0.2, processes=2, follow_desired=True,
+                        install_s=0.3, running=(self.v1, "blob"), behaviours=behaviours, requests_per_window=20)
         self.sim = threading.Thread(target=simulate, args=(cfg, self.stop), daemon=True)
         self.sim.start()
         wait_for(lambda: self.running(self.v1) == N, 60, "the simulated fleet to report version 1.0.0")
@@ -74,7 +74,7 @@ def fleet(tmp_path):
     made: list[Fleet] = []
 
     def make(**kw) -> Fleet:
-        made.append(Fleet(tmp_path, **kw))
+        made.append(Fleet(reachable(tmp_path), **kw))
         return made[-1]
 
     yield make

@@ -17,6 +17,7 @@ from server.db.models import Device, ModelVersion, TelemetryRow
 from server.registry import Registry
 from server.simulate import SimConfig, simulate
 from tests.server_helpers import server_dir
+from tests.tls_device_helpers import reachable
 
 pytestmark = pytest.mark.integration
 
@@ -54,13 +55,13 @@ def database(request, monkeypatch):
 
 
 def test_backup_under_load_then_restore(database, digits_bundle, tmp_path, monkeypatch):
-    data, _ = server_dir(tmp_path / "data", digits_bundle.key)
+    data, _ = server_dir(reachable(tmp_path) / "data", digits_bundle.key)
     app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     reg = app.registry
     reg.push_model(digits_bundle.dir)
-    passwords = reg.add_devices_bulk([f"sim-{i:03d}" for i in range(30)], "simulated", custom_profile=True)
-    load = threading.Thread(target=simulate, args=(SimConfig("127.0.0.1", reg.broker.port, passwords, seconds=8,
-                                                             interval=0.5, processes=2),))
+    creds = reg.add_devices_bulk([f"sim-{i:03d}" for i in range(30)], "simulated", custom_profile=True)
+    load = threading.Thread(target=simulate, args=(SimConfig(reg.broker_url, creds, seconds=8, interval=0.5,
+                                                             processes=2),))
     load.start()
     try:
         time.sleep(4)
@@ -89,11 +90,14 @@ def test_backup_under_load_then_restore(database, digits_bundle, tmp_path, monke
     assert before[0] <= devices and before[1] <= versions and before[2] <= windows
     assert len(windows) == info["counts"]["telemetry"]
 
-    # the restored server carries on with the same fleet: same broker credentials, more windows ingested
+    # the restored server carries on with the same fleet: the same CA trusts the devices' certificates, more
+    # windows are ingested
     app2 = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     try:
-        simulate(SimConfig("127.0.0.1", app2.registry.broker.port, dict(list(passwords.items())[:5]), seconds=3,
-                           interval=0.5, processes=1))
+        assert app2.registry.broker_url.startswith("mqtts://")
+        result = simulate(SimConfig(app2.registry.broker_url, dict(list(creds.items())[:5]), seconds=3, interval=0.5,
+                                    processes=1))
+        assert result.failed_connects == 0
         deadline = time.monotonic() + 20
         while len(_keys(app2.registry.engine)[2]) <= len(windows):
             assert time.monotonic() < deadline, "the restored server ingests nothing"

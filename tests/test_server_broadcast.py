@@ -24,6 +24,7 @@ from server.app import ServerApp
 from server.distribution import BroadcastLedger, Route
 from tests.mqtt_helpers import TestClient
 from tests.server_helpers import blob_bundle, server_dir
+from tests.tls_device_helpers import device_tls, listeners, reachable
 
 CHUNK = 16 * 1024
 SHA = "ab" * 32
@@ -99,7 +100,7 @@ def test_artifact_topics_round_trip_and_reject_anything_else():
 @pytest.fixture
 def served(tmp_path):
     """A server holding one 20-chunk artifact deployed to devices a, b and c (d has nothing deployed)."""
-    data, key = server_dir(tmp_path / "server")
+    data, key = server_dir(reachable(tmp_path) / "server")
     bundle, blob, _ = blob_bundle(tmp_path / "bundle", key, size=20 * CHUNK)
     sha = hashlib.sha256(blob).hexdigest()
     apps: list[ServerApp] = []
@@ -110,15 +111,13 @@ def served(tmp_path):
         apps.append(app)
         reg = app.registry
         reg.push_model(bundle)
-        passwords = reg.add_devices_bulk(["a", "b", "c", "d"], "x86-64", custom_profile=True)
+        creds = reg.add_devices_bulk(["a", "b", "c", "d"], "x86-64", custom_profile=True)  # certificates: TLS
         for d in ("a", "b", "c"):
             reg.deploy("blob", "1.0.0", d, "blob")
 
-        class _B:
-            host, port = "127.0.0.1", reg.broker.port
-
         def connect(device: str, listen: bool) -> TestClient:
-            c = TestClient(_B, device, passwords[device])  # type: ignore[arg-type]
+            c = TestClient(listeners(reg.broker), device,  # type: ignore[arg-type]
+                           device_tls(device, creds[device], tmp_path / "devices"))
             clients.append(c)
             c.subscribe(device_topic(device, TopicKind.ARTIFACT_CHUNK))
             c.subscribe(device_topic(device, TopicKind.ERROR))

@@ -29,7 +29,10 @@ def test_device_and_model_commands(data, digits_bundle):
     assert out.exit_code == 0, out.output
     config = data / "devices" / "pi-7" / "agent.toml"
     assert 'device_id = "pi-7"' in config.read_text() and "ed25519:" in config.read_text()
-    assert stat.S_IMODE((data / "devices" / "pi-7" / "broker-password").stat().st_mode) == 0o600
+    # a fresh data dir serves devices over TLS: the device's private key is owner-only
+    assert stat.S_IMODE((data / "devices" / "pi-7" / "device.key").stat().st_mode) == 0o600
+    assert 'tls_cert = "device.pem"' in config.read_text()
+    assert not (data / "devices" / "pi-7" / "broker-password").exists()
     again = run("device", "add", "pi-7", "--profile", "raspberry-pi-5", "--data-dir", str(data))
     assert again.exit_code == 1 and "already exists" in again.output
     bad = run("device", "add", "Pi_7", "--profile", "x", "--data-dir", str(data))

@@ -12,24 +12,27 @@ from server.app import ServerApp
 from server.db.models import Alert, DriftReportRow, StatsWindow
 from server.simulate import SimConfig, simulate
 from tests.server_helpers import server_dir
+from tests.tls_device_helpers import reachable
 
 pytestmark = pytest.mark.integration
 
 
 def test_drifting_devices_raise_alerts_and_the_others_do_not(digits_bundle, tmp_path, monkeypatch):
     monkeypatch.delenv("EDGEHERD_DATABASE_URL", raising=False)
-    data, _ = server_dir(tmp_path / "data", digits_bundle.key)
+    data, _ = server_dir(reachable(tmp_path) / "data", digits_bundle.key)
     app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     try:
         reg = app.registry
         reg.push_model(digits_bundle.dir)
         manifest = digits_bundle.signed.manifest
         ids = [f"sim-{i}" for i in range(6)]
-        passwords = reg.add_devices_bulk(ids, "simulated", custom_profile=True)
-        result = simulate(SimConfig("127.0.0.1", reg.broker.port, passwords, seconds=3, interval=0.3, processes=2,
+        creds = reg.add_devices_bulk([*ids, "sim-revoked"], "simulated", custom_profile=True)
+        assert reg.broker_url.startswith("mqtts://") and all(c.certificate for c in creds.values())
+        reg.revoke_device("sim-revoked")  # its certificate is on the CRL: refused at the handshake
+        result = simulate(SimConfig(reg.broker_url, creds, seconds=3, interval=0.3, processes=2,
                                     reference=manifest.reference, manifest_sha256=manifest_digest(manifest),
                                     samples=200, drifting=frozenset(ids[:2])))
-        assert result.failed_connects == 0
+        assert result.failed_connects == 1 and set(result.per_device) == set(ids)
         deadline = time.monotonic() + 30
         while True:
             with Session(reg.engine) as db:

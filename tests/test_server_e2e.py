@@ -4,6 +4,8 @@ reports land in the database, drift is scored; then revoke, and the device is cu
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
 import urllib.request
 
 import pytest
@@ -11,11 +13,12 @@ from sqlmodel import Session, select
 
 from protocol import artifact_topic, decode_chunk
 from server.app import ServerApp
-from server.broker import SERVER_USER
+from server.broker import SERVER_USER, DeviceCredentials
 from server.db.models import Device, DriftReportRow, StatsWindow, TelemetryRow
 from tests._mosquitto import free_port
 from tests.agent_harness import AgentProcess
 from tests.server_helpers import server_dir, wait_for
+from tests.tls_device_helpers import device_tls, listeners, reachable
 from toolchain.data import load_digits
 
 pytestmark = pytest.mark.integration
@@ -23,12 +26,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
-    data, _ = server_dir(tmp_path / "server", digits_bundle.key)
+    data, _ = server_dir(reachable(tmp_path) / "server", digits_bundle.key)
     app = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     agent = None
     try:
         reg = app.registry
         enrolled = reg.add_device("pi-1", "x86-64", ["lab"], custom_profile=True)
+        assert 'broker_url = "mqtts://127.0.0.1:' in enrolled.agent_config.read_text()  # the agent uses TLS
         version = reg.push_model(digits_bundle.dir)
         assert reg.push_model(digits_bundle.dir).id == version.id  # pushing the same bundle again is a no-op
         # not heard from yet: recorded, and sent with the artifact chosen when its hello arrives
@@ -36,13 +40,13 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
 
         from tests.mqtt_helpers import TestClient
 
-        class _B:  # the broker's address for the test clients
-            host, port = "127.0.0.1", reg.broker.port
-
-        watcher = TestClient(_B, SERVER_USER, reg.broker.server_password())  # type: ignore[arg-type]
+        broker = listeners(reg.broker)  # the devices' listener (TLS) and the server's own
+        watcher = TestClient(broker, SERVER_USER, reg.broker.server_password())  # type: ignore[arg-type]
         watcher.subscribe("edgeherd/v1/artifacts/+/chunk")
         api_port = free_port()
-        agent = AgentProcess(enrolled.agent_config, tmp_path / "agent.log", env={
+        # the device holds its own copy of what enrolment wrote (revoking the device deletes the server's)
+        device_dir = shutil.copytree(enrolled.agent_config.parent, tmp_path / "device")
+        agent = AgentProcess(device_dir / "agent.toml", tmp_path / "agent.log", env={
             "EDGEHERD_AGENT_DATA_DIR": str(tmp_path / "agent"), "EDGEHERD_AGENT_API_PORT": str(api_port),
             "EDGEHERD_AGENT_WINDOW_SECONDS": "1"})
 
@@ -81,13 +85,16 @@ def test_enrol_push_deploy_serve_report_revoke(digits_bundle, tmp_path):
             reports = db.exec(select(DriftReportRow).where(DriftReportRow.device_id == "pi-1")).all()
         assert reports and reports[0].report["features"] and reports[0].manifest_sha256 == version.manifest_sha256
 
-        # revoke: the broker refuses the device from now on
-        password = (enrolled.agent_config.parent / "broker-password").read_text().strip()
+        # revoke: the broker refuses the device's certificate from now on
+        files = device_dir
+        creds = device_tls("pi-1", DeviceCredentials(certificate=(files / "device.pem").read_bytes(),
+                                                     key=(files / "device.key").read_bytes(),
+                                                     ca_bundle=(files / "ca.pem").read_bytes()), tmp_path / "copy")
         reg.revoke_device("pi-1")
-        from tests.mqtt_helpers import ConnectRefused
+        from tests.mqtt_helpers import HandshakeRefused
 
-        with pytest.raises(ConnectRefused):
-            TestClient(_B, "pi-1", password)  # type: ignore[arg-type]
+        with pytest.raises((HandshakeRefused, ssl.SSLError)):  # the handshake fails: TLS 1.3 says so after it
+            TestClient(broker, "pi-1", creds, timeout=5)  # type: ignore[arg-type]
         wait_for(lambda: "refused" in (tmp_path / "agent.log").read_text() or "Not authorized" in (
             tmp_path / "agent.log").read_text(), 30, "the agent to be refused")
         with Session(app.registry.engine) as db:

@@ -12,6 +12,7 @@ from sqlmodel import Session, select
 from server.app import ServerApp
 from server.db.models import TelemetryRow
 from server.simulate import SimConfig, simulate
+from tests.tls_device_helpers import reachable
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +35,14 @@ def pg_database(monkeypatch):
 
 
 def test_two_replicas_split_the_load_and_store_each_window_once(pg_database, tmp_path):
-    data = tmp_path / "data"
+    data = reachable(tmp_path) / "data"
     first = ServerApp(data, metrics_port=0, drift_interval=3600).start()
     second = ServerApp(data, broker_url=first.registry.broker_url, metrics_port=0, drift_interval=3600).start()
     try:
-        passwords = first.registry.add_devices_bulk([f"sim-{i:02d}" for i in range(20)], "simulated",
-                                                               custom_profile=True)
-        result = simulate(SimConfig("127.0.0.1", first.registry.broker.port, passwords, seconds=4, interval=0.25,
-                                    processes=2))
+        creds = first.registry.add_devices_bulk([f"sim-{i:02d}" for i in range(20)], "simulated",
+                                                custom_profile=True)
+        result = simulate(SimConfig(first.registry.broker_url, creds, seconds=4, interval=0.25, processes=2))
+        assert result.failed_connects == 0
         expected = result.acked - 2 * 20  # telemetry only: minus one state and one hello per device
         deadline = time.monotonic() + 30
         while True:
@@ -62,7 +63,7 @@ def test_two_replicas_split_the_load_and_store_each_window_once(pg_database, tmp
 def test_only_the_replica_holding_the_drift_lease_evaluates_drift(tmp_path):
     from server import leases
 
-    app = ServerApp(tmp_path / "data", metrics_port=0, drift_interval=0.1, rollout_interval=0)
+    app = ServerApp(reachable(tmp_path) / "data", metrics_port=0, drift_interval=0.1, rollout_interval=0)
     calls = []
     app.evaluate_drift = lambda: calls.append(1) or 0  # type: ignore[method-assign]
     assert leases.acquire(app.registry.engine, "drift", "another-replica", ttl=60)

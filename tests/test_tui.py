@@ -33,8 +33,9 @@ SIZE = (160, 48)
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, digits_bundle):
     from protocol import manifest_digest
+    from tests.tls_device_helpers import reachable
 
-    root = tmp_path_factory.mktemp("tui-fleet")
+    root = reachable(tmp_path_factory.mktemp("tui-fleet"))  # the broker's user reads its TLS files under it
     data, _ = server_dir(root / "data", digits_bundle.key)
     (data / "operators.toml").write_text(OPERATORS)
     app = ServerApp(data, metrics_port=0, drift_interval=0, rollout_interval=0).start()
@@ -47,9 +48,11 @@ def fleet(tmp_path_factory, digits_bundle):
     prod = reg.add_devices_bulk([f"prod-{i:02d}" for i in range(10)], "x86-64", ["prod"], custom_profile=True)
     manifest = digits_bundle.signed.manifest
     digest = manifest_digest(manifest)
-    simulate(SimConfig("127.0.0.1", reg.broker.port, {**lab, **prod}, seconds=3, interval=0.25, processes=2,
-                       reference=manifest.reference, manifest_sha256=digest, running=(digest, "digits-onnx-int8"),
-                       drifting=frozenset({"lab-03"}), drift=3.0, follow_desired=True))
+    result = simulate(SimConfig(reg.broker_url, {**lab, **prod}, seconds=3, interval=0.25, processes=2,
+                                reference=manifest.reference, manifest_sha256=digest,
+                                running=(digest, "digits-onnx-int8"), drifting=frozenset({"lab-03"}), drift=3.0,
+                                follow_desired=True))
+    assert result.failed_connects == 0
     deadline = time.monotonic() + 30
     while app.queued() and time.monotonic() < deadline:
         time.sleep(0.2)

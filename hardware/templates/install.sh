@@ -124,8 +124,9 @@ for g in $GROUPS_WANTED; do
   if getent group "$g" >/dev/null 2>&1; then groups="${groups:+$groups }$g"; fi
 done
 
-# 4. Configuration: agent.toml readable by the agent, not writable by it (it pins the server key);
-#    the broker password its own, 0600, in a directory it may write (credential rotation).
+# 4. Configuration: agent.toml readable by the agent, not writable by it (it pins the server key); the device's
+#    credentials (its certificate, key and pinned CA, or its broker password) its own, 0600, in a directory it
+#    may write (credential rotation).
 install -d -m 0755 "$CONFIG_DIR"
 install -d -m 0700 $OWN "$CONFIG_DIR/credentials"
 render "$HERE/config/agent.toml" > "$CONFIG_DIR/.agent.toml.tmp"
@@ -135,20 +136,40 @@ if [ "$ROOT" = yes ]; then
 else
   chmod 0600 "$CONFIG_DIR/.agent.toml.tmp"
 fi
-mv -f "$CONFIG_DIR/.agent.toml.tmp" "$CONFIG_DIR/agent.toml"
 CRED=$CONFIG_DIR/credentials
+if [ -f "$HERE/config/credentials/device.pem" ]; then
+  CRED_FILES="device.pem device.key ca.pem"
+  STALE_FILES="broker-password"
+  WHAT="certificate, key and pinned CA"
+else
+  CRED_FILES="broker-password"
+  STALE_FILES="device.pem device.key ca.pem"
+  WHAT="broker password"
+fi
+for f in $CRED_FILES; do
+  [ -s "$HERE/config/credentials/$f" ] || die "the bundle has no config/credentials/$f: flash the device again"
+done
 installed_from=$(cat "$CRED/bundle-id" 2>/dev/null || true)
-if [ ! -s "$CRED/broker-password" ] || [ "$installed_from" != "$BUNDLE_ID" ]; then
-  install -m 0600 $OWN "$HERE/config/broker-password" "$CRED/.broker-password.tmp"
-  mv -f "$CRED/.broker-password.tmp" "$CRED/broker-password"
-  rm -f "$CRED/broker-password.previous"
+complete=yes
+for f in $CRED_FILES; do [ -s "$CRED/$f" ] || complete=no; done
+if [ "$complete" = no ] || [ "$installed_from" != "$BUNDLE_ID" ]; then
+  for f in $CRED_FILES; do install -m 0600 $OWN "$HERE/config/credentials/$f" "$CRED/.$f.tmp"; done
+  for f in $CRED_FILES; do mv -f "$CRED/.$f.tmp" "$CRED/$f"; done
+  # what the agent kept of earlier credentials (rotations) and the other kind's files are of no use now
+  for f in $STALE_FILES; do rm -f "$CRED/$f"; done
+  for f in "$CRED"/*.previous; do rm -f "$f"; done
   printf '%s\n' "$BUNDLE_ID" > "$CRED/.bundle-id.tmp"
   mv -f "$CRED/.bundle-id.tmp" "$CRED/bundle-id"
-  say "installed the broker password of $DEVICE in $CRED"
+  say "installed the $WHAT of $DEVICE in $CRED"
 else
-  say "kept the broker password in $CRED (installed from this bundle before, and perhaps rotated since)"
+  say "kept the $WHAT in $CRED (installed from this bundle before, and perhaps rotated since)"
 fi
-if [ -f "$HERE/config/ca.crt" ]; then install -m 0644 "$HERE/config/ca.crt" "$CONFIG_DIR/ca.crt"; fi
+mv -f "$CONFIG_DIR/.agent.toml.tmp" "$CONFIG_DIR/agent.toml"
+if [ -f "$HERE/config/ca.crt" ]; then
+  install -m 0644 "$HERE/config/ca.crt" "$CONFIG_DIR/ca.crt"
+else
+  rm -f "$CONFIG_DIR/ca.crt"
+fi
 
 # 5. The data directory: made once, never emptied.
 install -d -m 0750 $OWN "$DATA_DIR"
@@ -185,7 +206,7 @@ else
   say "run the agent as $AGENT_USER with: $EXEC"
 fi
 
-# 8. After a first boot: the bundle held the broker password; remove it, and stop this from running again.
+# 8. After a first boot: the bundle held the device's credentials; remove it, and stop this from running again.
 if [ "$FIRSTBOOT" = yes ]; then
   if [ "$SYSTEMD" = yes ]; then systemctl disable "$FIRSTBOOT_UNIT" || true; fi
   rm -f "/etc/systemd/system/multi-user.target.wants/$FIRSTBOOT_UNIT"

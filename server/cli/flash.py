@@ -12,12 +12,16 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
 
 from server.cli.fleet import Broker, DataDir, _actor, _fail, _registry, console, err
+
+if TYPE_CHECKING:
+    from hardware.provision import DeviceSecrets
+    from server.broker import DeviceCredentials
 
 __all__ = ["FlashResult", "flash", "flash_command", "rotate_credentials_command"]
 
@@ -43,9 +47,12 @@ RUNNER: Runner = run_command
 
 
 class FlashResult:
-    def __init__(self, device_id: str, enrolled: bool, wheels: list[str], where: str, bundle_name: str) -> None:
+    def __init__(self, device_id: str, enrolled: bool, wheels: list[str], where: str, bundle_name: str,
+                 certificate: bool = False) -> None:
         self.device_id, self.enrolled, self.wheels, self.where, self.bundle_name = (
             device_id, enrolled, wheels, where, bundle_name)
+        #: Whether the device logs in with a certificate (the managed broker) rather than a password.
+        self.certificate = certificate
 
 
 def _loopback(url: str) -> bool:
@@ -58,6 +65,49 @@ def _loopback(url: str) -> bool:
         return False
 
 
+def _same_host(a: str, b: str) -> bool:
+    """Host names compare without case; IP addresses as addresses (``::1`` is ``0:0::1``)."""
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a.rstrip(".").lower() == b.rstrip(".").lower()
+
+
+def check_certificate_name(url: str, names: list[str]) -> None:
+    """ValueError unless the host of ``url`` is one of ``names`` (the broker certificate's): an agent checks that
+    the broker's certificate names the host it connects to, and would never connect."""
+    host = urlsplit(url).hostname or ""
+    if any(_same_host(host, n) for n in names):
+        return
+    raise ValueError(f"the broker URL {url} names {host}, which is not in the managed broker's TLS certificate "
+                     f"({', '.join(names)}): the device would refuse the broker. Restart the server with "
+                     f"`edgeherd server run --public-host {host}` (the name the device reaches it at), or give "
+                     "--broker-url with one of those names")
+
+
+def _enrolment_copy(where: Path, certificates: bool) -> DeviceCredentials:
+    """What ``Registry.add_device`` left in ``devices/<id>/`` for the device to log in with."""
+    from server.broker import DeviceCredentials
+
+    if certificates:
+        return DeviceCredentials(certificate=(where / "device.pem").read_bytes(),
+                                 key=(where / "device.key").read_bytes(), ca_bundle=(where / "ca.pem").read_bytes())
+    return DeviceCredentials(password=(where / "broker-password").read_text().strip())
+
+
+def _secrets(device_id: str, url: str, server_key: str, creds: DeviceCredentials,
+             ca: bytes | None) -> DeviceSecrets:
+    """The bundle's secrets from what the registry issued; ``ca``: the CA certificate given for a broker the user
+    brings (the managed CA comes with a certificate)."""
+    from hardware.provision import DeviceSecrets
+
+    if creds.certificate is not None:
+        return DeviceSecrets(device_id=device_id, broker_url=url, server_key=server_key,
+                             certificate=creds.certificate, key=creds.key, ca_cert=creds.ca_bundle)
+    return DeviceSecrets(device_id=device_id, broker_url=url, server_key=server_key, password=creds.password,
+                         ca_cert=ca)
+
+
 def flash(registry: Any, device_id: str, profile_name: str, *, out: Path | None = None, rootfs: Path | None = None,
           ssh: str | None = None, broker_url: str | None = None, ca_cert: Path | None = None,
           groups: list[str] | None = None, python: str | None = None, wheel: Path | None = None,
@@ -68,14 +118,16 @@ def flash(registry: Any, device_id: str, profile_name: str, *, out: Path | None 
           progress: AbstractContextManager[Any] | None = None) -> FlashResult:
     """Make the device's provisioning bundle and deliver it to exactly one of ``out``, ``rootfs`` or ``ssh``.
 
-    The wheelhouse is made first (the slow step, and the one that may fail; inside ``progress``), and only then
-    is the device enrolled (with fresh credentials) or, if it exists, given fresh credentials, which cut off its
-    current agent.
+    The device logs in with what the registry issues: on the managed broker (TLS), a certificate and key with the
+    CA bundle to pin, and then the broker URL's host must be one the broker's certificate names; on a broker the
+    user brings, a password (with ``ca_cert`` pinned for an mqtts:// one). Everything that can be checked is,
+    before anything changes. The wheelhouse is made first (the slow step, and the one that may fail; inside
+    ``progress``), and only then is the device enrolled (with fresh credentials) or, if it exists, given fresh
+    credentials, which cut off its current agent (its old certificates revoked, or its old password replaced).
     """
     from hardware.profiles import ProfileError, load
     from hardware.provision import (
         BundleSpec,
-        DeviceSecrets,
         ProvisionError,
         SshTarget,
         check_rootfs,
@@ -86,6 +138,8 @@ def flash(registry: Any, device_id: str, profile_name: str, *, out: Path | None 
     )
     from hardware.wheelhouse import DeviceTarget, WheelhouseError, build
     from protocol.version import __version__
+    from server.broker import BrokerError
+    from server.pki import PkiError
     from server.registry import RegistryError
 
     if sum(x is not None for x in (out, rootfs, ssh)) != 1:
@@ -103,7 +157,17 @@ def flash(registry: Any, device_id: str, profile_name: str, *, out: Path | None 
     scheme = urlsplit(url).scheme
     if scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"--broker-url {url}: give mqtt://host:1883 or mqtts://host:8883")
-    if ca_cert is not None and scheme != "mqtts":
+    certificates = registry.certificates
+    if certificates:
+        # the managed broker: devices log in with certificates from the data directory's CA, which they pin
+        if ca_cert is not None:
+            raise ValueError("--ca-cert is for a broker you bring (--broker): the managed broker's CA comes from the "
+                             "data directory, and the device pins it")
+        if scheme != "mqtts":
+            raise ValueError(f"--broker-url {url}: the managed broker's devices' listener takes TLS only: give "
+                             "mqtts://host:port")
+        check_certificate_name(url, registry.broker.certificate_names)
+    elif ca_cert is not None and scheme != "mqtts":
         raise ValueError("--ca-cert is for an mqtts:// broker URL")
     if _loopback(url):
         say(f"note: the broker URL {url} is a loopback address: the device will look for the broker on itself "
@@ -135,11 +199,11 @@ def flash(registry: Any, device_id: str, profile_name: str, *, out: Path | None 
         enrolled = existing is None or existing.revoked
         if enrolled:
             registry.add_device(device_id, profile.name, groups or [], actor=actor)
-            password = (registry.data / "devices" / device_id / "broker-password").read_text().strip()
+            creds = _enrolment_copy(registry.data / "devices" / device_id, certificates)
         else:
-            password = registry.reissue_credentials(device_id, actor=actor, detail={
+            creds = registry.reissue_credentials(device_id, actor=actor, detail={
                 "via": "flash", "output": "out" if out else "rootfs" if rootfs else "ssh"})
-        spec = BundleSpec(DeviceSecrets(device_id, url, password, server_key, ca), profile, py,
+        spec = BundleSpec(_secrets(device_id, url, server_key, creds, ca), profile, py,
                           uuid.uuid4().hex[:16], __version__, datetime.now(timezone.utc))
         bundle = stage(work, spec, wh.dir, wh.requirements_txt(), [w.path.name for w in wh.wheels],
                        target.platforms)
@@ -159,8 +223,9 @@ def flash(registry: Any, device_id: str, profile_name: str, *, out: Path | None 
             say(f"copying the bundle to {ssh_target.target} and running its installer there")
             install_over_ssh(tarball, spec.name, ssh_target, runner or RUNNER)
             where = ssh_target.target
-        return FlashResult(device_id, enrolled, names, where, spec.name)
-    except (WheelhouseError, ProvisionError, RegistryError, OSError, RuntimeError) as exc:
+        return FlashResult(device_id, enrolled, names, where, spec.name, spec.secrets.uses_certificate)
+    except (WheelhouseError, ProvisionError, RegistryError, BrokerError, PkiError, OSError,
+            RuntimeError) as exc:
         raise ValueError(str(exc)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -180,8 +245,9 @@ def flash_command(
                                             "its installer over ssh.")] = None,
     broker_url: Annotated[str | None, typer.Option("--broker-url", help="The broker as the device reaches it "
                                                    "(default: the server's).")] = None,
-    ca_cert: Annotated[Path | None, typer.Option("--ca-cert", help="CA certificate of an mqtts:// broker, "
-                                                 "pinned on the device.")] = None,
+    ca_cert: Annotated[Path | None, typer.Option("--ca-cert", help="CA certificate of an mqtts:// broker you "
+                                                 "bring (--broker), pinned on the device. The managed broker's CA "
+                                                 "is pinned without it.")] = None,
     group: Annotated[list[str] | None, typer.Option("--group", help="Group(s) of a new device.")] = None,
     python: Annotated[str | None, typer.Option("--python", metavar="X.Y", help="The device's Python, where it "
                                                "is not the profile's.")] = None,
@@ -200,8 +266,9 @@ def flash_command(
     data_dir: DataDir = Path("data"),
     broker: Broker = None,
 ) -> None:
-    """Provision a device: an offline installer of the agent with the device's own credentials and the pinned
-    server key, as a file, in a root filesystem, or installed over ssh."""
+    """Provision a device: an offline installer of the agent with the device's own credentials (a certificate
+    and key on the managed broker, a password on one you bring) and the pinned server key and CA, as a file, in
+    a root filesystem, or installed over ssh."""
     actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
     from rich.status import Status
 
@@ -223,13 +290,15 @@ def flash_command(
                        actor=actor, on_pip_line=on_line, say=lambda m: err.print(m), progress=status)
     except ValueError as exc:
         _fail(exc)
-    verb = "enrolled" if result.enrolled else "issued fresh credentials to (its old password no longer works)"
+    secret = "private key" if result.certificate else "broker password"
+    old = "its old certificates are revoked" if result.certificate else "its old password no longer works"
+    verb = "enrolled" if result.enrolled else f"issued fresh credentials to ({old})"
     console.print(f"{verb} {device}; bundle of {len(result.wheels)} wheels")
     if out is not None:
-        console.print(f"wrote {out} (mode 0600: it holds {device}'s broker password; delete it once installed). "
+        console.print(f"wrote {out} (mode 0600: it holds {device}'s {secret}; delete it once installed). "
                       f"On the device: tar -xzf {out.name} && sudo ./{result.bundle_name}/install.sh")
     elif rootfs is not None:
-        console.print(f"wrote the bundle to {result.where} (mode 0700: it holds {device}'s broker password) and "
+        console.print(f"wrote the bundle to {result.where} (mode 0700: it holds {device}'s {secret}) and "
                       "enabled edgeherd-firstboot.service: the first boot installs the agent and removes the bundle")
     else:
         console.print(f"installed the agent on {result.where} over ssh")
@@ -243,15 +312,18 @@ def rotate_credentials_command(
     data_dir: DataDir = Path("data"),
     broker: Broker = None,
 ) -> None:
-    """Give a connected device a new broker password over its own session; the old one stops working once the
-    agent has stored the new one."""
+    """Give a connected device new credentials over its own session (a certificate from the current CA, or a
+    broker password); the old ones stop working once the agent has stored the new ones."""
     from server.registry import RegistryError
 
     actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
     try:
-        with err.status(f"waiting for {name} to store its new password …"):
-            _registry(data_dir, broker).rotate_credentials(name, actor=actor, timeout=timeout)
+        reg = _registry(data_dir, broker)
+        what = "certificate" if reg.certificates else "password"
+        with err.status(f"waiting for {name} to store its new {what} …"):
+            reg.rotate_credentials(name, actor=actor, timeout=timeout)
     except RegistryError as exc:
         _fail(exc)
-    console.print(f"rotated {name}'s broker password: the agent stored the new one and uses it from its next "
-                  "connection; the old one no longer works")
+    old = "its old certificates are revoked" if what == "certificate" else "the old one no longer works"
+    console.print(f"rotated {name}'s broker {what}: the agent stored the new one and uses it from its next "
+                  f"connection; {old}")

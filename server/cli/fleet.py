@@ -62,6 +62,13 @@ def server_run(
         "--unicast-artifacts", help="Answer every chunk request on the asking device's own topic, never on the "
         "artifact's shared broadcast topic (slower fan-out; for fleets whose devices must not see each other's "
         "artifacts).")] = False,
+    public_host: Annotated[list[str] | None, typer.Option(
+        "--public-host", help="A host name or IP address devices reach the managed broker at (repeatable): it goes "
+        "in the broker's TLS certificate and the first one in the devices' agent.toml. Kept in the data directory "
+        "for the next runs.")] = None,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", help="HOST:PORT of the managed broker's devices' listener (TLS). Default: 0.0.0.0:8883 once a "
+        "public host is given, else what the data directory holds (loopback and a free port at first).")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM.
@@ -69,19 +76,24 @@ def server_run(
     Refuses to start without operators.toml when the audit log shows the server was governed by one."""
     from agent.cli import configure_logging, wait_for_termination
     from server.app import ServerApp
-    from server.broker import BrokerError
+    from server.broker import BrokerError, parse_listen
     from server.governance import GovernanceError, check_bootstrap
+    from server.pki import PkiError
     from server.settings import SettingError
 
     try:
         check_bootstrap(data_dir)
     except GovernanceError as exc:
         _fail(exc)
+    if broker is not None and (public_host or listen):
+        _fail(ValueError("--public-host and --listen configure the managed broker; with --broker, configure your "
+                         "own broker instead (docs/server.md, \"Bring your own broker\")"))
     configure_logging(log_level)
     try:
         app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval,
-                        broadcast=not unicast_artifacts, rollout_interval=rollout_interval).start()
-    except (BrokerError, OSError, SettingError) as exc:
+                        broadcast=not unicast_artifacts, rollout_interval=rollout_interval,
+                        listen=parse_listen(listen) if listen else None, public_hosts=public_host or None).start()
+    except (BrokerError, OSError, SettingError, PkiError) as exc:
         _fail(exc)
     wait_for_termination()
     app.stop()
@@ -292,37 +304,116 @@ def fleet_simulate(
     data_dir: DataDir = Path("data"),
     broker: Broker = None,
 ) -> None:
-    """Run simulated devices that speak the real protocol with real credentials (enrolled on first use)."""
-    import json
-    from urllib.parse import urlsplit
+    """Run simulated devices that speak the real protocol with real credentials (enrolled on first use).
 
-    from agent.files import atomic_write
+    On the managed broker's TLS listener each device connects with its own certificate; the credentials are kept
+    in <data>/simulator/credentials.json (0600, in a 0700 directory) for the next runs."""
     from protocol import manifest_digest
     from server.registry import RegistryError
-    from server.simulate import PROFILE, SimConfig, simulate
+    from server.simulate import PROFILE, SimConfig, load_credentials, simulate, store_credentials
 
     reg = _registry(data_dir, broker)
-    creds = data_dir / "simulator" / "passwords.json"
-    known: dict[str, str] = json.loads(creds.read_text()) if creds.exists() else {}
+    store = data_dir / "simulator"
     ids = [f"sim-{i:05d}" for i in range(devices)]
-    missing = [d for d in ids if d not in known]
     try:
+        known = load_credentials(store)
+        missing = [d for d in ids if d not in known]
+        # credentials of the other kind (the listener changed between TLS and passwords): re-issued
+        stale = [d for d in ids if d in known and (known[d].certificate is not None) != reg.certificates]
         if missing:
             known |= reg.add_devices_bulk(missing, PROFILE, ["simulated"], custom_profile=True)
-            creds.parent.mkdir(exist_ok=True, mode=0o700)
-            atomic_write(creds, json.dumps(known).encode(), 0o600)
+        if stale:
+            known |= reg.new_credentials(stale)
+        if missing or stale:
+            store_credentials(store, known)
         reference = digest = None
         if model is not None:
             name, _, version = model.partition(":")
             _, signed = reg.model(name, version)
             reference, digest = signed.manifest.reference, manifest_digest(signed.manifest)
-    except RegistryError as exc:
+        cfg = SimConfig(reg.broker_url, {d: known[d] for d in ids}, seconds=seconds, interval=interval,
+                        processes=min(processes, devices), reference=reference, manifest_sha256=digest,
+                        drifting=frozenset(ids[:drifting]))
+    except (RegistryError, ValueError, OSError) as exc:
         _fail(exc)
-    parts = urlsplit(reg.broker_url)
-    cfg = SimConfig(parts.hostname or "127.0.0.1", parts.port or 1883, {d: known[d] for d in ids}, seconds=seconds,
-                    interval=interval, processes=min(processes, devices), reference=reference,
-                    manifest_sha256=digest, drifting=frozenset(ids[:drifting]))
     with console.status(f"{devices} simulated devices for {seconds:.0f} s ..."):
         result = simulate(cfg)
     console.print(f"sent {result.sent} messages, {result.acked} acknowledged by the broker; "
                   f"{result.failed_connects} devices could not connect")
+
+
+ca_app = typer.Typer(help="The certificate authority devices and the broker trust (<data>/pki).",
+                     no_args_is_help=True)
+server_app.add_typer(ca_app, name="ca")
+
+
+@ca_app.command("show")
+def ca_show(data_dir: DataDir = Path("data")) -> None:
+    """The trusted CAs (fingerprints, validity), the broker certificate's names and, during a rotation, the
+    devices still holding only certificates from the previous CA."""
+    from server.broker import BrokerError
+    from server.pki import PkiError
+
+    try:
+        broker = _registry(data_dir).broker
+        if broker.authority is None:
+            _fail(ValueError(f"the managed broker of {data_dir} has no TLS (broker/listener.json says \"tls\": "
+                             "false): its devices log in with passwords"))
+        auth = broker.authority
+        table = Table("role", "CA", "sha256 fingerprint", "valid from", "valid until", "devices", box=None)
+        for ca in auth.cas():
+            table.add_row(ca.role, ca.id, ca.sha256, f"{ca.not_before:%Y-%m-%d}", f"{ca.not_after:%Y-%m-%d}",
+                          str(len(auth.devices_on(ca.id))))
+        console.print(table)
+        console.print(f"broker certificate names: {', '.join(auth.broker_names()) or '(not issued yet)'}")
+        console.print(f"devices' listener: {broker.url}")
+        previous = next((ca for ca in auth.cas() if ca.role == "previous"), None)
+        if previous is not None:
+            behind = sorted(auth.devices_on(previous.id))
+            console.print(f"rotation under way: {len(behind)} device(s) hold only certificates from {previous.id}"
+                          + (f" ({', '.join(behind[:10])}{' …' if len(behind) > 10 else ''})" if behind else "")
+                          + "; `edgeherd device rotate-credentials DEVICE` moves one, `edgeherd server ca rotate "
+                          "--finish` ends the rotation")
+    except (PkiError, BrokerError, OSError) as exc:
+        _fail(exc)
+
+
+@ca_app.command("rotate")
+def ca_rotate(
+    ctx: typer.Context,
+    data_dir: DataDir = Path("data"),
+    finish: Annotated[bool, typer.Option("--finish", help="End the rotation: stop trusting the previous CA and "
+                                         "re-issue the broker's certificate from the new one.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --finish: finish although some devices hold only "
+                                        "certificates from the previous CA (they are cut off until re-flashed).")
+                     ] = False,
+) -> None:
+    """Rotate the CA without stranding devices: a new CA becomes current while the old one stays trusted; devices
+    move with `device rotate-credentials`; `--finish` drops the old CA."""
+    from server.broker import BrokerError
+    from server.pki import PkiError
+
+    actor = _actor(ctx, data_dir, "ROTATE_CA")
+    try:
+        reg = _registry(data_dir)
+        broker = reg.broker
+        if broker.authority is None:
+            _fail(ValueError(f"the managed broker of {data_dir} has no TLS: there is no CA to rotate"))
+        if finish:
+            behind = broker.authority.finish_rotation(force=force)
+            detail: dict[str, Any] = {"phase": "finish", "cut_off": behind[:50]}
+        else:
+            new = broker.authority.rotate()
+            detail = {"phase": "start", "ca": new.id, "sha256": new.sha256}
+        broker.install_tls()  # the new bundle and CRLs (and, finishing, the broker's new certificate)
+        broker.reload()
+        reg.record(actor, "ca.rotate", "pki:ca", detail)
+    except (PkiError, BrokerError, OSError) as exc:
+        _fail(exc)
+    if finish:
+        console.print("rotation finished: the previous CA is no longer trusted; the broker's certificate comes from "
+                      "the current CA" + (f"; cut off: {', '.join(detail['cut_off'])}" if detail["cut_off"] else ""))
+    else:
+        console.print(f"new CA {detail['ca']} ({detail['sha256']}) is current; the previous one stays trusted. Move "
+                      "each device with `edgeherd device rotate-credentials DEVICE`, then `edgeherd server ca rotate "
+                      "--finish` (`edgeherd server ca show` counts those left)")
