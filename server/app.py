@@ -72,8 +72,12 @@ class ServerApp:
     def __init__(self, data_dir: Path, *, broker_url: str | None = None, metrics_port: int = 9470,
                  workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True,
                  rollout_interval: float = 2.0, broadcast_chunk: int = 256 * 1024,
-                 listen: tuple[str, int] | None = None, public_hosts: list[str] | None = None) -> None:
+                 listen: tuple[str, int] | None = None, public_hosts: list[str] | None = None,
+                 api_listen: tuple[str, int] | None = None) -> None:
         self.managed = broker_url is None
+        #: Where the operator API listens (HTTPS, server/api); None: no API in this process.
+        self.api_listen = api_listen
+        self.api: Any = None
         self.registry = Registry(data_dir, broker_url=broker_url, listen=listen, public_hosts=public_hosts)
         self.ingestor = Ingestor(self.registry.engine)
         self.store = DirectoryStore(self.registry.store)
@@ -140,6 +144,15 @@ class ServerApp:
         if self.metrics_port:
             self._http = _metrics_server(self, self.metrics_port)
             self._spawn(self._http.serve_forever, "metrics")
+        if self.api_listen is not None:
+            from server.api.serve import ApiServer
+
+            names = self.registry.broker.public_hosts or []
+            try:
+                self.api = ApiServer(self.registry, *self.api_listen, names).start()
+            except BaseException:
+                self.stop()
+                raise
         log.info("server running; broker %s (devices), %s (the server)", self.registry.broker_url,
                  self.registry.server_broker_url)
         return self
@@ -155,6 +168,8 @@ class ServerApp:
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
+        if self.api is not None:
+            self.api.stop()
         for q in self.queues:
             q.put(None)  # after the backlog: the workers drain it first
         if self._http is not None:

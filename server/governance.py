@@ -60,10 +60,11 @@ from server import audit
 from server.db import database_url, make_engine
 from server.db.models import Approval, AuditEntry, Device, ModelVersion
 
-__all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "SERVICE_ACTORS", "Governance", "GovernanceError", "OperatorEntry",
-           "OperatorsConfig", "Permission", "Role", "Stage", "Transition", "approve", "check_bootstrap", "check_deploy",
-           "check_rollout", "current_operator", "find_version", "governed_history", "is_production_target",
-           "load_operators", "mark_deployed", "promote", "reject", "retire", "subject", "version_card"]
+__all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "SERVICE_ACTORS", "Decision", "Governance", "GovernanceError",
+           "OperatorEntry", "OperatorsConfig", "Permission", "Role", "Stage", "Transition", "approve",
+           "check_bootstrap", "check_deploy", "check_rollout", "current_operator", "find_version",
+           "governed_history", "is_production_target", "load_operators", "mark_deployed", "promote", "promoted_by",
+           "reject", "retire", "subject", "version_card"]
 
 OPERATORS_FILE = "operators.toml"
 #: Environment variable naming the operator when ``--as`` is not given.
@@ -117,6 +118,7 @@ class Permission(Enum):
     REJECT = "rejecting a version"
     RETIRE = "retiring a version"
     ROTATE_CA = "rotating the certificate authority"
+    MANAGE_OPERATORS = "managing operators and their tokens"
 
     @property
     def min_role(self) -> Role:
@@ -129,6 +131,7 @@ _MIN_ROLE: dict[Permission, Role] = {p: Role.OPERATOR for p in Permission} | {
     Permission.REJECT: Role.APPROVER,
     Permission.RETIRE: Role.ADMIN,
     Permission.ROTATE_CA: Role.ADMIN,
+    Permission.MANAGE_OPERATORS: Role.ADMIN,
 }
 
 
@@ -400,7 +403,7 @@ def _reason(reason: str, what: str) -> str:
 
 
 def _move(db: Session, version: ModelVersion, actor: str, *, action: str, verb: str, sources: set[Stage],
-          to: Stage, detail: dict[str, Any] | None = None, approval: tuple[str, str] | None = None,
+          to: Stage, detail: dict[str, Any] | None = None, approval: Decision | None = None,
           check: Callable[[ModelVersion], None] | None = None) -> Transition:
     """Lock, re-read, check, change, audit and commit; nothing is written when a check fails."""
     version_id = version.id
@@ -420,11 +423,13 @@ def _move(db: Session, version: ModelVersion, actor: str, *, action: str, verb: 
             check(version)
         version.stage = to.value
         db.add(version)
-        if approval is not None:
-            db.add(Approval(version_id=version_id, actor=actor, decision=approval[0], reason=approval[1]))
+        signed = approval.signed() if approval is not None else {}
         entry = audit.append(db, actor, action, subject(version),
                              {"from": before.value, "to": to.value, "manifest_sha256": version.manifest_sha256}
-                             | (detail or {}))
+                             | (detail or {}) | signed)
+        if approval is not None:
+            db.add(Approval(version_id=version_id, actor=actor, decision=approval.decision, reason=approval.reason,
+                            signature=approval.signature, public_key=approval.public_key, audit_seq=entry.seq))
         db.commit()
     except BaseException:
         db.rollback()
@@ -433,14 +438,42 @@ def _move(db: Session, version: ModelVersion, actor: str, *, action: str, verb: 
     return Transition(_ref(version), before, to, entry.seq)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """An approval or a rejection as recorded: with the approver's signature and public key when signed
+    (server/signatures.py; the caller has verified it)."""
+
+    decision: str
+    reason: str
+    signature: str | None = None
+    public_key: str | None = None
+
+    def signed(self) -> dict[str, str]:
+        """What the audit entry adds: the signature and key, when there are."""
+        if self.signature is None or self.public_key is None:
+            return {}
+        return {"signature": self.signature, "public_key": self.public_key}
+
+
+def promoted_by(db: Session, version: ModelVersion) -> str | None:
+    """Who last put ``version`` up for approval (draft → candidate), from the audit log."""
+    row: str | None = db.exec(select(AuditEntry.actor).where(AuditEntry.action == "model.promote",
+                                                             AuditEntry.subject == subject(version))
+                              .order_by(col(AuditEntry.seq).desc()).limit(1)).first()
+    return row
+
+
 def promote(db: Session, version: ModelVersion, actor: str) -> Transition:
     """draft → candidate: put the version up for approval."""
     return _move(db, version, actor, action="model.promote", verb="promoting", sources={Stage.DRAFT},
                  to=Stage.CANDIDATE)
 
 
-def approve(db: Session, version: ModelVersion, actor: str, reason: str) -> Transition:
-    """candidate → approved, recording an approval; the approver must not be the author (four-eyes).
+def approve(db: Session, version: ModelVersion, actor: str, reason: str, *, signature: str | None = None,
+            public_key: str | None = None) -> Transition:
+    """candidate → approved, recording an approval; the approver must not be the author, the operator who pushed
+    it or the one who promoted it (four-eyes). ``signature``/``public_key``: the approver's verified signature of
+    the decision (server/signatures.py), recorded with it.
 
     A version with no recorded author cannot be approved: nobody could tell
     whether its approver wrote it.
@@ -457,16 +490,21 @@ def approve(db: Session, version: ModelVersion, actor: str, reason: str) -> Tran
         if _same_person(actor, v.pushed_by):  # the author field is the build's word; the pusher is on record
             raise GovernanceError(f"{actor} pushed {_ref(v)} and cannot approve it: another approver must "
                                   f"(four-eyes)")
+        if _same_person(actor, promoted_by(db, v)):
+            raise GovernanceError(f"{actor} promoted {_ref(v)} to candidate and cannot approve it: another "
+                                  f"approver must (four-eyes)")
 
     return _move(db, version, actor, action="model.approve", verb="approving", sources={Stage.CANDIDATE},
-                 to=Stage.APPROVED, detail={"reason": why}, approval=("approve", why), check=four_eyes)
+                 to=Stage.APPROVED, detail={"reason": why},
+                 approval=Decision("approve", why, signature, public_key), check=four_eyes)
 
 
-def reject(db: Session, version: ModelVersion, actor: str, reason: str) -> Transition:
-    """candidate → draft, recording the rejection and why."""
+def reject(db: Session, version: ModelVersion, actor: str, reason: str, *, signature: str | None = None,
+           public_key: str | None = None) -> Transition:
+    """candidate → draft, recording the rejection and why (signed as :func:`approve` is, when signed)."""
     why = _reason(reason, "rejecting")
     return _move(db, version, actor, action="model.reject", verb="rejecting", sources={Stage.CANDIDATE},
-                 to=Stage.DRAFT, detail={"reason": why}, approval=("reject", why))
+                 to=Stage.DRAFT, detail={"reason": why}, approval=Decision("reject", why, signature, public_key))
 
 
 def mark_deployed(db: Session, version: ModelVersion, actor: str) -> Transition:

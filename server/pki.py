@@ -8,6 +8,7 @@ Everything lives in ``<data>/pki`` (0700), made with ``cryptography`` (no openss
       ca-bundle.pem      the certificates of every trusted CA: the broker's ``cafile``, the agents' pinned CA
       crl.pem            one CRL per trusted CA, concatenated: the broker's ``crlfile``
       broker.pem/.key    the broker's certificate (the names it answers to) and key
+      api.pem/.key       the operator API's certificate (the same names) and key
       state.json         the CAs (current, previous), issued serials per device, revocations, CRL number
 
 Keys are ECDSA P-256: Mosquitto 2.0 (OpenSSL 3), Python's ``ssl`` and the TLS stacks on a Jetson or a
@@ -196,6 +197,8 @@ class Authority:
         self.crl = directory / "crl.pem"
         self.broker_cert = directory / "broker.pem"
         self.broker_key = directory / "broker.key"
+        self.api_cert = directory / "api.pem"
+        self.api_key = directory / "api.key"
         self._state_file = directory / "state.json"
 
     @classmethod
@@ -290,24 +293,32 @@ class Authority:
     def broker_certificate(self, names: Sequence[str]) -> bool:
         """Make sure ``broker.pem`` names exactly ``names`` (host names and IPs; the first is its common name), is
         signed by the CA the agents pin and has more than 30 days left; True when it was (re-)issued."""
+        return self._server_certificate("broker", self.broker_cert, self.broker_key, names)
+
+    def api_certificate(self, names: Sequence[str]) -> bool:
+        """As :meth:`broker_certificate`, for the operator API's HTTPS listener (``api.pem``/``api.key``), which
+        operators' clients check against the same CA bundle."""
+        return self._server_certificate("api", self.api_cert, self.api_key, names)
+
+    def _server_certificate(self, role: str, cert_path: Path, key_path: Path, names: Sequence[str]) -> bool:
         checked = list(dict.fromkeys(check_host_name(n) for n in names))
         if not checked:
-            raise PkiError("the broker's certificate needs at least one host name")
+            raise PkiError(f"the {role}'s certificate needs at least one host name")
         with self._locked() as state:
             previous = self._role(state, "previous")
             signer = self._load_ca(previous) if previous else self._current(state)
-            held = state.get("broker", {})
-            if (held.get("names") == checked and held.get("ca") == signer.id and self.broker_cert.exists()
-                    and self.broker_key.exists()):
-                cert = x509.load_pem_x509_certificate(self.broker_cert.read_bytes())
+            held = state.get(role, {})
+            if (held.get("names") == checked and held.get("ca") == signer.id and cert_path.exists()
+                    and key_path.exists()):
+                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
                 if cert.not_valid_after_utc - _now() > RENEW_BEFORE:
                     return False
             key = ec.generate_private_key(ec.SECP256R1())
             cert = signer.leaf(checked[0][:64], key.public_key(), days=BROKER_DAYS, server=True, sans=checked)
-            atomic_write(self.broker_key, _key_pem(key), 0o600)
-            atomic_write(self.broker_cert, _cert_pem(cert), 0o644)
-            state["broker"] = {"names": checked, "ca": signer.id, "serial": str(cert.serial_number)}
-        log.info("issued the broker's certificate for %s", ", ".join(checked))
+            atomic_write(key_path, _key_pem(key), 0o600)
+            atomic_write(cert_path, _cert_pem(cert), 0o644)
+            state[role] = {"names": checked, "ca": signer.id, "serial": str(cert.serial_number)}
+        log.info("issued the %s's certificate for %s", role, ", ".join(checked))
         return True
 
     def broker_names(self) -> list[str]:

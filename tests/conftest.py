@@ -14,6 +14,11 @@ import pytest
 
 from tests._mosquitto import Broker, find_mosquitto, running_broker
 
+#: Servers the tests start serve the operator API on a free port, never the fixed default one.
+os.environ.setdefault("EDGEHERD_API_LISTEN", "127.0.0.1:0")
+#: Logins (`edgeherd login`) go to a directory of the test run's own, never the user's.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="edgeherd-test-config-")
+
 #: Admin connection used to create and drop per-session test databases.
 PG_ADMIN_DSN = os.environ.get("EDGEHERD_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 

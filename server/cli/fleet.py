@@ -69,9 +69,12 @@ def server_run(
     listen: Annotated[str | None, typer.Option(
         "--listen", help="HOST:PORT of the managed broker's devices' listener (TLS). Default: 0.0.0.0:8883 once a "
         "public host is given, else what the data directory holds (loopback and a free port at first).")] = None,
+    api_listen: Annotated[str | None, typer.Option(
+        "--api-listen", envvar="EDGEHERD_API_LISTEN", help="HOST:PORT of the operator API (HTTPS, docs/api.md); "
+        "'off': none. Default: 0.0.0.0:9443 once a public host is given, else 127.0.0.1:9443.")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
-    """Run the MQTT bridge, artifact distribution and drift evaluation until SIGTERM.
+    """Run the MQTT bridge, artifact distribution, drift evaluation and the operator API until SIGTERM.
 
     Refuses to start without operators.toml when the audit log shows the server was governed by one."""
     from agent.cli import configure_logging, wait_for_termination
@@ -88,11 +91,20 @@ def server_run(
     if broker is not None and (public_host or listen):
         _fail(ValueError("--public-host and --listen configure the managed broker; with --broker, configure your "
                          "own broker instead (docs/server.md, \"Bring your own broker\")"))
+    from server.api.serve import DEFAULT_API_PORT, parse_api_listen
+
+    if api_listen is None:
+        api_listen = f"{'0.0.0.0' if public_host else '127.0.0.1'}:{DEFAULT_API_PORT}"  # noqa: S104
+    try:
+        api = None if api_listen == "off" else parse_api_listen(api_listen)
+    except ValueError as exc:
+        _fail(exc)
     configure_logging(log_level)
     try:
         app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval,
                         broadcast=not unicast_artifacts, rollout_interval=rollout_interval,
-                        listen=parse_listen(listen) if listen else None, public_hosts=public_host or None).start()
+                        listen=parse_listen(listen) if listen else None, public_hosts=public_host or None,
+                        api_listen=api).start()
     except (BrokerError, OSError, SettingError, PkiError) as exc:
         _fail(exc)
     wait_for_termination()

@@ -16,7 +16,8 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, T
 from sqlmodel import Field, SQLModel
 
 __all__ = ["Alert", "Approval", "ArtifactRow", "AuditEntry", "Device", "DriftReportRow", "GateEvaluation", "Lease",
-           "ModelVersion", "Rollout", "RolloutDevice", "StatsWindow", "TelemetryRow", "VersionArtifact"]
+           "ModelVersion", "OperatorKey", "OperatorToken", "Rollout", "RolloutDevice", "StatsWindow", "TelemetryRow",
+           "VersionArtifact"]
 
 
 def _now() -> datetime:
@@ -226,6 +227,42 @@ class Approval(SQLModel, table=True):
     decision: str = Field(max_length=16)  # approve, reject
     reason: str = Field(max_length=1000)
     at: datetime = _ts(nullable=False)
+    #: The approver's Ed25519 signature over :func:`server.signatures.decision_payload` (base64), and the public
+    #: key it verifies with (base64, raw 32 bytes); None for a decision taken on the server host without a key.
+    signature: str | None = Field(default=None, max_length=128)
+    public_key: str | None = Field(default=None, max_length=64)
+    #: The audit entry that recorded this decision; ``audit verify`` checks the row against it.
+    audit_seq: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class OperatorToken(SQLModel, table=True):
+    """An operator's API token. Only its SHA-256 is kept: the token itself is shown once, when issued."""
+
+    __tablename__ = "operator_tokens"
+
+    #: A short public id ("tok_…"), for listing and revoking; not a secret.
+    id: str = Field(primary_key=True, max_length=32)
+    operator: str = Field(max_length=64, index=True)
+    token_sha256: str = Field(max_length=64, unique=True)
+    #: "full" (everything the operator's role allows) or "push" (read, push models and features: CI pipelines).
+    scope: str = Field(default="full", max_length=16)
+    label: str = Field(default="", max_length=128)
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+class OperatorKey(SQLModel, table=True):
+    """An operator's Ed25519 public key, which their approvals must verify with."""
+
+    __tablename__ = "operator_keys"
+
+    operator: str = Field(primary_key=True, max_length=64)
+    #: Raw 32-byte public key, base64.
+    public_key: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
 
 
 class AuditEntry(SQLModel, table=True):

@@ -1,0 +1,470 @@
+"""The operator API's routes, one router per area; each route states the permission it needs (server/api/app.py).
+
+Reads return what the TUI shows (server/tui/data.py), as JSON; actions go through the same governed functions the
+CLI uses, as the token's operator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session, col, select
+
+from server import audit
+from server.api.app import Operator, permit
+from server.api.tokens import Caller, TokenError, issue, revoke, tokens_of
+from server.db.models import ModelVersion, OperatorKey, OperatorToken, Rollout
+from server.governance import GovernanceError, Permission, Role, find_version, promote, retire
+from server.orchestrator import RolloutError, command_governed, start_governed
+from server.registry import RegistryError
+from server.rollouts import RolloutSpec
+from server.signatures import SignatureCheckError, verify_decision
+from server.tui.data import ActionError
+
+__all__ = ["ROUTERS"]
+
+REF = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}:[A-Za-z0-9][A-Za-z0-9._+-]{0,31}$"
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DEVICE = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+Ref = Annotated[str, Field(pattern=REF, description="NAME:VERSION")]
+
+
+class Body(BaseModel):
+    """Request bodies: unknown fields are an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A dataclass or dict as a JSON object."""
+    out: dict[str, Any] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, datetimes and tuples as JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _refused(exc: Exception) -> HTTPException:
+    return HTTPException(409, str(exc))
+
+
+def _version(op: Operator, ref: str) -> ModelVersion:
+    with Session(op.registry.engine) as db:
+        try:
+            return find_version(db, ref)
+        except GovernanceError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+
+# -- who am I ------------------------------------------------------------------------------------
+
+meta = APIRouter(tags=["session"])
+
+
+@meta.get("/health", summary="Liveness; no token needed")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@meta.get("/whoami", summary="The token's operator, role and scope")
+def whoami(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    with Session(op.registry.engine) as db:
+        key = db.get(OperatorKey, op.name)
+    return {"operator": op.name, "role": op.governance.role(op.name).value, "scope": op.caller.scope,
+            "token": op.caller.token_id, "public_key": key.public_key if key is not None else None}
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+devices = APIRouter(prefix="/devices", tags=["devices"])
+
+
+@devices.get("", summary="Every device, with its health")
+def list_devices(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> list[dict[str, Any]]:
+    return [_plain(r) | {"health": r.health} for r in op.fleet().devices()]
+
+
+@devices.get("/{device_id}", summary="One device: its row, fingerprint, history, latency, features and alerts")
+def show_device(device_id: Annotated[str, Path(pattern=DEVICE)],
+                op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    try:
+        detail = op.fleet().device(device_id)
+    except ActionError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return _object(detail) | {"health": detail.row.health}
+
+
+@devices.post("/{device_id}/revoke", summary="Revoke the device: its credentials stop working, its session drops")
+def revoke_device(device_id: Annotated[str, Path(pattern=DEVICE)],
+                  op: Annotated[Operator, Depends(permit(Permission.REVOKE_DEVICE))]) -> dict[str, Any]:
+    try:
+        op.fleet().revoke(device_id)
+    except ActionError as exc:
+        raise (HTTPException(404, str(exc)) if "no device" in str(exc) else _refused(exc)) from None
+    return {"device": device_id, "revoked": True}
+
+
+# -- models ------------------------------------------------------------------------------------
+
+models = APIRouter(prefix="/models", tags=["models"])
+
+
+@models.get("", summary="Every model version, newest first")
+def list_models(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> list[dict[str, Any]]:
+    return [_plain(r) for r in op.fleet().models()]
+
+
+@models.get("/{ref}", summary="One version: lineage, stage, approvals, devices, history, model card")
+def show_model(ref: Annotated[str, Path(pattern=REF)],
+               op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    from server.governance import version_card
+
+    v = _version(op, ref)
+    with Session(op.registry.engine) as db:
+        card = version_card(db, v)
+    return _object(card) | {"card": op.fleet().card(ref)}
+
+
+class Decision(Body):
+    reason: Annotated[str, Field(min_length=1, max_length=1000, description="Why (recorded)")]
+    #: base64 Ed25519 signature of the decision (server/signatures.py), by the key registered for the operator.
+    signature: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9+/=]+$")]
+
+
+def _decide(op: Operator, ref: str, decision: Literal["approve", "reject"], body: Decision) -> dict[str, Any]:
+    from server.governance import approve, reject
+
+    v = _version(op, ref)
+    with Session(op.registry.engine) as db:
+        key = db.get(OperatorKey, op.name)
+    if key is None:
+        raise HTTPException(409, f"{op.name} has no signing key registered; run `edgeherd operator keygen`, which "
+                                 f"registers its public key, then sign the decision with it")
+    try:
+        verify_decision(key.public_key, body.signature, manifest_sha256=v.manifest_sha256,
+                        model=f"{v.name}:{v.version}", decision=decision, operator=op.name, reason=body.reason)
+    except SignatureCheckError as exc:
+        raise HTTPException(422, [{"loc": ["body", "signature"], "msg": str(exc), "type": "signature"}]) from None
+    try:
+        with Session(op.registry.engine) as db:
+            moved = (approve if decision == "approve" else reject)(
+                db, find_version(db, ref), op.name, body.reason, signature=body.signature,
+                public_key=key.public_key)
+            last = audit.head(db)
+        if last is not None:
+            op.registry.anchor_audit(last)
+    except GovernanceError as exc:
+        raise _refused(exc) from None
+    return {"model": moved.ref, "from": moved.before.value, "to": moved.after.value, "audit_seq": moved.audit_seq}
+
+
+@models.post("/{ref}/approve", summary="Approve a candidate (signed; four-eyes)")
+def approve_model(ref: Annotated[str, Path(pattern=REF)], body: Decision,
+                  op: Annotated[Operator, Depends(permit(Permission.APPROVE))]) -> dict[str, Any]:
+    return _decide(op, ref, "approve", body)
+
+
+@models.post("/{ref}/reject", summary="Send a candidate back to draft (signed)")
+def reject_model(ref: Annotated[str, Path(pattern=REF)], body: Decision,
+                 op: Annotated[Operator, Depends(permit(Permission.REJECT))]) -> dict[str, Any]:
+    return _decide(op, ref, "reject", body)
+
+
+def _move(op: Operator, ref: str, move: Any) -> dict[str, Any]:
+    _version(op, ref)
+    try:
+        with Session(op.registry.engine) as db:
+            moved = move(db, find_version(db, ref), op.name)
+            last = audit.head(db)
+        if last is not None:
+            op.registry.anchor_audit(last)
+    except GovernanceError as exc:
+        raise _refused(exc) from None
+    return {"model": moved.ref, "from": moved.before.value, "to": moved.after.value, "audit_seq": moved.audit_seq}
+
+
+@models.post("/{ref}/promote", summary="Put a draft up for approval (draft → candidate)")
+def promote_model(ref: Annotated[str, Path(pattern=REF)],
+                  op: Annotated[Operator, Depends(permit(Permission.PROMOTE))]) -> dict[str, Any]:
+    return _move(op, ref, promote)
+
+
+@models.post("/{ref}/retire", summary="Retire a version: no rollout may use it again")
+def retire_model(ref: Annotated[str, Path(pattern=REF)],
+                 op: Annotated[Operator, Depends(permit(Permission.RETIRE))]) -> dict[str, Any]:
+    return _move(op, ref, retire)
+
+
+class Deploy(Body):
+    device: Annotated[str, Field(pattern=DEVICE)]
+
+
+@models.post("/{ref}/deploy", summary="Deploy a version to one device (production devices take approved versions)")
+def deploy_model(ref: Annotated[str, Path(pattern=REF)], body: Deploy,
+                 op: Annotated[Operator, Depends(permit(Permission.DEPLOY))]) -> dict[str, Any]:
+    _version(op, ref)
+    try:
+        said = op.fleet().deploy(body.device, ref)
+    except ActionError as exc:
+        raise _refused(exc) from None
+    return {"model": ref, "device": body.device, "result": said}
+
+
+# -- rollouts ----------------------------------------------------------------------------------
+
+rollouts = APIRouter(prefix="/rollouts", tags=["rollouts"])
+
+
+@rollouts.get("", summary="Every rollout, newest first")
+def list_rollouts(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> list[dict[str, Any]]:
+    return [_plain(r) for r in op.fleet().rollouts()]
+
+
+@rollouts.get("/{name}", summary="One rollout: waves, gate verdicts, who started it")
+def show_rollout(name: Annotated[str, Path(pattern=NAME)],
+                 op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    try:
+        return _object(op.fleet().rollout(name))
+    except ActionError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+class Target(Body):
+    groups: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=100)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=100)
+    devices: list[Annotated[str, Field(pattern=DEVICE)]] = Field(default_factory=list, max_length=10_000)
+
+
+class StartRollout(Body):
+    name: Annotated[str, Field(pattern=NAME)]
+    model: Ref
+    target: Target
+    spec: RolloutSpec = Field(default_factory=RolloutSpec)
+    production: bool = False
+    artifact: Annotated[str | None, Field(default=None, pattern=NAME)] = None
+
+
+@rollouts.post("", status_code=201, summary="Record a rollout; the running server starts it on its next step")
+def start_rollout(body: StartRollout,
+                  op: Annotated[Operator, Depends(permit(Permission.START_ROLLOUT))]) -> dict[str, Any]:
+    try:
+        row = start_governed(op.registry, op.governance, op.name, name=body.name, model=body.model,
+                             target=body.target.model_dump(), spec=body.spec, production=body.production,
+                             artifact=body.artifact)
+    except GovernanceError as exc:
+        raise (HTTPException(404, str(exc)) if "not in the registry" in str(exc) or "no version" in str(exc)
+               else _refused(exc)) from None
+    except (RolloutError, RegistryError) as exc:
+        raise _refused(exc) from None
+    return {"name": row.name, "model": body.model, "production": row.production, "state": row.state}
+
+
+class Command(Body):
+    reason: Annotated[str | None, Field(default=None, max_length=1000)] = None
+
+
+def _command(op: Operator, name: str, command: str, body: Command) -> dict[str, Any]:
+    with Session(op.registry.engine) as db:
+        if db.exec(select(Rollout.id).where(Rollout.name == name)).first() is None:
+            raise HTTPException(404, f"no rollout {name}")
+    try:
+        view = command_governed(op.registry, op.governance, op.name, name, command, body.reason)
+    except (GovernanceError, RolloutError, RegistryError) as exc:
+        raise _refused(exc) from None
+    return {"name": name, "state": view.state.value}
+
+
+@rollouts.post("/{name}/pause", summary="Pause: no new wave starts")
+def pause_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
+                  op: Annotated[Operator, Depends(permit(Permission.PAUSE_ROLLOUT))]) -> dict[str, Any]:
+    return _command(op, name, "pause", body)
+
+
+@rollouts.post("/{name}/resume", summary="Resume a paused rollout")
+def resume_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
+                   op: Annotated[Operator, Depends(permit(Permission.RESUME_ROLLOUT))]) -> dict[str, Any]:
+    return _command(op, name, "resume", body)
+
+
+@rollouts.post("/{name}/abort", summary="Abort: devices keep what they run")
+def abort_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
+                  op: Annotated[Operator, Depends(permit(Permission.ABORT_ROLLOUT))]) -> dict[str, Any]:
+    return _command(op, name, "abort", body)
+
+
+@rollouts.post("/{name}/rollback", summary="Roll back: devices go back to what they ran before")
+def rollback_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
+                     op: Annotated[Operator, Depends(permit(Permission.ROLLBACK_ROLLOUT))]) -> dict[str, Any]:
+    return _command(op, name, "rollback", body)
+
+
+# -- drift, features and the audit log --------------------------------------------------------------
+
+insight = APIRouter(tags=["drift and audit"])
+
+
+@insight.get("/drift", summary="Fleet drift per version and feature, worst first")
+def drift(op: Annotated[Operator, Depends(permit(Permission.READ))],
+          hours: Annotated[float, Query(gt=0, le=24 * 90)] = 24.0) -> list[dict[str, Any]]:
+    return [_plain(r) for r in op.fleet().drift(hours)]
+
+
+@insight.get("/audit", summary="Audit entries, newest first, and whether the chain verifies")
+def audit_log(op: Annotated[Operator, Depends(permit(Permission.READ))],
+              text: Annotated[str, Query(max_length=200)] = "",
+              limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> dict[str, Any]:
+    entries, report = op.fleet().audit_log(text, limit)
+    return {"entries": [{"seq": e.seq, "at": e.at.isoformat(), "actor": e.actor, "action": e.action,
+                         "subject": e.subject, "detail": e.detail} for e in entries],
+            "verified": {"ok": report.ok, "entries": report.entries, "problems": list(report.problems)}}
+
+
+# -- operators ---------------------------------------------------------------------------------
+
+operators = APIRouter(prefix="/operators", tags=["operators"])
+
+_KEY = re.compile(r"^ed25519:[A-Za-z0-9+/]{43}=$")
+
+
+class PublicKey(Body):
+    public_key: Annotated[str, Field(pattern=_KEY.pattern, description="ed25519:<base64 of 32 bytes>")]
+
+
+@operators.put("/me/key", summary="Register (or replace) the caller's Ed25519 public key for signing decisions")
+def register_key(body: PublicKey, op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    from protocol.errors import KeyFormatError
+    from protocol.signing import load_public_key
+
+    try:
+        load_public_key(body.public_key)
+    except KeyFormatError as exc:
+        raise HTTPException(422, [{"loc": ["body", "public_key"], "msg": str(exc), "type": "key"}]) from None
+    _set_key(op, op.caller, body.public_key)
+    return {"operator": op.name, "public_key": body.public_key}
+
+
+def _set_key(op: Operator, caller: Caller, public_key: str) -> None:
+    with Session(op.registry.engine) as db:
+        audit.lock(db)
+        row = db.get(OperatorKey, caller.operator)
+        before = row.public_key if row is not None else None
+        if before == public_key:
+            db.rollback()
+            return
+        if row is None:
+            row = OperatorKey(operator=caller.operator, public_key=public_key)
+        else:
+            row.public_key = public_key
+        db.add(row)
+        audit.append(db, caller.operator, "operator.key_register", f"operator:{caller.operator}",
+                     {"public_key": public_key, "replaces": before, "token": caller.token_id})
+        db.commit()
+
+
+@operators.get("/keys", summary="Every operator's registered public key")
+def list_keys(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> list[dict[str, Any]]:
+    with Session(op.registry.engine) as db:
+        return [{"operator": k.operator, "public_key": k.public_key, "registered_at": k.created_at.isoformat()}
+                for k in db.exec(select(OperatorKey).order_by(col(OperatorKey.operator)))]
+
+
+class NewOperator(Body):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")]
+    role: Role
+    ttl_days: Annotated[float, Field(gt=0, le=366)] = 90.0
+
+
+def _token_json(row: OperatorToken) -> dict[str, Any]:
+    return {"id": row.id, "operator": row.operator, "scope": row.scope, "label": row.label,
+            "created_by": row.created_by, "created_at": row.created_at.isoformat(),
+            "expires_at": row.expires_at.isoformat(),
+            "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+            "last_used_at": row.last_used_at.isoformat() if row.last_used_at else None}
+
+
+@operators.post("", status_code=201, summary="Add an operator with a role (admin); their first token, shown once")
+def add_operator(body: NewOperator,
+                 op: Annotated[Operator, Depends(permit(Permission.MANAGE_OPERATORS))]) -> dict[str, Any]:
+    from server.operators import add_operator as add
+
+    try:
+        token, row = add(op.registry.data, op.registry.engine, body.name, body.role, actor=op.name,
+                         ttl=timedelta(days=body.ttl_days))
+    except GovernanceError as exc:
+        raise _refused(exc) from None
+    return {"operator": body.name, "role": body.role.value, "token": token, "token_info": _token_json(row)}
+
+
+class NewToken(Body):
+    operator: Annotated[str | None, Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$",
+                                          description="Whose (admins only; default: the caller)")] = None
+    scope: Literal["full", "push"] = "full"
+    ttl_days: Annotated[float, Field(gt=0, le=366)] = 90.0
+    label: Annotated[str, Field(max_length=128)] = ""
+
+
+@operators.post("/tokens", status_code=201, summary="A new token (for another operator: admins only), shown once")
+def new_token(body: NewToken, op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    who = body.operator or op.name
+    if who.casefold() != op.name.casefold():
+        _admin(op)
+    try:
+        op.governance.role(who)
+    except GovernanceError as exc:
+        raise HTTPException(404, str(exc)) from None
+    if op.caller.scope != "full" and body.scope == "full":
+        raise HTTPException(403, f"token {op.caller.token_id} is scoped to pushing; it cannot make a full-scope one")
+    with Session(op.registry.engine) as db:
+        try:
+            token, row = issue(db, who, created_by=op.name, scope=body.scope, ttl=timedelta(days=body.ttl_days),
+                               label=body.label)
+        except TokenError as exc:
+            raise HTTPException(422, [{"loc": ["body"], "msg": str(exc), "type": "token"}]) from None
+    return {"token": token, "token_info": _token_json(row)}
+
+
+def _admin(op: Operator) -> None:
+    try:
+        op.governance.require(op.name, Permission.MANAGE_OPERATORS)
+    except GovernanceError as exc:
+        raise HTTPException(403, str(exc)) from None
+    if op.caller.scope != "full":
+        raise HTTPException(403, f"token {op.caller.token_id} is scoped to pushing; managing operators needs a "
+                                 f"full-scope token")
+
+
+@operators.get("/tokens", summary="Tokens: an admin's view lists everyone's, anyone else's their own")
+def list_tokens(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> list[dict[str, Any]]:
+    mine = not op.governance.allows(op.name, Permission.MANAGE_OPERATORS)
+    with Session(op.registry.engine) as db:
+        return [_token_json(t) for t in tokens_of(db, op.name if mine else None)]
+
+
+@operators.delete("/tokens/{token_id}", summary="Revoke a token (your own, or anyone's for an admin)")
+def revoke_token(token_id: Annotated[str, Path(pattern=r"^tok_[a-z0-9]{12}$")],
+                 op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    with Session(op.registry.engine) as db:
+        row = db.get(OperatorToken, token_id)
+        if row is None:
+            raise HTTPException(404, f"no token {token_id}")
+        if row.operator.casefold() != op.name.casefold():
+            _admin(op)
+        return _token_json(revoke(db, token_id, actor=op.name))
+
+
+ROUTERS = [meta, devices, models, rollouts, insight, operators]

@@ -1,0 +1,107 @@
+"""Approvals that can be proven: an approver signs their decision with their own Ed25519 key.
+
+What is signed is :func:`decision_payload`, the canonical JSON of::
+
+    {"kind": "edgeherd.decision.v1", "manifest_sha256": ..., "model": "NAME:VERSION",
+     "decision": "approve" | "reject", "operator": ..., "reason": ...}
+
+so a signature binds who decided what about exactly which manifest, and why. The client signs it
+(``edgeherd model approve`` with the key from ``edgeherd operator keygen``), the server checks it against the
+public key registered for the operator before it records the decision, stores the signature and the key in the
+approval row and in the decision's audit entry, and ``edgeherd audit verify`` re-checks every signed row
+offline (:func:`check_approvals`): an approval row edited in the database no longer verifies, and one whose
+signature was removed no longer matches its hash-chained audit entry.
+
+Public keys are the one-line text form ``ed25519:<base64 of the 32 raw bytes>`` (protocol/signing.py);
+signatures are base64 of the 64 bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.canonical import canonical_json
+from protocol.errors import KeyFormatError
+from protocol.signing import load_public_key
+
+__all__ = ["DECISION_KIND", "SignatureCheckError", "check_approvals", "decision_payload", "sign_decision",
+           "verify_decision"]
+
+DECISION_KIND = "edgeherd.decision.v1"
+
+
+class SignatureCheckError(Exception):
+    """A decision's signature is missing, malformed or does not verify; the message says which."""
+
+
+def decision_payload(*, manifest_sha256: str, model: str, decision: str, operator: str, reason: str) -> bytes:
+    """The bytes an approver signs: canonical JSON, so client and server build the same bytes."""
+    return canonical_json({"kind": DECISION_KIND, "manifest_sha256": manifest_sha256, "model": model,
+                           "decision": decision, "operator": operator, "reason": reason})
+
+
+def sign_decision(key: Ed25519PrivateKey, **fields: str) -> str:
+    """base64 of the Ed25519 signature of :func:`decision_payload` (keyword arguments as there)."""
+    return base64.b64encode(key.sign(decision_payload(**fields))).decode()
+
+
+def verify_decision(public_key: str, signature: str, **fields: str) -> None:
+    """:class:`SignatureCheckError` unless ``signature`` (base64) by ``public_key`` (``ed25519:…``) signs
+    :func:`decision_payload` of ``fields``."""
+    try:
+        pub = load_public_key(public_key)
+    except KeyFormatError as exc:
+        raise SignatureCheckError(f"public key: {exc}") from None
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureCheckError("signature: not base64") from None
+    if len(raw) != 64:
+        raise SignatureCheckError(f"signature: {len(raw)} bytes, an Ed25519 signature has 64")
+    try:
+        pub.verify(raw, decision_payload(**fields))
+    except InvalidSignature:
+        raise SignatureCheckError("the signature does not verify with the operator's key over this decision "
+                                  "(manifest digest, model, decision, operator and reason)") from None
+
+
+Recorded = tuple[str, str, dict[str, object]]
+
+
+def check_approvals(rows: Iterable[tuple[int, str, str, str, str, str, str | None, str | None, Recorded | None]]
+                    ) -> tuple[int, int, list[str]]:
+    """Re-check decisions offline. Each row is (approval id, manifest digest, model, decision, operator, reason,
+    signature, public key, and the (actor, action, detail) of the audit entry that recorded it, or None for a
+    row older than that link).
+
+    Returns (signed rows that verify, unsigned rows, problems). A problem is a signature that does not verify,
+    or a row that disagrees with its audit entry (which the hash chain protects): an edited decision, reason or
+    operator, or a signature added or removed after the fact."""
+    good = unsigned = 0
+    problems: list[str] = []
+    for row_id, digest, model, decision, operator, reason, signature, public_key, entry in rows:
+        where = f"approval #{row_id} ({operator} {decision} {model})"
+        if entry is not None:
+            actor, action, detail = entry
+            recorded = (actor, action, detail.get("manifest_sha256"), detail.get("reason"), detail.get("signature"),
+                        detail.get("public_key"))
+            if recorded != (operator, f"model.{decision}", digest, reason, signature, public_key):
+                problems.append(f"{where}: differs from the audit entry that recorded it (operator, decision, "
+                                f"reason, signature or key edited)")
+                continue
+        if signature is None or public_key is None:
+            unsigned += 1
+            continue
+        try:
+            verify_decision(public_key, signature, manifest_sha256=digest, model=model, decision=decision,
+                            operator=operator, reason=reason)
+        except SignatureCheckError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        good += 1
+    return good, unsigned, problems
