@@ -7,7 +7,9 @@
    credentials (two Raspberry Pi 5 and a Pi 4 on LiteRT int8, a Jetson Orin Nano on ONNX Runtime — its
    TensorRT path is unavailable here and says so — and two x86-64 on ONNX Runtime).
 3. Send the digits test set to every agent's local API, continuously.
-4. v1: pushed, promoted, approved by a second operator, rolled out in canary waves to the production group.
+4. v1: pushed, then through the operator API (HTTPS, a token per operator): promoted by one operator, approved
+   by a second who signs the decision with their own Ed25519 key, rolled out in canary waves to the production
+   group by a third.
 5. v2: the same path; its canary's predictions depart from the training labels, the ``predictions`` gate
    fails, the canary is rolled back automatically.
 6. One device's inputs shift (brighter digits): its drift alert is raised, and nobody else's.
@@ -34,9 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 from sqlmodel import Session, col, select
+
+from server.api.client import ApiClient
 
 __all__ = ["DEVICES", "DemoFailed", "DemoResult", "run_demo"]
 
@@ -313,25 +318,52 @@ def _stopping(agents: list[_Agent]) -> Iterator[None]:
 # -- the story ------------------------------------------------------------------------------------------------
 
 
-def _rollout(registry: Any, name: str, ref: str, console: Console) -> None:
-    from server.governance import Governance, approve, check_rollout, find_version, promote
-    from server.orchestrator import create_rollout
-    from server.rollouts import Gates, RolloutSpec
+@dataclass
+class _Operators:
+    """The demo's operators as the API knows them: a client with each one's token, and the approver's key."""
 
-    with Session(registry.engine) as db:
-        v = find_version(db, ref)
-        promote(db, v, "ml-engineer")
-        approve(db, find_version(db, ref), "reviewer", "model card and held-out metrics reviewed")
-        console.print(f"  {ref}: promoted by ml-engineer, approved by reviewer (four-eyes)")
-        gov = Governance.load(registry.data)
-        check_rollout(db, find_version(db, ref), production=gov.is_production([GROUP]))
+    clients: dict[str, ApiClient]
+    keys: dict[str, Ed25519PrivateKey]
+
+
+def _operators(app: Any, console: Console) -> _Operators:
+    """A token for each demo operator (issued on the server host, as ``edgeherd operator add`` does), and an
+    Ed25519 key for the reviewer, registered through the API (``edgeherd operator keygen``)."""
+    from protocol import generate_signing_key, public_key_to_text
+    from server.api.tokens import issue
+
+    ca = app.api.ca_bundle.read_text()
+    clients = {}
+    with Session(app.registry.engine) as db:
+        for name in ("ml-engineer", "reviewer", "ops"):
+            token, _ = issue(db, name, created_by="demo", label="edgeherd demo")
+            clients[name] = ApiClient(app.api.url, ca, token)
+    keys = {"reviewer": generate_signing_key()}
+    clients["reviewer"].request("PUT", "/operators/me/key",
+                                {"public_key": public_key_to_text(keys["reviewer"].public_key())})
+    console.print(f"  operator API on {app.api.url} (HTTPS, the server's CA); tokens for ml-engineer, reviewer "
+                  f"and ops; reviewer's signing key registered")
+    return _Operators(clients, keys)
+
+
+def _rollout(ops: _Operators, name: str, ref: str, console: Console) -> None:
+    from server.rollouts import Gates, RolloutSpec
+    from server.signatures import sign_decision
+
+    reason = "model card and held-out metrics reviewed"
+    ops.clients["ml-engineer"].post(f"/models/{ref}/promote")
+    card = ops.clients["reviewer"].get(f"/models/{ref}")
+    signature = sign_decision(ops.keys["reviewer"], manifest_sha256=card["manifest_sha256"], model=ref,
+                              decision="approve", operator="reviewer", reason=reason)
+    approved = ops.clients["reviewer"].post(f"/models/{ref}/approve", {"reason": reason, "signature": signature})
+    console.print(f"  {ref}: promoted by ml-engineer, approved by reviewer with a signature the server verified "
+                  f"(four-eyes; audit #{approved['audit_seq']})")
     spec = RolloutSpec(waves=("1", "50%", "100%"), soak_s=8, install_timeout_s=60, on_failure="rollback",
                        gates=Gates(min_requests=40, error_margin=0.01, latency_margin=3.0, drift_margin=0.34,
                                    min_drift_windows=2))
-    model, _, version = ref.partition(":")
-    create_rollout(registry, name=name, model=model, version=version, target={"groups": [GROUP]}, spec=spec,
-                   actor="ops", production=True)
-    console.print(f"  rollout {name}: waves 1 → 50 % → 100 % of group {GROUP}, soak {spec.soak_s:g} s")
+    ops.clients["ops"].request("POST", "/rollouts", {"name": name, "model": ref, "target": {"groups": [GROUP]},
+                                                     "spec": spec.model_dump(mode="json"), "production": True})
+    console.print(f"  rollout {name} by ops: waves 1 → 50 % → 100 % of group {GROUP}, soak {spec.soak_s:g} s")
 
 
 def _v2_outcome(registry: Any, name: str, result: DemoResult) -> None:
@@ -412,7 +444,7 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     v2 = _build_v2(data, v1, console)
 
     console.rule("[bold]2. Server, broker and six devices")
-    app = ServerApp(data, metrics_port=0, drift_interval=2, rollout_interval=1).start()
+    app = ServerApp(data, metrics_port=0, drift_interval=2, rollout_interval=1, api_listen=("127.0.0.1", 0)).start()
     reg = app.registry
     console.print(f"  server up; managed Mosquitto on {reg.broker_url}; registry {data / 'edgeherd.db'}")
     if reg.certificates:
@@ -423,6 +455,7 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     agents: list[_Agent] = []
     traffic: _Traffic | None = None
     try:
+        operators = _operators(app, console)
         with _stopping(agents):
             agents.extend(_start_agents(data, reg, console))
             _wait("every agent to connect", lambda: _count(reg, select(Device).where(online_clause()))
@@ -435,14 +468,14 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
             console.print("  traffic: batches of 16 digits to every agent's /v1/predict, 4 per second")
 
             console.rule("[bold]3. v1: approved, then rolled out in canary waves")
-            _rollout(reg, "digits-v1", "digits:1.0.0", console)
+            _rollout(operators, "digits-v1", "digits:1.0.0", console)
             result.v1_state = _watch(reg, "digits-v1", {"completed", "rolled_back", "paused"}, console, 300)
             if result.v1_state != "completed":
                 raise DemoFailed(f"the v1 rollout ended {result.v1_state} (see `edgeherd rollout show digits-v1` "
                                  "and the audit log)")
 
             console.rule("[bold]4. v2 (broken preprocessing): its canary is caught and rolled back")
-            _rollout(reg, "digits-v2", "digits:2.0.0", console)
+            _rollout(operators, "digits-v2", "digits:2.0.0", console)
             _watch(reg, "digits-v2", {"rolled_back", "completed", "paused"}, console, 300)
             _v2_outcome(reg, "digits-v2", result)
             console.print(f"  v2 reached {', '.join(result.v2_devices)}; the [bold]{', '.join(result.v2_gates)}[/] "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,19 @@ def test_the_demo_rolls_out_v1_catches_v2_at_the_canary_and_the_drifting_device(
     assert "reusing" in text and "signature checked" in text
     _check(text)
     assert (data / "logs" / "server.log").stat().st_size > 0  # the logs went to the file instead
+    # four-eyes went through the API: two operators' tokens, the approver's signature verified and kept
+    assert "approved by reviewer with a signature the server verified" in text
+    with sqlite3.connect(data / "edgeherd.db") as db:
+        rows = db.execute("SELECT a.actor, a.decision, a.signature, a.public_key, e.actor FROM approvals a "
+                          "JOIN audit_log e ON e.seq = a.audit_seq").fetchall()
+        promoted = {r[0] for r in db.execute("SELECT actor FROM audit_log WHERE action = 'model.promote'")}
+    assert {(r[0], r[1]) for r in rows} == {("reviewer", "approve")} and len(rows) == 2
+    assert all(r[2] and r[3] and r[4] == "reviewer" for r in rows)
+    assert promoted == {"ml-engineer"}
+    verified = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--data-dir", str(data)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 @pytest.mark.slow
