@@ -212,8 +212,27 @@ class _Agent:
     log: Path
 
 
-def _start_agents(data: Path, registry: Any, console: Console) -> list[_Agent]:
-    agents = []
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A function for the child to run before exec, after which Linux sends it SIGTERM when the demo dies, however
+    it dies (SIGKILL included); None elsewhere, where the demo's own cleanup is all there is. ``prctl`` is looked
+    up here, in the parent, so the child only calls it (nothing to load or lock between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+    return child
+
+
+def _start_agents(data: Path, registry: Any, console: Console, agents: list[_Agent]) -> None:
+    """Start one agent per demo device, each appended to ``agents`` as soon as it runs, so whatever fails
+    half-way, the caller's cleanup stops the ones already started."""
+    die_with_parent = _parent_death_signal()
     exe = Path(sys.executable).with_name("edgeherd-agent")
     for device, profile in DEVICES:
         enrolled = registry.add_device(device, profile, [GROUP], actor="ops")
@@ -225,10 +244,10 @@ def _start_agents(data: Path, registry: Any, console: Console) -> list[_Agent]:
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from agent.cli import main; main()"]
         with log.open("wb") as out:
             proc = subprocess.Popen([*cmd, "run", "--config", str(enrolled.agent_config)], stdout=out,  # noqa: S603
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=die_with_parent)
         agents.append(_Agent(device, profile, port, proc, log))
         console.print(f"  {device:<12} {profile:<18} pid {proc.pid}, API on 127.0.0.1:{port}")
-    return agents
 
 
 def _hellos(registry: Any) -> dict[str, dict[str, str]] | None:
@@ -457,7 +476,7 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     try:
         operators = _operators(app, console)
         with _stopping(agents):
-            agents.extend(_start_agents(data, reg, console))
+            _start_agents(data, reg, console, agents)
             _wait("every agent to connect", lambda: _count(reg, select(Device).where(online_clause()))
                   == len(DEVICES), 120)
             runtimes = _wait("every agent's hello (its runtimes)", lambda: _hellos(reg), 60)
@@ -537,15 +556,31 @@ def main(data_dir: Path | None, tui: bool) -> int:
         data_dir = Path(tmp)
     data_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]edgeherd demo[/] in {data_dir}")
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = run_demo(data_dir, console, tui=tui)
     except DemoFailed as exc:
         console.print(f"[red]demo failed:[/] {exc}; logs in {data_dir / 'logs'}")
         return 1
-    except KeyboardInterrupt:
-        console.print("stopped; every process the demo started is stopped")
-        return 130
+    except (KeyboardInterrupt, _Terminated) as exc:
+        console.print(f"stopped{f' by {exc}' if isinstance(exc, _Terminated) else ''}; every process the demo "
+                      f"started is stopped")
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if tmp is not None and os.environ.get("EDGEHERD_DEMO_KEEP") != "1":
             shutil.rmtree(tmp, ignore_errors=True)
     return 0 if result.ok else 1
+
+
+class _Terminated(Exception):
+    """The demo got SIGTERM or SIGHUP: unwind as Ctrl-C does, through every cleanup."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signum)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
-from tests.server_helpers import server_dir
+from tests.server_helpers import server_dir, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,3 +79,61 @@ def test_the_demo_passes_ten_times_in_a_row(digits_bundle, tmp_path):
         for built in ("digits-1.0.0", "digits-2.0.0"):
             shutil.copytree(first / "bundles" / built, data / "bundles" / built)
         _check(_run_demo(data))
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_demo_stopped_half_way_leaves_no_process_behind(digits_bundle, tmp_path, sig):
+    """Stopped once its six agents run (SIGTERM as a supervisor or a timeout sends it, SIGINT as Ctrl-C does):
+    the demo exits and every process it started — agents, the managed broker — is gone with it."""
+    data, _ = server_dir(tmp_path / "demo", digits_bundle.key)
+    shutil.copytree(digits_bundle.dir, data / "bundles" / "digits-1.0.0")
+    out = tmp_path / "demo.out"
+    with out.open("wb") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "server.cli", "demo", "--no-tui", "--data-dir", str(data)],
+                                stdout=sink, stderr=subprocess.STDOUT,
+                                env={**os.environ, "COLUMNS": "200",
+                                     "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        wait_for(lambda: len(re.findall(r" pid \d+, API on", out.read_text())) == 6 or demo.poll() is not None, 240,
+                 "the demo's six agents to start")
+        assert demo.poll() is None, out.read_text()[-3000:]
+        children = _descendants(demo.pid)
+        agents = {int(p) for p in re.findall(r" pid (\d+), API on", out.read_text())}
+        assert agents <= children and len(children) >= 7  # six agents and the broker, at least
+        demo.send_signal(sig)
+        assert demo.wait(120) == (130 if sig == signal.SIGINT else 128 + sig)
+        left = wait_for(lambda: not any(_alive(p) for p in children) or None, 30, "the demo's children to exit",
+                        poll=0.5) and [p for p in children if _alive(p)]
+        assert not left, left
+        assert "every process the demo started is stopped" in out.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid in children if "children" in locals() else ():  # whatever a failure here left behind
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
