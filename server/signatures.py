@@ -8,9 +8,10 @@ What is signed is :func:`decision_payload`, the canonical JSON of::
 so a signature binds who decided what about exactly which manifest, and why. The client signs it
 (``edgeherd model approve`` with the key from ``edgeherd operator keygen``), the server checks it against the
 public key registered for the operator before it records the decision, stores the signature and the key in the
-approval row and in the decision's audit entry, and ``edgeherd audit verify`` re-checks every signed row
-offline (:func:`check_approvals`): an approval row edited in the database no longer verifies, and one whose
-signature was removed no longer matches its hash-chained audit entry.
+approval row and in the decision's audit entry, and ``edgeherd audit verify`` (and ``GET /api/v1/audit/verify``)
+re-checks every row offline (:func:`verify_approvals`, :func:`check_approvals`): an approval row edited in the
+database no longer verifies, one whose signature was removed no longer matches its hash-chained audit entry, and
+a row deleted leaves that entry unclaimed.
 
 Public keys are the one-line text form ``ed25519:<base64 of the 32 raw bytes>`` (protocol/signing.py);
 signatures are base64 of the 64 bytes.
@@ -21,16 +22,19 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlmodel import Session, col, select
 
 from protocol.canonical import canonical_json
 from protocol.errors import KeyFormatError
 from protocol.signing import load_public_key
+from server.db.models import Approval, AuditEntry, ModelVersion
 
-__all__ = ["DECISION_KIND", "SignatureCheckError", "check_approvals", "decision_payload", "sign_decision",
-           "verify_decision"]
+__all__ = ["DECISION_KIND", "ApprovalReport", "SignatureCheckError", "check_approvals", "decision_payload",
+           "sign_decision", "verify_approvals", "verify_decision"]
 
 DECISION_KIND = "edgeherd.decision.v1"
 
@@ -105,3 +109,68 @@ def check_approvals(rows: Iterable[tuple[int, str, str, str, str, str, str | Non
             continue
         good += 1
     return good, unsigned, problems
+
+
+@dataclass(frozen=True)
+class ApprovalReport:
+    """What :func:`verify_approvals` found: signed decisions that verify, unsigned ones, and problems."""
+
+    signed: int
+    unsigned: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+DECISION_ACTIONS = ("model.approve", "model.reject")
+
+
+def verify_approvals(db: Session) -> ApprovalReport:
+    """Re-check every recorded decision against its audit entry and its signature (:func:`check_approvals`).
+
+    Each ``approvals`` row is paired with the audit entry that recorded it: through ``audit_seq``, or, for a row
+    older than that link, with an unclaimed entry of the same operator, decision, version and reason. Beyond what
+    :func:`check_approvals` finds, a problem is a row pointing at an entry that is not a decision, a signed row
+    with its link removed, a row no entry records (written into the database directly), a row whose version is
+    gone, and a decision entry no row claims (its row deleted)."""
+    versions = {v.id: v for v in db.exec(select(ModelVersion))}
+    decisions = {e.seq: e for e in db.exec(select(AuditEntry).where(col(AuditEntry.action).in_(DECISION_ACTIONS)))}
+    problems: list[str] = []
+    claimed: set[int] = set()
+    checkable = []
+    rows = list(db.exec(select(Approval).order_by(col(Approval.id))))
+    for row in sorted(rows, key=lambda r: r.audit_seq is None):  # linked rows claim their entries first
+        where = f"approval #{row.id} ({row.actor} {row.decision})"
+        version = versions.get(row.version_id)
+        if version is None:
+            problems.append(f"{where}: its model version (id {row.version_id}) is not in the registry")
+            continue
+        model = f"{version.name}:{version.version}"
+        where = f"approval #{row.id} ({row.actor} {row.decision} {model})"
+        if row.audit_seq is not None:
+            entry = decisions.get(row.audit_seq)
+            if entry is None:
+                problems.append(f"{where}: audit entry #{row.audit_seq}, which it names, does not record a decision")
+                continue
+        elif row.signature is not None or row.public_key is not None:
+            problems.append(f"{where}: signed, but its link to the audit entry that recorded it was removed")
+            continue
+        else:  # older than the link: the unclaimed entry that says the same
+            entry = next((e for seq, e in sorted(decisions.items()) if seq not in claimed and e.actor == row.actor
+                          and e.action == f"model.{row.decision}" and e.subject == f"model:{model}"
+                          and e.detail.get("reason") == row.reason), None)
+            if entry is None:
+                problems.append(f"{where}: no audit entry records this decision (the row was added or edited in "
+                                f"the database)")
+                continue
+        claimed.add(entry.seq)
+        checkable.append((row.id or 0, version.manifest_sha256, model, row.decision, row.actor, row.reason,
+                          row.signature, row.public_key, (entry.actor, entry.action, dict(entry.detail))))
+    good, unsigned, found = check_approvals(checkable)
+    problems += found
+    problems += [f"audit entry #{seq} ({e.actor} {e.action.removeprefix('model.')} {e.subject.removeprefix('model:')})"
+                 f": no approval row records it (the row was deleted, or its link to the entry removed)"
+                 for seq, e in sorted(decisions.items()) if seq not in claimed]
+    return ApprovalReport(good, unsigned, problems)

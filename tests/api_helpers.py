@@ -44,7 +44,8 @@ class ApiServer:
         return self.data / "pki" / "ca-bundle.pem"
 
 
-def start_server(data: Path, log: Path, *, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def start_server(data: Path, log: Path, *,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """``edgeherd server run`` on ``data`` (managed broker, API on a free loopback port); the process and what
     ``api.json`` says once the API listens."""
     (data / "api.json").unlink(missing_ok=True)

@@ -520,7 +520,9 @@ def test_cli_lifecycle_roles_and_audit(data):
     code, out = cli(data, "audit", "list", "--action", "model.retire")
     assert code == 0 and "no audit entries match" in out
     assert audit.read_anchor(data) is not None and audit.read_anchor(data).seq == 2
-    assert cli(data, "audit", "verify") == (0, "audit log OK: 2 entries, chain intact; anchored entry #2 matches")
+    assert cli(data, "audit", "verify") == (0, "audit log OK: 2 entries, chain intact; anchored entry #2 matches "
+                                             "approvals OK: 0 signed and verified, 1 unsigned (decided on the "
+                                             "server host)")
 
     code, out = cli(data, "model", "retire", "digits:1.0.0", user="ada")
     assert code == 0 and "approved → retired by ada (audit #3)" in out
@@ -644,7 +646,9 @@ def test_backup_and_restore_keep_governance(data, tmp_path):
     assert code == 1 and "otto is an operator; approving a version needs the approver role" in out, out
     code, out = cli(restored, "model", "approve", "digits:1.0.0", "--reason", "held-out accuracy fine", user="bob")
     assert code == 0 and "candidate → approved by bob (audit #2)" in out, out
-    assert cli(restored, "audit", "verify") == (0, "audit log OK: 2 entries, chain intact; anchored entry #2 matches")
+    assert cli(restored, "audit", "verify") == (0, "audit log OK: 2 entries, chain intact; anchored entry #2 "
+                                                 "matches approvals OK: 0 signed and verified, 1 unsigned "
+                                                 "(decided on the server host)")
 
     prepared = tmp_path / "prepared"  # restore never overwrites an operators.toml already there
     prepared.mkdir()

@@ -6,17 +6,24 @@ CLI uses, as the token's operator.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from sqlmodel import Session, col, select
 
 from server import audit
 from server.api.app import Operator, permit
+from server.api.routes_audit import audit_checks
+from server.api.routes_base import DEVICE, NAME, REF, Body, Ref, invalid
+from server.api.routes_base import as_object as _object
+from server.api.routes_base import plain as _plain
+from server.api.routes_base import refused as _refused
+from server.api.routes_fleet import alerts, feature_registry
+from server.api.routes_fleet import devices as enrolment
+from server.api.routes_upload import upload
 from server.api.tokens import Caller, TokenError, issue, revoke, tokens_of
 from server.db.models import ModelVersion, OperatorKey, OperatorToken, Rollout
 from server.governance import GovernanceError, Permission, Role, find_version, promote, retire
@@ -27,40 +34,6 @@ from server.signatures import SignatureCheckError, verify_decision
 from server.tui.data import ActionError
 
 __all__ = ["ROUTERS"]
-
-REF = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}:[A-Za-z0-9][A-Za-z0-9._+-]{0,31}$"
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-DEVICE = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
-Ref = Annotated[str, Field(pattern=REF, description="NAME:VERSION")]
-
-
-class Body(BaseModel):
-    """Request bodies: unknown fields are an error, not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def _object(value: Any) -> dict[str, Any]:
-    """A dataclass or dict as a JSON object."""
-    out: dict[str, Any] = _plain(value)
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses, datetimes and tuples as JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
-
-
-def _refused(exc: Exception) -> HTTPException:
-    return HTTPException(409, str(exc))
 
 
 def _version(op: Operator, ref: str) -> ModelVersion:
@@ -150,6 +123,8 @@ def _decide(op: Operator, ref: str, decision: Literal["approve", "reject"], body
     from server.governance import approve, reject
 
     v = _version(op, ref)
+    if body.reason != body.reason.strip():  # the decision records it stripped: the signature would not verify then
+        raise invalid("reason", "no leading or trailing whitespace: the reason is recorded, and signed, as given")
     with Session(op.registry.engine) as db:
         key = db.get(OperatorKey, op.name)
     if key is None:
@@ -159,7 +134,7 @@ def _decide(op: Operator, ref: str, decision: Literal["approve", "reject"], body
         verify_decision(key.public_key, body.signature, manifest_sha256=v.manifest_sha256,
                         model=f"{v.name}:{v.version}", decision=decision, operator=op.name, reason=body.reason)
     except SignatureCheckError as exc:
-        raise HTTPException(422, [{"loc": ["body", "signature"], "msg": str(exc), "type": "signature"}]) from None
+        raise invalid("signature", str(exc), "signature") from None
     try:
         with Session(op.registry.engine) as db:
             moved = (approve if decision == "approve" else reject)(
@@ -353,7 +328,7 @@ def register_key(body: PublicKey, op: Annotated[Operator, Depends(permit(Permiss
     try:
         load_public_key(body.public_key)
     except KeyFormatError as exc:
-        raise HTTPException(422, [{"loc": ["body", "public_key"], "msg": str(exc), "type": "key"}]) from None
+        raise invalid("public_key", str(exc), "key") from None
     _set_key(op, op.caller, body.public_key)
     return {"operator": op.name, "public_key": body.public_key}
 
@@ -434,7 +409,7 @@ def new_token(body: NewToken, op: Annotated[Operator, Depends(permit(Permission.
             token, row = issue(db, who, created_by=op.name, scope=body.scope, ttl=timedelta(days=body.ttl_days),
                                label=body.label)
         except TokenError as exc:
-            raise HTTPException(422, [{"loc": ["body"], "msg": str(exc), "type": "token"}]) from None
+            raise invalid("", str(exc), "token") from None
     return {"token": token, "token_info": _token_json(row)}
 
 
@@ -467,4 +442,5 @@ def revoke_token(token_id: Annotated[str, Path(pattern=r"^tok_[a-z0-9]{12}$")],
         return _token_json(revoke(db, token_id, actor=op.name))
 
 
-ROUTERS = [meta, devices, models, rollouts, insight, operators]
+ROUTERS = [meta, devices, enrolment, models, upload, rollouts, insight, audit_checks, feature_registry, alerts,
+           operators]

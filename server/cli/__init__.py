@@ -18,6 +18,7 @@ from server.cli.flash import flash_command, rotate_credentials_command
 from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, server_app
 from server.cli.governance import CliState, audit_app, model_approve, model_promote, model_reject, model_retire
 from server.cli.keys import keys_app
+from server.cli.operators import login_command, logout_command, operator_app, server_init
 from server.cli.rollout import rollout_app
 from server.cli.tui import tui_command
 
@@ -36,6 +37,10 @@ app.add_typer(fleet_app, name="fleet")
 app.add_typer(audit_app, name="audit")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(features_app, name="features")
+app.add_typer(operator_app, name="operator")
+server_app.command("init")(server_init)
+app.command("login")(login_command)
+app.command("logout")(logout_command)
 model_app.command("promote")(model_promote)
 model_app.command("approve")(model_approve)
 model_app.command("reject")(model_reject)
@@ -53,8 +58,9 @@ def _root(
     ctx: typer.Context,
     version: Annotated[bool, version_option("edgeherd")] = False,
     as_user: Annotated[str | None, typer.Option(
-        "--as", metavar="USER", help="Act as this operator (default: $EDGEHERD_OPERATOR, else your OS user name); "
-        "roles come from operators.toml in the data directory.")] = None,
+        "--as", metavar="USER", help="On the server host, without a login: act as this operator (default: "
+        "$EDGEHERD_OPERATOR, else your OS user name); roles come from operators.toml in the data directory. With a "
+        "login (`edgeherd login`), commands go through the operator API as the token's operator.")] = None,
 ) -> None:
     """edgeherd operator CLI."""
     ctx.obj = CliState(as_user=as_user)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from server.cli.fleet import DataDir, _actor, _fail, _registry, console
+from server.cli.remote import call, remote, short_time
 
 features_app = typer.Typer(help="Register feature definitions and follow them across models and the fleet.",
                            no_args_is_help=True)
@@ -25,6 +26,11 @@ def features_push(ctx: typer.Context,
     version, and pushing it under an old one is refused."""
     from server.registry import RegistryError
 
+    client = remote(ctx)
+    if client is not None:
+        for ref, what in _pairs(call(client, "POST", "/features", _definitions_body(path))):
+            console.print(f"{what:>9}  {ref}")
+        return
     actor = _actor(ctx, data_dir, "PUSH_MODEL")
     try:
         result = _registry(data_dir).push_features(path, actor=actor)
@@ -34,13 +40,48 @@ def features_push(ctx: typer.Context,
         console.print(f"{what:>9}  {ref}")
 
 
+def _definitions_body(path: Path) -> dict[str, list[dict[str, object]]]:
+    """The ``[[feature]]`` tables of a file (or of every ``*.toml`` of a directory), checked here first so a
+    mistake is named with its file, as JSON for POST /features."""
+    from protocol.tomlfile import read_toml
+    from toolchain.errors import DataError
+    from toolchain.features import load_definitions
+
+    try:
+        load_definitions(path)
+        files = sorted(path.glob("*.toml")) if path.is_dir() else [path]
+        tables: list[dict[str, object]] = []
+        for file in files:
+            tables += read_toml(file, "feature definitions file", DataError).get("feature", [])
+    except DataError as exc:
+        _fail(exc)
+    return {"feature": tables}
+
+
+def _pairs(answer: object) -> list[tuple[str, str]]:
+    """(ref, "added" | "unchanged") from POST /features's answer: a list of pairs or of objects."""
+    items = answer.get("features", answer.get("result", [])) if isinstance(answer, dict) else answer
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            ref, what = item.get("ref", item.get("feature", "?")), item.get("result", item.get("status", ""))
+            out.append((str(ref), str(what)))
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            out.append((str(item[0]), str(item[1])))
+    return out
+
+
 @features_app.command("list")
-def features_list(data_dir: DataDir = Path("data")) -> None:
+def features_list(ctx: typer.Context, data_dir: DataDir = Path("data")) -> None:
     """Every registered feature version, and the model versions that consume it."""
     from sqlmodel import Session
 
     from server import features
 
+    client = remote(ctx)
+    if client is not None:
+        _table(call(client, "GET", "/features"))
+        return
     reg = _registry(data_dir)
     with Session(reg.engine) as db:
         rows = features.definitions(db)
@@ -57,6 +98,20 @@ def features_list(data_dir: DataDir = Path("data")) -> None:
     console.print(table)
 
 
+def _table(rows: list[dict[str, object]]) -> None:
+    table = Table()
+    for col in ("feature", "version", "unit", "transform", "owner", "digest", "consumed by", "registered"):
+        table.add_column(col)
+    for r in rows:
+        d = r.get("definition") if isinstance(r.get("definition"), dict) else {}
+        assert isinstance(d, dict)  # noqa: S101 - for mypy
+        used = r.get("consumed_by") or r.get("consumers") or []
+        table.add_row(str(r["name"]), str(r["version"]), str(d.get("unit", "")), _transform(d), str(r.get("owner", "")),
+                      str(r.get("sha256", ""))[:12], ", ".join(str(u) for u in used) if isinstance(used, list) else "—",
+                      short_time(r.get("registered_at")))
+    console.print(table)
+
+
 def _transform(d: dict[str, object]) -> str:
     t = d.get("transform")
     if not isinstance(t, dict):
@@ -66,13 +121,24 @@ def _transform(d: dict[str, object]) -> str:
 
 
 @features_app.command("show")
-def features_show(name: Annotated[str, typer.Argument(help="Feature name.")],
+def features_show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Feature name.")],
                   data_dir: DataDir = Path("data")) -> None:
     """Every version of one feature: its definition and its consumers."""
     from sqlmodel import Session
 
     from server import features
 
+    client = remote(ctx)
+    if client is not None:
+        answer = call(client, "GET", f"/features/{name}")
+        for r in answer.get("versions", []) if isinstance(answer, dict) else answer:
+            used = r.get("consumed_by") or r.get("consumers") or []
+            console.print(f"[bold]{r['name']}@{r['version']}[/]  digest {str(r.get('sha256', ''))[:12]}…  owner "
+                          f"{r.get('owner') or '—'}  registered {short_time(r.get('registered_at'))} by "
+                          f"{r.get('pushed_by') or '—'}")
+            console.print(f"  consumed by: {', '.join(str(u) for u in used) or '—'}")
+            console.print("  " + json.dumps(r.get("definition"), sort_keys=True), markup=False)
+        return
     reg = _registry(data_dir)
     with Session(reg.engine) as db:
         rows = features.definitions(db, name)
@@ -89,7 +155,7 @@ def features_show(name: Annotated[str, typer.Argument(help="Feature name.")],
 
 
 @features_app.command("drift")
-def features_drift(name: Annotated[str, typer.Argument(help="Feature name.")],
+def features_drift(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Feature name.")],
                    version: Annotated[int | None, typer.Option("--version", help="Only this version of it.")] = None,
                    hours: Annotated[float, typer.Option("--hours", min=0.0, help="Statistics of the last this many "
                                                         "hours (0: all of them).")] = 24.0,
@@ -100,20 +166,25 @@ def features_drift(name: Annotated[str, typer.Argument(help="Feature name.")],
 
     from server import features
 
-    since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours > 0 else None
-    reg = _registry(data_dir)
-    with Session(reg.engine) as db:
-        rows = features.drift(db, name, version, since)
+    client = remote(ctx)
+    if client is not None:
+        dicts: list[dict[str, Any]] = call(client, "GET", f"/features/{name}/drift",
+                                           query={"version": version, "hours": hours})
+    else:
+        since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours > 0 else None
+        reg = _registry(data_dir)
+        with Session(reg.engine) as db:
+            dicts = [r.to_dict() for r in features.drift(db, name, version, since)]
     if as_json:
-        console.print_json(json.dumps([r.to_dict() for r in rows]))
+        console.print_json(json.dumps(dicts))
         return
-    if not rows:
+    if not dicts:
         _fail(ValueError(f"no model version consumes feature {name!r}" + (f"@{version}" if version else "")))
     table = Table(title=f"drift of {name}")
     for col in ("feature", "model", "windows", "values", "PSI", "PSI limit", "p-value", "missing", "drifted"):
         table.add_column(col, justify="right" if col not in ("feature", "model", "drifted") else "left")
-    for r in rows:
-        d = r.drift
-        table.add_row(r.feature, r.model, str(r.windows), str(d.n), f"{d.psi:.4f}", f"{d.psi_threshold:.4f}",
-                      f"{d.p_value:.3g}", f"{d.nan_rate:.1%}", "[red]yes[/]" if d.drifted else "no")
+    for d in dicts:
+        table.add_row(d["feature"], d["model"], str(d["windows"]), str(d["n"]), f"{d['psi']:.4f}",
+                      f"{d['psi_threshold']:.4f}", f"{d['p_value']:.3g}", f"{d['nan_rate']:.1%}",
+                      "[red]yes[/]" if d["drifted"] else "no")
     console.print(table)

@@ -314,8 +314,18 @@ def rotate_credentials_command(
 ) -> None:
     """Give a connected device new credentials over its own session (a certificate from the current CA, or a
     broker password); the old ones stop working once the agent has stored the new ones."""
+    from server.cli.remote import call, remote
     from server.registry import RegistryError
 
+    client = remote(ctx)
+    if client is not None:
+        client.timeout = max(client.timeout, timeout + 30)  # the server waits up to --timeout for the agent
+        with err.status(f"waiting for {name} to store its new credentials …"):
+            done = call(client, "POST", f"/devices/{name}/rotate-credentials", {"timeout": timeout})
+        kind = done.get("credential", "credentials")
+        console.print(f"rotated {name}'s broker {kind}: the agent stored the new one and uses it from its next "
+                      "connection; the old one no longer works")
+        return
     actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
     try:
         reg = _registry(data_dir, broker)

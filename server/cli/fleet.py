@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from server.cli.remote import call, pack_bundle, remote, short_time
 
 server_app = typer.Typer(help="Run the server.", no_args_is_help=True)
 fleet_app = typer.Typer(help="Simulated fleets for tests and load.", no_args_is_help=True)
@@ -20,6 +24,10 @@ DataDir = Annotated[Path, typer.Option("--data-dir", envvar="EDGEHERD_DATA_DIR",
                                        help="Server data directory (database, store, keys, broker files).")]
 Broker = Annotated[str | None, typer.Option("--broker", envvar="EDGEHERD_BROKER_URL",
                                             help="Broker URL; default: the managed Mosquitto of the data dir.")]
+
+
+#: Bundles bigger than this show a spinner while they upload.
+BIG_BUNDLE = 16 << 20
 
 
 def _registry(data_dir: Path, broker: str | None = None) -> Any:
@@ -154,12 +162,24 @@ def device_add(
     custom_profile: Annotated[bool, typer.Option(
         "--custom-profile", help="--profile names hardware edgeherd has no profile for: accept the name, with no "
         "latency budget and the general artifact order.")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="With a login: the new directory the device's agent files (config and credentials, secret) "
+        "are written to; default: ./NAME.")] = None,
     data_dir: DataDir = Path("data"),
     broker: Broker = None,
 ) -> None:
-    """Create the device and its broker credentials, and write the agent config it needs."""
+    """Create the device and its broker credentials, and write the agent config it needs (on the server host: in
+    the data directory; with a login: in --out)."""
     from server.registry import RegistryError
 
+    client = remote(ctx)
+    if client is not None:
+        answer = call(client, "POST", "/devices", {"id": name, "profile": profile, "groups": group or [],
+                                                   "custom_profile": custom_profile})
+        where = _write_agent_files(out or Path(name), answer)
+        custom = f" with the custom profile {profile} (no latency budget)" if custom_profile else ""
+        console.print(f"enrolled {name}{custom}; agent config and credentials in {where}")
+        return
     actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
     try:
         enrolled = _registry(data_dir, broker).add_device(name, profile, group or [], actor=actor,
@@ -170,11 +190,41 @@ def device_add(
     console.print(f"enrolled {name}{custom}; agent config and password in {enrolled.agent_config.parent}")
 
 
+def _write_agent_files(out: Path, answer: Any) -> Path:
+    """The agent files POST /devices answered with (``files``: name → text), written 0600 into the new directory
+    ``out`` (0700); never over existing files."""
+    files = answer.get("files") if isinstance(answer, dict) else None
+    if not isinstance(files, dict) or not files:
+        _fail(ValueError("the server enrolled the device but sent no agent files; fetch them on the server host "
+                         "(<data>/devices/NAME)"))
+    for fname in files:
+        if not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or "\\" in fname:
+            _fail(ValueError(f"the server sent an agent file named {fname!r}; refusing to write it"))
+    try:
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        taken = [f for f in files if (out / f).exists()]
+        if taken:
+            _fail(ValueError(f"{out} already holds {', '.join(sorted(taken))}; the device is enrolled, but its "
+                             "agent files were not written: give a new --out directory, or revoke and add it again"))
+        for fname, text in files.items():
+            fd = os.open(out / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(str(text))
+    except OSError as exc:
+        _fail(ValueError(f"cannot write the agent files to {out}: {exc.strerror or exc}"))
+    return out
+
+
 @device_app.command("revoke")
 def device_revoke(ctx: typer.Context, name: str, data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
     """Remove the device's credentials and drop its broker session."""
     from server.registry import RegistryError
 
+    client = remote(ctx)
+    if client is not None:
+        call(client, "POST", f"/devices/{name}/revoke")
+        console.print(f"revoked {name}")
+        return
     actor = _actor(ctx, data_dir, "REVOKE_DEVICE")
     try:
         _registry(data_dir, broker).revoke_device(name, actor=actor)
@@ -184,7 +234,7 @@ def device_revoke(ctx: typer.Context, name: str, data_dir: DataDir = Path("data"
 
 
 @device_app.command("list")
-def device_list(data_dir: DataDir = Path("data")) -> None:
+def device_list(ctx: typer.Context, data_dir: DataDir = Path("data")) -> None:
     """Every device with its state; a custom profile (no hardware profile of that name) says so."""
     from datetime import datetime, timezone
 
@@ -192,6 +242,16 @@ def device_list(data_dir: DataDir = Path("data")) -> None:
     from server.presence import shown_status
     from server.settings import STALE_AFTER, SettingError
 
+    client = remote(ctx)
+    if client is not None:
+        table = Table()
+        for col in ("device", "profile", "groups", "status", "running", "install", "last seen"):
+            table.add_column(col)
+        for d in call(client, "GET", "/devices"):
+            table.add_row(d["id"], label(d["profile"]), d["groups"], d["status"], d["running"], d["install"],
+                          short_time(d["last_seen"], "%Y-%m-%d %H:%M:%S"))
+        console.print(table)
+        return
     try:
         stale_after = STALE_AFTER.read()
     except SettingError as exc:
@@ -211,9 +271,21 @@ def device_list(data_dir: DataDir = Path("data")) -> None:
 @model_app.command("push")
 def model_push(ctx: typer.Context, bundle: Path, data_dir: DataDir = Path("data")) -> None:
     """Verify a signed bundle against the server key and register it (as a draft; its author: the bundle's,
-    else whoever pushes it)."""
+    else whoever pushes it). With a login, the bundle directory is uploaded as a tar."""
     from server.registry import RegistryError
 
+    client = remote(ctx)
+    if client is not None:
+        packed = pack_bundle(bundle)
+        try:
+            size = packed.stat().st_size
+            with err.status(f"uploading {bundle} ({size / 1e6:.1f} MB) …") if size > BIG_BUNDLE else nullcontext():
+                pushed = call(client, "POST", "/models/upload", upload=packed)
+        finally:
+            packed.unlink(missing_ok=True)
+        console.print(f"registered {pushed['model']} {pushed['version']} (digest {pushed['manifest_sha256'][:12]}…)"
+                      + (f", {pushed['stage']}" if pushed.get("stage") else ""))
+        return
     actor = _actor(ctx, data_dir, "PUSH_MODEL")
     try:
         version = _registry(data_dir).push_model(bundle, actor=actor)
@@ -223,8 +295,18 @@ def model_push(ctx: typer.Context, bundle: Path, data_dir: DataDir = Path("data"
 
 
 @model_app.command("list")
-def model_list(data_dir: DataDir = Path("data")) -> None:
+def model_list(ctx: typer.Context, data_dir: DataDir = Path("data")) -> None:
     """Registered model versions."""
+    client = remote(ctx)
+    if client is not None:
+        table = Table()
+        for col in ("model", "version", "stage", "author", "approvals", "registered"):
+            table.add_column(col)
+        for v in call(client, "GET", "/models"):
+            name, _, version = str(v["ref"]).partition(":")
+            table.add_row(name, version, v["stage"], v["author"], v["approvals"], short_time(v["created"]))
+        console.print(table)
+        return
     table = Table()
     for col in ("model", "version", "stage", "digest", "registered"):
         table.add_column(col)
@@ -234,13 +316,20 @@ def model_list(data_dir: DataDir = Path("data")) -> None:
 
 
 @model_app.command("show")
-def model_show(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], data_dir: DataDir = Path("data")) -> None:
+def model_show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+               show_card: Annotated[bool, typer.Option("--card", help="With a login: print the model card too (it "
+                                                  "lists the artifacts).")] = False,
+               data_dir: DataDir = Path("data")) -> None:
     """A version's stage, author, approvals, artifacts, lineage and the devices running it."""
     from sqlmodel import Session
 
     from server.governance import version_card
     from server.registry import RegistryError
 
+    client = remote(ctx)
+    if client is not None:
+        _show_remote(call(client, "GET", f"/models/{ref}"), with_card=show_card)
+        return
     name, _, version = ref.partition(":")
     try:
         reg = _registry(data_dir)
@@ -272,6 +361,32 @@ def model_show(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], data_di
         console.print(f"    #{e['seq']} {e['at']:%Y-%m-%d %H:%M} {e['actor']} {e['action']}")
 
 
+def _show_remote(card: dict[str, Any], *, with_card: bool) -> None:
+    """``model show`` from GET /models/{ref}: what the local command prints; the artifacts are in the model card
+    (``--card``)."""
+    console.print(f"[bold]{card['name']} {card['version']}[/] ({card['stage']}), digest {card['manifest_sha256']}")
+    console.print(f"  author: {card['author'] or '— (not recorded: it cannot be approved)'}")
+    lineage = card.get("lineage") or {}
+    console.print("  lineage:" if lineage else "  lineage: — (none recorded)")
+    for k, v in sorted(lineage.items()):
+        console.print(f"    {k}: {v}")
+    approvals = card.get("approvals") or []
+    console.print("  approvals:" if approvals else "  approvals: none")
+    for a in approvals:
+        verb = {"approve": "approved", "reject": "rejected"}.get(a["decision"], a["decision"])
+        console.print(f"    {short_time(a['at'])} {a['actor']} {verb}: {a['reason']}")
+    running = card.get("devices") or []
+    console.print(f"  running on {len(running)} device(s)" + (f": {', '.join(running[:20])}" if running else "")
+                  + (f" and {len(running) - 20} more" if len(running) > 20 else ""))
+    if card.get("history"):
+        console.print("  history (newest first):")
+    for e in card.get("history") or []:
+        console.print(f"    #{e['seq']} {short_time(e['at'])} {e['actor']} {e['action']}")
+    if with_card and card.get("card"):
+        console.print("  model card:")
+        console.print("    " + str(card["card"]).replace("\n", "\n    "), markup=False)
+
+
 def deploy_command(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
@@ -287,6 +402,14 @@ def deploy_command(
     from server.governance import Governance, GovernanceError, check_deploy
     from server.registry import RegistryError
 
+    client = remote(ctx)
+    if client is not None:
+        if artifact is not None:
+            _fail(ValueError("--artifact is not available with a login: the API deploys the artifact the device's "
+                             "profile prefers"))
+        said = call(client, "POST", f"/models/{ref}/deploy", {"device": device})
+        console.print(said["result"])
+        return
     actor = _actor(ctx, data_dir, "DEPLOY")
     name, _, version = ref.partition(":")
     try:

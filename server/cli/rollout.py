@@ -16,6 +16,7 @@ from rich.table import Table
 
 from server.cli.fleet import Broker, DataDir
 from server.cli.governance import acting_operator
+from server.cli.remote import call, remote
 
 rollout_app = typer.Typer(help="Roll a model version out to a target in waves, gated on its health.",
                           no_args_is_help=True)
@@ -89,6 +90,15 @@ def start(
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
     target = {"groups": _split(group), "tags": _split(tag), "devices": _split(device)}
+    client = remote(ctx)
+    if client is not None:
+        answer = call(client, "POST", "/rollouts", {
+            "name": name, "model": model, "target": target, "spec": spec.model_dump(mode="json"),
+            "production": production, "artifact": artifact})
+        console.print(f"rollout [bold]{answer['name']}[/] of {model} recorded ("
+                      f"{'production, ' if answer.get('production') else ''}waves "
+                      f"{', '.join(spec.effective_waves())}, soak {spec.soak_s:g} s); the server starts it")
+        return
     try:
         row = start_governed(Registry(data_dir, broker_url=broker), Governance.load(data_dir), acting_operator(ctx),
                              name=name, model=model, target=target, spec=spec, production=production,
@@ -100,13 +110,21 @@ def start(
 
 
 @rollout_app.command("list")
-def list_rollouts(data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
+def list_rollouts(ctx: typer.Context, data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
     """Every rollout, newest first."""
     from sqlmodel import Session, col, select
 
     from server.db.models import ModelVersion, Rollout
     from server.registry import Registry
 
+    client = remote(ctx)
+    if client is not None:
+        rows = Table("rollout", "version", "state", "wave", "installed", "target", "production")
+        for r in call(client, "GET", "/rollouts"):
+            rows.add_row(r["name"], r["version"], r["state"], r["wave"], f"{r['done']}/{r['total']}", r["target"],
+                         "yes" if r["production"] else "no")
+        console.print(rows)
+        return
     registry = Registry(data_dir, broker_url=broker)
     table = Table("rollout", "version", "state", "wave", "target", "by", "created")
     with Session(registry.engine) as db:
@@ -122,7 +140,7 @@ def _target(target: dict[str, Any]) -> str:
 
 
 @rollout_app.command("show")
-def show(name: Name, data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
+def show(ctx: typer.Context, name: Name, data_dir: DataDir = Path("data"), broker: Broker = None) -> None:
     """A rollout's waves, devices and the latest numbers of each gate."""
     from sqlmodel import Session, col, select
 
@@ -131,6 +149,10 @@ def show(name: Name, data_dir: DataDir = Path("data"), broker: Broker = None) ->
     from server.registry import Registry
     from server.rollouts import wave_sizes
 
+    client = remote(ctx)
+    if client is not None:
+        _show_remote(call(client, "GET", f"/rollouts/{name}"))
+        return
     registry = Registry(data_dir, broker_url=broker)
     with Session(registry.engine) as db:
         row = db.exec(select(Rollout).where(Rollout.name == name)).first()
@@ -157,13 +179,39 @@ def show(name: Name, data_dir: DataDir = Path("data"), broker: Broker = None) ->
     table = Table("wave", "gate", "verdict", "numbers", "at")
     for (wave, gate), g in sorted(latest.items()):
         colour = {"pass": "green", "fail": "red"}.get(g.verdict, "yellow")
-        numbers = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in g.numbers.items())
+        numbers = _numbers(g.numbers)
         table.add_row(str(wave + 1), gate, f"[{colour}]{g.verdict}[/]", numbers, f"{g.at:%H:%M:%S}")
+    console.print(table)
+
+
+def _numbers(numbers: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
+
+
+def _show_remote(detail: dict[str, Any]) -> None:
+    """``rollout show`` from GET /rollouts/{name}."""
+    row = detail["row"]
+    console.print(f"[bold]{row['name']}[/] of {row['version']}: {row['state']}, wave {row['wave']}, "
+                  f"{row['done']} of {row['total']} device(s) installed; target {row['target']}; started by "
+                  f"{detail['created_by']}" + (f"\n[yellow]{row['reason']}[/]" if row["reason"] else ""))
+    waves = Table("wave", "installed", "size")
+    for wave, done, size in detail["waves"]:
+        waves.add_row(str(wave + 1), str(done), str(size))
+    console.print(waves)
+    table = Table("wave", "gate", "verdict", "numbers")
+    for wave, gate, verdict, numbers in detail["gates"]:
+        colour = {"pass": "green", "fail": "red"}.get(verdict, "yellow")
+        table.add_row(str(wave + 1), gate, f"[{colour}]{verdict}[/]", _numbers(numbers))
     console.print(table)
 
 
 def _command(ctx: typer.Context, name: str, command: str, reason: str | None, data_dir: Path,
              broker: str | None) -> None:
+    client = remote(ctx)
+    if client is not None:
+        answer = call(client, "POST", f"/rollouts/{name}/{command}", {"reason": reason})
+        console.print(f"rollout [bold]{name}[/] is now {answer['state']}")
+        return
     from server.governance import Governance, GovernanceError
     from server.orchestrator import RolloutError, command_governed
     from server.registry import Registry, RegistryError
