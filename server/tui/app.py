@@ -2,6 +2,9 @@
 
 Each top-level screen is a mode with its own stack (Fleet → Device, …);
 ``f r m d l`` switch between them, Esc goes back, ``?`` shows every key.
+
+The screens read and act through a :class:`~server.tui.screens.Fleet`: the registry database on the server host
+(:func:`make_app`), or the operator API with a login, from anywhere (:func:`make_remote_app`).
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.widgets import Input
 
+from server.api.client import ApiClient
 from server.governance import Governance
 from server.registry import Registry
 from server.tui.data import FleetData
-from server.tui.screens import AuditScreen, DriftScreen, FleetScreen, HelpScreen, ModelsScreen, RolloutsScreen
+from server.tui.screens import AuditScreen, DriftScreen, Fleet, FleetScreen, HelpScreen, ModelsScreen, RolloutsScreen
 
-__all__ = ["EdgeherdApp", "make_app"]
+__all__ = ["EdgeherdApp", "make_app", "make_remote_app"]
+
+#: Seconds the remote TUI waits for one answer of the API before it says the refresh failed.
+REMOTE_TIMEOUT = 20.0
 
 CSS = """
 .hidden { display: none; }
@@ -63,7 +70,7 @@ class EdgeherdApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, data: FleetData, *, refresh_s: float = 2.0) -> None:
+    def __init__(self, data: Fleet, *, refresh_s: float = 2.0) -> None:
         super().__init__()
         self.data = data
         #: Seconds between refreshes of the screen shown; 0: only on entering it and after actions (tests).
@@ -99,3 +106,13 @@ class EdgeherdApp(App[None]):
 def make_app(data_dir: Path, actor: str, *, broker_url: str | None = None, refresh_s: float = 2.0) -> EdgeherdApp:
     registry = Registry(data_dir, broker_url=broker_url)
     return EdgeherdApp(FleetData(registry, Governance.load(data_dir, registry.engine), actor), refresh_s=refresh_s)
+
+
+def make_remote_app(url: str, ca_pem: str, token: str, *, refresh_s: float = 2.0) -> EdgeherdApp:
+    """The TUI through the operator API at ``url`` (its CA pinned), as the operator ``token`` belongs to.
+
+    Asks the server who that is first: :class:`~server.tui.data.ActionError` when it cannot be reached or refuses
+    the token (:class:`~server.api.client.LoginError` for a CA bundle that is not PEM)."""
+    from server.tui.remote import RemoteFleetData
+
+    return EdgeherdApp(RemoteFleetData(ApiClient(url, ca_pem, token, timeout=REMOTE_TIMEOUT)), refresh_s=refresh_s)

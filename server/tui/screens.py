@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from rich.text import Text
 from textual import on, work
@@ -21,8 +21,12 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, ProgressBar, Sparkline, Static
 
 from hardware.profiles import label as profile_label
+from server import audit
+from server.db.models import AuditEntry
+from server.features import FeatureDriftRow
 from server.governance import ROLLOUT_COMMANDS, Permission
-from server.tui.data import ActionError, DeviceRow, FleetData
+from server.rollouts import RolloutSpec
+from server.tui.data import ActionError, DeviceDetail, DeviceRow, DriftRow, ModelRow, RolloutDetail, RolloutRow
 from server.tui.modals import (
     ConfirmModal,
     ReasonModal,
@@ -35,8 +39,35 @@ from server.tui.modals import (
 if TYPE_CHECKING:
     from server.tui.app import EdgeherdApp
 
-__all__ = ["AuditScreen", "DeviceScreen", "DriftScreen", "FleetScreen", "HelpScreen", "ModelsScreen",
+__all__ = ["AuditScreen", "DeviceScreen", "DriftScreen", "Fleet", "FleetScreen", "HelpScreen", "ModelsScreen",
            "RolloutsScreen"]
+
+
+class Fleet(Protocol):
+    """What the screens read and do: the registry database on the server host (server/tui/data.py
+    ``FleetData``), or the operator API from anywhere (server/tui/remote.py ``RemoteFleetData``). Every method
+    but ``may`` and ``role`` may block; the screens call them from worker threads. Refusals are ActionError."""
+
+    actor: str
+
+    def may(self, permission: Permission) -> bool: ...
+    def role(self) -> str: ...
+    def devices(self, only: str | None = None) -> list[DeviceRow]: ...
+    def device(self, device_id: str) -> DeviceDetail: ...
+    def rollouts(self) -> list[RolloutRow]: ...
+    def rollout(self, name: str) -> RolloutDetail: ...
+    def models(self) -> list[ModelRow]: ...
+    def card(self, ref: str) -> str: ...
+    def drift(self, hours: float = 24.0) -> list[DriftRow]: ...
+    def feature_drift(self, feature: str, hours: float = 24.0) -> list[FeatureDriftRow]: ...
+    def drift_series(self, version: str, feature: str, points: int = 60) -> list[float]: ...
+    def audit_log(self, text: str = "", limit: int = 500) -> tuple[list[AuditEntry], audit.AuditReport]: ...
+    def start_rollout(self, *, name: str, model: str, target: dict[str, list[str]], spec: RolloutSpec) -> None: ...
+    def command(self, name: str, command: str, reason: str | None = None) -> None: ...
+    def decide(self, ref: str, decision: str, reason: str) -> None: ...
+    def can_decide(self, ref: str) -> bool: ...
+    def deploy(self, device_id: str, ref: str) -> str: ...
+    def revoke(self, device_id: str) -> None: ...
 
 HEALTH_STYLE = {"ok": "green", "warn": "yellow", "bad": "bold red", "off": "dim"}
 STATE_STYLE = {"running": "cyan", "completed": "green", "rolled_back": "yellow", "rolling_back": "bold yellow",
@@ -69,6 +100,8 @@ class Loading(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self._busy = False
+        #: A refresh was asked for after an action while another ran: fetch once more when that one is done.
+        self._again = False
         self.refreshes = 0
 
     @property
@@ -76,7 +109,7 @@ class Loading(Screen[None]):
         return self.app  # type: ignore[return-value]
 
     @property
-    def data(self) -> FleetData:
+    def data(self) -> Fleet:
         return self.eh.data
 
     def on_mount(self) -> None:
@@ -88,9 +121,13 @@ class Loading(Screen[None]):
     def on_screen_resume(self) -> None:
         self.refresh_data()
 
-    def refresh_data(self) -> None:
-        """Fetch again, unless a fetch is running, a dialog is open, or this screen is not shown."""
-        if self._busy or isinstance(self.app.screen, ModalScreen) or self.app.screen is not self:
+    def refresh_data(self, *, again: bool = False) -> None:
+        """Fetch again, unless a fetch is running, a dialog is open, or this screen is not shown. ``again`` (after
+        an action): a fetch running now may have read before the action took effect, so fetch once more after it."""
+        if isinstance(self.app.screen, ModalScreen) or self.app.screen is not self:
+            return
+        if self._busy:
+            self._again = self._again or again
             return
         self._busy = True
         self._fetch()
@@ -109,6 +146,9 @@ class Loading(Screen[None]):
         if result is not None:
             self.show(result)
             self.refreshes += 1
+        if self._again:
+            self._again = False
+            self.refresh_data()
 
     def load(self) -> Any:
         """Runs in a thread: fetch what the screen shows."""
@@ -129,7 +169,7 @@ class Loading(Screen[None]):
                                       timeout=8)
         else:
             self.app.call_from_thread(self.notify, said or what, title="done")
-        self.app.call_from_thread(self.refresh_data)
+        self.app.call_from_thread(self.refresh_data, again=True)
 
     def allowed(self, permission: Permission) -> bool | None:
         """For check_action: True, or None (shown greyed out) when the operator's role does not allow it."""
