@@ -27,6 +27,8 @@ __all__ = ["ApiClient", "ApiError", "Login", "LoginError", "config_dir", "key_pa
 LOGIN_FILE = "login.json"
 KEY_FILE = "operator.key"
 TIMEOUT = 60.0
+#: Largest answer read, bytes (an audit export of a busy year is far less).
+MAX_RESPONSE = 256 << 20
 
 
 class LoginError(Exception):
@@ -141,7 +143,10 @@ class ApiClient:
                     headers["Content-Type"] = "application/json"
                 conn.request(method, target, body=data, headers=headers)
                 response = conn.getresponse()
-            raw = response.read()
+            raw = response.read(MAX_RESPONSE + 1)
+            if len(raw) > MAX_RESPONSE:
+                raise ApiError(0, f"{self.url} answered with more than {MAX_RESPONSE >> 20} MiB; not a response "
+                                  f"of the edgeherd API")
         except ssl.SSLCertVerificationError as exc:
             raise ApiError(0, f"{self.url} is not the server you logged in to: its certificate does not verify "
                               f"against the pinned CA ({exc.verify_message})") from None
