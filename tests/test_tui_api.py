@@ -11,8 +11,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from tests._mosquitto import free_port
 from tests.api_helpers import ROOT, ApiServer, api_server
 from tests.server_helpers import blob_bundle, wait_for
 from tests.tui_state import settle
+from tests.web_tui_helpers import printed_url, session_cookie, stream
 
 pytestmark = pytest.mark.integration
 SIZE = (160, 48)
@@ -264,43 +263,18 @@ def test_the_tui_command_with_a_login_refuses_a_bad_token_and_as(srv, tmp_path):
 
 
 def test_the_web_tui_with_a_login_serves_the_fleet_through_the_api(srv, tmp_path):
-    aiohttp = pytest.importorskip("aiohttp")
+    pytest.importorskip("aiohttp")
     port = free_port()
     log = tmp_path / "web.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "tui", "--web", "--port", str(port)],
                                 env=_cli_env(srv, tmp_path, srv.tokens["otto"]), stdout=out, stderr=subprocess.STDOUT)
     try:
-        def page() -> str | None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
-                    return str(resp.read().decode())
-            except OSError:
-                assert proc.poll() is None, log.read_text()
-                return None
-
-        wait_for(lambda: page() is not None, 60, "the web TUI to listen")
-
-        async def stream() -> str:  # what a browser's terminal receives: the Fleet screen, read through the API
-            seen = b""
-            async with aiohttp.ClientSession() as session, session.ws_connect(
-                    f"ws://127.0.0.1:{port}/ws?width=140&height=40") as ws:
-                end = time.monotonic() + 60
-                while time.monotonic() < end and b"3 devices" not in seen:
-                    try:
-                        msg = await ws.receive(timeout=5)
-                    except asyncio.TimeoutError:
-                        continue
-                    if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
-                        seen += msg.data if isinstance(msg.data, bytes) else msg.data.encode()
-                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        break
-            return seen.decode("utf-8", errors="replace")
-
-        screen = asyncio.run(stream())
+        base, token = printed_url(proc, log)
+        assert base == f"http://127.0.0.1:{port}"
+        screen = stream(base, b"3 devices", cookie=session_cookie(base, token))
         assert "3 devices" in screen and "lab-01" in screen and "otto (operator)" in screen
     finally:
         proc.terminate()
         proc.wait(30)
-    said = log.read_text()
-    assert f"on http://127.0.0.1:{port}" in said and "no authentication of its own" in said
+    assert "the URL's token works once" in log.read_text()

@@ -36,8 +36,8 @@ def tui_command(
     ctx: typer.Context,
     data_dir: DataDir = Path("data"),
     broker: Broker = None,
-    web: Annotated[bool, typer.Option("--web", help="Serve the TUI to a browser instead (textual-serve). It has no "
-                                      "authentication of its own: whoever reaches the port acts as you.")] = False,
+    web: Annotated[bool, typer.Option("--web", help="Serve the TUI to a browser instead (textual-serve), to the "
+                                      "browser that opens the one-time URL it prints.")] = False,
     host: Annotated[str | None, typer.Option("--host", help="Address --web listens on (default: loopback only).")
                     ] = None,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port --web listens on.")] = 8471,
@@ -72,7 +72,7 @@ def tui_command(
             _fail(exc)
         where = str(data_dir.resolve())
     if web:
-        from textual_serve.server import Server
+        from server.tui.web import WebTui
 
         listen = host if host is not None else LOOPBACK
         argv = [sys.executable, "-m", "server.cli"]
@@ -81,13 +81,15 @@ def tui_command(
         argv += ["tui", "--refresh", str(refresh)]
         if login is None:
             argv += ["--data-dir", where] + (["--broker", broker] if broker else [])
-        typer.echo(f"serving the edgeherd TUI as {actor} ({where}) on http://{listen}:{port} (Ctrl-C stops)")
-        typer.echo(f"warning: the web TUI has no authentication of its own yet: anyone who can open "
-                   f"http://{listen}:{port} acts as {actor}", err=True)
+        server = WebTui(shlex.join(argv), host=listen, port=port, title="edgeherd")
+        typer.echo(f"serving the edgeherd TUI as {actor} ({where}); open, once, in your browser (Ctrl-C stops):")
+        typer.echo(f"  {server.url}")
+        typer.echo("the URL's token works once: it becomes this browser's session cookie; whoever has the page "
+                   f"acts as {actor}", err=True)
         if not is_loopback(listen):
-            typer.echo(f"warning: --host {listen} is not loopback: other machines can reach it, over plain HTTP",
-                       err=True)
-        Server(shlex.join(argv), host=listen, port=port, title="edgeherd").serve()
+            typer.echo(f"warning: --host {listen} is not loopback: other machines can reach it, over plain HTTP "
+                       f"(the token and the session cookie travel in clear)", err=True)
+        server.serve()
         return
     if app is None:
         try:
