@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from server import audit
-from server.api.tokens import DEFAULT_TTL, issue
+from server.api.tokens import DEFAULT_TTL, MAX_TTL, issue
 from server.db.models import OperatorToken
 from server.governance import OPERATORS_FILE, GovernanceError, OperatorEntry, Role, load_operators
 
@@ -53,6 +53,11 @@ def _append(path: Path, name: str, role: Role, *, create: bool) -> None:
     load_operators(path)  # still valid as a whole
 
 
+def _check_ttl(ttl: timedelta) -> None:
+    if not timedelta(minutes=1) <= ttl <= MAX_TTL:
+        raise GovernanceError(f"a token lives between 1 minute and {MAX_TTL.days} days")
+
+
 def _first_token(engine: Engine, name: str, *, actor: str, ttl: timedelta, detail: dict[str, str]
                  ) -> tuple[str, OperatorToken]:
     with Session(engine) as db:
@@ -66,6 +71,7 @@ def init_operators(data_dir: Path, engine: Engine, admin: str, *, actor: str,
                    ttl: timedelta = DEFAULT_TTL) -> tuple[str, OperatorToken]:
     """Create ``operators.toml`` with ``admin`` as its first admin and give them a token: the server host's
     bootstrap. GovernanceError if the file exists."""
+    _check_ttl(ttl)
     _append(data_dir / OPERATORS_FILE, admin, Role.ADMIN, create=True)
     return _first_token(engine, admin, actor=actor, ttl=ttl, detail={"role": Role.ADMIN.value, "init": "true"})
 
@@ -73,6 +79,8 @@ def init_operators(data_dir: Path, engine: Engine, admin: str, *, actor: str,
 def add_operator(data_dir: Path, engine: Engine, name: str, role: Role, *, actor: str,
                  ttl: timedelta = DEFAULT_TTL) -> tuple[str, OperatorToken]:
     """Append ``name`` with ``role`` to ``operators.toml`` and give them a first token (the caller checked that
-    ``actor`` is an admin). GovernanceError for a bad or taken name, or no operators file."""
+    ``actor`` is an admin). GovernanceError for a bad or taken name, no operators file, or a lifetime out of
+    range (checked before anything is written)."""
+    _check_ttl(ttl)
     _append(data_dir / OPERATORS_FILE, name, role, create=False)
     return _first_token(engine, name, actor=actor, ttl=ttl, detail={"role": role.value})

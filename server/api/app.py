@@ -200,8 +200,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > cap:
-                    raise _TooLarge
+                if seen > cap:  # an HTTPException: FastAPI turns any other error raised while reading into a 400
+                    raise _TooLarge(cap)
             return message
 
         async def tracking(message: Message) -> None:
@@ -216,8 +216,9 @@ class BodyLimit:
                 await _too_large(send, cap)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    def __init__(self, cap: int) -> None:
+        super().__init__(413, f"request body over {cap} bytes")
 
 
 async def _too_large(send: Send, cap: int) -> None:

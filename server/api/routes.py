@@ -358,10 +358,13 @@ def list_keys(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> list
                 for k in db.exec(select(OperatorKey).order_by(col(OperatorKey.operator)))]
 
 
+TtlDays = Annotated[float, Field(ge=1 / 1440, le=366, description="Days the token lives: 1 minute to 366 days")]
+
+
 class NewOperator(Body):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")]
     role: Role
-    ttl_days: Annotated[float, Field(gt=0, le=366)] = 90.0
+    ttl_days: TtlDays = 90.0
 
 
 def _token_json(row: OperatorToken) -> dict[str, Any]:
@@ -389,7 +392,7 @@ class NewToken(Body):
     operator: Annotated[str | None, Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$",
                                           description="Whose (admins only; default: the caller)")] = None
     scope: Literal["full", "push"] = "full"
-    ttl_days: Annotated[float, Field(gt=0, le=366)] = 90.0
+    ttl_days: TtlDays = 90.0
     label: Annotated[str, Field(max_length=128)] = ""
 
 
