@@ -24,9 +24,11 @@ help:
 
 # --- system packages -----------------------------------------------------------
 # Mosquitto is needed by the tests (they start their own broker) and the demo;
-# systemd-analyze (Debian package systemd) by the tests that verify the units `edgeherd flash` writes.
+# systemd-analyze (Debian package systemd) by the tests that verify the units `edgeherd flash` writes;
+# chromium by the test that drives the web TUI in a headless browser.
 SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients \
-	systemd-analyze:systemd ssh:openssh-client scp:openssh-client ssh-keygen:openssh-client sshd:openssh-server
+	systemd-analyze:systemd ssh:openssh-client scp:openssh-client ssh-keygen:openssh-client sshd:openssh-server \
+	chromium:chromium
 
 system-deps:
 	@missing=""; packages=""; \
@@ -43,7 +45,7 @@ system-deps:
 	    echo "       Install it yourself:  apt-get install$$packages"; exit 1; fi; \
 	  if ! command -v apt-get >/dev/null 2>&1; then \
 	    echo "error:$$missing missing and apt-get is not available on this system."; \
-	    echo "       Install Mosquitto 2.x (broker and clients), systemd-analyze and OpenSSH (client and server) with your package manager, then rerun."; \
+	    echo "       Install Mosquitto 2.x (broker and clients), systemd-analyze, OpenSSH (client and server) and Chromium with your package manager, then rerun."; \
 	    exit 1; fi; \
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$packages >/dev/null || { \
