@@ -64,3 +64,36 @@ def test_dialog(snap_compare, fixed, name, keys):
             await settle(pilot)
 
     assert snap_compare(_app(fixed, "bob"), terminal_size=SIZE, run_before=run_before)
+
+
+@pytest.fixture(scope="module")
+def empty(tmp_path_factory):
+    """A device that has reported nothing yet, and no drift evaluated: graphs must say so, not draw full bars."""
+    from sqlmodel import Session
+
+    from server.db.models import Device
+    from server.registry import Registry
+    from tests.tui_state import OPERATORS
+
+    data, _ = server_dir(tmp_path_factory.mktemp("tui-empty") / "data")
+    (data / "operators.toml").write_text(OPERATORS)
+    reg = Registry(data)
+    with Session(reg.engine) as db:
+        db.add(Device(id="pi-new", profile="raspberry-pi-5", groups=["lab"], status="unknown", created_at=NOW))
+        db.commit()
+    yield reg, Governance.load(data)
+    reg.engine.dispose()
+
+
+@pytest.mark.parametrize(("name", "keys"), [
+    ("device_without_telemetry", ["enter"]),
+    ("drift_without_evaluations", ["d"]),
+])
+def test_empty_graphs(snap_compare, empty, name, keys):
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        for key in keys:
+            await pilot.press(key)
+            await settle(pilot)
+
+    assert snap_compare(_app(empty), terminal_size=SIZE, run_before=run_before)
