@@ -22,7 +22,9 @@ __all__ = ["Download", "download_slot", "missing_ranges"]
 
 def missing_ranges(have: set[int], size: int, chunk_size: int, exclude: set[tuple[int, int]], limit: int,
                    start: int = 0) -> list[tuple[int, int]]:
-    """Up to ``limit`` ranges (offset, length) of the chunks not in ``have``, ≤ 1 MiB each, not in ``exclude``.
+    """Up to ``limit`` ranges (offset, length) of the chunks neither in ``have`` nor covered by a range in
+    ``exclude`` (the requests in flight), ≤ 1 MiB each: a range being answered is never asked for again while
+    its first chunks arrive.
 
     The search begins at the 1 MiB request slot ``start`` (modulo the number of slots) and wraps around,
     so the devices of a wave, starting at different slots, keep different bytes in flight and share
@@ -31,19 +33,20 @@ def missing_ranges(have: set[int], size: int, chunk_size: int, exclude: set[tupl
     chunks = (size + chunk_size - 1) // chunk_size
     per = max(MAX_REQUEST_BYTES // chunk_size, 1)
     first = (start % ((chunks + per - 1) // per)) * per if chunks else 0
+    skip = set(have)
+    for offset, length in exclude:
+        skip.update(range(offset // chunk_size, (offset + max(length, 1) - 1) // chunk_size + 1))
     out: list[tuple[int, int]] = []
     for lo, hi in ((first, chunks), (0, first)):
         i = lo
         while i < hi and len(out) < limit:
-            if i in have:
+            if i in skip:
                 i += 1
                 continue
             j = i
-            while j < hi and j not in have and j - i < per:
+            while j < hi and j not in skip and j - i < per:
                 j += 1
-            rng = (i * chunk_size, min(j * chunk_size, size) - i * chunk_size)
-            if rng not in exclude:
-                out.append(rng)
+            out.append((i * chunk_size, min(j * chunk_size, size) - i * chunk_size))
             i = j
     return out
 

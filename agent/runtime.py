@@ -640,15 +640,18 @@ class Agent:
                     except ChunkFormatError as exc:
                         log.warning("dropped a chunk: %s", exc)
                         continue
-                    if dl.accept(chunk):
+                    accepted = dl.accept(chunk)
+                    for rid, (off, length, _) in list(inflight.items()):
+                        first, last = off // self.chunk_size, (off + length - 1) // self.chunk_size
+                        if all(i in dl.have for i in range(first, last + 1)):
+                            del inflight[rid]
+                        elif rid == chunk.request_id and chunk.offset // self.chunk_size == last:
+                            del inflight[rid]  # answered to its end: what it still lacks was lost on the way; ask
+                        elif off <= chunk.offset < off + length:  # this request is being answered
+                            inflight[rid] = (off, length, time.monotonic())
+                    if accepted:
                         last_progress = time.monotonic()
                         backoff = self.download_timeout
-                        for rid, (off, length, _) in list(inflight.items()):
-                            first, last = off // self.chunk_size, (off + length - 1) // self.chunk_size
-                            if all(i in dl.have for i in range(first, last + 1)):
-                                del inflight[rid]
-                            elif off <= chunk.offset < off + length:  # this request is being answered
-                                inflight[rid] = (off, length, time.monotonic())
                         if self._kill_at == "download-mid" and len(dl.have) * 2 >= dl.chunks:
                             dl.persist()
                             self._fault_kill()

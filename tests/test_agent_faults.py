@@ -19,14 +19,18 @@ def _running(agent):
     return pred.artifact.name if pred else None
 
 
-def test_chunk_corrupted_in_transit_is_dropped_and_fetched_again(fleet, digits_bundle):
+def test_chunk_corrupted_in_transit_is_dropped_and_fetched_again(fleet, digits_bundle, caplog):
     server, make = fleet
-    agent = make(download_timeout=1.0)
+    # a request is asked again after 5 s of silence: long enough that a loaded machine does not make the agent
+    # ask again for bytes on their way (it asks for the rest of the file as soon as the first chunk lands)
+    agent = make(download_timeout=5.0)
+    size = digits_bundle.signed.manifest.artifact(FP32).size
+    assert agent.chunk_size < size <= 1024 * 1024  # the first request covers the file, in several chunks
     hits = []
 
     def corrupt_second_frame_once(i, frame):
         if i == 1 and not hits:
-            hits.append(i)
+            hits.append(decode_chunk(frame).offset)
             return frame[:-1] + bytes([frame[-1] ^ 0xFF])  # the frame's own sha256 no longer matches
         return frame
 
@@ -34,7 +38,17 @@ def test_chunk_corrupted_in_transit_is_dropped_and_fetched_again(fleet, digits_b
     server.desire("pi-1", 1, digits_bundle.signed, FP32)
     server.wait_running(FP32)
     assert hits and _running(agent) == FP32
-    assert len(server.seen.requests) >= 2  # the lost chunk was asked for again
+    bad = hits[0]
+    assert f"data at offset {bad} does not match its sha256 (corrupted in transit)" in caplog.text
+    first, *again = [(r.offset, r.length) for r in server.seen.requests]
+    assert first == (0, size)
+    # the dropped chunk is asked for again, and nothing that had arrived intact before it
+    assert any(off <= bad < off + n for off, n in again), again
+    assert all(off >= bad for off, _ in again), again
+    # no second download of the whole file: it hashed right the first time
+    assert agent.record.attempts == 0
+    # and nothing asked for twice but the lost chunk: a range in flight is not asked for again as it arrives
+    assert sum(n for _, n in [first, *again]) <= size + agent.chunk_size, [first, *again]
 
 
 def test_artifact_corrupted_at_the_source_fails_verification_and_keeps_the_old_model(fleet, digits_bundle):

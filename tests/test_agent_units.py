@@ -108,6 +108,9 @@ def test_download_tracks_ranges_rejects_strangers_and_resumes(tmp_path):
     assert dl.accept(Chunk("a" * 32, sha, 65536, len(data), data[65536:131072]))
     assert not dl.accept(Chunk("a" * 32, sha, 65536, len(data), data[65536:131072]))  # already held
     assert dl.missing_ranges(set(), 5) == [(0, 65536), (131072, len(data) - 131072)]
+    # a request in flight covers its chunks, however much of it has arrived: nothing of it is asked for again
+    assert dl.missing_ranges({(0, len(data))}, 5) == []
+    assert dl.missing_ranges({(131072, 65536)}, 5) == [(0, 65536), (196608, len(data) - 196608)]
     dl.persist()
     dl.close()
     again = Download(tmp_path, sha, len(data), 65536)  # after a restart

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import typer
 
 from server.cli.fleet import Broker, DataDir, _actor, _fail, _registry, console, err
+from server.net import is_loopback
 
 if TYPE_CHECKING:
     from hardware.provision import DeviceSecrets
@@ -56,13 +57,7 @@ class FlashResult:
 
 
 def _loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(urlsplit(url).hostname or "")
 
 
 def _same_host(a: str, b: str) -> bool:

@@ -7,7 +7,6 @@ as the operator ``--as`` names.
 
 from __future__ import annotations
 
-import ipaddress
 import shlex
 import sys
 from pathlib import Path
@@ -17,19 +16,10 @@ import typer
 
 from server.cli.fleet import Broker, DataDir, _fail
 from server.cli.governance import CliState, acting_operator
+from server.net import is_loopback
 
 #: The address ``--web`` listens on unless ``--host`` says otherwise.
 LOOPBACK = "127.0.0.1"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine only (``localhost`` or a loopback address)."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def tui_command(

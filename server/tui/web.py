@@ -23,7 +23,6 @@ websocket drives the TUI as the operator who started it, so :class:`WebTui` puts
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
 from html import escape
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 from aiohttp import web
 from textual_serve.server import Server
 
+from server.net import is_loopback
+
 __all__ = ["COOKIE", "WebTui", "allowed_hosts"]
 
 COOKIE = "edgeherd_tui"
@@ -39,19 +40,10 @@ ASSETS = Path(__file__).with_name("webpage")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def allowed_hosts(host: str, port: int, extra: tuple[str, ...] = ()) -> frozenset[str]:
     """Host header values (``name:port``, lower case) the server answers to."""
     names = {host, *extra}
-    if _is_loopback(host):
+    if is_loopback(host):
         names |= set(LOOPBACK_NAMES)
     out = set()
     for name in names:
