@@ -119,12 +119,22 @@ class DemoResult:
 def _wait(what: str, fn: Callable[[], Any], timeout: float, poll: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     while True:
+        _check_signal()
         got = fn()
         if got:
             return got
         if time.monotonic() > deadline:
             raise DemoFailed(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(poll)
+
+
+def _pause(seconds: float) -> None:
+    """Sleep, as :func:`_wait` does: a signal received meanwhile still stops the demo."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        _check_signal()
+        time.sleep(min(left, 0.5))
+    _check_signal()
 
 
 def _count(registry: Any, query: Any) -> int:
@@ -507,7 +517,7 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
             traffic.shifted.add(SHIFTED)
             _wait(f"a drift alert on {SHIFTED}",
                   lambda: _count(reg, select(Alert).where(Alert.device_id == SHIFTED, col(Alert.active))), 120)
-            time.sleep(4)  # a couple more windows for everyone: no other alert may appear
+            _pause(4)  # a couple more windows for everyone: no other alert may appear
             with Session(reg.engine) as db:
                 result.alerts = sorted({a.device_id or "?" for a in db.exec(select(Alert).where(col(Alert.active)))})
                 names = {v.manifest_sha256: f"{v.name}:{v.version}" for v in db.exec(select(ModelVersion))}
@@ -556,7 +566,8 @@ def main(data_dir: Path | None, tui: bool) -> int:
         data_dir = Path(tmp)
     data_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]edgeherd demo[/] in {data_dir}")
-    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _signalled.clear()
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         result = run_demo(data_dir, console, tui=tui)
     except DemoFailed as exc:
@@ -582,5 +593,20 @@ class _Terminated(Exception):
         self.signum = signum
 
 
+#: Signals received, for :func:`_check_signal`.
+_signalled: list[int] = []
+
+
 def _terminated(signum: int, frame: object) -> None:
-    raise _Terminated(signum)
+    """SIGINT, SIGTERM, SIGHUP: unwind through every cleanup. Python runs a handler between any two bytecodes of
+    the main thread, so the exception raised here can land in a finaliser or a weakref callback, where it is
+    printed and ignored; the signal is kept as well, and the next :func:`_check_signal` raises it again."""
+    _signalled.append(signum)
+    _check_signal()
+
+
+def _check_signal() -> None:
+    if _signalled:
+        if _signalled[-1] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Terminated(_signalled[-1])

@@ -239,6 +239,9 @@ def test_the_agent_gives_up_a_window_the_server_refused_and_says_so(fleet, digit
                                code=ErrorCode.BAD_TIME, message=f"{kind} window refused: end is 9 days behind")
             server.client.publish(device_topic("pi-1", TopicKind.ERROR), encode(reply), qos=1)
         wait_for(lambda: len(agent.outbox) == 0, 30, "the refused windows to be given up", poll=0.05)
+        # the outbox lets go of a window just before the agent logs it: wait for both lines, not only the outbox
+        wait_for(lambda: sum(r.getMessage().startswith("gave up") for r in caplog.records) >= 2, 10,
+                 "both windows' 'gave up' lines", poll=0.05)
     given_up = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gave up")]
     assert sorted(given_up) == [
         f"gave up stats:{window.session}:{window.window_seq}: the server refused it: stats window refused: end is "
