@@ -24,6 +24,7 @@ from protocol.ids import Name, Sha256Hex, Version
 
 __all__ = [
     "MANIFEST_SCHEMA",
+    "MANIFEST_SCHEMA_2",
     "ArtifactEntry",
     "FeatureReference",
     "GoldenSet",
@@ -38,10 +39,15 @@ __all__ = [
     "TensorRTBuild",
     "TensorSpec",
     "manifest_digest",
+    "schema_for",
     "version_tuple",
 ]
 
 MANIFEST_SCHEMA: Literal["edgeherd.manifest/1"] = "edgeherd.manifest/1"
+#: The schema of a manifest whose reference profile uses the fields added after /1 (``FeatureReference.kind``,
+#: ``nan``, ``outside``): an agent that speaks only /1 refuses it, naming the schema, instead of an unknown field.
+MANIFEST_SCHEMA_2: Literal["edgeherd.manifest/2"] = "edgeherd.manifest/2"
+ManifestSchema = Literal["edgeherd.manifest/1", "edgeherd.manifest/2"]
 MAX_ARTIFACT_BYTES = 4 * 1024**3
 MAX_FEATURES = 1024
 MAX_BINS = 64
@@ -200,9 +206,12 @@ def _check_bins(edges: list[float], counts: list[int], what: str) -> None:
 class FeatureReference(WireModel):
     """Reference distribution of one input feature over the training data.
 
-    ``edges`` are K+1 increasing bin edges (training quantiles); ``counts`` the
-    K training counts. Values outside ``[edges[0], edges[-1]]`` count as out of
-    range on the device.
+    ``edges`` are K+1 increasing bin edges (training quantiles, or one bin per
+    value of a discrete feature); ``counts`` the K training counts. Values
+    outside ``[edges[0], edges[-1]]`` count as out of range on the device.
+    ``kind``, ``nan`` and ``outside`` are read by the server only (the device
+    counts the same way whatever they say); left out, they mean continuous, 0
+    and 0, so a profile that needs none of them keeps its earlier bytes.
     """
 
     name: Name
@@ -211,6 +220,13 @@ class FeatureReference(WireModel):
     counts: list[Annotated[int, Field(ge=0)]] = Field(min_length=2, max_length=MAX_BINS)
     mean: float
     std: Annotated[float, Field(ge=0)]
+    #: ``discrete``: integral or few distinct values, one bin per value where they fit; None: continuous.
+    kind: Literal["continuous", "discrete"] | None = None
+    #: Training rows whose value was NaN or ±inf (None: 0).
+    nan: Annotated[int, Field(ge=0)] | None = None
+    #: Training rows whose value lay outside the edges (None: 0); for registry features they are also in the
+    #: end bins' counts.
+    outside: Annotated[int, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _bins(self) -> FeatureReference:
@@ -266,7 +282,7 @@ class Manifest(WireModel):
     KIND: ClassVar[str] = "manifest"
     MAX_BYTES: ClassVar[int] = 1024 * 1024
 
-    schema_: Literal["edgeherd.manifest/1"] = Field(default=MANIFEST_SCHEMA, alias="schema")
+    schema_: ManifestSchema = Field(default=MANIFEST_SCHEMA, alias="schema")
     model: Name
     version: Version
     created_at: AwareDatetime
@@ -287,6 +303,11 @@ class Manifest(WireModel):
 
     @model_validator(mode="after")
     def _unique_artifacts(self) -> Manifest:
+        wanted = schema_for(self.reference)
+        if self.schema_ != wanted:
+            uses = "uses" if wanted == MANIFEST_SCHEMA_2 else "does not use"
+            raise ValueError(f"schema: a manifest whose reference profile {uses} the feature fields kind, nan or "
+                             f"outside has schema {wanted}")
         names = [a.name for a in self.artifacts]
         if len(set(names)) != len(names):
             raise ValueError("artifact names must be unique within a manifest")
@@ -305,6 +326,15 @@ class Manifest(WireModel):
             if art.name == name:
                 return art
         raise KeyError(name)
+
+
+def schema_for(reference: ReferenceProfile | None) -> ManifestSchema:
+    """The manifest schema a bundle with this reference profile must declare: /2 when any feature reference uses
+    ``kind``, ``nan`` or ``outside`` (docs/protocol.md §10: a new field is a new version), else /1."""
+    if reference is not None and any(f.kind is not None or f.nan is not None or f.outside is not None
+                                     for f in reference.features):
+        return MANIFEST_SCHEMA_2
+    return MANIFEST_SCHEMA
 
 
 def manifest_digest(manifest: Manifest) -> str:

@@ -5,8 +5,9 @@ subscriptions (so several replicas split the load), ingests through
 :class:`server.ingest.Ingestor`, answers chunk requests from the
 content-addressed store (only for artifacts of the bundle the device is
 meant to run), evaluates drift on new statistics windows and raises and
-clears alerts with hysteresis. With no ``--broker`` it starts and supervises
-a Mosquitto of its own on loopback.
+clears alerts with hysteresis kept in the database (server/alerts.py), and
+delivers them to the alert webhook. With no ``--broker`` it starts and
+supervises a Mosquitto of its own on loopback.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import func
+from sqlalchemy import and_, false, func, or_, update
 from sqlmodel import Session, col, select
 
 from protocol import (
@@ -36,6 +37,7 @@ from protocol import (
     FeatureStats,
     InvalidMessage,
     Receipt,
+    ReferenceProfile,
     SignedManifest,
     TopicError,
     TopicKind,
@@ -49,20 +51,24 @@ from protocol import (
 )
 from protocol._model import decode_model
 from server import leases
+from server.alerts import Notifier, observations, observe
 from server.broker import SERVER_USER
-from server.db.models import Alert, Device, DriftReportRow, ModelVersion, StatsWindow
+from server.db.models import Device, DriftPending, DriftReportRow, ModelVersion, StatsWindow
 from server.distribution import BroadcastLedger, DirectoryStore, Route, answer
-from server.drift import Hysteresis, score
+from server.drift import score
 from server.ingest import Batch, Ingestor
 from server.orchestrator import Orchestrator
 from server.presence import online_clause
 from server.registry import Registry
+from server.settings import ALERT_WEBHOOK
 
 __all__ = ["ServerApp"]
 
 log = logging.getLogger(__name__)
 #: Messages ingested per database transaction, at most.
 _BATCH = 500
+#: A device's undecided statistics windows kept to be summed with its next ones, at most (the oldest go first).
+MAX_PENDING_WINDOWS = 500
 
 
 class ServerApp:
@@ -108,8 +114,16 @@ class ServerApp:
         self.receipts_sent = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._alerts: dict[tuple[str, str], Hysteresis] = defaultdict(Hysteresis)
-        self._last_stats: Any = None
+        #: Set by the drift loop around its evaluation: commit only while this replica holds the lease.
+        self._under_lease = threading.local()
+        self._references: dict[str, ReferenceProfile] = {}
+        #: Statistics windows scored per transaction, at most.
+        self.drift_batch = 1000
+        #: Where alerts are POSTed (EDGEHERD_ALERT_WEBHOOK); no deliveries are queued without one.
+        webhook = ALERT_WEBHOOK.read()
+        self.notifier = Notifier(self.registry.engine, webhook) if webhook else None
+        #: Seconds between looks for due webhook deliveries.
+        self.notify_interval = 1.0
         self._error_sent: dict[str, float] = {}
         self.client: mqtt.Client | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -139,6 +153,8 @@ class ServerApp:
             self._spawn(lambda i=i: self._work(self.queues[i]), f"worker-{i}")
         if self.drift_interval > 0:  # 0: this replica leaves drift to the others
             self._spawn(self._drift_loop, "drift")
+        if self.notifier is not None:
+            self._spawn(self._notify_loop, "alert-webhook")
         if self.rollout_interval > 0:
             self._spawn(lambda: self.orchestrator.run(self._stop), "rollouts")
         if self.metrics_port:
@@ -177,10 +193,11 @@ class ServerApp:
             self._http.server_close()
         for t in self._threads:
             t.join(120 if t.name.startswith("edgeherd-worker") else 5)
-        try:
-            leases.release(self.registry.engine, "drift", self.holder)  # another replica takes over at once
-        except Exception:
-            log.exception("could not release the drift lease; it expires by itself")
+        for lease in ("drift", "alert-webhook"):
+            try:
+                leases.release(self.registry.engine, lease, self.holder)  # another replica takes over at once
+            except Exception:
+                log.exception("could not release the %s lease; it expires by itself", lease)
         if self.managed:
             self.registry.broker.stop()
         self.registry.engine.dispose()
@@ -358,58 +375,131 @@ class ServerApp:
         ttl = max(3 * self.drift_interval, 30.0)
         while not self._stop.wait(self.drift_interval):
             try:
-                if leases.acquire(self.registry.engine, "drift", self.holder, ttl):
-                    self.evaluate_drift()
+                self.drift_step(ttl)
             except Exception:
                 log.exception("drift evaluation failed")
 
+    def drift_step(self, ttl: float) -> int | None:
+        """One turn of the drift loop: take or renew the "drift" lease for ``ttl`` seconds and, holding it, evaluate
+        (each batch commits only while the lease is still this replica's). Windows taken, or None when another
+        replica holds the lease."""
+        if not leases.acquire(self.registry.engine, "drift", self.holder, ttl):
+            return None
+        self._under_lease.ttl = ttl
+        try:
+            return self.evaluate_drift()
+        finally:
+            self._under_lease.ttl = None
+
     def evaluate_drift(self) -> int:
-        """Score every statistics window received since the last call; returns how many were scored."""
-        references: dict[str, Any] = {}
+        """Score every statistics window not taken yet, in batches; returns how many windows were taken.
+
+        Windows are remembered by their ``scored`` flag, not by a time watermark, so a batch that commits late
+        with older ``received_at`` times is scored all the same. A window too small to decide on is stored as an
+        "insufficient" report and summed with the device's next windows (same manifest) until they decide. Each
+        decided report feeds the device's alert conditions (server/alerts.py), whose hysteresis lives in the
+        database. Called by the drift loop under the "drift" lease, each batch commits only if the lease is
+        still this replica's."""
+        ttl = getattr(self._under_lease, "ttl", None)
+        total = 0
+        while True:
+            taken, more = self._evaluate_batch(ttl)
+            total += taken
+            if not more:
+                return total
+
+    def _reference(self, db: Session, manifest_sha256: str) -> ReferenceProfile | None:
+        if manifest_sha256 not in self._references:
+            version = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == manifest_sha256)).first()
+            reference = decode_model(SignedManifest, version.signed_manifest).manifest.reference \
+                if version is not None else None
+            if reference is None:
+                return None
+            self._references[manifest_sha256] = reference
+        return self._references[manifest_sha256]
+
+    def _evaluate_batch(self, ttl: float | None) -> tuple[int, bool]:
+        """Up to :attr:`drift_batch` windows in one transaction: (windows taken, whether more may be waiting)."""
         fresh: dict[str, list[FeatureStats]] = defaultdict(list)
-        scored = 0
+        taken = 0
+        now = datetime.now(timezone.utc)
         with Session(self.registry.engine) as db:
-            if self._last_stats is None:  # after a restart or a lease hand-over: carry on after the last scored
-                self._last_stats = db.exec(select(func.max(DriftReportRow.window_received_at))).one()
-            q = select(StatsWindow).order_by(col(StatsWindow.received_at))
-            if self._last_stats is not None:
-                q = q.where(col(StatsWindow.received_at) > self._last_stats)
-            for row in db.exec(q).all():
-                self._last_stats = row.received_at
-                if row.manifest_sha256 not in references:
-                    version = db.exec(select(ModelVersion).where(
-                        ModelVersion.manifest_sha256 == row.manifest_sha256)).first()
-                    references[row.manifest_sha256] = decode_model(
-                        SignedManifest, version.signed_manifest).manifest.reference if version else None
-                ref = references[row.manifest_sha256]
-                if ref is None:
+            rows = db.exec(select(StatsWindow).where(col(StatsWindow.scored) == false()).order_by(
+                col(StatsWindow.received_at), col(StatsWindow.device_id), col(StatsWindow.session),
+                col(StatsWindow.window_seq)).limit(self.drift_batch)).all()
+            if not rows:
+                return 0, False
+            for row in rows:
+                claimed = db.connection().execute(update(StatsWindow).where(
+                    col(StatsWindow.device_id) == row.device_id, col(StatsWindow.session) == row.session,
+                    col(StatsWindow.window_seq) == row.window_seq, col(StatsWindow.scored) == false(),
+                ).values(scored=True)).rowcount
+                if not claimed:  # another evaluation took it meanwhile
+                    continue
+                taken += 1
+                ref = self._reference(db, row.manifest_sha256)
+                if ref is None:  # no such model version here: nothing to score it against
                     continue
                 window = FeatureStats.model_validate_json(row.payload)
                 fresh[row.manifest_sha256].append(window)
-                report = score(ref, [window])
-                db.add(DriftReportRow(scope="device", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
-                                      window_received_at=row.received_at,
-                                      n=report.n, drifted=report.drifted, worst=report.worst,
-                                      score=report.score, report=report.to_dict()))
-                scored += 1
-                event = self._alerts[(row.device_id, row.manifest_sha256)].update(report.drifted)
-                if event == "raised":
-                    db.add(Alert(kind="drift", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
-                                 detail={"worst": report.worst, "n": report.n}))
-                elif event == "cleared":
-                    for alert in db.exec(select(Alert).where(Alert.device_id == row.device_id,
-                                                             Alert.manifest_sha256 == row.manifest_sha256,
-                                                             col(Alert.active))).all():
-                        alert.active = False
-                        alert.cleared_at = datetime.now(timezone.utc)
-                        db.add(alert)
+                self._score_device_window(db, row, window, ref, now)
             for manifest_sha256, windows in fresh.items():  # fleet-wide: the summed counts of the new windows
-                fleet = score(references[manifest_sha256], windows)
+                fleet = score(self._references[manifest_sha256], windows)
+                decidable = bool(getattr(fleet, "decidable", True))
                 db.add(DriftReportRow(scope="fleet", manifest_sha256=manifest_sha256, n=fleet.n,
-                                      drifted=fleet.drifted, worst=fleet.worst, score=fleet.score,
-                                      report=fleet.to_dict()))
+                                      drifted=bool(fleet.drifted) and decidable, insufficient=not decidable,
+                                      worst=fleet.worst, score=fleet.score, report=fleet.to_dict()))
+            if ttl is not None and not leases.still_held(db.connection(), "drift", self.holder, ttl):
+                db.rollback()  # another replica may hold it now: it scores these windows instead
+                log.warning("the drift lease moved to another replica during an evaluation; not committing it")
+                return 0, False
             db.commit()
-        return scored
+        return taken, len(rows) >= self.drift_batch
+
+    def _score_device_window(self, db: Session, row: StatsWindow, window: FeatureStats, ref: ReferenceProfile,
+                             now: datetime) -> None:
+        """Score ``window`` with the device's undecided windows before it; store the report; feed the alerts."""
+        pending = db.get(DriftPending, (row.device_id, row.manifest_sha256))
+        windows = self._load_windows(db, row.device_id, pending.windows) if pending is not None else []
+        windows.append(window)
+        report = score(ref, windows)
+        decidable = bool(getattr(report, "decidable", True))
+        db.add(DriftReportRow(scope="device", device_id=row.device_id, manifest_sha256=row.manifest_sha256,
+                              window_received_at=row.received_at, session=row.session, window_seq=row.window_seq,
+                              n=report.n, drifted=bool(report.drifted) and decidable, insufficient=not decidable,
+                              worst=report.worst, score=report.score,
+                              report=report.to_dict() | {"windows": len(windows)}))
+        if not decidable:
+            keys = ((pending.windows if pending is not None else []) + [[row.session, row.window_seq]])
+            keys = keys[-MAX_PENDING_WINDOWS:]
+            if pending is None:
+                pending = DriftPending(device_id=row.device_id, manifest_sha256=row.manifest_sha256)
+            pending.windows, pending.n, pending.updated_at = keys, report.n, now
+            db.add(pending)
+            return
+        if pending is not None:
+            db.delete(pending)
+            db.flush()
+        for obs in observations(report):
+            observe(db, row.device_id, row.manifest_sha256, obs, notify=self.notifier is not None, now=now)
+
+    @staticmethod
+    def _load_windows(db: Session, device_id: str, keys: list[list[int]]) -> list[FeatureStats]:
+        if not keys:
+            return []
+        wanted = or_(*(and_(col(StatsWindow.session) == s, col(StatsWindow.window_seq) == q) for s, q in keys))
+        rows = db.exec(select(StatsWindow).where(StatsWindow.device_id == device_id, wanted)).all()
+        return [FeatureStats.model_validate_json(r.payload) for r in rows]
+
+    def _notify_loop(self) -> None:
+        """Deliver due alert webhooks while holding the "alert-webhook" lease (one replica sends them)."""
+        assert self.notifier is not None  # noqa: S101 - started only with a webhook
+        while not self._stop.wait(self.notify_interval):
+            try:
+                if leases.acquire(self.registry.engine, "alert-webhook", self.holder, 60.0):
+                    self.notifier.deliver_due()
+            except Exception:
+                log.exception("alert webhook delivery failed")
 
     # -- metrics --------------------------------------------------------------------------------
 

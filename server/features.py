@@ -29,7 +29,7 @@ from protocol.manifest import FeatureReference
 from protocol.signing import SignedManifest
 from server import audit
 from server.db.models import AuditEntry, FeatureDefinitionRow, ModelVersion, StatsWindow
-from server.drift import ALPHA, FeatureDrift, folded_counts, score_feature
+from server.drift import ALPHA, FeatureDrift, score_feature
 
 __all__ = ["Consumer", "FeatureDriftRow", "FeatureRegistryError", "consumers", "definitions", "drift", "register"]
 
@@ -122,43 +122,63 @@ def drift(db: Session, name: str, version: int | None = None, since: datetime | 
           alpha: float = ALPHA) -> list[FeatureDriftRow]:
     """Drift of feature ``name`` per consuming model version and, per feature version, over all of them."""
     rows: list[FeatureDriftRow] = []
-    groups: dict[str, list[tuple[Consumer, np.ndarray, int, int]]] = {}
+    groups: dict[str, list[tuple[Consumer, _Counted]]] = {}
     for c in consumers(db, name):
         if version is not None and c.feature != f"{name}@{version}":
             continue
-        counts, nan, windows = _window_counts(db, c, since)
-        groups.setdefault(c.feature, []).append((c, counts, nan, windows))
-        rows.append(FeatureDriftRow(c.feature, c.model, windows,
-                                    score_feature(c.feature, np.asarray(c.reference.counts), counts, c.reference_n,
-                                                  nan, 1, alpha)))
+        counted = _window_counts(db, c, since)
+        groups.setdefault(c.feature, []).append((c, counted))
+        rows.append(FeatureDriftRow(c.feature, c.model, counted.windows,
+                                    _score(c.feature, [c], [counted], alpha)))
     for feature, members in groups.items():
         if len(members) < 2:
             continue
-        ref = np.sum([np.asarray(c.reference.counts) for c, *_ in members], axis=0)
-        win = np.sum([counts for _, counts, _, _ in members], axis=0)
-        rows.append(FeatureDriftRow(feature, "all", sum(w for *_, w in members),
-                                    score_feature(feature, ref, win, sum(c.reference_n for c, *_ in members),
-                                                  sum(n for _, _, n, _ in members), 1, alpha)))
+        rows.append(FeatureDriftRow(feature, "all", sum(m.windows for _, m in members),
+                                    _score(feature, [c for c, _ in members], [m for _, m in members], alpha)))
     return rows
 
 
-def _window_counts(db: Session, c: Consumer, since: datetime | None) -> tuple[np.ndarray, int, int]:
-    """The summed bin counts (out-of-range values in the end bins), missing values and windows of ``c``'s
-    feature in the statistics devices running ``c``'s model version reported."""
+@dataclass
+class _Counted:
+    """A feature's summed window counts: inside its range, below, above, missing; and how many windows."""
+
+    counts: np.ndarray
+    below: int = 0
+    above: int = 0
+    nan: int = 0
+    windows: int = 0
+
+
+def _score(feature: str, refs: list[Consumer], counted: list[_Counted], alpha: float) -> FeatureDrift:
+    """The feature's drift over the summed counts of ``counted`` against the summed references of ``refs``: a
+    registry feature's reference counts values beyond its declared range in its end bins, so the window's are
+    folded the same way, and their rate and the missing rate are tested against the reference's own."""
+    return score_feature(feature, np.sum([np.asarray(c.reference.counts) for c in refs], axis=0),
+                         np.sum([m.counts for m in counted], axis=0), sum(c.reference_n for c in refs),
+                         sum(m.nan for m in counted), 1, alpha, below=sum(m.below for m in counted),
+                         above=sum(m.above for m in counted), fold=True,
+                         ref_nan=sum(c.reference.nan or 0 for c in refs),
+                         ref_outside=sum(c.reference.outside or 0 for c in refs))
+
+
+def _window_counts(db: Session, c: Consumer, since: datetime | None) -> _Counted:
+    """The summed bin counts, values below and above the range, missing values and windows of ``c``'s feature in
+    the statistics devices running ``c``'s model version reported."""
     q = select(StatsWindow.payload).where(StatsWindow.manifest_sha256 == c.manifest_sha256)
     if since is not None:
         q = q.where(col(StatsWindow.end) >= since)
     name, _, v = c.feature.partition("@")
-    total = np.zeros(len(c.reference.counts), dtype=np.int64)
-    nan = windows = 0
+    out = _Counted(np.zeros(len(c.reference.counts), dtype=np.int64))
     for payload in db.exec(q.execution_options(yield_per=500)):
         try:
             stats = decode(FeatureStats, payload)
         except InvalidMessage:
             continue
         for f in stats.features:
-            if f.name == name and f.version == int(v) and len(f.counts) == len(total):
-                total += folded_counts(f)
-                nan += f.nan
-                windows += 1
-    return total, nan, windows
+            if f.name == name and f.version == int(v) and len(f.counts) == len(out.counts):
+                out.counts += np.asarray(f.counts, dtype=np.int64)
+                out.below += f.below
+                out.above += f.above
+                out.nan += f.nan
+                out.windows += 1
+    return out

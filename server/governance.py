@@ -119,6 +119,7 @@ class Permission(Enum):
     RETIRE = "retiring a version"
     ROTATE_CA = "rotating the certificate authority"
     MANAGE_OPERATORS = "managing operators and their tokens"
+    ACK_ALERT = "acknowledging or resolving an alert"
 
     @property
     def min_role(self) -> Role:

@@ -126,9 +126,9 @@ def _metrics(db: Session, ids: list[str], since: float, *, manifest: str | None 
                func.sum(TelemetryRow.requests).filter(col(TelemetryRow.p95_ms).is_not(None))).where(
         col(TelemetryRow.device_id).in_(ids), TelemetryRow.received_at >= since_dt)
     drifted_sum = func.coalesce(func.sum(case((col(DriftReportRow.drifted), 1), else_=0)), 0)
-    d = select(func.count(), drifted_sum).where(
+    d = select(func.count(), drifted_sum).where(  # decided windows only: one too small to decide is no evidence
         DriftReportRow.scope == "device", col(DriftReportRow.device_id).in_(ids),
-        DriftReportRow.computed_at >= since_dt)
+        DriftReportRow.computed_at >= since_dt, col(DriftReportRow.insufficient).is_not(True))
     if manifest is not None:
         q = q.where(TelemetryRow.manifest_sha256 == manifest)
         d = d.where(DriftReportRow.manifest_sha256 == manifest)

@@ -1,6 +1,6 @@
 """Server settings read from the environment, so that every server process (``server run``, the TUI, the
-CLI) reads the same ones, like ``EDGEHERD_DATABASE_URL``. Each is a number of seconds with a default and a
-range; anything else is refused, naming the variable (docs/server.md, "Settings").
+CLI) reads the same ones, like ``EDGEHERD_DATABASE_URL``. Most are a number of seconds with a default and a
+range, the alert webhook a URL; anything else is refused, naming the variable (docs/server.md, "Settings").
 
 Exceptions::
 
@@ -15,8 +15,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
-__all__ = ["CLOCK_SKEW", "REPORT_HORIZON", "STALE_AFTER", "Seconds", "SettingError"]
+__all__ = ["ALERT_WEBHOOK", "CLOCK_SKEW", "REPORT_HORIZON", "STALE_AFTER", "Seconds", "SettingError", "WebhookUrl"]
 
 
 class SettingError(ValueError):
@@ -54,3 +55,32 @@ CLOCK_SKEW = Seconds("EDGEHERD_CLOCK_SKEW_S", 300.0, 0.0, 86400.0)
 #: How far behind the server's clock a time a device sends may be: an agent's outbox holds 10,000 windows, about
 #: a week of one-minute windows of a device that was offline.
 REPORT_HORIZON = Seconds("EDGEHERD_REPORT_HORIZON_S", 7 * 86400.0, 3600.0, 366 * 86400.0)
+
+
+@dataclass(frozen=True)
+class WebhookUrl:
+    """A URL setting: ``env`` holds an ``http://`` or ``https://`` URL with a host, or nothing (no webhook)."""
+
+    env: str
+    max_length: int = 2000
+
+    def read(self, environ: Mapping[str, str] | None = None) -> str | None:
+        raw = (os.environ if environ is None else environ).get(self.env, "").strip()
+        if not raw:
+            return None
+        if len(raw) > self.max_length:
+            raise SettingError(f"{self.env}: a URL of at most {self.max_length} characters, got {len(raw)}")
+        try:
+            parts = urlsplit(raw)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise SettingError(f"{self.env}={raw[:200]!r}: not a URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingError(f"{self.env}={raw[:200]!r}: give an http:// or https:// URL with a host, e.g. "
+                               f"https://hooks.example.com/edgeherd")
+        return raw
+
+
+#: Where alerts are POSTed when they fire and when they resolve, as Prometheus Alertmanager's webhook JSON
+#: (version 4; server/alerts.py); unset: no webhook.
+ALERT_WEBHOOK = WebhookUrl("EDGEHERD_ALERT_WEBHOOK")

@@ -155,10 +155,11 @@ def test_fleet_score_is_the_score_of_the_summed_counts():
         stat, df, p = chi_square(np.asarray(refeat.counts), summed.counts[f.name])
         assert (f.chi2, f.df, f.p_value) == (stat, df, p)
         assert f.psi == psi(np.asarray(refeat.counts), summed.counts[f.name])
-        manual = sum(np.asarray(w.features[[g.name for g in w.features].index(f.name)].counts) for w in windows)
-        assert summed.counts[f.name].sum() == manual.sum() + sum(
-            w.features[[g.name for g in w.features].index(f.name)].below
-            + w.features[[g.name for g in w.features].index(f.name)].above for w in windows)
+        mine = [w.features[[g.name for g in w.features].index(f.name)] for w in windows]
+        assert summed.counts[f.name].tolist() == sum(np.asarray(g.counts) for g in mine).tolist()
+        assert summed.below[f.name] == sum(g.below for g in mine)
+        assert summed.above[f.name] == sum(g.above for g in mine)
+        assert summed.nan[f.name] == sum(g.nan for g in mine)
 
 
 def test_output_drift_from_class_counts():

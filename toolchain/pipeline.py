@@ -43,6 +43,7 @@ from protocol import (
     TensorSpec,
 )
 from protocol.features import FeatureSet
+from protocol.manifest import schema_for
 from protocol.version import __version__
 from toolchain import data as datamod
 from toolchain.bundle import (
@@ -567,7 +568,8 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
 
             lineage.update(feature_lineage(fs))
         manifest = Manifest(
-            model=name, version=spec.version, created_at=datetime.now(timezone.utc), author=spec.author,
+            schema_=schema_for(reference), model=name, version=spec.version, created_at=datetime.now(timezone.utc),
+            author=spec.author,
             description=spec.description or f"{spec.recipe} model trained on {ds.name}",
             task="classification", labels=ds.classes, artifacts=entries, preprocessing=preprocessing,
             golden=golden, reference=reference, lineage=lineage, features=fs,

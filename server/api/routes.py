@@ -16,13 +16,14 @@ from sqlmodel import Session, col, select
 
 from server import audit
 from server.api.app import Operator, permit
+from server.api.routes_alerts import alerts
 from server.api.routes_audit import audit_checks
 from server.api.routes_base import DEVICE, NAME, REF, Body, Ref, invalid
 from server.api.routes_base import as_object as _object
 from server.api.routes_base import plain as _plain
 from server.api.routes_base import refused as _refused
-from server.api.routes_fleet import alerts, feature_registry
 from server.api.routes_fleet import devices as enrolment
+from server.api.routes_fleet import feature_registry
 from server.api.routes_upload import upload
 from server.api.tokens import Caller, TokenError, issue, revoke, tokens_of
 from server.db.models import ModelVersion, OperatorKey, OperatorToken, Rollout

@@ -1,4 +1,4 @@
-"""Enrolling devices and rotating their credentials, the feature registry, and alerts (server/api/app.py).
+"""Enrolling devices and rotating their credentials, and the feature registry (server/api/app.py).
 
 Enrolling answers with the device's agent files (its broker credentials among them): they are secrets, shown once
 over the pinned HTTPS connection, never logged, and the answer says ``Cache-Control: no-store``.
@@ -13,18 +13,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from pydantic import Field
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, or_, select
+from sqlmodel import Session, select
 
 from protocol.features import FeatureDefinition
 from server import features
 from server.api.app import Operator, permit
 from server.api.routes_base import DEVICE, NAME, Body, invalid, plain, refused
 from server.broker import SERVER_USER
-from server.db.models import Alert, Device, FeatureDefinitionRow
+from server.db.models import Device, FeatureDefinitionRow
 from server.governance import Permission
 from server.registry import RegistryError
 
-__all__ = ["alerts", "devices", "feature_registry"]
+__all__ = ["devices", "feature_registry"]
 
 #: Largest agent file returned by ``POST /devices`` (they are a few KiB: a config, a key, certificates).
 MAX_AGENT_FILE = 64 * 1024
@@ -171,23 +171,3 @@ def feature_drift(name: Annotated[str, Path(pattern=NAME)],
     with Session(op.registry.engine) as db:
         rows = features.drift(db, name, version, since)
     return [plain(r.to_dict()) for r in rows]
-
-
-# -- alerts ------------------------------------------------------------------------------------
-
-alerts = APIRouter(prefix="/alerts", tags=["drift and audit"])
-
-
-@alerts.get("", summary="Active alerts, and those cleared within the last hours; newest first")
-def list_alerts(op: Annotated[Operator, Depends(permit(Permission.READ))],
-                hours: Annotated[float, Query(ge=0, le=24 * 366, description="How far back cleared ones go")] = 24.0,
-                active: Annotated[bool, Query(description="Only the active ones")] = False,
-                limit: Annotated[int, Query(ge=1, le=5000)] = 500) -> list[dict[str, Any]]:
-    since = datetime.now(timezone.utc) - timedelta(hours=hours)
-    shown = col(Alert.active) if active else or_(col(Alert.active), col(Alert.cleared_at) >= since)
-    q = select(Alert).where(shown)
-    with Session(op.registry.engine) as db:
-        rows = list(db.exec(q.order_by(col(Alert.id).desc()).limit(limit)))
-    return [{"id": a.id, "kind": a.kind, "device_id": a.device_id, "manifest_sha256": a.manifest_sha256,
-             "active": a.active, "detail": plain(a.detail), "raised_at": plain(a.raised_at),
-             "cleared_at": plain(a.cleared_at)} for a in rows]

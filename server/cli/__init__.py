@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from agent.cli import version_option
+from server.cli.alerts import alerts_app
 from server.cli.build import build_command, bundle_app
 from server.cli.demo import demo_command
 from server.cli.features import features_app
@@ -38,6 +39,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(features_app, name="features")
 app.add_typer(operator_app, name="operator")
+app.add_typer(alerts_app, name="alerts")
 server_app.command("init")(server_init)
 app.command("login")(login_command)
 app.command("logout")(logout_command)

@@ -1,7 +1,8 @@
 """The registry schema (SQLModel). Changes go through Alembic migrations in ``server/db/migrations``.
 
 Tables: devices, model versions and their artifacts, telemetry windows, feature
-statistics windows, drift reports and alerts; rollouts, their devices and gate
+statistics windows, drift reports, alerts (with the hysteresis state of each condition and the webhook
+deliveries); rollouts, their devices and gate
 evaluations; approvals, the hash-chained audit log and leases. Report rows are keyed by
 ``(device_id, session, window_seq)``, so a replayed or duplicated window is
 stored once.
@@ -12,12 +13,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, LargeBinary, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
-__all__ = ["Alert", "Approval", "ArtifactRow", "AuditEntry", "Device", "DriftReportRow", "GateEvaluation", "Lease",
-           "ModelVersion", "OperatorKey", "OperatorToken", "Rollout", "RolloutDevice", "StatsWindow", "TelemetryRow",
-           "VersionArtifact"]
+__all__ = ["Alert", "AlertCondition", "AlertDelivery", "Approval", "ArtifactRow", "AuditEntry", "Device",
+           "DriftPending", "DriftReportRow", "GateEvaluation", "Lease", "ModelVersion", "OperatorKey", "OperatorToken",
+           "Rollout", "RolloutDevice", "StatsWindow", "TelemetryRow", "VersionArtifact"]
 
 
 def _now() -> datetime:
@@ -131,6 +132,10 @@ class StatsWindow(SQLModel, table=True):
     #: The FeatureStats message as received (canonical JSON).
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     received_at: datetime = _ts(nullable=False)
+    #: Drift evaluation has taken this window (scored it, or added it to its device's undecided windows). A flag,
+    #: not a time watermark: a window whose batch commits late, with an older ``received_at``, is still scored.
+    scored: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, default=False,
+                                                         server_default=false(), index=True))
 
 
 class DriftReportRow(SQLModel, table=True):
@@ -145,13 +150,22 @@ class DriftReportRow(SQLModel, table=True):
     worst: str | None = Field(default=None, max_length=64)
     #: The largest PSI / threshold over the features (≥ 1: beyond it), for sorting and display.
     score: float | None = None
-    #: For a device report: when the statistics window it scored was received (the evaluation's watermark).
+    #: For a device report: when the statistics window it scored was received.
     window_received_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    #: For a device report: the statistics window that completed it (with the undecided ones before it, if any).
+    session: int | None = Field(default=None, sa_type=BigInteger)
+    window_seq: int | None = Field(default=None, sa_type=BigInteger)
+    #: Too few rows to decide (``drifted`` is False then): the device's next windows are added to these counts.
+    insufficient: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, default=False,
+                                                               server_default=false()))
     report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     computed_at: datetime = _ts(nullable=False)
 
 
 class Alert(SQLModel, table=True):
+    """An alert: raised → acknowledged → cleared (server/alerts.py). ``active`` until cleared; acknowledged once
+    ``acknowledged_at`` is set."""
+
     __tablename__ = "alerts"
 
     id: int | None = Field(default=None, primary_key=True)
@@ -162,6 +176,65 @@ class Alert(SQLModel, table=True):
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     raised_at: datetime = _ts(nullable=False)
     cleared_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    severity: str = Field(default="warning", max_length=16)
+    acknowledged_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    acknowledged_by: str | None = Field(default=None, max_length=64)
+    ack_note: str | None = Field(default=None, max_length=1000)
+    #: Who cleared it: ``hysteresis`` (clean evaluations in a row) or the operator who resolved it.
+    cleared_by: str | None = Field(default=None, max_length=64)
+
+
+class AlertCondition(SQLModel, table=True):
+    """The hysteresis of one condition (a device, a manifest, an alert kind): kept in the database so that a
+    restarted server or another replica carries on exactly where the last evaluation stopped."""
+
+    __tablename__ = "alert_conditions"
+
+    device_id: str = Field(primary_key=True, max_length=63)
+    manifest_sha256: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(primary_key=True, max_length=32)
+    #: The condition holds (an alert is open for it, or was resolved by hand while it still held).
+    active: bool = False
+    #: Evaluations in a row that disagree with ``active``.
+    streak: int = 0
+    #: The open alert of this condition, if any.
+    alert_id: int | None = Field(default=None, sa_type=BigInteger)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class DriftPending(SQLModel, table=True):
+    """A device's statistics windows too small to decide on alone, waiting for the next ones to be added."""
+
+    __tablename__ = "drift_pending"
+
+    device_id: str = Field(primary_key=True, max_length=63)
+    manifest_sha256: str = Field(primary_key=True, max_length=64)
+    #: ``[[session, window_seq], ...]``, oldest first.
+    windows: list[list[int]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    n: int = Field(default=0, sa_type=BigInteger)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class AlertDelivery(SQLModel, table=True):
+    """One attempt to tell the alert webhook that an alert fired or resolved; a failed attempt names when the next
+    one is due (its own row)."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (Index("ix_alert_deliveries_status_due", "status", "due_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    alert_id: int = Field(foreign_key="alerts.id", index=True)
+    #: ``firing`` or ``resolved`` (the Alertmanager status sent).
+    event: str = Field(max_length=16)
+    attempt: int = 1
+    #: pending, sending, delivered, failed (another attempt follows at ``next_try_at``) or abandoned (the last).
+    status: str = Field(default="pending", max_length=16)
+    due_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    attempted_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    http_status: int | None = None
+    error: str | None = Field(default=None, max_length=1000)
+    next_try_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _ts(nullable=False)
 
 
 class Rollout(SQLModel, table=True):

@@ -54,7 +54,7 @@ from server.registry import Registry, RegistryError
 from server.rollouts import RolloutSpec, wave_sizes
 from server.settings import STALE_AFTER
 
-__all__ = ["ActionError", "DeviceDetail", "DeviceRow", "DriftRow", "FleetData", "ModelRow", "RolloutDetail",
+__all__ = ["ActionError", "AlertRow", "DeviceDetail", "DeviceRow", "DriftRow", "FleetData", "ModelRow", "RolloutDetail",
            "RolloutRow"]
 
 #: Telemetry newer than this feeds the fleet table's latency and error columns.
@@ -107,6 +107,27 @@ class DeviceDetail:
     errors: list[float]
     features: list[tuple[str, float]]  # feature, PSI / threshold of the latest window
     alerts: list[tuple[datetime, str, bool]]  # raised at, what, active
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    """An alert as the alert list shows it (server/alerts.py)."""
+
+    id: int
+    state: str  # raised, acknowledged, cleared
+    kind: str
+    device: str
+    reason: str
+    raised_at: datetime
+    by: str  # who acknowledged or cleared it
+
+    @classmethod
+    def of(cls, a: dict[str, Any]) -> AlertRow:
+        """From :func:`server.alerts.alert_json` (or the API's answer, its JSON)."""
+        by = a.get("cleared_by") if a["state"] == "cleared" else a.get("acknowledged_by")
+        return cls(id=int(a["id"]), state=str(a["state"]), kind=str(a["kind"]), device=str(a["device_id"] or "—"),
+                   reason=str(a.get("reason") or ""), raised_at=datetime.fromisoformat(str(a["raised_at"])),
+                   by=str(by or "—"))
 
 
 @dataclass(frozen=True)
@@ -252,6 +273,24 @@ class FleetData:
         return DeviceDetail(rows[device_id], d.fingerprint or {}, history[:20],
                             [w.p95_ms or 0.0 for w in windows],
                             [w.errors / w.requests if w.requests else 0.0 for w in windows], features, alerts)
+
+    def alerts(self, include_all: bool = False) -> list[AlertRow]:
+        """Active alerts and those cleared in the last 24 hours (every one with ``include_all``), newest first."""
+        from server import alerts
+
+        with Session(self.registry.engine) as db:
+            return [AlertRow.of(alerts.alert_json(a))
+                    for a in alerts.list_alerts(db, include_all=include_all, now=self.clock())]
+
+    def acknowledge(self, alert_id: int, note: str | None = None) -> None:
+        from server import alerts
+
+        self._require(Permission.ACK_ALERT)
+        try:
+            _, entry = alerts.acknowledge(self.registry.engine, alert_id, self.actor, note)
+        except alerts.AlertError as exc:
+            raise ActionError(str(exc)) from None
+        self.registry.anchor_audit(entry)
 
     def rollouts(self) -> list[RolloutRow]:
         with Session(self.registry.engine) as db:

@@ -31,7 +31,16 @@ from server.drift import FeatureDrift
 from server.features import FeatureDriftRow
 from server.governance import ROLLOUT_COMMANDS, Permission, Role, allowed
 from server.rollouts import RolloutSpec
-from server.tui.data import ActionError, DeviceDetail, DeviceRow, DriftRow, ModelRow, RolloutDetail, RolloutRow
+from server.tui.data import (
+    ActionError,
+    AlertRow,
+    DeviceDetail,
+    DeviceRow,
+    DriftRow,
+    ModelRow,
+    RolloutDetail,
+    RolloutRow,
+)
 
 __all__ = ["RemoteFleetData"]
 
@@ -191,6 +200,17 @@ class RemoteFleetData:
 
     def rollouts(self) -> list[RolloutRow]:
         return _decode(_ROLLOUTS, self._get("/rollouts"), "/rollouts")
+
+    def alerts(self, include_all: bool = False) -> list[AlertRow]:
+        answer = self._get("/alerts", all="true" if include_all else "false")
+        try:
+            return [AlertRow.of(a) for a in answer]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ActionError(f"the server's answer for /alerts does not have the expected shape ({exc}); is it "
+                              f"another edgeherd version?") from None
+
+    def acknowledge(self, alert_id: int, note: str | None = None) -> None:
+        self._post(f"/alerts/{int(alert_id)}/ack", {"note": note})
 
     def rollout(self, name: str) -> RolloutDetail:
         name = _segment(name, NAME, "rollout name")

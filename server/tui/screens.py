@@ -1,4 +1,4 @@
-"""The screens: Fleet, Device, Rollouts, Models, Drift, Audit, Help.
+"""The screens: Fleet, Device, Alerts, Rollouts, Models, Drift, Audit, Help.
 
 Each loads its data in a thread worker (never on the event loop), drops a
 refresh while the previous one still runs or while a dialog is open, and
@@ -26,7 +26,16 @@ from server.db.models import AuditEntry
 from server.features import FeatureDriftRow
 from server.governance import ROLLOUT_COMMANDS, Permission
 from server.rollouts import RolloutSpec
-from server.tui.data import ActionError, DeviceDetail, DeviceRow, DriftRow, ModelRow, RolloutDetail, RolloutRow
+from server.tui.data import (
+    ActionError,
+    AlertRow,
+    DeviceDetail,
+    DeviceRow,
+    DriftRow,
+    ModelRow,
+    RolloutDetail,
+    RolloutRow,
+)
 from server.tui.modals import (
     ConfirmModal,
     ReasonModal,
@@ -39,8 +48,8 @@ from server.tui.modals import (
 if TYPE_CHECKING:
     from server.tui.app import EdgeherdApp
 
-__all__ = ["AuditScreen", "DeviceScreen", "DriftScreen", "Fleet", "FleetScreen", "HelpScreen", "ModelsScreen",
-           "RolloutsScreen"]
+__all__ = ["AlertsScreen", "AuditScreen", "DeviceScreen", "DriftScreen", "Fleet", "FleetScreen", "HelpScreen",
+           "ModelsScreen", "RolloutsScreen"]
 
 
 class Fleet(Protocol):
@@ -68,6 +77,8 @@ class Fleet(Protocol):
     def can_decide(self, ref: str) -> bool: ...
     def deploy(self, device_id: str, ref: str) -> str: ...
     def revoke(self, device_id: str) -> None: ...
+    def alerts(self, include_all: bool = False) -> list[AlertRow]: ...
+    def acknowledge(self, alert_id: int, note: str | None = None) -> None: ...
 
 HEALTH_STYLE = {"ok": "green", "warn": "yellow", "bad": "bold red", "off": "dim"}
 STATE_STYLE = {"running": "cyan", "completed": "green", "rolled_back": "yellow", "rolling_back": "bold yellow",
@@ -238,6 +249,7 @@ class FleetScreen(Loading):
         Binding("s", "sort", "Sort"),
         Binding("S", "reverse", "Reverse"),
         Binding("enter", "open", "Device", show=True),
+        Binding("a", "alerts", "Alerts"),
     ]
 
     def __init__(self) -> None:
@@ -357,6 +369,87 @@ class FleetScreen(Loading):
         key = self.selected_key(self.query_one("#fleet", DataTable))
         if key is not None:
             self.app.push_screen(DeviceScreen(key))
+
+    def action_alerts(self) -> None:
+        self.app.push_screen(AlertsScreen())
+
+
+# -- Alerts ------------------------------------------------------------------------------------------------
+
+ALERT_STYLE = {"raised": "bold red", "acknowledged": "yellow", "cleared": "green"}
+
+
+class AlertsScreen(Loading):
+    """Active alerts and those cleared in the last 24 hours (every one with ``A``), newest first; acknowledge one."""
+
+    AUTO_FOCUS = "#alert-list"
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("k", "ack", "Acknowledge"),
+        Binding("A", "everything", "All / recent"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.include_all = False
+        self.rows: dict[str, AlertRow] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="alert-summary")
+        table: DataTable[Text] = DataTable(id="alert-list", cursor_type="row", zebra_stripes=True)
+        for label, width in (("id", 6), ("state", 13), ("kind", 13), ("device", 14), ("reason", 60),
+                             ("raised", 19), ("by", 14)):
+            table.add_column(label, width=width)
+        yield table
+        yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "ack":
+            return self.allowed(Permission.ACK_ALERT)
+        return True
+
+    def load(self) -> list[AlertRow]:
+        return self.data.alerts(self.include_all)
+
+    def show(self, rows: list[AlertRow]) -> None:
+        table = self.query_one("#alert-list", DataTable)
+        cursor = self.selected_key(table)
+        table.clear()
+        self.rows = {str(r.id): r for r in rows}
+        for r in rows:
+            table.add_row(Text(str(r.id), justify="right"), Text(r.state, style=ALERT_STYLE.get(r.state, "")),
+                          Text(r.kind), Text(r.device), Text(r.reason[:60]), Text(_when(r.raised_at)), Text(r.by),
+                          key=str(r.id))
+        if cursor in self.rows:
+            table.move_cursor(row=table.get_row_index(cursor))
+        raised = sum(r.state == "raised" for r in rows)
+        acked = sum(r.state == "acknowledged" for r in rows)
+        self.query_one("#alert-summary", Static).update(
+            f"{raised} raised · {acked} acknowledged · "
+            + ("every alert" if self.include_all else "active ones and those cleared in the last 24 hours"))
+
+    def action_everything(self) -> None:
+        self.include_all = not self.include_all
+        self.refresh_data()
+
+    def action_ack(self) -> None:
+        key = self.selected_key(self.query_one("#alert-list", DataTable))
+        row = self.rows.get(key or "")
+        if row is None:
+            self.notify("no alert selected", severity="warning")
+            return
+        if row.state != "raised":
+            self.notify(f"alert {row.id} is {row.state}; only a raised alert is acknowledged", severity="warning")
+            return
+
+        def confirmed(ok: bool | None) -> None:
+            if ok:
+                self.act(f"alert {row.id} acknowledged", lambda: self.data.acknowledge(row.id))
+
+        self.app.push_screen(ConfirmModal(f"Acknowledge alert {row.id} ({row.kind} on {row.device}: {row.reason})? "
+                                          "It shows you are on it until it clears.", "Acknowledge"), confirmed)
 
 
 # -- Device ---------------------------------------------------------------------------------------------
