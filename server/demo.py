@@ -510,16 +510,24 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
             console.print(f"  v2 reached {', '.join(result.v2_devices)}; the [bold]{', '.join(result.v2_gates)}[/] "
                           f"gate stopped it at wave {result.v2_wave}: {json.dumps(result.v2_numbers)[:160]}")
             v1_digest = next(v.manifest_sha256 for v in reg.models() if v.version == "1.0.0")
+            v2_digest = next(v.manifest_sha256 for v in reg.models() if v.version == "2.0.0")
+            with Session(reg.engine) as db:
+                for a in db.exec(select(Alert).where(Alert.manifest_sha256 == v2_digest)):
+                    console.print(f"  {a.kind.replace('_', ' ')} alert on {a.device_id} while it ran v2: "
+                                  f"{a.detail.get('reason', a.detail.get('worst', ''))}")
             _wait("every device to run v1 again",
                   lambda: _count(reg, select(Device).where(Device.running_manifest == v1_digest)) == len(DEVICES), 120)
 
             console.rule(f"[bold]5. Drift: {SHIFTED} starts seeing brighter digits")
             traffic.shifted.add(SHIFTED)
-            _wait(f"a drift alert on {SHIFTED}",
-                  lambda: _count(reg, select(Alert).where(Alert.device_id == SHIFTED, col(Alert.active))), 120)
-            _pause(4)  # a couple more windows for everyone: no other alert may appear
+            on_v1 = select(Alert).where(Alert.kind == "drift", Alert.manifest_sha256 == v1_digest, col(Alert.active))
+            _wait(f"an input drift alert on {SHIFTED}", lambda: _count(reg, on_v1.where(Alert.device_id == SHIFTED)),
+                  120)
+            _pause(4)  # a couple more windows for everyone: no other device may get an input drift alert
             with Session(reg.engine) as db:
-                result.alerts = sorted({a.device_id or "?" for a in db.exec(select(Alert).where(col(Alert.active)))})
+                result.alerts = sorted({a.device_id or "?" for a in db.exec(on_v1)})
+                for a in db.exec(on_v1.where(Alert.device_id == SHIFTED)):
+                    console.print(f"  {SHIFTED}: {a.detail.get('reason', a.detail.get('worst', ''))}")
                 names = {v.manifest_sha256: f"{v.name}:{v.version}" for v in db.exec(select(ModelVersion))}
                 for d in db.exec(select(Device).order_by(col(Device.id))):
                     result.devices[d.id] = {"profile": d.profile, "version": names.get(d.running_manifest or "", "—"),

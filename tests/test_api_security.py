@@ -131,7 +131,7 @@ def _mutating_routes() -> list[tuple[str, str, Permission | None]]:
 #: Mutating routes any operator, a viewer too, may call: their own key and tokens.
 SELF_SERVICE = {("PUT", "/api/v1/operators/me/key"), ("POST", "/api/v1/operators/tokens"),
                 ("DELETE", "/api/v1/operators/tokens/{token_id}")}
-PATH_VALUES = {"device_id": "pi-1", "ref": "blob:1.0.0", "name": "r1", "token_id": "tok_000000000000"}
+PATH_VALUES = {"device_id": "pi-1", "ref": "blob:1.0.0", "name": "r1", "token_id": "tok_000000000000", "alert_id": "1"}
 
 
 def test_a_viewer_gets_403_on_every_mutating_route(srv):
