@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import pwd
-import signal
 import subprocess
 import sys
 import tarfile
@@ -33,6 +32,7 @@ from server.broker import free_port
 from server.cli import app
 from server.db.models import Device
 from server.registry import Registry
+from tests.api_helpers import stop_server
 from tests.conftest import BuiltBundle
 from tests.provision_helpers import (
     device_python,
@@ -65,16 +65,6 @@ def _server_run(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
                                  "--public-host", "localhost", "--listen", f"127.0.0.1:{port}", "--metrics-port",
                                  "0", "--drift-interval", "0", "--rollout-interval", "0.3"],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.skipif(PROFILE is None, reason=f"no hardware profile runs on a {platform.machine()} machine")
@@ -163,5 +153,5 @@ def test_server_run_flash_install_connect_over_tls_install_a_model_and_serve(
               f"{time.monotonic() - t0:.1f} s (the wheelhouse's download not counted)")
     finally:
         if agent is not None:
-            _stop(agent)
-        _stop(server)
+            stop_server(agent)
+        stop_server(server)
