@@ -282,7 +282,8 @@ def _act(engine: Engine, alert_id: int, action: AlertAction, actor: str, note: s
             for cond in db.exec(select(AlertCondition).where(AlertCondition.alert_id == alert_id)):
                 cond.active, cond.streak, cond.alert_id, cond.updated_at = False, 0, None, now
                 db.add(cond)
-            if send:
+            fired = db.exec(select(AlertDelivery.id).where(AlertDelivery.alert_id == alert_id).limit(1)).first()
+            if send or fired is not None:  # whoever was told it fired hears it resolved, whatever this shell says
                 queue_delivery(db, alert, "resolved", now)
         done.append(alert)
 
@@ -409,7 +410,8 @@ class Notifier:
         work: list[tuple[int, bytes]] = []
         with Session(self.engine) as db:
             # a delivery left "sending" by a server that stopped mid-way counts as a failed attempt
-            stale = now - timedelta(seconds=max(10 * self.timeout, 60.0))
+            # (after longer than a whole batch of POSTs can take, so another replica's batch in flight is left be)
+            stale = now - timedelta(seconds=max(limit * self.timeout, 60.0) + 60.0)
             for d in db.exec(select(AlertDelivery).where(AlertDelivery.status == "sending",
                                                          col(AlertDelivery.attempted_at) < stale)).all():
                 self._outcome(db, d, None, "no answer recorded: the server stopped while sending", now)
@@ -433,10 +435,14 @@ class Notifier:
                 work.append((d.id, json.dumps(payload, separators=(",", ":")).encode()))
             db.commit()
         for delivery_id, body in work:
+            with Session(self.engine) as db:
+                row = db.get(AlertDelivery, delivery_id)
+                if row is None or row.status != "sending":  # taken as abandoned meanwhile: not sent twice from here
+                    continue
             status, error = self._post(body)
             with Session(self.engine) as db:
                 row = db.get(AlertDelivery, delivery_id)
-                if row is not None:
+                if row is not None and row.status == "sending":  # only the attempt still in flight is settled
                     self._outcome(db, row, status, error, now)
                 db.commit()
         return len(work)

@@ -55,7 +55,7 @@ from server.alerts import Notifier, observations, observe
 from server.broker import SERVER_USER
 from server.db.models import Device, DriftPending, DriftReportRow, ModelVersion, StatsWindow
 from server.distribution import BroadcastLedger, DirectoryStore, Route, answer
-from server.drift import score
+from server.drift import misfit, score
 from server.ingest import Batch, Ingestor
 from server.orchestrator import Orchestrator
 from server.presence import online_clause
@@ -108,6 +108,8 @@ class ServerApp:
         self.chunks_shared = 0
         self.ledger = BroadcastLedger()
         self.chunk_errors = 0
+        #: Statistics windows taken but not scored because their counts do not fit the model's reference bins.
+        self.windows_misfit = 0
         #: Chunk requests refused, by reason (the error code, or ``bad_topic``); on /metrics.
         self.chunk_refused: Counter[str] = Counter()
         self._refused_lock = threading.Lock()
@@ -441,8 +443,20 @@ class ServerApp:
                 if ref is None:  # no such model version here: nothing to score it against
                     continue
                 window = FeatureStats.model_validate_json(row.payload)
+                why = misfit(ref, window)
+                if why is not None:  # taken, never scored: it would break the sums of every other window
+                    self.windows_misfit += 1
+                    log.warning("statistics window %s/%d/%d of %s does not fit the model's reference (%s); skipped",
+                                row.device_id, row.session, row.window_seq, row.manifest_sha256[:12], why)
+                    continue
+                try:
+                    with db.begin_nested():  # one window's failure must not roll back the batch's others
+                        self._score_device_window(db, row, window, ref, now)
+                except Exception:
+                    log.exception("scoring statistics window %s/%d/%d failed; skipped", row.device_id, row.session,
+                                  row.window_seq)
+                    continue
                 fresh[row.manifest_sha256].append(window)
-                self._score_device_window(db, row, window, ref, now)
             for manifest_sha256, windows in fresh.items():  # fleet-wide: the summed counts of the new windows
                 fleet = score(self._references[manifest_sha256], windows)
                 decidable = bool(getattr(fleet, "decidable", True))

@@ -358,7 +358,8 @@ class _Operators:
 def _operators(app: Any, console: Console) -> _Operators:
     """A token for each demo operator (issued on the server host, as ``edgeherd operator add`` does), and an
     Ed25519 key for the reviewer, registered through the API (``edgeherd operator keygen``)."""
-    from protocol import generate_signing_key, public_key_to_text
+    from hardware.files import atomic_write
+    from protocol import generate_signing_key, load_private_key, private_key_to_pem, public_key_to_text
     from server.api.tokens import issue
 
     ca = app.api.ca_bundle.read_text()
@@ -367,7 +368,13 @@ def _operators(app: Any, console: Console) -> _Operators:
         for name in ("ml-engineer", "reviewer", "ops"):
             token, _ = issue(db, name, created_by="demo", label="edgeherd demo")
             clients[name] = ApiClient(app.api.url, ca, token)
-    keys = {"reviewer": generate_signing_key()}
+    # the reviewer's key stays in the data directory: a demo run again there signs with the key on record
+    stored = app.registry.data / "keys" / "demo-reviewer.key"
+    if stored.exists():
+        keys = {"reviewer": load_private_key(stored.read_bytes())}
+    else:
+        keys = {"reviewer": generate_signing_key()}
+        atomic_write(stored, private_key_to_pem(keys["reviewer"]), 0o600)
     clients["reviewer"].request("PUT", "/operators/me/key",
                                 {"public_key": public_key_to_text(keys["reviewer"].public_key())})
     console.print(f"  operator API on {app.api.url} (HTTPS, the server's CA); tokens for ml-engineer, reviewer "

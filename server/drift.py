@@ -71,6 +71,7 @@ __all__ = [
     "chi_square",
     "folded_counts",
     "js_divergence",
+    "misfit",
     "pool_bins",
     "psi",
     "rate_p_value",
@@ -299,6 +300,20 @@ def folded_counts(f: FeatureWindow) -> np.ndarray:
     c[0] += f.below
     c[-1] += f.above
     return c
+
+
+def misfit(reference: ReferenceProfile, window: FeatureStats) -> str | None:
+    """Why ``window`` cannot be counted with ``reference`` (a feature's or the classes' counts of another length
+    than the reference's bins), or None when it can. Counts of different lengths cannot be added: one such window
+    summed with others would stop every evaluation of its model version."""
+    bins = {f.name: len(f.counts) for f in reference.features}
+    for f in window.features:
+        if f.name in bins and len(f.counts) != bins[f.name]:
+            return f"feature {f.name}: {len(f.counts)} bins, the reference has {bins[f.name]}"
+    if reference.class_counts is not None and window.class_counts is not None and \
+            len(window.class_counts) != len(reference.class_counts):
+        return f"class counts: {len(window.class_counts)} classes, the reference has {len(reference.class_counts)}"
+    return None
 
 
 def sum_stats(windows: Iterable[FeatureStats]) -> _Summed:

@@ -33,8 +33,9 @@ from protocol.errors import KeyFormatError
 from protocol.signing import load_public_key
 from server.db.models import Approval, AuditEntry, ModelVersion
 
-__all__ = ["DECISION_KIND", "ApprovalReport", "SignatureCheckError", "check_approvals", "decision_payload",
-           "sign_decision", "verify_approvals", "verify_decision"]
+__all__ = ["DECISION_KIND", "KEY_REPLACEMENT_KIND", "ApprovalReport", "SignatureCheckError", "check_approvals",
+           "decision_payload", "key_replacement_payload", "sign_decision", "sign_key_replacement", "verify_approvals",
+           "verify_decision", "verify_key_replacement"]
 
 DECISION_KIND = "edgeherd.decision.v1"
 
@@ -75,6 +76,29 @@ def verify_decision(public_key: str, signature: str, **fields: str) -> None:
 
 
 Recorded = tuple[str, str, dict[str, object]]
+
+
+KEY_REPLACEMENT_KIND = "edgeherd.key-replacement.v1"
+
+
+def key_replacement_payload(new_public_key: str) -> bytes:
+    """What an operator's current key signs to let a new key replace it: whoever holds only their token cannot
+    swap in a key of their own and then sign approvals in their name."""
+    return canonical_json({"kind": KEY_REPLACEMENT_KIND, "public_key": new_public_key})
+
+
+def sign_key_replacement(current: Ed25519PrivateKey, new_public_key: str) -> str:
+    return base64.b64encode(current.sign(key_replacement_payload(new_public_key))).decode()
+
+
+def verify_key_replacement(current_public_key: str, signature: str, new_public_key: str) -> None:
+    """:class:`SignatureCheckError` unless ``signature`` by the current key approves ``new_public_key``."""
+    try:
+        pub = load_public_key(current_public_key)
+        raw = base64.b64decode(signature, validate=True)
+        pub.verify(raw, key_replacement_payload(new_public_key))
+    except (KeyFormatError, binascii.Error, ValueError, InvalidSignature):
+        raise SignatureCheckError("the replacement is not signed by the operator's current key") from None
 
 
 def check_approvals(rows: Iterable[tuple[int, str, str, str, str, str, str | None, str | None, Recorded | None]]

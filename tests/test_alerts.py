@@ -208,6 +208,30 @@ def test_a_batch_that_commits_late_is_scored(fleet):
     assert len(scored) == 1
 
 
+def test_a_window_that_does_not_fit_the_reference_is_skipped_and_stops_nothing(fleet):
+    """A device's window whose class counts have another length than the reference's (valid on the wire) used to
+    break the fleet's sum, roll back the batch and be picked first again: no drift for anybody, ever after."""
+    from protocol import FeatureStats, encode
+
+    app = fleet.app()
+    fleet.window(app, "dev-good")
+    odd = fleet.window(app, "dev-odd")
+    with Session(app.registry.engine) as db:
+        row = db.get(StatsWindow, ("dev-odd", odd[0], odd[1]))
+        stats = FeatureStats.model_validate_json(row.payload)
+        cc = stats.class_counts
+        row.payload = encode(stats.model_copy(update={"class_counts": [cc[0] + cc[2], cc[1], *cc[3:]][:2]}))
+        db.add(row)
+        db.commit()
+    assert app.evaluate_drift() == 2 and app.windows_misfit == 1
+    fleet.window(app, "dev-good")
+    assert app.evaluate_drift() == 1  # later windows are scored as ever
+    with Session(app.registry.engine) as db:
+        assert db.exec(select(StatsWindow).where(col(StatsWindow.scored).is_(False))).all() == []
+        reports = db.exec(select(DriftReportRow.device_id).where(DriftReportRow.scope == "device")).all()
+    assert sorted(reports) == ["dev-good", "dev-good"]
+
+
 def test_small_windows_are_summed_until_they_decide(fleet):
     from server import drift
 
@@ -253,6 +277,24 @@ def test_resolving_by_hand_restarts_the_condition(fleet):
         fleet.window(app, "dev-f", shift=2.0)
     app.evaluate_drift()
     assert [a.active for a in fleet.alerts(app, "dev-f")] == [False, True]
+
+
+def test_resolving_from_a_shell_without_the_webhook_setting_still_tells_the_webhook(fleet, monkeypatch):
+    """The server fired the alert to its webhook; an operator resolves it with `edgeherd alerts resolve` on the host,
+    in a shell without EDGEHERD_ALERT_WEBHOOK: the receiver must still hear it resolved."""
+    monkeypatch.setenv("EDGEHERD_ALERT_WEBHOOK", "http://127.0.0.1:9/hook")  # the server's environment
+    app = fleet.app()
+    assert app.notifier is not None
+    for _ in range(2):
+        fleet.window(app, "dev-f", shift=2.0)
+    app.evaluate_drift()
+    [alert] = fleet.alerts(app, "dev-f")
+    monkeypatch.delenv("EDGEHERD_ALERT_WEBHOOK")  # the operator's shell
+    alerts.resolve(app.registry.engine, alert.id, "otto", "fixed")
+    with Session(app.registry.engine) as db:
+        events = [d.event for d in db.exec(select(AlertDelivery).where(AlertDelivery.alert_id == alert.id)
+                                           .order_by(col(AlertDelivery.id)))]
+    assert events == ["firing", "resolved"]
 
 
 # -- acknowledging through the CLI and the API -----------------------------------------------------------------

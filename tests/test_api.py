@@ -73,9 +73,22 @@ def push(srv: ApiServer, tmp: Path, operator: str, model: str, version: str = "1
     return upload(srv.client(operator), pack(bundle, tmp / f"{model}-{version}.tar")), digest
 
 
+#: The private keys registered so far, by (server, operator): a new one replaces the last with its signature.
+_KEYS: dict[tuple[str, str], Ed25519PrivateKey] = {}
+
+
 def register_key(client: ApiClient) -> Ed25519PrivateKey:
+    """A fresh key for the client's operator, registered (signed by the key it replaces, when there is one)."""
+    from server.signatures import sign_key_replacement
+
+    me = client.get("/whoami")["operator"]
     key = generate_signing_key()
-    client.request("PUT", "/operators/me/key", {"public_key": public_key_to_text(key.public_key())})
+    public = public_key_to_text(key.public_key())
+    body = {"public_key": public}
+    if (client.url, me) in _KEYS:
+        body["previous_signature"] = sign_key_replacement(_KEYS[(client.url, me)], public)
+    client.request("PUT", "/operators/me/key", body)
+    _KEYS[(client.url, me)] = key
     return key
 
 

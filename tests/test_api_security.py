@@ -23,7 +23,7 @@ import pytest
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from protocol.signing import generate_signing_key
+from protocol.signing import generate_signing_key, public_key_to_text
 from server.api.app import create_app
 from server.api.client import ApiClient
 from server.api.tokens import issue
@@ -164,9 +164,37 @@ def test_a_push_token_uploads_and_reads_but_cannot_promote_approve_or_roll_out(s
                        ("/rollouts", {"name": "ci-r", "model": "ci-pushed:1.0.0", "target": {"groups": ["a"]}})):
         code, message = status_of(lambda path=path, body=body: ci.post(path, body))
         assert code == 403 and "scoped to pushing" in message, (path, message)
-    code, message = status_of(lambda: ci.request("POST", "/operators/tokens", {"scope": "full"}))
-    assert code == 403 and "cannot make a full-scope one" in message
+    # nor manage its operator's tokens and key: a leaked CI token must not outlive its revocation or sign as bob
+    for method, path, body in (("POST", "/operators/tokens", {"scope": "full"}),
+                               ("POST", "/operators/tokens", {"scope": "push"}),
+                               ("PUT", "/operators/me/key", {"public_key": public_key_to_text(
+                                   generate_signing_key().public_key())}),
+                               ("DELETE", f"/operators/tokens/{made['token_info']['id'][:-1]}0", None)):
+        code, message = status_of(lambda m=method, p=path, b=body: ci.request(m, p, b))
+        assert code == 403 and "scoped to pushing" in message, (path, message)
     assert srv.client("otto").get("/models/ci-pushed:1.0.0")["stage"] == "draft"
+    assert ci.request("DELETE", f"/operators/tokens/{made['token_info']['id']}")["revoked_at"]  # itself: yes
+
+
+def test_replacing_a_signing_key_needs_the_old_keys_signature_or_an_admin(srv):
+    from server.signatures import sign_key_replacement
+
+    carol = srv.client("carol")
+    first = register_key(carol)
+    intruder = generate_signing_key()  # someone with carol's token but not her key
+    text = public_key_to_text(intruder.public_key())
+    code, message = status_of(lambda: carol.request("PUT", "/operators/me/key", {"public_key": text}))
+    assert code == 403 and "replacing it needs a signature by it" in message
+    code, message = status_of(lambda: carol.request("PUT", "/operators/me/key", {
+        "public_key": text, "previous_signature": sign_key_replacement(intruder, text)}))
+    assert code == 422 and "previous_signature" in message
+    assert carol.get("/whoami")["public_key"] == public_key_to_text(first.public_key())
+    code, _ = status_of(lambda: srv.client("vic").request("PUT", "/operators/carol/key", {"public_key": text}))
+    assert code == 403
+    assert srv.client("admin").request("PUT", "/operators/carol/key", {"public_key": text})["operator"] == "carol"
+    assert carol.get("/whoami")["public_key"] == text
+    assert srv.client("admin").request("PUT", "/operators/carol/key", {"public_key": public_key_to_text(
+        first.public_key())})["public_key"] == public_key_to_text(first.public_key())  # back, for later tests
 
 
 # -- four-eyes and signatures ----------------------------------------------------------------------
@@ -275,6 +303,8 @@ def test_hostile_or_broken_archives_are_refused_and_leave_nothing_behind(srv, tm
         "too many members": (_tar([_file(f"f{i}") for i in range(65)]), "more than 64 members"),
         "a name twice": (_tar([_file("manifest.json", manifest), _file("manifest.json", b"{}")]), "given twice"),
         "huge metadata": (pax_body.getvalue(), "metadata header"),
+        # a pax size=0 override: tarfile would read a hidden GNU long name (of any size) from "file data"
+        "a pax size override": (_pax_size_override(manifest), "sets a member's size"),
         "not a tar": (b"just some bytes, not an archive at all" * 20, "tar"),
         "no manifest": (_tar([_file("readme.txt")]), "holds no manifest.json"),
         "a tampered artifact": (_tar([_file("manifest.json", manifest),
@@ -301,6 +331,20 @@ def test_hostile_or_broken_archives_are_refused_and_leave_nothing_behind(srv, tm
     assert code == 413, answer  # JSON bodies: 64 KiB
     assert not list((srv.data / "uploads").iterdir())
     assert "hostile:1.0.0" not in {m["ref"] for m in srv.client("otto").get("/models")}
+
+
+def _pax_size_override(payload: bytes) -> bytes:
+    def header(name: str, size: int, kind: bytes) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.type = size, kind
+        return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+    record = b" size=0\n"
+    record = str(len(record) + 2).encode() + record  # "9 size=0\n": the length counts its own digits
+    hidden = header("././@LongLink", 100_000, tarfile.GNUTYPE_LONGNAME) + b"a" * 100_000 + \
+        b"\0" * (-100_000 % 512) + header("x", 0, tarfile.REGTYPE)
+    return (header("././@PaxHeader", len(record), tarfile.XHDTYPE) + record + b"\0" * (-len(record) % 512)
+            + header("manifest.json", len(hidden), tarfile.REGTYPE) + hidden + b"\0" * 1024)
 
 
 def _device() -> tuple[tarfile.TarInfo, None]:

@@ -119,3 +119,14 @@ def test_answers_carry_security_headers_and_the_page_needs_no_other_host(web, co
     assert re.findall(r'(?:src|href)="(/[^"]*)"', page) == ["/static/css/xterm.css", "/edgeherd/page.css",
                                                            "/static/js/textual.js", "/edgeherd/focus.js", "/"]
     assert "/static/fonts/RobotoMono" in css and "fonts.googleapis" not in page + css
+
+
+def test_a_wildcard_listener_answers_to_loopback_and_this_machines_names():
+    import socket
+
+    from server.tui.web import allowed_hosts
+
+    allowed = allowed_hosts("0.0.0.0", 8471)  # noqa: S104 - what the operator passed
+    assert {"127.0.0.1:8471", "localhost:8471", f"{socket.gethostname().lower()}:8471"} <= allowed
+    assert "0.0.0.0:8471" not in allowed and "evil.example:8471" not in allowed
+    assert allowed_hosts("127.0.0.1", 8471) >= {"127.0.0.1:8471", "localhost:8471", "[::1]:8471"}

@@ -72,11 +72,20 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
     if rejected:
         lines += ["", "### Left out of the bundle", ""]
         lines += [f"- **{name}**: {why}" for name, why in rejected.items()]
+    skipped = report.get("skipped", {})
+    if skipped:
+        lines += ["", "### Not built", ""]
+        lines += [f"- **{target}**: {why}" for target, why in skipped.items()]
     lines += _per_class(report) + _slices(report) + _importance(report)
     parity = report.get("onnx_parity_max_abs_diff")
     lines += ["", "## Checks", ""]
     if parity is not None:
         lines.append(f"- ONNX vs torch on the test split: max abs difference {parity:.2e}.")
+    onnx_input = report.get("onnx_input")
+    if onnx_input:
+        lines.append(f"- The supplied ONNX model is evaluated and served through its output "
+                     f"`{onnx_input['output']}`; every artifact's metrics and golden outputs are that output's.")
+        lines += [f"- {note[:1].upper()}{note[1:]}." for note in onnx_input.get("notes", [])]
     if m.golden is not None:
         lines.append(f"- {len(m.golden.inputs)} golden inputs ship with the bundle; a device runs them after "
                      "installing and before switching (smoke test).")

@@ -58,7 +58,7 @@ from toolchain.bundle import (
     write_signed_manifest,
 )
 from toolchain.card import render_card
-from toolchain.errors import DataError, ModelError, QualityGateFailed, ToolchainError
+from toolchain.errors import ConversionError, DataError, ModelError, QualityGateFailed, ToolchainError
 from toolchain.evaluate import Evaluation, evaluate, gate
 from toolchain.profile import golden_indices, reference_profile, softmax
 from toolchain.quality import (
@@ -122,6 +122,9 @@ class BuildSpec:
     model: str | None = None
     weights: Path | None = None
     onnx: Path | None = None
+    #: The output of ``onnx`` the build evaluates and ships (default: the per-class scores output; a ZipMap output
+    #: becomes the tensor that feeds it). See toolchain/onnx_input.py.
+    output: str | None = None
     name: str | None = None
     version: str = "1.0.0"
     description: str = ""
@@ -318,6 +321,51 @@ def _quality(spec: BuildSpec, ds: datamod.Dataset, artifact: str, fp32: Path, ba
     return out
 
 
+def _input_name(path: Path) -> str:
+    backend = open_backend(path, "onnxruntime")
+    try:
+        return backend.input.name
+    finally:
+        backend.close()
+
+
+def _user_onnx(spec: BuildSpec, ds: datamod.Dataset, fp32: Path, sample: np.ndarray, build_report: dict[str, Any],
+               rep: Reporter) -> list[str]:
+    """Write the user's ONNX model to ``fp32`` with its scores output alone (toolchain/onnx_input.py) and check
+    it runs on the dataset; records "onnx_input" in the report and returns the operator domains it uses beyond
+    the default ONNX one."""
+    from toolchain.onnx_input import prepare_onnx
+
+    src = spec.onnx
+    if src is None:
+        raise ModelError("the onnx recipe needs --onnx FILE")
+    prepared = prepare_onnx(src, fp32, spec.output)
+    build_report["onnx_input"] = {"source_output": prepared.source_output, "output": prepared.output,
+                                  "zipmap_removed": prepared.zipmap, "dropped_outputs": prepared.dropped,
+                                  "operator_domains": prepared.domains, "notes": prepared.notes()}
+    for note in prepared.notes():
+        rep.info(f"{src.name}: {note}")
+    labels = prepared.class_labels
+    if labels is not None and labels != list(ds.classes):
+        order = ("in another order: declare classes = [" + ", ".join(f'"{c}"' for c in labels)
+                 + "] in the schema so that both agree" if sorted(labels) == sorted(ds.classes) else
+                 "and they differ: train and build on the same label set")
+        raise ModelError(f"{src}: the model's score columns are the classes {labels}, the dataset's classes are "
+                         f"{list(ds.classes)}, {order}")
+    try:
+        probe = open_backend(fp32, "onnxruntime")
+        try:
+            out = probe.predict(sample[:1])
+        finally:
+            probe.close()
+    except Exception as exc:
+        raise ModelError(f"{src} cannot run on this dataset: {exc}") from None
+    if out.ndim != 2 or out.shape[1] != len(ds.classes):
+        raise ModelError(f"{src}: output {prepared.output!r} gives {out.shape[1:]} values per row, the dataset has "
+                         f"{len(ds.classes)} classes; the build needs one score per class")
+    return prepared.domains
+
+
 def _quality_note(quality: dict[str, Any]) -> str:
     parts = []
     worst = quality["slices"].get("worst")
@@ -371,6 +419,13 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
             pass
     if spec.recipe == "onnx" and (spec.onnx is None or not spec.onnx.is_file()):
         raise ModelError(f"ONNX file {spec.onnx} does not exist" if spec.onnx else "the onnx recipe needs --onnx FILE")
+    if spec.output is not None and spec.recipe != "onnx":
+        raise ModelError(f"--output {spec.output!r} chooses an output of an --onnx model; the {spec.recipe} recipe "
+                         "exports its own model with one output")
+    if spec.recipe == "onnx":
+        from toolchain.onnx_input import load_onnx
+
+        load_onnx(spec.onnx)  # type: ignore[arg-type]  # checked above; not a model: say so before reading data
     if spec.min_slice_metric is not None and not 0.0 <= spec.min_slice_metric <= 1.0:
         raise ToolchainError(f"min_slice_metric is an accuracy between 0 and 1, got {spec.min_slice_metric}")
     if spec.importance_repeats < 1:
@@ -421,32 +476,48 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         work = staging / ".work"
         work.mkdir()
         candidates: list[_Candidate] = []
+        #: Targets not built, and why (the report's "skipped", the model card's "Not built").
+        skipped: dict[str, str] = {}
+        domains: list[str] = []
         with rep.step("export ONNX") as st:
             fp32 = work / "model.onnx"
             if model is not None:
                 from toolchain.export import export_onnx, torch_logits
 
                 export_onnx(model, xs["test"], fp32)
-                onnx_out = open_backend(fp32, "onnxruntime").predict(xs["test"])
+                probe = open_backend(fp32, "onnxruntime")
+                try:
+                    onnx_out = probe.predict(xs["test"])
+                finally:
+                    probe.close()
                 parity = float(np.abs(onnx_out - torch_logits(model, xs["test"])).max())
                 build_report["onnx_parity_max_abs_diff"] = parity
                 st.note(f"max abs diff vs torch {parity:.2e}")
             else:
-                shutil.copyfile(spec.onnx, fp32)  # type: ignore[arg-type]  # checked at the start
-                try:
-                    probe = open_backend(fp32, "onnxruntime")
-                    probe.predict(xs["test"][:1])
-                except Exception as exc:
-                    raise ModelError(f"{spec.onnx} cannot run on this dataset: {exc}") from None
+                domains = _user_onnx(spec, ds, fp32, xs["test"], build_report, rep)
+                st.note(f"output {build_report['onnx_input']['output']!r}")
+            input_name = _input_name(fp32)
             candidates.append(_Candidate(f"{name}-onnx-fp32", Target.ONNX, Precision.FP32, fp32, "onnxruntime"))
         with rep.step("quantize ONNX int8 (QDQ, per-channel)") as st:
-            from toolchain.quantize import quantize_onnx
+            from toolchain.quantize import int8_unsupported, quantize_onnx
 
-            int8 = work / "model.int8.onnx"
-            quantize_onnx(fp32, int8, xs["calibration"])
-            sym = work / "model.int8-sym.onnx"
-            quantize_onnx(fp32, sym, xs["calibration"], symmetric=True)
-            candidates.append(_Candidate(f"{name}-onnx-int8", Target.ONNX, Precision.INT8, int8, "onnxruntime"))
+            int8, sym_path = work / "model.int8.onnx", work / "model.int8-sym.onnx"
+            sym: Path | None = sym_path
+            why_not = int8_unsupported(domains)
+            if why_not is None:
+                try:
+                    quantize_onnx(fp32, int8, xs["calibration"])
+                    quantize_onnx(fp32, sym_path, xs["calibration"], symmetric=True)
+                except ConversionError as exc:
+                    if model is not None:  # a model this build exported itself: a bug to report, not to skip
+                        raise
+                    why_not = f"{exc}; the fp32 model ships"
+            if why_not is None:
+                candidates.append(_Candidate(f"{name}-onnx-int8", Target.ONNX, Precision.INT8, int8, "onnxruntime"))
+            else:
+                skipped["onnx-int8"] = why_not
+                sym = None
+                st.note("skipped")
         if spec.tflite and model is not None:
             with rep.step("convert TFLite fp32 and int8 (litert-torch)") as st:
                 from toolchain.export import export_tflite
@@ -460,14 +531,25 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                     _Candidate(f"{name}-tflite-int8", Target.TFLITE, Precision.INT8, tfl8, "ai-edge-litert"),
                 ]
         elif model is None:
-            build_report["skipped"] = {"tflite": "needs a torch model; an ONNX input cannot be converted here"}
+            skipped["tflite"] = "needs a torch model; an ONNX input cannot be converted here"
         shape = list(ds.input_shape)
-        for prec, path in ((Precision.FP16, fp32), (Precision.INT8, sym)):
+        trt_inputs: list[tuple[Precision, Path]] = [(Precision.FP16, fp32)]
+        if domains:
+            skipped["tensorrt"] = (f"TensorRT's ONNX parser reads operators of the default ONNX domain only; this "
+                                   f"model uses operators of {', '.join(domains)}")
+            trt_inputs = []
+        elif sym is None:
+            skipped["tensorrt-int8"] = "needs the symmetric int8 ONNX model, which was not made (see onnx-int8)"
+        else:
+            trt_inputs.append((Precision.INT8, sym))
+        if skipped:
+            build_report["skipped"] = skipped
+        for prec, path in trt_inputs:
             candidates.append(_Candidate(
                 f"{name}-tensorrt-{prec.value}", Target.TENSORRT, prec, path, "onnxruntime",
                 tensorrt=TensorRTBuild(
                     precision=prec, workspace_bytes=256 * 1024**2,
-                    profiles=[ShapeRange(input="input", min=[1, *shape], opt=[1, *shape], max=[32, *shape])],
+                    profiles=[ShapeRange(input=input_name, min=[1, *shape], opt=[1, *shape], max=[32, *shape])],
                     compute_capabilities=_TRT_CAPABILITIES, min_tensorrt="10.0", validated_on=[],
                 ),
             ))
@@ -531,7 +613,8 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                 metrics["measured_with_onnxruntime"] = 1.0
             entries.append(ArtifactEntry(
                 name=c.name, target=c.target, precision=c.precision, sha256=sha, size=c.path.stat().st_size,
-                runtime=runtime, inputs=[_tensor(ev.input, "input")], outputs=[_tensor(ev.output, "logits")],
+                runtime=runtime, inputs=[_tensor(ev.input, "input" if c.runtime != "onnxruntime" else "")],
+                outputs=[_tensor(ev.output, "logits" if c.runtime != "onnxruntime" else "")],
                 metrics=metrics, tensorrt=c.tensorrt,
                 smoke=SmokeExpectation(outputs=[[float(v) for v in row] for row in outputs], atol=atol,
                                        min_agreement=agreement),
@@ -563,6 +646,8 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
             lineage["parent_version"] = spec.parent
         if spec.model:
             lineage["model_class"] = spec.model
+        if "onnx_input" in build_report:
+            lineage["onnx_output"] = build_report["onnx_input"]["output"]
         if fs is not None:
             from toolchain.features import feature_lineage
 

@@ -2,6 +2,11 @@
 
 The symmetric variant (zero points of 0 for weights and activations) is the
 input for TensorRT, whose explicit quantisation wants symmetric scales.
+
+ONNX Runtime's shape inference writes a file of its own into the current
+directory when it gives up (``sym_shape_infer_temp.onnx``); quantisation
+therefore runs with a temporary directory as the current one, and nothing of
+it is left behind, whether it succeeds or fails.
 """
 
 from __future__ import annotations
@@ -9,15 +14,56 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from toolchain.errors import ConversionError
 
-__all__ = ["quantize_onnx"]
+__all__ = ["int8_unsupported", "quantize_onnx"]
+
+#: Loggers that ONNX Runtime's quantisation tools write warnings to (and the root logger, which some use).
+_QUIET_LOGGERS = ("", "onnxruntime", "onnxruntime.tools.symbolic_shape_infer", "onnxruntime.quantization")
+
+
+def int8_unsupported(domains: list[str]) -> str | None:
+    """Why a model using operators of ``domains`` (other than the default ONNX one) gets no int8 variant."""
+    if not domains:
+        return None
+    return (f"int8 quantisation needs every operator in the default ONNX domain; this model uses operators of "
+            f"{', '.join(domains)} (e.g. scikit-learn's LinearClassifier, Normalizer), which ONNX Runtime does "
+            "not quantise; the fp32 model ships")
+
+
+@contextlib.contextmanager
+def _inside(directory: Path) -> Iterator[None]:
+    """Run with ``directory`` as the current directory (what a tool writes beside itself lands there)."""
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's tools print and log progress of their own; keep the CLI's output ours."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 class _Reader:
@@ -36,14 +82,12 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *, symmetric: b
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = src.resolve(), dst.resolve()  # the tools run in a temporary directory
     name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
     reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(name, calibration.astype(np.float32))
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {}
     try:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            logging.getLogger().setLevel(logging.WARNING)
+        with tempfile.TemporaryDirectory(prefix="edgeherd-quantize.") as tmp, _inside(Path(tmp)), _quiet():
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(src), str(pre))
             quantize_static(
@@ -51,4 +95,5 @@ def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *, symmetric: b
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options=extra,
             )
     except Exception as exc:
-        raise ConversionError(f"ONNX int8 quantisation failed: {type(exc).__name__}: {exc}") from None
+        detail = " ".join(str(exc).split())[:300]
+        raise ConversionError(f"ONNX int8 quantisation failed: {type(exc).__name__}: {detail}") from None

@@ -1,4 +1,9 @@
-"""ONNX Runtime backend (CPU execution provider)."""
+"""ONNX Runtime backend (CPU execution provider).
+
+A model may have several outputs (a converter's label and probabilities): the backend runs one, named by
+``output`` (the manifest's declared output), or the model's first output when no name is given. The output it
+runs must be a numeric tensor: a sequence or map output (e.g. a ZipMap) is refused when the model is loaded.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +27,26 @@ def _spec(node: Any) -> IOSpec:
     return IOSpec(node.name, shape, _ORT_TYPES.get(node.type, node.type))
 
 
+def _pick(path: Path, outputs: list[Any], name: str | None) -> Any:
+    """The output named ``name`` (the first one without a name); a numeric tensor, or ModelLoadError."""
+    listing = ", ".join(f"{o.name} ({o.type})" for o in outputs)
+    if name is None:
+        chosen = outputs[0]
+    else:
+        chosen = next((o for o in outputs if o.name == name), None)
+        if chosen is None:
+            raise ModelLoadError(f"{path} has no output {name!r}, which its manifest declares; its outputs are: "
+                                 f"{listing}")
+    if not str(chosen.type).startswith("tensor(") or chosen.type == "tensor(string)":
+        raise ModelLoadError(f"{path}: output {chosen.name!r} is {chosen.type}, not a tensor; the agent serves "
+                             f"a numeric tensor output (its outputs are: {listing})")
+    return chosen
+
+
 class OnnxRuntimeBackend:
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, *, threads: int = 1) -> None:
+    def __init__(self, path: Path, *, threads: int = 1, output: str | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -41,7 +62,7 @@ class OnnxRuntimeBackend:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
             raise ModelLoadError(f"{path}: expected one input and at least one output, got {len(inputs)} inputs")
-        self.input, self.output = _spec(inputs[0]), _spec(outputs[0])
+        self.input, self.output = _spec(inputs[0]), _spec(_pick(path, outputs, output))
         # a failed run is raised as InferenceError and logged by the agent (throttled); ORT's own error line
         # per failed request would flood the device's log
         self._run_options = ort.RunOptions()

@@ -25,7 +25,7 @@ from server.api.routes_base import refused as _refused
 from server.api.routes_fleet import devices as enrolment
 from server.api.routes_fleet import feature_registry
 from server.api.routes_upload import upload
-from server.api.tokens import Caller, TokenError, issue, revoke, tokens_of
+from server.api.tokens import TokenError, issue, revoke, tokens_of
 from server.db.models import ModelVersion, OperatorKey, OperatorToken, Rollout
 from server.governance import GovernanceError, Permission, Role, find_version, promote, retire
 from server.orchestrator import RolloutError, command_governed, start_governed
@@ -319,36 +319,78 @@ _KEY = re.compile(r"^ed25519:[A-Za-z0-9+/]{43}=$")
 
 class PublicKey(Body):
     public_key: Annotated[str, Field(pattern=_KEY.pattern, description="ed25519:<base64 of 32 bytes>")]
+    #: To replace a registered key: the current key's signature (base64) of
+    #: ``server.signatures.key_replacement_payload(public_key)``.
+    previous_signature: Annotated[str | None, Field(default=None, max_length=128,
+                                                     pattern=r"^[A-Za-z0-9+/=]+$")] = None
 
 
-@operators.put("/me/key", summary="Register (or replace) the caller's Ed25519 public key for signing decisions")
-def register_key(body: PublicKey, op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+def _full_scope(op: Operator, what: str) -> None:
+    if op.caller.scope != "full":
+        raise HTTPException(403, f"token {op.caller.token_id} is scoped to pushing; {what} needs a full-scope token")
+
+
+def _checked_key(public_key: str) -> str:
     from protocol.errors import KeyFormatError
     from protocol.signing import load_public_key
 
     try:
-        load_public_key(body.public_key)
+        load_public_key(public_key)
     except KeyFormatError as exc:
         raise invalid("public_key", str(exc), "key") from None
-    _set_key(op, op.caller, body.public_key)
-    return {"operator": op.name, "public_key": body.public_key}
+    return public_key
 
 
-def _set_key(op: Operator, caller: Caller, public_key: str) -> None:
+@operators.put("/me/key", summary="Register the caller's Ed25519 public key for signing decisions; replacing one "
+                                  "needs a signature by the current key")
+def register_key(body: PublicKey, op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    from server.signatures import SignatureCheckError, verify_key_replacement
+
+    _full_scope(op, "registering a signing key")
+    public_key = _checked_key(body.public_key)
+    with Session(op.registry.engine) as db:
+        current = db.get(OperatorKey, op.name)
+    if current is not None and current.public_key != public_key:
+        if body.previous_signature is None:
+            raise HTTPException(403, f"{op.name} has a signing key registered; replacing it needs a signature by it "
+                                     f"(`edgeherd operator keygen --force` makes one from the key file it replaces), "
+                                     f"or an admin (PUT /operators/{op.name}/key)")
+        try:
+            verify_key_replacement(current.public_key, body.previous_signature, public_key)
+        except SignatureCheckError as exc:
+            raise invalid("previous_signature", str(exc), "signature") from None
+    _set_key(op, op.name, public_key)
+    return {"operator": op.name, "public_key": public_key}
+
+
+@operators.put("/{name}/key", summary="Register or replace an operator's public key (admin), e.g. after a lost key")
+def register_key_for(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")], body: PublicKey,
+                     op: Annotated[Operator, Depends(permit(Permission.MANAGE_OPERATORS))]) -> dict[str, Any]:
+    _full_scope(op, "registering a signing key")
+    try:
+        who = next(e.name for e in op.governance.config.operator if e.name.casefold() == name.casefold())
+    except StopIteration:
+        raise HTTPException(404, f"{name} is not an operator") from None
+    public_key = _checked_key(body.public_key)
+    _set_key(op, who, public_key)
+    return {"operator": who, "public_key": public_key}
+
+
+def _set_key(op: Operator, operator: str, public_key: str) -> None:
     with Session(op.registry.engine) as db:
         audit.lock(db)
-        row = db.get(OperatorKey, caller.operator)
+        row = db.get(OperatorKey, operator)
         before = row.public_key if row is not None else None
         if before == public_key:
             db.rollback()
             return
         if row is None:
-            row = OperatorKey(operator=caller.operator, public_key=public_key)
+            row = OperatorKey(operator=operator, public_key=public_key)
         else:
             row.public_key = public_key
         db.add(row)
-        audit.append(db, caller.operator, "operator.key_register", f"operator:{caller.operator}",
-                     {"public_key": public_key, "replaces": before, "token": caller.token_id})
+        audit.append(db, op.name, "operator.key_register", f"operator:{operator}",
+                     {"public_key": public_key, "replaces": before, "token": op.caller.token_id})
         db.commit()
 
 
@@ -399,6 +441,7 @@ class NewToken(Body):
 
 @operators.post("/tokens", status_code=201, summary="A new token (for another operator: admins only), shown once")
 def new_token(body: NewToken, op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    _full_scope(op, "making a token")
     who = body.operator or op.name
     if who.casefold() != op.name.casefold():
         _admin(op)
@@ -437,6 +480,8 @@ def list_tokens(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> li
 @operators.delete("/tokens/{token_id}", summary="Revoke a token (your own, or anyone's for an admin)")
 def revoke_token(token_id: Annotated[str, Path(pattern=r"^tok_[a-z0-9]{12}$")],
                  op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[str, Any]:
+    if token_id != op.caller.token_id:  # a push-scoped token may revoke itself, nothing else
+        _full_scope(op, "revoking another token")
     with Session(op.registry.engine) as db:
         row = db.get(OperatorToken, token_id)
         if row is None:

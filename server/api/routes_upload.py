@@ -51,6 +51,8 @@ CHUNK = 1 << 20
 ACCEPTED = ("application/octet-stream", "application/x-tar", "application/gzip", "application/x-gzip")
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _BLOCK = 512
+#: pax records that change where members lie (their size, a sparse map), which this module's walk would not follow.
+_PAX_LAYOUT = re.compile(rb"(?:^|\n)\d+ (?:size|GNU\.sparse\.[a-z.]+)=")
 
 
 class ArchiveError(Exception):
@@ -100,8 +102,14 @@ def _scan_headers(tar: BinaryIO, size: int) -> None:
         if headers > 4 * MAX_MEMBERS:
             raise ArchiveError(f"more than {MAX_MEMBERS} members")
         length = _octal(block[124:136])
-        if block[156:157] in (b"x", b"g", b"L", b"K") and length > MAX_META:
+        kind = block[156:157]
+        if kind in (b"x", b"g", b"L", b"K") and length > MAX_META:
             raise ArchiveError(f"a tar metadata header of {length} bytes (at most {MAX_META})")
+        if kind in (b"x", b"g") and _PAX_LAYOUT.search(tar.read(length)):
+            # tarfile would take the next member's size (or sparse map) from here, not from its header: this walk
+            # would no longer see what tarfile reads, so such archives are refused (bundles never need them)
+            raise ArchiveError("a pax header that sets a member's size or sparse layout; pack the bundle with "
+                               "`edgeherd bundle` or a plain `tar cf`")
         position += _BLOCK + -(-length // _BLOCK) * _BLOCK
     if position > size:
         raise ArchiveError("the archive is truncated")

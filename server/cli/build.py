@@ -89,6 +89,9 @@ def build_command(
     weights: Annotated[Path | None, typer.Option("--weights", help="state_dict file for --model.")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="An existing ONNX model to quantize and bundle.")
                     ] = None,
+    output: Annotated[str | None, typer.Option("--output", help="With --onnx: the output to evaluate and ship "
+                                               "(default: the per-class scores, e.g. skl2onnx's probabilities).")
+                      ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the dataset's).")] = None,
     version: Annotated[str, typer.Option("--version", help="Semantic version of this build.")] = "1.0.0",
     description: Annotated[str, typer.Option("--description", help="Intended use, for the model card.")] = "",
@@ -128,7 +131,7 @@ def build_command(
                      model=model,
                      weights=weights, onnx=onnx, name=name, version=version, description=description,
                      parent=parent, seed=seed, epochs=epochs, max_drop=max_drop, resume=resume, tar=tar,
-                     min_slice_metric=min_slice_metric, device=device, features=features)
+                     min_slice_metric=min_slice_metric, device=device, features=features, output=output)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     try:
@@ -144,6 +147,9 @@ def build_command(
     _print_artifacts(result.manifest)
     for art_name, why in result.rejected.items():
         console.print(f"[yellow]left out[/] {art_name}: {why}")
+    skipped = result.report.get("skipped") if isinstance(result.report, dict) else None
+    for target, why in (skipped or {}).items():
+        console.print(f"[yellow]not built[/] {target}: {why}")
     console.print(f"bundle written to {result.out}" + (f" and {result.tar}" if result.tar else ""))
 
 

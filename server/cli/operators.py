@@ -306,7 +306,18 @@ def operator_keygen(
         fail(f"{path} already exists; --force replaces it with a new key")
     key = generate_signing_key()
     public = public_key_to_text(key.public_key())
-    call(client, "PUT", "/operators/me/key", {"public_key": public})
+    body: dict[str, str] = {"public_key": public}
+    if path.exists():  # the key it replaces signs the replacement: a token alone cannot swap keys
+        from protocol.errors import KeyFormatError
+        from protocol.signing import load_private_key
+        from server.signatures import sign_key_replacement
+
+        try:
+            body["previous_signature"] = sign_key_replacement(load_private_key(path.read_bytes()), public)
+        except (OSError, KeyFormatError) as exc:
+            fail(f"{path} cannot be read as the key it replaces ({exc}); an admin can register a new key for you "
+                 f"(PUT /api/v1/operators/NAME/key)")
+    call(client, "PUT", "/operators/me/key", body)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(path, private_key_to_pem(key), 0o600)

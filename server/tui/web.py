@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import socket
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 def allowed_hosts(host: str, port: int, extra: tuple[str, ...] = ()) -> frozenset[str]:
     """Host header values (``name:port``, lower case) the server answers to."""
     names = {host, *extra}
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - every address: loopback, and this machine's own names
+        names = (names - {host}) | set(LOOPBACK_NAMES) | {socket.gethostname(), socket.getfqdn()}
     if is_loopback(host):
         names |= set(LOOPBACK_NAMES)
     out = set()

@@ -1,0 +1,268 @@
+"""An ONNX model a user brings (``edgeherd build --onnx``): check it, choose the output the build evaluates, and
+make that output a plain scores tensor.
+
+Converters such as skl2onnx give a model several outputs (a label and the class probabilities), operators of
+the ``ai.onnx.ml`` domain (LinearClassifier, Normalizer) and, by default, a ZipMap output: a sequence of
+``{class: probability}`` maps, which no device reads as a tensor. :func:`prepare_onnx` writes a copy of the
+model whose only output is the chosen scores tensor:
+
+- the chosen output is the one named (``--output NAME``), or else the first output that holds per-class scores
+  (a float tensor, or a ZipMap), preferring one whose name holds "prob" or "score";
+- a ZipMap output is replaced by the tensor that feeds the ZipMap node (the same probabilities, shaped
+  ``(batch, classes)``, in the order of the ZipMap's class labels);
+- the other outputs, and the nodes only they need, are removed, so every runtime and every reader of the
+  manifest sees the scores as the model's one output.
+
+Everything wrong is a :class:`~toolchain.errors.ModelError` that names the file and the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolchain.errors import ModelError
+
+__all__ = ["ML_DOMAIN", "PreparedOnnx", "load_onnx", "prepare_onnx"]
+
+ML_DOMAIN = "ai.onnx.ml"
+#: Longest output name a manifest's TensorSpec holds.
+_MAX_NAME = 128
+_SCORE_WORDS = ("prob", "score")
+_ZIPMAP_FIX = ('export the model again without ZipMap, e.g. skl2onnx.to_onnx(model, X, options={id(model): '
+               '{"zipmap": False}})')
+
+
+@dataclass(frozen=True)
+class PreparedOnnx:
+    """What :func:`prepare_onnx` did to the model."""
+
+    #: The output of the prepared model (the tensor that fed the ZipMap when ``zipmap`` is set).
+    output: str
+    #: The output as the source model named it.
+    source_output: str
+    #: True when the source output was a ZipMap and the prepared model outputs its input tensor instead.
+    zipmap: bool
+    #: Outputs of the source model the prepared one no longer has.
+    dropped: list[str] = field(default_factory=list)
+    #: Operator domains other than the default ONNX one that the prepared model uses (e.g. "ai.onnx.ml").
+    domains: list[str] = field(default_factory=list)
+    #: The class of each score column, as the ZipMap named them (None without a ZipMap).
+    class_labels: list[str] | None = None
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.zipmap:
+            out.append(f"the ZipMap output {self.source_output!r} was replaced by the tensor that feeds it, "
+                       f"{self.output!r} (the same probabilities as a (batch, classes) tensor)")
+        if self.dropped:
+            out.append(f"output(s) {', '.join(map(repr, self.dropped))} removed: the bundle evaluates and serves "
+                       f"{self.output!r}")
+        return out
+
+
+def load_onnx(path: Path) -> Any:
+    """The ``onnx.ModelProto`` in ``path``; :class:`ModelError` when it is not an ONNX model."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own errors: the file is not a model
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelError(f"{path} cannot run: it is not an ONNX model (reading it failed: {detail}); give the "
+                         ".onnx file an exporter wrote") from None
+    if not model.HasField("graph") or not model.graph.output:
+        raise ModelError(f"{path} cannot run: it is not an ONNX model with a graph and outputs; give the .onnx file "
+                         "an exporter wrote")
+    return model
+
+
+def _describe(type_proto: Any) -> str:
+    from onnx import TensorProto
+
+    kind = type_proto.WhichOneof("value")
+    if kind == "tensor_type":
+        tt = type_proto.tensor_type
+        dtype = TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "unknown"
+        if not tt.HasField("shape"):
+            return f"{dtype} tensor"
+        dims = ["batch" if i == 0 and not d.dim_value else (str(d.dim_value) if d.dim_value else "?")
+                for i, d in enumerate(tt.shape.dim)]
+        return f"{dtype} tensor ({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+    if kind == "sequence_type" and type_proto.sequence_type.elem_type.WhichOneof("value") == "map_type":
+        return "sequence of maps"
+    return {"sequence_type": "sequence", "map_type": "map", "optional_type": "optional"}.get(str(kind), str(kind))
+
+
+def _is_scores(type_proto: Any) -> bool:
+    """A float tensor of rank 2 (or of unknown rank): per-class scores for a batch."""
+    from onnx import TensorProto
+
+    if type_proto.WhichOneof("value") != "tensor_type":
+        return False
+    tt = type_proto.tensor_type
+    if tt.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+        return False
+    return not tt.HasField("shape") or len(tt.shape.dim) == 2
+
+
+@dataclass(frozen=True)
+class _Output:
+    name: str
+    description: str
+    scores: bool
+    zipmap: Any = None  # the ZipMap node that produces it
+
+
+def _outputs(model: Any) -> list[_Output]:
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for o in model.graph.output:
+        node = producers.get(o.name)
+        if node is not None and node.op_type == "ZipMap" and node.domain == ML_DOMAIN:
+            out.append(_Output(o.name, f"ZipMap of {node.input[0]!r}: a sequence of maps", True, node))
+        else:
+            out.append(_Output(o.name, _describe(o.type), _is_scores(o.type)))
+    return out
+
+
+def _a(text: str) -> str:
+    return ("an " if text[:1] in "aeiou" else "a ") + text
+
+
+def _listing(outputs: Iterable[_Output]) -> str:
+    return ", ".join(f"{o.name} ({o.description})" for o in outputs)
+
+
+def _choose(path: Path, outputs: list[_Output], wanted: str | None) -> _Output:
+    if wanted is not None:
+        match = [o for o in outputs if o.name == wanted or (o.zipmap is not None and o.zipmap.input[0] == wanted)]
+        if not match:
+            raise ModelError(f"{path} has no output {wanted!r}; its outputs are: {_listing(outputs)}")
+        chosen = match[0]
+    else:
+        scores = [o for o in outputs if o.scores]
+        if not scores:
+            raise ModelError(f"{path} has no output of per-class scores (a float tensor shaped (batch, classes)); "
+                             f"its outputs are: {_listing(outputs)}")
+        named = [o for o in scores if any(w in o.name.lower() for w in _SCORE_WORDS)]
+        chosen = (named or scores)[0]
+    if chosen.zipmap is None and not chosen.scores:
+        if "map" in chosen.description:
+            raise ModelError(f"{path}: output {chosen.name!r} is {_a(chosen.description)}, not a tensor, and no "
+                             f"ZipMap node produces it to undo; {_ZIPMAP_FIX}")
+        others = [o.name for o in outputs if o.scores and o is not chosen]
+        raise ModelError(f"{path}: output {chosen.name!r} is {_a(chosen.description)}, not per-class scores (a float "
+                         "tensor shaped (batch, classes)), which the build evaluates and devices serve"
+                         + (f"; choose {', '.join(others)} with --output" if others else ""))
+    return chosen
+
+
+def _subgraph_inputs(node: Any) -> set[str]:
+    """Names a node's subgraphs (If, Loop, Scan bodies) read, which may come from the outer graph."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(n.input)
+                names.update(_subgraph_inputs(n))
+    return names
+
+
+def _prune(graph: Any, keep: str) -> None:
+    """Keep only the nodes, initializers and value infos that ``keep`` depends on."""
+    needed = {keep}
+    nodes = []
+    for node in reversed(graph.node):  # ONNX graphs are topologically sorted
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_subgraph_inputs(node))
+    kept_nodes = list(reversed(nodes))
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    produced = {o for n in kept_nodes for o in n.output}
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    infos = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def _check_input(path: Path, model: Any) -> None:
+    from onnx import TensorProto
+
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"{path} has {len(inputs)} inputs ({', '.join(i.name for i in inputs) or 'none'}); a "
+                         "device feeds one float32 tensor shaped (batch, features...): export the model with one "
+                         "input")
+    t = inputs[0].type
+    if t.WhichOneof("value") != "tensor_type" or t.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ModelError(f"{path}: input {inputs[0].name!r} is {_a(_describe(t))}; a device feeds float32: export "
+                         "the model with a float32 input (skl2onnx: to_onnx(model, X.astype(numpy.float32)))")
+
+
+def _checker_problem(model: Any) -> str | None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        return " ".join(str(exc).split())[:300] or type(exc).__name__
+    return None
+
+
+def prepare_onnx(src: Path, dst: Path, output: str | None = None) -> PreparedOnnx:
+    """Write to ``dst`` a copy of ``src`` whose one output is ``output`` (or the scores output), ZipMap undone."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = load_onnx(src)
+    _check_input(src, model)
+    source_checks = _checker_problem(model) is None
+    outputs = _outputs(model)
+    chosen = _choose(src, outputs, output)
+    graph = model.graph
+    if chosen.zipmap is not None:
+        node = chosen.zipmap
+        tensor = node.input[0]
+        labels = next((a for a in node.attribute if a.name in ("classlabels_int64s", "classlabels_strings")), None)
+        class_labels = ([str(v) for v in labels.ints] + [v.decode("utf-8", "replace") for v in labels.strings]
+                        if labels is not None else None)
+        classes = len(class_labels or [])
+        known = {v.name: v for v in [*graph.value_info, *graph.output]}
+        new_output = onnx.ValueInfoProto()
+        if tensor in known and known[tensor].type.WhichOneof("value") == "tensor_type":
+            new_output.CopyFrom(known[tensor])
+        else:  # ZipMap's input is a float tensor (batch, classes) by the operator's definition
+            new_output.CopyFrom(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [None, classes or None]))
+        name = tensor
+    else:
+        new_output = next(o for o in graph.output if o.name == chosen.name)
+        name, class_labels = chosen.name, None
+    if len(name) > _MAX_NAME:
+        raise ModelError(f"{src}: the output name {name[:40]!r}… is longer than {_MAX_NAME} characters, the most a "
+                         "manifest holds; rename it in the export")
+    kept = onnx.ValueInfoProto()
+    kept.CopyFrom(new_output)
+    del graph.output[:]
+    graph.output.append(kept)
+    _prune(graph, name)
+    domains = sorted({n.domain for n in graph.node if n.domain not in ("", "ai.onnx")})
+    used = {n.domain or "" for n in graph.node}
+    opsets = [o for o in model.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    problem = _checker_problem(model) if source_checks else None  # a source that fails it: ONNX Runtime decides
+    if problem:
+        raise ModelError(f"{src}: the model with output {name!r} alone does not pass the ONNX checker: {problem}")
+    dst.write_bytes(model.SerializeToString())
+    return PreparedOnnx(output=name, source_output=chosen.name, zipmap=chosen.zipmap is not None,
+                        dropped=[o.name for o in outputs if o.name != chosen.name], domains=domains,
+                        class_labels=class_labels)
