@@ -246,6 +246,11 @@ class Session:
         self._stop = threading.Event()
         self._quick = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgeherd-mqtt", daemon=True)
+        # paho writes a publish straight to the socket from the calling thread unless it believes its own network
+        # thread runs (loop_start). Ours does, in _run: tell paho so, and every write happens on that thread. Two
+        # threads writing one TLS socket (a worker publishing while the network thread handles a disconnect)
+        # corrupt OpenSSL's state and abort the process.
+        self.client._thread = self._thread
 
     # -- paho callbacks (network thread: hand off, never block) ------------------
 

@@ -126,7 +126,8 @@ class _Watch:
 
 
 class _Commands:
-    """Sends ``report_now`` to pi-1 every 5 ms as the server user, and collects the ids acknowledged done."""
+    """Sends ``report_now`` to pi-1 every 20 ms as the server user, and collects the ids acknowledged done (each one
+    makes the agent report: a faster stream only builds a backlog a loaded machine takes long to work off)."""
 
     def __init__(self, reg):
         self.client = TestClient(_Addr(reg.broker.port, reg.broker.server_port), SERVER_USER,  # type: ignore[arg-type]
@@ -145,7 +146,7 @@ class _Commands:
             self.done.add(ack.command_id)
 
     def _run(self):
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.02):
             cmd = Command(command_id=uuid.uuid4().hex, kind=CommandKind.REPORT_NOW,
                           issued_at=datetime.now(timezone.utc))
             self.client.client.publish(device_topic("pi-1", TopicKind.COMMAND), encode(cmd), qos=1)
@@ -174,7 +175,7 @@ def test_rotation_delivers_then_swaps_and_the_agent_stays_on_the_broker(server, 
         # the MQTT session lived through the change: the broker resumed it on the reconnection, and every
         # command sent meanwhile (those sent while the connection was down were queued in it) was carried out
         assert agent.session.session_present and agent.session.resumed >= 1
-        wait_for(lambda: commands.done >= set(sent), 20, "every command to be acknowledged done", poll=0.05)
+        wait_for(lambda: commands.done >= set(sent), 60, "every command to be acknowledged done", poll=0.05)
         print(f"{len(sent)} commands sent during the rotation, all carried out")
 
         # stored before the broker changed, 0600, the old one kept until the new one was accepted
@@ -307,7 +308,7 @@ def test_certificate_rotation_keeps_the_session_and_revokes_the_old_certificate(
         sent = commands.stop()
         # the session lived through the change: every command sent meanwhile was carried out
         assert agent.session.session_present and agent.session.resumed >= 1
-        wait_for(lambda: commands.done >= set(sent), 20, "every command to be acknowledged done", poll=0.05)
+        wait_for(lambda: commands.done >= set(sent), 60, "every command to be acknowledged done", poll=0.05)
         assert watch.api_failures == 0 and watch.offline_s < 2.0, watch.offline_s
         print(f"{len(sent)} commands during the rotation, all carried out; off the broker {watch.offline_s:.2f} s")
 
