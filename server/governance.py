@@ -470,6 +470,23 @@ def promote(db: Session, version: ModelVersion, actor: str) -> Transition:
                  to=Stage.CANDIDATE)
 
 
+def four_eyes_refusal(actor: str, ref: str, *, author: str | None, pushed_by: str | None,
+                      promoted_by: str | None) -> str | None:
+    """Why ``actor`` may not approve version ``ref`` (four-eyes), or None when they may: the approver is not its
+    author, not who pushed it, not who promoted it; and a version without a recorded author is never approved. The
+    one rule :func:`approve` enforces and the TUIs grey their buttons by."""
+    if author is None:
+        return (f"{ref} has no recorded author, so approver ≠ author cannot be checked and it cannot be approved; "
+                f"push a build that records its author, as a new version")
+    if _same_person(actor, author):
+        return f"{actor} is the author of {ref} and cannot approve it: another approver must (four-eyes)"
+    if _same_person(actor, pushed_by):  # the author field is the build's word; the pusher is on record
+        return f"{actor} pushed {ref} and cannot approve it: another approver must (four-eyes)"
+    if _same_person(actor, promoted_by):
+        return f"{actor} promoted {ref} to candidate and cannot approve it: another approver must (four-eyes)"
+    return None
+
+
 def approve(db: Session, version: ModelVersion, actor: str, reason: str, *, signature: str | None = None,
             public_key: str | None = None) -> Transition:
     """candidate → approved, recording an approval; the approver must not be the author, the operator who pushed
@@ -482,18 +499,10 @@ def approve(db: Session, version: ModelVersion, actor: str, reason: str, *, sign
     why = _reason(reason, "approving")
 
     def four_eyes(v: ModelVersion) -> None:
-        if v.author is None:
-            raise GovernanceError(f"{_ref(v)} has no recorded author, so approver ≠ author cannot be checked and "
-                                  f"it cannot be approved; push a build that records its author, as a new version")
-        if _same_person(actor, v.author):
-            raise GovernanceError(f"{actor} is the author of {_ref(v)} and cannot approve it: another approver "
-                                  f"must (four-eyes)")
-        if _same_person(actor, v.pushed_by):  # the author field is the build's word; the pusher is on record
-            raise GovernanceError(f"{actor} pushed {_ref(v)} and cannot approve it: another approver must "
-                                  f"(four-eyes)")
-        if _same_person(actor, promoted_by(db, v)):
-            raise GovernanceError(f"{actor} promoted {_ref(v)} to candidate and cannot approve it: another "
-                                  f"approver must (four-eyes)")
+        refusal = four_eyes_refusal(actor, _ref(v), author=v.author, pushed_by=v.pushed_by,
+                                    promoted_by=promoted_by(db, v))
+        if refusal is not None:
+            raise GovernanceError(refusal)
 
     return _move(db, version, actor, action="model.approve", verb="approving", sources={Stage.CANDIDATE},
                  to=Stage.APPROVED, detail={"reason": why},

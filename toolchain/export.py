@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from toolchain._quiet import quiet
 from toolchain.errors import ConversionError
 
 __all__ = ["export_onnx", "export_tflite", "onnx_opset", "torch_logits"]
@@ -25,18 +24,8 @@ OUTPUT_NAME = "logits"
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporters print progress and warnings of their own; keep the CLI's output ours."""
-    sink = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("", "torch", "torchao", "litert_torch", "absl")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
+    with quiet(("", "torch", "torchao", "litert_torch", "absl"), logging.ERROR):
+        yield
 
 
 def torch_logits(model: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -12,16 +12,15 @@ it is left behind, whether it succeeds or fails.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from toolchain._quiet import quiet
 from toolchain.errors import ConversionError
 
 __all__ = ["int8_unsupported", "quantize_onnx"]
@@ -53,17 +52,8 @@ def _inside(directory: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """ONNX Runtime's tools print and log progress of their own; keep the CLI's output ours."""
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
+    with quiet(_QUIET_LOGGERS, logging.CRITICAL):
+        yield
 
 
 class _Reader:

@@ -27,6 +27,7 @@ from server.api.routes_fleet import feature_registry
 from server.api.routes_upload import upload
 from server.api.tokens import TokenError, issue, revoke, tokens_of
 from server.db.models import ModelVersion, OperatorKey, OperatorToken, Rollout
+from server.governance import NAME_PATTERN as OPERATOR_NAME
 from server.governance import GovernanceError, Permission, Role, find_version, promote, retire
 from server.orchestrator import RolloutError, command_governed, start_governed
 from server.registry import RegistryError
@@ -364,7 +365,7 @@ def register_key(body: PublicKey, op: Annotated[Operator, Depends(permit(Permiss
 
 
 @operators.put("/{name}/key", summary="Register or replace an operator's public key (admin), e.g. after a lost key")
-def register_key_for(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")], body: PublicKey,
+def register_key_for(name: Annotated[str, Path(pattern=OPERATOR_NAME)], body: PublicKey,
                      op: Annotated[Operator, Depends(permit(Permission.MANAGE_OPERATORS))]) -> dict[str, Any]:
     _full_scope(op, "registering a signing key")
     try:
@@ -405,7 +406,7 @@ TtlDays = Annotated[float, Field(ge=1 / 1440, le=366, description="Days the toke
 
 
 class NewOperator(Body):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")]
+    name: Annotated[str, Field(pattern=OPERATOR_NAME)]
     role: Role
     ttl_days: TtlDays = 90.0
 
@@ -432,7 +433,7 @@ def add_operator(body: NewOperator,
 
 
 class NewToken(Body):
-    operator: Annotated[str | None, Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$",
+    operator: Annotated[str | None, Field(default=None, pattern=OPERATOR_NAME,
                                           description="Whose (admins only; default: the caller)")] = None
     scope: Literal["full", "push"] = "full"
     ttl_days: TtlDays = 90.0

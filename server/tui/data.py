@@ -39,6 +39,8 @@ from server.governance import (
     approve,
     check_deploy,
     find_version,
+    four_eyes_refusal,
+    promoted_by,
     reject,
 )
 from server.orchestrator import (
@@ -458,7 +460,8 @@ class FleetData:
             raise ActionError(str(exc)) from None
 
     def can_decide(self, ref: str) -> bool:
-        """Whether this operator may approve ``ref`` now: the role allows it and they are not its author."""
+        """Whether this operator may approve ``ref`` now: the role allows it, it is a candidate, and four-eyes lets
+        them (server/governance.py :func:`four_eyes_refusal`)."""
         if not self.may(Permission.APPROVE):
             return False
         with Session(self.registry.engine) as db:
@@ -466,8 +469,8 @@ class FleetData:
                 v = find_version(db, ref)
             except GovernanceError:
                 return False
-            me = self.actor.casefold()
-            return v.stage == "candidate" and me not in ((v.author or "").casefold(), (v.pushed_by or "").casefold())
+            return v.stage == "candidate" and four_eyes_refusal(
+                self.actor, ref, author=v.author, pushed_by=v.pushed_by, promoted_by=promoted_by(db, v)) is None
 
     def deploy(self, device_id: str, ref: str) -> str:
         """Deploy ``ref`` to the device; what happened, in a sentence."""

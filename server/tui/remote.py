@@ -29,7 +29,7 @@ from server.api.routes_base import DEVICE, NAME, REF
 from server.db.models import AuditEntry
 from server.drift import FeatureDrift
 from server.features import FeatureDriftRow
-from server.governance import ROLLOUT_COMMANDS, Permission, Role, allowed
+from server.governance import ROLLOUT_COMMANDS, Permission, Role, allowed, four_eyes_refusal
 from server.rollouts import RolloutSpec
 from server.tui.data import (
     ActionError,
@@ -99,15 +99,15 @@ class _Version:
     card: str
     history: list[dict[str, Any]]
 
-    def people(self) -> set[str]:
-        """Who may not approve it (four-eyes, server/governance.py): its author, whoever pushed it and whoever
-        last promoted it, as far as the history the server returns shows them."""
-        out = {(self.author or "").casefold()}
-        promoted = [h for h in self.history if h.get("action") == "model.promote"]
-        if promoted:  # newest first
-            out.add(str(promoted[0].get("actor", "")).casefold())
-        out |= {str(h.get("actor", "")).casefold() for h in self.history if h.get("action") == "model.push"}
-        return out - {""}
+    def refusal(self, actor: str, ref: str) -> str | None:
+        """Why ``actor`` may not approve it (server/governance.py :func:`four_eyes_refusal`), with who pushed and
+        who last promoted it as far as the history the server returns shows them (newest first)."""
+
+        def last(action: str) -> str | None:
+            return next((str(h.get("actor")) for h in self.history if h.get("action") == action), None)
+
+        return four_eyes_refusal(actor, ref, author=self.author, pushed_by=last("model.push"),
+                                 promoted_by=last("model.promote"))
 
 
 _AUDIT = TypeAdapter(_AuditAnswer)
@@ -150,8 +150,8 @@ class RemoteFleetData:
         self.client = client
         self._me = self._whoami()
         self.actor = self._me.operator
-        #: (ref, stage, decisions) → who may not approve it; those cannot change while the three stay the same.
-        self._four_eyes: dict[tuple[str, str, str], set[str]] = {}
+        #: (ref, stage, decisions) → whether this operator may approve it; fixed while the three stay the same.
+        self._four_eyes: dict[tuple[str, str, str], bool] = {}
         self._models: dict[str, ModelRow] = {}
 
     # -- requests ---------------------------------------------------------------------------------
@@ -317,18 +317,18 @@ class RemoteFleetData:
         if row is not None and row.stage != "candidate":
             return False
         key = (ref, row.stage, row.approvals) if row is not None else None
-        people = self._four_eyes.get(key) if key is not None else None
-        if people is None:
+        may = self._four_eyes.get(key) if key is not None else None
+        if may is None:
             try:
                 version = self._version(ref)
             except ActionError:
                 return False
             if version.stage != "candidate":
                 return False
-            people = version.people()
+            may = version.refusal(self.actor, ref) is None
             if key is not None:
-                self._four_eyes[key] = people
-        return self.actor.casefold() not in people
+                self._four_eyes[key] = may
+        return may
 
     def deploy(self, device_id: str, ref: str) -> str:
         """Deploy ``ref`` to the device; what happened, in a sentence."""
