@@ -7,21 +7,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests._mosquitto import free_port
-from tests.server_helpers import server_dir, wait_for
-from tests.tui_state import fill
-from tests.web_tui_helpers import printed_url
+from tests.server_helpers import wait_for
+from tests.web_tui_helpers import filled_web_tui
 
 pytestmark = pytest.mark.integration
 
@@ -129,16 +125,7 @@ async def _open_tab(devtools: str) -> tuple[Any, Any]:
 def test_the_browser_loads_the_tui_with_the_token_keys_work_without_a_click_and_without_it_gets_401(
         tmp_path, chromium):
     pytest.importorskip("aiohttp")
-    data, _ = server_dir(tmp_path / "data")
-    fill(data).engine.dispose()
-    port = free_port()
-    log = tmp_path / "web.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--as", "dave", "tui", "--web", "--port",
-                                 str(port), "--data-dir", str(data)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    try:
-        base, token = printed_url(proc, log)
+    with filled_web_tui(tmp_path) as (base, token, _, _):
 
         async def browse() -> tuple[int | None, str, str, int | None]:
             session, ws = await _open_tab(chromium)
@@ -167,9 +154,6 @@ def test_the_browser_loads_the_tui_with_the_token_keys_work_without_a_click_and_
                 await session.close()
 
         refused, said, screen, landed = asyncio.run(browse())
-    finally:
-        proc.terminate()
-        proc.wait(30)
     assert refused == 401 and "Open the URL with the token" in said, (refused, said)
     assert landed == 200  # after the token's redirect, the page itself
     assert "digits-1-1-lab" in screen and "digits-1-0-prod" in screen

@@ -6,16 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests._mosquitto import free_port
-from tests.server_helpers import server_dir
-from tests.tui_state import fill
-from tests.web_tui_helpers import get, printed_url, session_cookie, stream
+from tests.web_tui_helpers import filled_web_tui, get, session_cookie, stream
 
 pytestmark = pytest.mark.integration
 
@@ -26,20 +20,8 @@ def web(tmp_path_factory):
     pytest.importorskip("aiohttp")
     tmp = tmp_path_factory.mktemp("web")
     os.chmod(tmp, 0o701)
-    data, _ = server_dir(tmp / "data")
-    fill(data).engine.dispose()
-    port = free_port()
-    log = tmp / "web.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--as", "dave", "tui", "--web", "--port",
-                                 str(port), "--data-dir", str(data)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    try:
-        base, token = printed_url(proc, log)
-        yield base, token, proc, log
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with filled_web_tui(tmp) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import re
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -81,3 +85,26 @@ def stream(base: str, until: bytes, *, cookie: str | None, origin: str | None = 
         return seen.decode("utf-8", errors="replace")
 
     return asyncio.run(run())
+
+
+@contextmanager
+def filled_web_tui(tmp: Path) -> Iterator[tuple[str, str, subprocess.Popen[bytes], Path]]:
+    """``edgeherd --as dave tui --web`` on the TUI's fixed database state (tests/tui_state.py), on a free port: (base
+    URL, one-time token, process, log) until the block ends."""
+    from tests._mosquitto import free_port
+    from tests.server_helpers import server_dir
+    from tests.tui_state import fill
+
+    data, _ = server_dir(tmp / "data")
+    fill(data).engine.dispose()
+    log = tmp / "web.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--as", "dave", "tui", "--web", "--port",
+                                 str(free_port()), "--data-dir", str(data)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        base, token = printed_url(proc, log)
+        yield base, token, proc, log
+    finally:
+        proc.terminate()
+        proc.wait(30)
