@@ -18,13 +18,11 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +40,6 @@ from protocol import (
     TensorRTBuild,
     TensorSpec,
 )
-from protocol.features import FeatureSet
 from protocol.manifest import schema_for
 from protocol.version import __version__
 from toolchain import data as datamod
@@ -68,88 +65,16 @@ from toolchain.quality import (
     slice_gate,
     slice_metrics,
 )
-from toolchain.validate import ValidationReport, check_leakage, validate
+from toolchain.sources import ValidationFailed, feature_set, input_name, load_dataset, torch_model, user_onnx
+from toolchain.spec import BuildSpec, NullReporter, Recipe, Reporter
+from toolchain.validate import check_leakage, validate
 
-__all__ = ["BuildResult", "BuildSpec", "NullReporter", "Reporter", "build"]
+__all__ = ["BuildResult", "BuildSpec", "NullReporter", "Recipe", "Reporter", "ValidationFailed", "build"]
 
-Recipe = Literal["digits", "tabular", "torch", "onnx"]
 #: ONNX opset -> first ONNX Runtime release that runs it.
 _ORT_FOR_OPSET = {17: "1.13.0", 18: "1.14.0", 19: "1.16.0", 20: "1.17.0", 21: "1.20.0", 22: "1.20.0", 23: "1.22.0"}
 #: GPUs the TensorRT settings are meant for: Jetson Xavier 7.2, Orin 8.7; x86 T4/A100/A10/L4/H100.
 _TRT_CAPABILITIES = ["7.2", "7.5", "8.0", "8.6", "8.7", "8.9", "9.0"]
-
-
-class Reporter(Protocol):
-    def step(self, title: str, total: int | None = None) -> Any:
-        """Context manager for one step; the yielded object has ``advance(n=1)`` and ``note(text)``."""
-
-    def info(self, text: str) -> None: ...
-
-
-class _NullStep:
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-
-class NullReporter:
-    def __init__(self) -> None:
-        self.steps: list[str] = []
-
-    @contextmanager
-    def step(self, title: str, total: int | None = None) -> Iterator[_NullStep]:
-        self.steps.append(title)
-        yield _NullStep()
-
-    def info(self, text: str) -> None:
-        pass
-
-
-@dataclass
-class BuildSpec:
-    recipe: Recipe
-    out: Path
-    key: Path
-    data: Path | None = None
-    schema: Path | None = None
-    #: SQLAlchemy URL to read the table from with ``query``, instead of ``data`` (a table: needs ``schema``).
-    #: Left out of repr: it may hold a password.
-    sql: str | None = field(default=None, repr=False)
-    #: The one SELECT that yields the table from ``sql``; give it an ORDER BY for a reproducible build.
-    query: str | None = None
-    model: str | None = None
-    weights: Path | None = None
-    onnx: Path | None = None
-    #: The output of ``onnx`` the build evaluates and ships (default: the per-class scores output; a ZipMap output
-    #: becomes the tensor that feeds it). See toolchain/onnx_input.py.
-    output: str | None = None
-    name: str | None = None
-    version: str = "1.0.0"
-    description: str = ""
-    author: str | None = None
-    parent: str | None = None
-    seed: int = 0
-    epochs: int | None = None
-    max_drop: float = 1.0
-    resume: bool = False
-    work_dir: Path | None = None
-    tar: bool = True
-    tflite: bool = True
-    #: Feature definitions (a TOML file or a directory of them) for a schema naming ``registry_features``.
-    features: Path | None = None
-    #: Where to train: auto (a CUDA GPU when there is one), cpu or cuda.
-    device: str = "auto"
-    #: Fail the build when the worst slice (segment value with >= quality.MIN_SLICE_COUNT test rows) has a
-    #: lower fp32 accuracy than this (0–1). Needs ``segments`` in the table's schema.
-    min_slice_metric: float | None = None
-    #: Shuffles per feature for permutation importance (tabular inputs only).
-    importance_repeats: int = 5
-
-    @property
-    def workdir(self) -> Path:
-        return self.work_dir or self.out.parent / f".{self.out.name}.work"
 
 
 @dataclass
@@ -159,38 +84,6 @@ class BuildResult:
     report: dict[str, Any]
     tar: Path | None = None
     rejected: dict[str, str] = field(default_factory=dict)
-
-
-class ValidationFailed(DataError):
-    def __init__(self, report: ValidationReport) -> None:
-        super().__init__(f"data validation failed: {report.summary()}")
-        self.report = report
-
-
-def _load(spec: BuildSpec, progress: Any = None) -> datamod.Dataset:
-    """The dataset of ``spec``; ``progress`` (a reporter step) is advanced by the rows read where that is slow."""
-    if spec.sql is not None or spec.query is not None:
-        if spec.recipe == "digits":
-            raise DataError("the digits recipe has its own data; --sql/--query feed the tabular, torch and onnx "
-                            "recipes")
-        if spec.data is not None:
-            raise DataError("give the dataset either as --data FILE or as --sql URL --query SELECT, not both")
-        if spec.sql is None or spec.query is None:
-            raise DataError("--sql URL and --query \"SELECT ...\" go together: the database and what to read")
-        if spec.schema is None:
-            raise DataError("a SQL query needs a schema: --schema FILE.toml (label, features, ranges)")
-        return datamod.load_sql(spec.sql, spec.query, datamod.load_schema(spec.schema),
-                                on_rows=progress.advance if progress is not None else None)
-    if spec.recipe == "digits":
-        return datamod.load_digits()
-    if spec.data is None:
-        raise DataError(f"the {spec.recipe} recipe needs a dataset: --data FILE (.csv, .parquet or .npz) or "
-                        "--sql URL --query SELECT")
-    if spec.data.suffix.lower() == ".npz":
-        return datamod.load_npz(spec.data)
-    if spec.schema is None:
-        raise DataError(f"{spec.data} needs a schema: --schema FILE.toml (label, features, ranges)")
-    return datamod.load_table(spec.data, datamod.load_schema(spec.schema))
 
 
 def _tensor(spec: IOSpec, name: str) -> TensorSpec:
@@ -231,46 +124,6 @@ def _evaluated(c: _Candidate) -> Evaluation:
     if c.evaluation is None:
         raise RuntimeError(f"{c.name} was not evaluated")
     return c.evaluation
-
-
-def _torch_model(spec: BuildSpec, ds: datamod.Dataset, train_x: np.ndarray, fs: FeatureSet | None = None
-                 ) -> tuple[Any, Preprocessing, bool]:
-    """(model, preprocessing, needs_training)."""
-    import torch
-
-    from toolchain.models import DigitsCNN, Normalized, TabularMLP, load_user_model
-
-    torch.manual_seed(spec.seed)  # initial weights are part of the seeded run
-
-    if spec.recipe == "torch":
-        if spec.model is None or spec.weights is None:
-            raise ModelError("the torch recipe needs --model module:Class and --weights FILE")
-        return load_user_model(spec.model, spec.weights), Preprocessing(
-            kind="none", description="as defined by the supplied model"), False
-    if spec.recipe == "digits" or ds.kind == "image":
-        mean_px, std_px = float(train_x.mean()), float(train_x.std()) or 1.0
-        core = DigitsCNN(len(ds.classes)) if ds.input_shape == (1, 8, 8) else None
-        if core is None:
-            raise ModelError(f"no built-in model for images shaped {ds.input_shape}; bring one with --model")
-        pre = Preprocessing(kind="normalize", mean=[mean_px], std=[std_px], in_graph=True,
-                            description="one mean and std over all pixels of the training split")
-        return Normalized(core, np.float32(mean_px), np.float32(std_px)), pre, True
-    flat = train_x.reshape(len(train_x), -1)
-    if fs is not None:  # registry features, computed in the graph ahead of the normalisation
-        from agent.features import model_columns
-        from toolchain.features import transform_module
-
-        flat = model_columns(fs, flat)
-    mean, std = flat.mean(axis=0), flat.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    pre = Preprocessing(kind="normalize", mean=[float(v) for v in mean], std=[float(v) for v in std], in_graph=True,
-                        description="per-feature mean and std of the training split" + (
-                            f", after the registry features {', '.join(d.ref for d in fs.definitions)}"[:200]
-                            if fs is not None else ""))
-    net = Normalized(TabularMLP(flat.shape[1], len(ds.classes)), mean, std)
-    if fs is not None:
-        return torch.nn.Sequential(transform_module(fs), net), pre, True
-    return net, pre, True
 
 
 #: Permutation importance runs on at most this many validation rows (a seeded sample beyond it).
@@ -321,51 +174,6 @@ def _quality(spec: BuildSpec, ds: datamod.Dataset, artifact: str, fp32: Path, ba
     return out
 
 
-def _input_name(path: Path) -> str:
-    backend = open_backend(path, "onnxruntime")
-    try:
-        return backend.input.name
-    finally:
-        backend.close()
-
-
-def _user_onnx(spec: BuildSpec, ds: datamod.Dataset, fp32: Path, sample: np.ndarray, build_report: dict[str, Any],
-               rep: Reporter) -> list[str]:
-    """Write the user's ONNX model to ``fp32`` with its scores output alone (toolchain/onnx_input.py) and check
-    it runs on the dataset; records "onnx_input" in the report and returns the operator domains it uses beyond
-    the default ONNX one."""
-    from toolchain.onnx_input import prepare_onnx
-
-    src = spec.onnx
-    if src is None:
-        raise ModelError("the onnx recipe needs --onnx FILE")
-    prepared = prepare_onnx(src, fp32, spec.output)
-    build_report["onnx_input"] = {"source_output": prepared.source_output, "output": prepared.output,
-                                  "zipmap_removed": prepared.zipmap, "dropped_outputs": prepared.dropped,
-                                  "operator_domains": prepared.domains, "notes": prepared.notes()}
-    for note in prepared.notes():
-        rep.info(f"{src.name}: {note}")
-    labels = prepared.class_labels
-    if labels is not None and labels != list(ds.classes):
-        order = ("in another order: declare classes = [" + ", ".join(f'"{c}"' for c in labels)
-                 + "] in the schema so that both agree" if sorted(labels) == sorted(ds.classes) else
-                 "and they differ: train and build on the same label set")
-        raise ModelError(f"{src}: the model's score columns are the classes {labels}, the dataset's classes are "
-                         f"{list(ds.classes)}, {order}")
-    try:
-        probe = open_backend(fp32, "onnxruntime")
-        try:
-            out = probe.predict(sample[:1])
-        finally:
-            probe.close()
-    except Exception as exc:
-        raise ModelError(f"{src} cannot run on this dataset: {exc}") from None
-    if out.ndim != 2 or out.shape[1] != len(ds.classes):
-        raise ModelError(f"{src}: output {prepared.output!r} gives {out.shape[1:]} values per row, the dataset has "
-                         f"{len(ds.classes)} classes; the build needs one score per class")
-    return prepared.domains
-
-
 def _quality_note(quality: dict[str, Any]) -> str:
     parts = []
     worst = quality["slices"].get("worst")
@@ -375,36 +183,6 @@ def _quality_note(quality: dict[str, Any]) -> str:
     if features:
         parts.append(f"top feature {features[0]['name']}")
     return ", ".join(parts) or "per-class metrics"
-
-
-def _feature_set(spec: BuildSpec, ds: datamod.Dataset, report: ValidationReport, kept: np.ndarray
-                 ) -> FeatureSet | None:
-    """The registry features the schema names, resolved from ``spec.features`` and checked on the data (each
-    definition's range and missing rate: fatal or a warning, as the definition says)."""
-    refs = ds.schema.registry_features
-    if not refs:
-        if spec.features is not None:
-            raise DataError("--features was given but the schema names no registry_features")
-        return None
-    if spec.features is None:
-        raise DataError("the schema names registry_features; give their definitions with --features FILE.toml")
-    if ds.kind != "tabular" or spec.recipe not in ("tabular",):
-        raise DataError("registry features are for the tabular recipe")
-    from toolchain.features import check_features, load_definitions, resolve
-
-    definitions = resolve(load_definitions(spec.features), refs)
-    try:
-        fs = FeatureSet(inputs=[f.name for f in ds.schema.features], definitions=definitions)
-    except ValueError as exc:
-        raise DataError(f"registry features: {exc}") from None
-    for check in check_features(fs, ds.table()):  # every row: missing values are what max_missing is about
-        d = check.definition
-        for problem in check.problems:
-            report.add(f"feature {d.ref}", "fatal" if d.on_violation == "fatal" else "warning", problem)
-        if not check.problems:
-            report.add(f"feature {d.ref}", "ok", f"{check.missing_rate:.2%} missing, "
-                       f"{check.out_of_range_rate:.2%} out of range")
-    return fs
 
 
 def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
@@ -432,14 +210,14 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         raise ToolchainError(f"importance_repeats must be at least 1, got {spec.importance_repeats}")
 
     with rep.step("load and validate data") as st:
-        ds = _load(spec, st)
+        ds = load_dataset(spec, st)
         report, kept = validate(ds)
         splits_local = datamod.split_indices(ds.y[kept], spec.seed)
         splits = {k: kept[v] for k, v in splits_local.items()}
         check_leakage(report, ds, splits["train"], splits["test"])
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         st.note(f"{report.rows_kept}/{report.rows_in} rows kept, {sizes}")
-    fs = _feature_set(spec, ds, report, kept)
+    fs = feature_set(spec, ds, report, kept)
     if not report.ok:
         raise ValidationFailed(report)
     if spec.min_slice_metric is not None and not ds.segments:
@@ -455,7 +233,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     model = None
     preprocessing = Preprocessing(kind="none", description="as defined by the supplied ONNX model")
     if spec.recipe != "onnx":
-        model, preprocessing, needs_training = _torch_model(spec, ds, xs["train"], fs)
+        model, preprocessing, needs_training = torch_model(spec, ds, xs["train"], fs)
         if needs_training:
             from toolchain.train import TrainConfig, device_name, resolve_device, train
 
@@ -494,9 +272,9 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                 build_report["onnx_parity_max_abs_diff"] = parity
                 st.note(f"max abs diff vs torch {parity:.2e}")
             else:
-                domains = _user_onnx(spec, ds, fp32, xs["test"], build_report, rep)
+                domains = user_onnx(spec, ds, fp32, xs["test"], build_report, rep)
                 st.note(f"output {build_report['onnx_input']['output']!r}")
-            input_name = _input_name(fp32)
+            fp32_input = input_name(fp32)
             candidates.append(_Candidate(f"{name}-onnx-fp32", Target.ONNX, Precision.FP32, fp32, "onnxruntime"))
         with rep.step("quantize ONNX int8 (QDQ, per-channel)") as st:
             from toolchain.quantize import int8_unsupported, quantize_onnx
@@ -549,7 +327,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                 f"{name}-tensorrt-{prec.value}", Target.TENSORRT, prec, path, "onnxruntime",
                 tensorrt=TensorRTBuild(
                     precision=prec, workspace_bytes=256 * 1024**2,
-                    profiles=[ShapeRange(input=input_name, min=[1, *shape], opt=[1, *shape], max=[32, *shape])],
+                    profiles=[ShapeRange(input=fp32_input, min=[1, *shape], opt=[1, *shape], max=[32, *shape])],
                     compute_capabilities=_TRT_CAPABILITIES, min_tensorrt="10.0", validated_on=[],
                 ),
             ))
