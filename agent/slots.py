@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.files import atomic_copy, atomic_write
-from protocol import Manifest, ProtocolError, SignedManifest
-from protocol._model import decode_model
+from protocol import Manifest, ProtocolError, SignedManifest, decode_model
 
 __all__ = ["SlotContents", "Slots"]
 

@@ -18,8 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from protocol import decode, decode_chunk, decode_signed_manifest, encode, encode_chunk
-from protocol._model import decode_model, encode_model
+from protocol import decode, decode_chunk, decode_model, decode_signed_manifest, encode, encode_chunk, encode_model
 from protocol.chunks import Chunk
 from protocol.signing import SignedManifest
 from tests.samples import SIGNING_KEY, all_messages

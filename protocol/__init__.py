@@ -5,6 +5,7 @@ standard library, pydantic and cryptography, so it runs on the smallest
 device. See ``docs/protocol.md`` for the specification this implements.
 """
 
+from protocol._model import WireModel, decode_model, encode_model, wire_bytes
 from protocol.canonical import canonical_json, load_json, sha256_hex
 from protocol.chunks import (
     DEFAULT_CHUNK_SIZE,
@@ -147,15 +148,18 @@ __all__ = [
     "TopicError",
     "TopicKind",
     "UnsupportedVersion",
+    "WireModel",
     "artifact_topic",
     "canonical_json",
     "decode",
     "decode_chunk",
     "decode_for_topic",
+    "decode_model",
     "decode_signed_manifest",
     "device_topic",
     "encode",
     "encode_chunk",
+    "encode_model",
     "error_reply_for",
     "generate_signing_key",
     "key_id",
@@ -173,4 +177,5 @@ __all__ = [
     "sign_manifest",
     "verify_manifest",
     "will_message",
+    "wire_bytes",
 ]

@@ -23,14 +23,9 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +37,7 @@ from rich.table import Table
 from sqlmodel import Session, col, select
 
 from server.api.client import ApiClient
+from server.demo_agents import DemoAgent, Traffic, start_agents, stopping
 
 __all__ = ["DEVICES", "DemoFailed", "DemoResult", "run_demo"]
 
@@ -142,14 +138,6 @@ def _count(registry: Any, query: Any) -> int:
         return len(db.exec(query).all())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # -- building ---------------------------------------------------------------------------------------------
 
 
@@ -213,53 +201,6 @@ def _build_v2(data: Path, v1: Path, console: Console) -> Path:
 # -- agents and traffic -------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Agent:
-    device: str
-    profile: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A function for the child to run before exec, after which Linux sends it SIGTERM when the demo dies, however
-    it dies (SIGKILL included); None elsewhere, where the demo's own cleanup is all there is. ``prctl`` is looked
-    up here, in the parent, so the child only calls it (nothing to load or lock between fork and exec)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
-
-    def child() -> None:
-        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
-
-    return child
-
-
-def _start_agents(data: Path, registry: Any, console: Console, agents: list[_Agent]) -> None:
-    """Start one agent per demo device, each appended to ``agents`` as soon as it runs, so whatever fails
-    half-way, the caller's cleanup stops the ones already started."""
-    die_with_parent = _parent_death_signal()
-    exe = Path(sys.executable).with_name("edgeherd-agent")
-    for device, profile in DEVICES:
-        enrolled = registry.add_device(device, profile, [GROUP], actor="ops")
-        port = _free_port()
-        log = data / "logs" / f"{device}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "EDGEHERD_AGENT_DATA_DIR": str(data / "agents" / device),
-               "EDGEHERD_AGENT_API_PORT": str(port), "EDGEHERD_AGENT_WINDOW_SECONDS": "2"}
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from agent.cli import main; main()"]
-        with log.open("wb") as out:
-            proc = subprocess.Popen([*cmd, "run", "--config", str(enrolled.agent_config)], stdout=out,  # noqa: S603
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                    preexec_fn=die_with_parent)
-        agents.append(_Agent(device, profile, port, proc, log))
-        console.print(f"  {device:<12} {profile:<18} pid {proc.pid}, API on 127.0.0.1:{port}")
-
-
 def _hellos(registry: Any) -> dict[str, dict[str, str]] | None:
     """Each demo device's reported runtimes, once every one of them has sent its hello (else None)."""
     from server.assignment import runtimes_of
@@ -286,62 +227,6 @@ def _narrate_runtimes(registry: Any, runtimes: dict[str, dict[str, str]], consol
         if profile.startswith("jetson") and "tensorrt" not in have:
             note = " — no TensorRT here (it needs an NVIDIA GPU and JetPack), so not the TensorRT engine"
         console.print(f"  {device:<12} reported {said}: gets {gets}{note}")
-
-
-class _Traffic:
-    """Posts batches of the digits test set to every agent; one device's inputs can be shifted."""
-
-    def __init__(self, agents: list[_Agent]) -> None:
-        from toolchain.data import load_digits
-
-        self.x = load_digits().x[-360:]
-        self.agents = agents
-        self.shifted: set[str] = set()
-        self.sent = 0
-        self.failed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        rng = np.random.default_rng(7)
-        while not self._stop.wait(0.25):
-            for a in self.agents:
-                batch = self.x[rng.integers(0, len(self.x), 16)]
-                if a.device in self.shifted:  # brighter digits: every pixel lifted, clipped at white
-                    batch = np.clip(batch + 6.0, 0, 16)
-                req = urllib.request.Request(f"http://127.0.0.1:{a.port}/v1/predict",
-                                             data=json.dumps({"inputs": batch.tolist()}).encode(),
-                                             headers={"Content-Type": "application/json"})
-                try:
-                    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - http://127.0.0.1 only
-                        resp.read()
-                    self.sent += 1
-                except OSError:
-                    self.failed += 1  # no model yet, or restarting: expected early on
-
-
-@contextmanager
-def _stopping(agents: list[_Agent]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for a in agents:
-            if a.proc.poll() is None:
-                with suppress(ProcessLookupError):
-                    os.killpg(a.proc.pid, signal.SIGTERM)
-        for a in agents:
-            try:
-                a.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with suppress(ProcessLookupError):
-                    os.killpg(a.proc.pid, signal.SIGKILL)
 
 
 # -- the story ------------------------------------------------------------------------------------------------
@@ -457,20 +342,16 @@ def _log_to_file(path: Path) -> None:
 
 
 def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
-    from protocol import generate_signing_key, private_key_to_pem, public_key_to_pem
     from server.app import ServerApp
     from server.db.models import Alert, Device, ModelVersion
+    from server.keypair import write_key_pair
     from server.presence import online_clause
 
     t_start = time.monotonic()
     result = DemoResult()
     keys = data / "keys"
     if not (keys / "signing.key").exists():
-        keys.mkdir(parents=True, exist_ok=True)
-        key = generate_signing_key()
-        (keys / "signing.key").write_bytes(private_key_to_pem(key))
-        (keys / "signing.key").chmod(0o600)
-        (keys / "signing.pub").write_bytes(public_key_to_pem(key.public_key()))
+        write_key_pair(keys)
     (data / "operators.toml").write_text(OPERATORS)
     _log_to_file(data / "logs" / "server.log")
     console.print(f"  logs: {data / 'logs'} (server.log, one file per agent)")
@@ -488,18 +369,18 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     for bundle in (v1, v2):
         v = reg.push_model(bundle, actor="ml-engineer")
         console.print(f"  pushed {v.name}:{v.version} (signature verified, digest {v.manifest_sha256[:12]}…)")
-    agents: list[_Agent] = []
-    traffic: _Traffic | None = None
+    agents: list[DemoAgent] = []
+    traffic: Traffic | None = None
     try:
         operators = _operators(app, console)
-        with _stopping(agents):
-            _start_agents(data, reg, console, agents)
+        with stopping(agents):
+            start_agents(data, reg, console, agents, DEVICES, GROUP)
             _wait("every agent to connect", lambda: _count(reg, select(Device).where(online_clause()))
                   == len(DEVICES), 120)
             runtimes = _wait("every agent's hello (its runtimes)", lambda: _hellos(reg), 60)
             console.print("  all six agents connected with their own credentials; what they reported:")
             _narrate_runtimes(reg, runtimes, console)
-            traffic = _Traffic(agents)
+            traffic = Traffic(agents)
             traffic.start()
             console.print("  traffic: batches of 16 digits to every agent's /v1/predict, 4 per second")
 
@@ -555,7 +436,7 @@ def run_demo(data: Path, console: Console, *, tui: bool = False) -> DemoResult:
     return result
 
 
-def _summary(result: DemoResult, traffic: _Traffic, console: Console) -> None:
+def _summary(result: DemoResult, traffic: Traffic, console: Console) -> None:
     table = Table(title="edgeherd demo: summary")
     for c in ("device", "profile", "runs", "artifact", "status", "drift alert"):
         table.add_column(c)

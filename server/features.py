@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 from sqlmodel import Session, col, select
 
-from protocol import FeatureStats, InvalidMessage, decode
-from protocol._model import decode_model
+from protocol import FeatureStats, InvalidMessage, decode, decode_model
 from protocol.features import FeatureDefinition, definition_sha256
 from protocol.manifest import FeatureReference
 from protocol.signing import SignedManifest

@@ -104,8 +104,7 @@ class BuiltBundle:
 @pytest.fixture(scope="session")
 def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> BuiltBundle:
     """A digits bundle built once per test session (8 epochs: enough for the agent tests)."""
-    from protocol import generate_signing_key, private_key_to_pem
-    from protocol._model import decode_model
+    from protocol import decode_model, generate_signing_key, private_key_to_pem
     from protocol.signing import SignedManifest
     from toolchain.pipeline import BuildSpec, build
 

@@ -18,9 +18,9 @@ from protocol import (
     SmokeExpectation,
     Target,
     TensorSpec,
+    encode_model,
     manifest_digest,
 )
-from protocol._model import encode_model
 from protocol.signing import Ed25519PrivateKey, sign_manifest
 
 #: Rows of the lookup model's table: a first input column outside [-ROWS, ROWS) makes its Gather fail.

@@ -37,10 +37,10 @@ from protocol import (
     TelemetryWindow,
     TensorRTBuild,
     TensorSpec,
+    WireModel,
     generate_signing_key,
     sign_manifest,
 )
-from protocol._model import WireModel
 
 T0 = datetime(2026, 11, 28, 9, 0, 0, tzinfo=timezone.utc)
 SHA_A = "3f" * 32

@@ -23,12 +23,12 @@ from protocol import (
     Target,
     TensorRTBuild,
     TensorSpec,
+    encode_model,
     generate_signing_key,
     manifest_digest,
     private_key_to_pem,
     public_key_to_pem,
 )
-from protocol._model import encode_model
 from protocol.signing import sign_manifest
 
 

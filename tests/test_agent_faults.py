@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from protocol import Chunk, Manifest, decode_chunk, encode_chunk, generate_signing_key, sign_manifest
-from protocol._model import decode_model
+from protocol import Chunk, Manifest, decode_chunk, decode_model, encode_chunk, generate_signing_key, sign_manifest
 
 pytestmark = pytest.mark.integration
 

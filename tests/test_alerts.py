@@ -19,8 +19,17 @@ from sqlmodel import Session, SQLModel, col, select
 from typer.testing import CliRunner
 
 from agent.window import WindowStats
-from protocol import ArtifactEntry, Manifest, Precision, RuntimeRequirement, Target, TensorSpec, encode, manifest_digest
-from protocol._model import encode_model
+from protocol import (
+    ArtifactEntry,
+    Manifest,
+    Precision,
+    RuntimeRequirement,
+    Target,
+    TensorSpec,
+    encode,
+    encode_model,
+    manifest_digest,
+)
 from protocol.signing import sign_manifest
 from server import alerts, leases
 from server.alerts import AlertAction, AlertError, AlertState

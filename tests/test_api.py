@@ -20,8 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel import Session
 
-from protocol import Manifest, SignedManifest
-from protocol._model import decode_model, encode_model
+from protocol import Manifest, SignedManifest, decode_model, encode_model
 from protocol.signing import generate_signing_key, public_key_to_text, sign_manifest
 from server import audit
 from server.api.client import ApiClient, ApiError

@@ -492,7 +492,7 @@ def test_upload_mutated_bundles(fz: Fuzzed, bundle_tar: bytes, data: st.DataObje
 
 def test_push_token_is_refused_actions(fz: Fuzzed) -> None:
     """An admin's push-scoped token (what CI holds) may read and push, nothing else."""
-    from server.api.app import PUSH_SCOPE
+    from server.api.auth import PUSH_SCOPE
 
     status, answer = fz.raw.send("POST", "/api/v1/operators/tokens", json.dumps({"scope": "push"}).encode(),
                                  _headers(fz.token["admin"], "application/json"))

@@ -11,8 +11,7 @@ import signal
 import pytest
 from sqlmodel import Session
 
-from protocol import DesiredState, SignedManifest, TopicKind, decode, device_topic
-from protocol._model import decode_model
+from protocol import DesiredState, SignedManifest, TopicKind, decode, decode_model, device_topic
 from server.app import ServerApp
 from server.broker import MosquittoBroker
 from server.db.models import Device

@@ -38,12 +38,13 @@ from sqlmodel import Session, col, select
 from protocol import (
     Chunk,
     TopicKind,
+    decode_model,
     device_topic,
     encode_chunk,
+    encode_model,
     sign_manifest,
     verify_manifest,
 )
-from protocol._model import decode_model, encode_model
 from protocol.signing import SignedManifest
 from server import audit
 from server.app import ServerApp

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import generate_signing_key, public_key_to_text, sign_manifest
-from protocol._model import encode_model
+from protocol import encode_model, generate_signing_key, public_key_to_text, sign_manifest
 from tests.samples import manifest
 
 BIN = Path(sys.executable).parent

@@ -25,16 +25,18 @@ from protocol import (
     PayloadTooLarge,
     SignedManifest,
     UnsupportedVersion,
+    WireModel,
     decode,
     decode_chunk,
+    decode_model,
     encode,
     error_reply_for,
     key_id,
     load_public_key,
     manifest_digest,
     verify_manifest,
+    wire_bytes,
 )
-from protocol._model import WireModel, decode_model, wire_bytes
 from protocol.chunks import HEADER_SIZE
 from protocol.ids import DEVICE_ID_PATTERN
 from tests.protocol_doc import ProtocolDoc, parse_type

@@ -9,8 +9,7 @@ import pytest
 from sqlmodel import Session, SQLModel, select
 from typer.testing import CliRunner
 
-from protocol import manifest_digest, sign_manifest
-from protocol._model import encode_model
+from protocol import encode_model, manifest_digest, sign_manifest
 from server import audit
 from server.db import make_engine, migrate
 from server.db.models import Approval, AuditEntry, Device, ModelVersion

@@ -39,3 +39,29 @@ def test_import_linter_contracts_hold():
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 broken" in out.stdout
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    from graphlib import CycleError, TopologicalSorter
+
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as exc:
+        return list(exc.args[1])
+    return None
+
+
+def test_no_import_cycle():
+    """No module imports, directly or through others, a module that imports it back: not at the top of a file and
+    not inside a function either (grimp reads both), so a lazy import cannot hide a cycle."""
+    import grimp
+
+    packages = ("protocol", "agent", "toolchain", "server", "hardware")
+    g = grimp.build_graph(*packages)
+    graph = {m: set(g.find_modules_directly_imported_by(m)) for m in g.modules}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_the_cycle_check_sees_a_lazy_import_cycle():
+    assert _cycle({"a": {"b"}, "b": {"a"}}) in (["a", "b", "a"], ["b", "a", "b"])
+    assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from protocol import Manifest
-from protocol._model import encode_model
+from protocol import Manifest, encode_model
 from protocol.manifest import MANIFEST_SCHEMA, MANIFEST_SCHEMA_2, FeatureReference, ReferenceProfile, schema_for
 from tests.samples import manifest
 

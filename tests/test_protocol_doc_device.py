@@ -190,8 +190,8 @@ def _rich_bundle(root: Path, key: Any) -> tuple[Path, dict[str, bytes]]:
         Target,
         TensorRTBuild,
         TensorSpec,
+        encode_model,
     )
-    from protocol._model import encode_model
     from protocol.features import FeatureDefinition, FeatureSet
     from protocol.signing import sign_manifest
 

@@ -19,9 +19,11 @@ from protocol import (
     TopicError,
     decode,
     decode_chunk,
+    decode_model,
     decode_signed_manifest,
     encode,
     encode_chunk,
+    encode_model,
     load_private_key,
     load_public_key,
     parse_device_topic,
@@ -29,7 +31,6 @@ from protocol import (
     public_key_to_pem,
     public_key_to_text,
 )
-from protocol._model import decode_model, encode_model
 from protocol.chunks import Chunk
 from tests.samples import SIGNING_KEY, all_messages
 

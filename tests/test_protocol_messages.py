@@ -18,11 +18,12 @@ from protocol import (
     TopicKind,
     decode,
     decode_for_topic,
+    decode_model,
     encode,
+    encode_model,
     manifest_digest,
     will_message,
 )
-from protocol._model import decode_model, encode_model
 from tests.samples import all_messages, manifest
 
 MESSAGES = all_messages()

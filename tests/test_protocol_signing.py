@@ -11,6 +11,7 @@ from protocol import (
     ProtocolError,
     SignatureError,
     decode_signed_manifest,
+    encode_model,
     generate_signing_key,
     key_id,
     load_private_key,
@@ -21,7 +22,6 @@ from protocol import (
     sign_manifest,
     verify_manifest,
 )
-from protocol._model import encode_model
 from tests.samples import manifest
 
 KEY = generate_signing_key()

@@ -63,8 +63,7 @@ def test_push_refuses_the_same_version_with_other_contents(data, digits_bundle, 
     import json
     import shutil
 
-    from protocol import Manifest, sign_manifest
-    from protocol._model import decode_model, encode_model
+    from protocol import Manifest, decode_model, encode_model, sign_manifest
 
     assert run("model", "push", str(digits_bundle.dir), "--data-dir", str(data)).exit_code == 0
     other = tmp_path / "other"

@@ -26,7 +26,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from server.api.app import PREFIX, PUSH_SCOPE, create_app
+from server.api.app import create_app
+from server.api.auth import PREFIX, PUSH_SCOPE
 from server.governance import Permission, Role
 
 __all__ = ["BEGIN", "END", "Operation", "build_app", "main", "operations", "permissions", "render_doc",

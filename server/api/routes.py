@@ -15,7 +15,7 @@ from pydantic import Field
 from sqlmodel import Session, col, select
 
 from server import audit
-from server.api.app import Operator, permit
+from server.api.auth import Operator, permit
 from server.api.routes_alerts import alerts
 from server.api.routes_audit import audit_checks
 from server.api.routes_base import DEVICE, NAME, REF, Body, Ref, invalid

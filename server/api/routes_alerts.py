@@ -14,7 +14,7 @@ from pydantic import Field
 from sqlmodel import Session
 
 from server import alerts as core
-from server.api.app import Operator, permit
+from server.api.auth import Operator, permit
 from server.api.routes_base import Body, as_object, plain, refused
 from server.db.models import Alert
 from server.governance import Permission

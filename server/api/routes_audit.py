@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from server import audit
-from server.api.app import Operator, permit
+from server.api.auth import Operator, permit
 from server.db.models import AuditEntry
 from server.governance import Permission
 from server.signatures import verify_approvals

@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 
 from protocol.features import FeatureDefinition
 from server import features
-from server.api.app import Operator, permit
+from server.api.auth import Operator, permit
 from server.api.routes_base import DEVICE, NAME, Body, invalid, plain, refused
 from server.broker import SERVER_USER
 from server.db.models import Device, FeatureDefinitionRow

@@ -31,7 +31,7 @@ from typing import Annotated, Any, BinaryIO
 from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.app import Operator, permit
+from server.api.auth import Operator, permit
 from server.api.routes_base import invalid
 from server.governance import Permission
 from server.registry import RegistryError

@@ -11,13 +11,14 @@ from typing import Annotated
 import typer
 
 from agent.cli import version_option
+from server.cli._common import CliState
 from server.cli.alerts import alerts_app
 from server.cli.build import build_command, bundle_app
 from server.cli.demo import demo_command
 from server.cli.features import features_app
 from server.cli.flash import flash_command, rotate_credentials_command
 from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, server_app
-from server.cli.governance import CliState, audit_app, model_approve, model_promote, model_reject, model_retire
+from server.cli.governance import audit_app, model_approve, model_promote, model_reject, model_retire
 from server.cli.keys import keys_app
 from server.cli.operators import login_command, logout_command, operator_app, server_init
 from server.cli.rollout import rollout_app

@@ -7,12 +7,12 @@ operator ``edgeherd --as USER`` names. Acknowledging and resolving need the oper
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from server.cli.fleet import DataDir, console, err
+from server.cli._common import DataDir, acting_operator, console, err, fail, open_engine
 from server.cli.remote import call, remote, short_time
 
 __all__ = ["alerts_app"]
@@ -25,16 +25,9 @@ NoteOption = Annotated[str | None, typer.Option("--note", help="What you are doi
 STATE_STYLE = {"raised": "bold red", "acknowledged": "yellow", "cleared": "green"}
 
 
-def _fail(exc: Exception | str) -> NoReturn:
-    err.print(f"[red]error:[/] {exc}")
-    raise typer.Exit(1)
-
-
 def _local(data_dir: Path, fn: Any) -> Any:
     """Run ``fn(db)`` on the host's database (migrated)."""
     from sqlmodel import Session
-
-    from server.cli.governance import open_engine
 
     engine = open_engine(data_dir)
     try:
@@ -89,7 +82,7 @@ def show_command(ctx: typer.Context, alert_id: AlertId, data_dir: DataDir = Path
 
         detail = _local(data_dir, read)
         if detail is None:
-            _fail(f"no alert {alert_id}; `edgeherd alerts list --all` lists them")
+            fail(f"no alert {alert_id}; `edgeherd alerts list --all` lists them")
     state = detail["state"]
     console.print(f"[bold]alert {detail['id']}[/]: [{STATE_STYLE.get(state, '')}]{state}[/] · {detail['kind']} on "
                   f"{detail['device_id'] or '—'} · severity {detail['severity']}")
@@ -117,20 +110,19 @@ def _act(ctx: typer.Context, alert_id: int, action: str, note: str | None, data_
     else:
         from server import alerts
         from server.audit import write_anchor
-        from server.cli.governance import acting_operator, open_engine
         from server.governance import Governance, GovernanceError, Permission
 
         try:
             actor = acting_operator(ctx)
             Governance.load(data_dir).require(actor, Permission.ACK_ALERT)
         except GovernanceError as exc:
-            _fail(exc)
+            fail(exc)
         engine = open_engine(data_dir)
         try:
             fn = alerts.acknowledge if action == "ack" else alerts.resolve
             alert, entry = fn(engine, alert_id, actor, note)
         except alerts.AlertError as exc:
-            _fail(exc)
+            fail(exc)
         finally:
             engine.dispose()
         try:

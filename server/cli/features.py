@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from server.cli.fleet import DataDir, _actor, _fail, _registry, console
+from server.cli._common import DataDir, console, fail, open_registry, require_actor
 from server.cli.remote import call, remote, short_time
 
 features_app = typer.Typer(help="Register feature definitions and follow them across models and the fleet.",
@@ -31,11 +31,11 @@ def features_push(ctx: typer.Context,
         for ref, what in _pairs(call(client, "POST", "/features", _definitions_body(path))):
             console.print(f"{what:>9}  {ref}")
         return
-    actor = _actor(ctx, data_dir, "PUSH_MODEL")
+    actor = require_actor(ctx, data_dir, "PUSH_MODEL")
     try:
-        result = _registry(data_dir).push_features(path, actor=actor)
+        result = open_registry(data_dir).push_features(path, actor=actor)
     except RegistryError as exc:
-        _fail(exc)
+        fail(exc)
     for ref, what in result:
         console.print(f"{what:>9}  {ref}")
 
@@ -54,7 +54,7 @@ def _definitions_body(path: Path) -> dict[str, list[dict[str, object]]]:
         for file in files:
             tables += read_toml(file, "feature definitions file", DataError).get("feature", [])
     except DataError as exc:
-        _fail(exc)
+        fail(exc)
     return {"feature": tables}
 
 
@@ -82,7 +82,7 @@ def features_list(ctx: typer.Context, data_dir: DataDir = Path("data")) -> None:
     if client is not None:
         _table(call(client, "GET", "/features"))
         return
-    reg = _registry(data_dir)
+    reg = open_registry(data_dir)
     with Session(reg.engine) as db:
         rows = features.definitions(db)
         used: dict[str, list[str]] = {}
@@ -139,12 +139,12 @@ def features_show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="
             console.print(f"  consumed by: {', '.join(str(u) for u in used) or '—'}")
             console.print("  " + json.dumps(r.get("definition"), sort_keys=True), markup=False)
         return
-    reg = _registry(data_dir)
+    reg = open_registry(data_dir)
     with Session(reg.engine) as db:
         rows = features.definitions(db, name)
         consumers = features.consumers(db, name)
     if not rows:
-        _fail(ValueError(f"no feature named {name!r} is registered; see `edgeherd features list`"))
+        fail(ValueError(f"no feature named {name!r} is registered; see `edgeherd features list`"))
     for r in rows:
         ref = f"{r.name}@{r.version}"
         models = [c.model for c in consumers if c.feature == ref]
@@ -172,14 +172,14 @@ def features_drift(ctx: typer.Context, name: Annotated[str, typer.Argument(help=
                                            query={"version": version, "hours": hours})
     else:
         since = datetime.now(timezone.utc) - timedelta(hours=hours) if hours > 0 else None
-        reg = _registry(data_dir)
+        reg = open_registry(data_dir)
         with Session(reg.engine) as db:
             dicts = [r.to_dict() for r in features.drift(db, name, version, since)]
     if as_json:
         console.print_json(json.dumps(dicts))
         return
     if not dicts:
-        _fail(ValueError(f"no model version consumes feature {name!r}" + (f"@{version}" if version else "")))
+        fail(ValueError(f"no model version consumes feature {name!r}" + (f"@{version}" if version else "")))
     table = Table(title=f"drift of {name}")
     for col in ("feature", "model", "windows", "values", "PSI", "PSI limit", "p-value", "missing", "drifted"):
         table.add_column(col, justify="right" if col not in ("feature", "model", "drifted") else "left")

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from server.cli.fleet import Broker, DataDir, _actor, _fail, _registry, console, err
+from server.cli._common import Broker, DataDir, console, err, fail, open_registry, require_actor
 from server.net import is_loopback
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def flash_command(
     """Provision a device: an offline installer of the agent with the device's own credentials (a certificate
     and key on the managed broker, a password on one you bring) and the pinned server key and CA, as a file, in
     a root filesystem, or installed over ssh."""
-    actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
+    actor = require_actor(ctx, data_dir, "ENROLL_DEVICE")
     from rich.status import Status
 
     status = Status("making the wheelhouse …", console=err)
@@ -278,13 +278,13 @@ def flash_command(
                           f"{Path(m.group(2)).name[:60]}")
 
     try:
-        reg = _registry(data_dir, broker)
+        reg = open_registry(data_dir, broker)
         result = flash(reg, device, profile, out=out, rootfs=rootfs, ssh=ssh, broker_url=broker_url,
                        ca_cert=ca_cert, groups=group, python=python, wheel=wheel, find_links=find_links,
                        no_index=no_index, constraints=constraints, ssh_options=ssh_option, force=force,
                        actor=actor, on_pip_line=on_line, say=lambda m: err.print(m), progress=status)
     except ValueError as exc:
-        _fail(exc)
+        fail(exc)
     secret = "private key" if result.certificate else "broker password"
     old = "its old certificates are revoked" if result.certificate else "its old password no longer works"
     verb = "enrolled" if result.enrolled else f"issued fresh credentials to ({old})"
@@ -321,14 +321,14 @@ def rotate_credentials_command(
         console.print(f"rotated {name}'s broker {kind}: the agent stored the new one and uses it from its next "
                       "connection; the old one no longer works")
         return
-    actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
+    actor = require_actor(ctx, data_dir, "ENROLL_DEVICE")
     try:
-        reg = _registry(data_dir, broker)
+        reg = open_registry(data_dir, broker)
         what = "certificate" if reg.certificates else "password"
         with err.status(f"waiting for {name} to store its new {what} …"):
             reg.rotate_credentials(name, actor=actor, timeout=timeout)
     except RegistryError as exc:
-        _fail(exc)
+        fail(exc)
     old = "its old certificates are revoked" if what == "certificate" else "the old one no longer works"
     console.print(f"rotated {name}'s broker {what}: the agent stored the new one and uses it from its next "
                   f"connection; {old}")

@@ -5,53 +5,22 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from server.cli._common import Broker, DataDir, console, err, fail, open_registry, require_actor
 from server.cli.remote import call, pack_bundle, remote, short_time
 
 server_app = typer.Typer(help="Run the server.", no_args_is_help=True)
 fleet_app = typer.Typer(help="Simulated fleets for tests and load.", no_args_is_help=True)
 device_app = typer.Typer(help="Enrol, list and revoke devices.", no_args_is_help=True)
 model_app = typer.Typer(help="Register and inspect model versions.", no_args_is_help=True)
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-DataDir = Annotated[Path, typer.Option("--data-dir", envvar="EDGEHERD_DATA_DIR",
-                                       help="Server data directory (database, store, keys, broker files).")]
-Broker = Annotated[str | None, typer.Option("--broker", envvar="EDGEHERD_BROKER_URL",
-                                            help="Broker URL; default: the managed Mosquitto of the data dir.")]
 
 
 #: Bundles bigger than this show a spinner while they upload.
 BIG_BUNDLE = 16 << 20
-
-
-def _registry(data_dir: Path, broker: str | None = None) -> Any:
-    from server.registry import Registry
-
-    return Registry(data_dir, broker_url=broker)
-
-
-def _fail(exc: Exception) -> NoReturn:
-    err.print(f"[red]error:[/] {exc}")
-    raise typer.Exit(1)
-
-
-def _actor(ctx: typer.Context, data_dir: Path, permission: str) -> str:
-    """The operator acting (``--as``), once their role allows ``permission`` (a Permission name)."""
-    from server.cli.governance import acting_operator
-    from server.governance import Governance, GovernanceError, Permission
-
-    try:
-        actor = acting_operator(ctx)
-        Governance.load(data_dir).require(actor, Permission[permission])
-    except GovernanceError as exc:
-        _fail(exc)
-    return actor
 
 
 @server_app.command("run")
@@ -95,9 +64,9 @@ def server_run(
     try:
         check_bootstrap(data_dir)
     except GovernanceError as exc:
-        _fail(exc)
+        fail(exc)
     if broker is not None and (public_host or listen):
-        _fail(ValueError("--public-host and --listen configure the managed broker; with --broker, configure your "
+        fail(ValueError("--public-host and --listen configure the managed broker; with --broker, configure your "
                          "own broker instead (docs/server.md, \"Bring your own broker\")"))
     from server.api.serve import DEFAULT_API_PORT, parse_api_listen
 
@@ -106,7 +75,7 @@ def server_run(
     try:
         api = None if api_listen == "off" else parse_api_listen(api_listen)
     except ValueError as exc:
-        _fail(exc)
+        fail(exc)
     configure_logging(log_level)
     try:
         app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval,
@@ -114,7 +83,7 @@ def server_run(
                         listen=parse_listen(listen) if listen else None, public_hosts=public_host or None,
                         api_listen=api).start()
     except (BrokerError, OSError, SettingError, PkiError) as exc:
-        _fail(exc)
+        fail(exc)
     wait_for_termination()
     app.stop()
 
@@ -129,7 +98,7 @@ def server_backup(dest: Annotated[Path, typer.Argument(help="New directory for t
     try:
         info = backup(data_dir, dest)
     except BackupError as exc:
-        _fail(exc)
+        fail(exc)
     files = [str(f) for f in info["files"]] if isinstance(info["files"], list) else []
     console.print(f"backed up to {dest}: {info['counts']}" + "".join(f", {f}" for f in files)
                   + ("" if "operators.toml" in files else "; no operators.toml (the server is in bootstrap mode)"))
@@ -145,7 +114,7 @@ def server_restore(src: Annotated[Path, typer.Argument(help="A directory made by
     try:
         info = restore(src, data_dir)
     except BackupError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"restored {info['counts']} from {src} into {data_dir}")
     warnings = info.get("warnings")
     for warning in warnings if isinstance(warnings, list) else []:
@@ -180,12 +149,12 @@ def device_add(
         custom = f" with the custom profile {profile} (no latency budget)" if custom_profile else ""
         console.print(f"enrolled {name}{custom}; agent config and credentials in {where}")
         return
-    actor = _actor(ctx, data_dir, "ENROLL_DEVICE")
+    actor = require_actor(ctx, data_dir, "ENROLL_DEVICE")
     try:
-        enrolled = _registry(data_dir, broker).add_device(name, profile, group or [], actor=actor,
+        enrolled = open_registry(data_dir, broker).add_device(name, profile, group or [], actor=actor,
                                                           custom_profile=custom_profile)
     except RegistryError as exc:
-        _fail(exc)
+        fail(exc)
     custom = f" with the custom profile {profile} (no latency budget)" if custom_profile else ""
     console.print(f"enrolled {name}{custom}; agent config and password in {enrolled.agent_config.parent}")
 
@@ -195,23 +164,23 @@ def _write_agent_files(out: Path, answer: Any) -> Path:
     ``out`` (0700); never over existing files."""
     files = answer.get("files") if isinstance(answer, dict) else None
     if not isinstance(files, dict) or not files:
-        _fail(ValueError("the server enrolled the device but sent no agent files; fetch them on the server host "
+        fail(ValueError("the server enrolled the device but sent no agent files; fetch them on the server host "
                          "(<data>/devices/NAME)"))
     for fname in files:
         if not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or "\\" in fname:
-            _fail(ValueError(f"the server sent an agent file named {fname!r}; refusing to write it"))
+            fail(ValueError(f"the server sent an agent file named {fname!r}; refusing to write it"))
     try:
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
         taken = [f for f in files if (out / f).exists()]
         if taken:
-            _fail(ValueError(f"{out} already holds {', '.join(sorted(taken))}; the device is enrolled, but its "
+            fail(ValueError(f"{out} already holds {', '.join(sorted(taken))}; the device is enrolled, but its "
                              "agent files were not written: give a new --out directory, or revoke and add it again"))
         for fname, text in files.items():
             fd = os.open(out / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(str(text))
     except OSError as exc:
-        _fail(ValueError(f"cannot write the agent files to {out}: {exc.strerror or exc}"))
+        fail(ValueError(f"cannot write the agent files to {out}: {exc.strerror or exc}"))
     return out
 
 
@@ -225,11 +194,11 @@ def device_revoke(ctx: typer.Context, name: str, data_dir: DataDir = Path("data"
         call(client, "POST", f"/devices/{name}/revoke")
         console.print(f"revoked {name}")
         return
-    actor = _actor(ctx, data_dir, "REVOKE_DEVICE")
+    actor = require_actor(ctx, data_dir, "REVOKE_DEVICE")
     try:
-        _registry(data_dir, broker).revoke_device(name, actor=actor)
+        open_registry(data_dir, broker).revoke_device(name, actor=actor)
     except RegistryError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"revoked {name}")
 
 
@@ -255,12 +224,12 @@ def device_list(ctx: typer.Context, data_dir: DataDir = Path("data")) -> None:
     try:
         stale_after = STALE_AFTER.read()
     except SettingError as exc:
-        _fail(exc)
+        fail(exc)
     table = Table()
     for col in ("device", "profile", "groups", "status", "running", "install", "last seen"):
         table.add_column(col)
     now = datetime.now(timezone.utc)
-    for d in _registry(data_dir).devices():
+    for d in open_registry(data_dir).devices():
         status = shown_status(d.status, d.last_seen, revoked=d.revoked, now=now, stale_after=stale_after)
         table.add_row(d.id, label(d.profile), ",".join(d.groups), status,
                       d.running_artifact or "—", d.install_step or "—",
@@ -286,11 +255,11 @@ def model_push(ctx: typer.Context, bundle: Path, data_dir: DataDir = Path("data"
         console.print(f"registered {pushed['model']} {pushed['version']} (digest {pushed['manifest_sha256'][:12]}…)"
                       + (f", {pushed['stage']}" if pushed.get("stage") else ""))
         return
-    actor = _actor(ctx, data_dir, "PUSH_MODEL")
+    actor = require_actor(ctx, data_dir, "PUSH_MODEL")
     try:
-        version = _registry(data_dir).push_model(bundle, actor=actor)
+        version = open_registry(data_dir).push_model(bundle, actor=actor)
     except RegistryError as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"registered {version.name} {version.version} (digest {version.manifest_sha256[:12]}…)")
 
 
@@ -310,7 +279,7 @@ def model_list(ctx: typer.Context, data_dir: DataDir = Path("data")) -> None:
     table = Table()
     for col in ("model", "version", "stage", "digest", "registered"):
         table.add_column(col)
-    for v in _registry(data_dir).models():
+    for v in open_registry(data_dir).models():
         table.add_row(v.name, v.version, v.stage, v.manifest_sha256[:12], f"{v.created_at:%Y-%m-%d %H:%M}")
     console.print(table)
 
@@ -332,10 +301,10 @@ def model_show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="NAME
         return
     name, _, version = ref.partition(":")
     try:
-        reg = _registry(data_dir)
+        reg = open_registry(data_dir)
         row, signed = reg.model(name, version)
     except RegistryError as exc:
-        _fail(exc)
+        fail(exc)
     with Session(reg.engine) as db:
         card = version_card(db, row, history=10)
     m = signed.manifest
@@ -405,20 +374,20 @@ def deploy_command(
     client = remote(ctx)
     if client is not None:
         if artifact is not None:
-            _fail(ValueError("--artifact is not available with a login: the API deploys the artifact the device's "
+            fail(ValueError("--artifact is not available with a login: the API deploys the artifact the device's "
                              "profile prefers"))
         said = call(client, "POST", f"/models/{ref}/deploy", {"device": device})
         console.print(said["result"])
         return
-    actor = _actor(ctx, data_dir, "DEPLOY")
+    actor = require_actor(ctx, data_dir, "DEPLOY")
     name, _, version = ref.partition(":")
     try:
-        registry = _registry(data_dir, broker)
+        registry = open_registry(data_dir, broker)
         with Session(registry.engine) as db:  # production devices take approved versions only
             check_deploy(db, ref, device, Governance.load(data_dir).config)
         desired = registry.deploy(name, version, device, artifact, actor=actor)
     except (RegistryError, GovernanceError) as exc:
-        _fail(exc)
+        fail(exc)
     if desired is None:
         console.print(f"{device} will run {name} {version} once it connects and reports its runtimes (it has not "
                       "yet); the artifact is chosen then")
@@ -447,7 +416,7 @@ def fleet_simulate(
     from server.registry import RegistryError
     from server.simulate import PROFILE, SimConfig, load_credentials, simulate, store_credentials
 
-    reg = _registry(data_dir, broker)
+    reg = open_registry(data_dir, broker)
     store = data_dir / "simulator"
     ids = [f"sim-{i:05d}" for i in range(devices)]
     try:
@@ -470,7 +439,7 @@ def fleet_simulate(
                         processes=min(processes, devices), reference=reference, manifest_sha256=digest,
                         drifting=frozenset(ids[:drifting]))
     except (RegistryError, ValueError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     with console.status(f"{devices} simulated devices for {seconds:.0f} s ..."):
         result = simulate(cfg)
     console.print(f"sent {result.sent} messages, {result.acked} acknowledged by the broker; "
@@ -490,9 +459,9 @@ def ca_show(data_dir: DataDir = Path("data")) -> None:
     from server.pki import PkiError
 
     try:
-        broker = _registry(data_dir).broker
+        broker = open_registry(data_dir).broker
         if broker.authority is None:
-            _fail(ValueError(f"the managed broker of {data_dir} has no TLS (broker/listener.json says \"tls\": "
+            fail(ValueError(f"the managed broker of {data_dir} has no TLS (broker/listener.json says \"tls\": "
                              "false): its devices log in with passwords"))
         auth = broker.authority
         table = Table("role", "CA", "sha256 fingerprint", "valid from", "valid until", "devices", box=None)
@@ -510,7 +479,7 @@ def ca_show(data_dir: DataDir = Path("data")) -> None:
                           + "; `edgeherd device rotate-credentials DEVICE` moves one, `edgeherd server ca rotate "
                           "--finish` ends the rotation")
     except (PkiError, BrokerError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @ca_app.command("rotate")
@@ -528,12 +497,12 @@ def ca_rotate(
     from server.broker import BrokerError
     from server.pki import PkiError
 
-    actor = _actor(ctx, data_dir, "ROTATE_CA")
+    actor = require_actor(ctx, data_dir, "ROTATE_CA")
     try:
-        reg = _registry(data_dir)
+        reg = open_registry(data_dir)
         broker = reg.broker
         if broker.authority is None:
-            _fail(ValueError(f"the managed broker of {data_dir} has no TLS: there is no CA to rotate"))
+            fail(ValueError(f"the managed broker of {data_dir} has no TLS: there is no CA to rotate"))
         if finish:
             behind = broker.authority.finish_rotation(force=force)
             detail: dict[str, Any] = {"phase": "finish", "cut_off": behind[:50]}
@@ -544,7 +513,7 @@ def ca_rotate(
         broker.reload()
         reg.record(actor, "ca.rotate", "pki:ca", detail)
     except (PkiError, BrokerError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
     if finish:
         console.print("rotation finished: the previous CA is no longer trusted; the broker's certificate comes from "
                       "the current CA" + (f"; cut off: {', '.join(detail['cut_off'])}" if detail["cut_off"] else ""))

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from server.cli.fleet import DataDir, console, err
+from server.cli._common import CliState, DataDir, acting_operator, console, err, fail, open_engine
 from server.cli.remote import call, remote, short_time, sign_decision_remote, whoami
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
 
     from server.governance import Permission, Transition
 
@@ -31,36 +29,6 @@ audit_app = typer.Typer(help="Read and verify the hash-chained audit log.", no_a
 
 Ref = Annotated[str, typer.Argument(help="NAME:VERSION")]
 Reason = Annotated[str, typer.Option("--reason", help="Why (recorded with the decision and in the audit log).")]
-
-
-@dataclass
-class CliState:
-    """What the root ``edgeherd`` callback parsed, for the sub-commands (``ctx.obj``)."""
-
-    as_user: str | None = None
-
-
-def acting_operator(ctx: typer.Context) -> str:
-    """The operator a command acts as: ``--as``, ``$EDGEHERD_OPERATOR`` or the OS user."""
-    from server.governance import current_operator
-
-    state = ctx.find_object(CliState)
-    return current_operator(state.as_user if state is not None else None)
-
-
-def _fail(exc: Exception | str) -> NoReturn:
-    err.print(f"[red]error:[/] {exc}")
-    raise typer.Exit(1)
-
-
-def open_engine(data_dir: Path) -> Engine:
-    """The registry database of ``data_dir`` (``EDGEHERD_DATABASE_URL`` if set), migrated to the current schema."""
-    from server.db import database_url, make_engine, migrate
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(database_url(data_dir))
-    migrate(engine)
-    return engine
 
 
 def _lifecycle(ctx: typer.Context, ref: str, data_dir: Path, permission: Permission,
@@ -85,7 +53,7 @@ def _lifecycle(ctx: typer.Context, ref: str, data_dir: Path, permission: Permiss
         finally:
             engine.dispose()
     except (GovernanceError, audit.AuditError) as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"{moved.ref}: {moved.before.value} → [bold]{moved.after.value}[/] by {actor} "
                   f"(audit #{moved.audit_seq})")
 
@@ -110,7 +78,7 @@ def _remote_move(ctx: typer.Context, ref: str, move: str, reason: str | None = N
         needed = Permission.APPROVE if move == "approve" else Permission.REJECT
         role = Role(me["role"])
         if not allowed(role, needed):  # said before asking for a signing key they need not have
-            _fail(f"{actor} is {role.with_article}; {needed.value} needs the {needed.min_role.value} role")
+            fail(f"{actor} is {role.with_article}; {needed.value} needs the {needed.min_role.value} role")
         _moved(sign_decision_remote(client, ref, move, reason or "", actor), actor)
     else:
         _moved(call(client, "POST", f"/models/{ref}/{move}"), actor)
@@ -215,7 +183,7 @@ def _audit_verify_remote(client: Any, anchor: Path | None) -> None:
     """``audit verify`` through GET /audit/verify: the server checks its chain against its own anchor, and every
     approval's signature."""
     if anchor is not None:
-        _fail("--anchor checks the server host's database against a copy of its anchor; with a login the server "
+        fail("--anchor checks the server host's database against a copy of its anchor; with a login the server "
               "verifies against its own anchor (run `edgeherd audit verify --anchor FILE` on the server host)")
     answer = call(client, "GET", "/audit/verify")
     chain, decisions = answer["chain"], answer["approvals"]
@@ -261,9 +229,9 @@ def audit_verify(
     try:
         pinned = audit.read_anchor(anchor if anchor is not None else data_dir)
     except audit.AuditError as exc:
-        _fail(exc)
+        fail(exc)
     if anchor is not None and pinned is None:
-        _fail(f"anchor file {anchor} does not exist")
+        fail(f"anchor file {anchor} does not exist")
     engine = open_engine(data_dir)
     try:
         with Session(engine) as db:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from hardware.files import atomic_write
 from protocol import (
     KeyFormatError,
-    generate_signing_key,
     key_id,
     load_private_key,
     load_public_key,
-    private_key_to_pem,
-    public_key_to_pem,
     public_key_to_text,
 )
+from server.keypair import PRIVATE, PUBLIC, write_key_pair
 
 keys_app = typer.Typer(help="The server's Ed25519 bundle-signing key.", no_args_is_help=True)
 
@@ -33,17 +29,13 @@ def keys_generate(
     ] = False,
 ) -> None:
     """Create the signing key pair: signing.key (private, mode 0600) and signing.pub (PEM)."""
-    private_path, public_path = out / "signing.key", out / "signing.pub"
+    private_path, public_path = out / PRIVATE, out / PUBLIC
     if private_path.exists() and not force:
         typer.echo(
             f"error: {private_path} already exists; devices are pinned to it. Use --force to replace it.", err=True
         )
         raise typer.Exit(1)
-    out.mkdir(parents=True, exist_ok=True)
-    os.chmod(out, 0o700)
-    key = generate_signing_key()
-    atomic_write(private_path, private_key_to_pem(key).decode("ascii"), 0o600)
-    atomic_write(public_path, public_key_to_pem(key.public_key()).decode("ascii"), 0o644)
+    key = write_key_pair(out)
     typer.echo(f"wrote {private_path} and {public_path}")
     typer.echo(f"key id     {key_id(key.public_key())}")
     typer.echo(f"pin on devices as  {public_key_to_text(key.public_key())}")

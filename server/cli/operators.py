@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from server.cli.fleet import DataDir, console
+from server.cli._common import DataDir, acting_operator, console, open_engine
 from server.cli.remote import api_errors, call, fail, remote, require_remote, short_time, whoami
 
 __all__ = ["login_command", "logout_command", "operator_app", "server_init"]
@@ -77,7 +77,6 @@ def server_init(
 
     Run on the server host, once; refused when operators.toml exists (add more with `edgeherd operator add`)."""
     from server.api.serve import DEFAULT_API_PORT
-    from server.cli.governance import acting_operator, open_engine
     from server.governance import GovernanceError
     from server.operators import init_operators
 
@@ -209,7 +208,6 @@ def operator_add(
         answer = call(client, "POST", "/operators", {"name": name, "role": wanted.value, "ttl_days": ttl_days})
         token, info = answer["token"], answer["token_info"]
     else:
-        from server.cli.governance import acting_operator, open_engine
         from server.governance import Governance, Permission
         from server.operators import add_operator
 
@@ -277,8 +275,6 @@ def operator_whoami(ctx: typer.Context) -> None:
     """Who the stored login acts as: operator, role, token and signing key."""
     client = remote(ctx)
     if client is None:
-        from server.cli.governance import acting_operator
-
         console.print(f"no login; on the server host you act as {acting_operator(ctx)} (--as, $EDGEHERD_OPERATOR "
                       "or your OS user name), with the role operators.toml gives")
         return

@@ -17,26 +17,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
-from rich.console import Console
 
 from server.api.client import ApiClient, ApiError, LoginError, load_login
+from server.cli._common import CliState, fail
 
 __all__ = ["AS_WITH_LOGIN", "api_errors", "call", "fail", "pack_bundle", "remote", "require_remote", "short_time",
            "sign_decision_remote", "whoami"]
 
-err = Console(stderr=True, highlight=False)
-
 AS_WITH_LOGIN = "--as is for working on the server host; with a login, you act as your token's operator"
 NO_LOGIN = ("no login: run `edgeherd login https://HOST:PORT --ca ca-bundle.pem` first (`edgeherd server init` on "
             "the server host prints the exact line)")
-
-
-def fail(message: Exception | str) -> NoReturn:
-    err.print(f"[red]error:[/] {message}")
-    raise typer.Exit(1)
 
 
 @contextmanager
@@ -49,8 +42,6 @@ def api_errors() -> Iterator[None]:
 
 
 def _as_user(ctx: typer.Context | None) -> str | None:
-    from server.cli.governance import CliState
-
     state = ctx.find_object(CliState) if ctx is not None else None
     return state.as_user if state is not None else None
 

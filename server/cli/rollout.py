@@ -8,28 +8,19 @@ commands record a new one or act on one now, as the operator given by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from server.cli.fleet import Broker, DataDir
-from server.cli.governance import acting_operator
+from server.cli._common import Broker, DataDir, acting_operator, console, fail
 from server.cli.remote import call, remote
 
 rollout_app = typer.Typer(help="Roll a model version out to a target in waves, gated on its health.",
                           no_args_is_help=True)
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
 Name = Annotated[str, typer.Argument(help="The rollout's name.")]
 Reason = Annotated[str | None, typer.Option("--reason", help="Why (recorded in the audit log).")]
-
-
-def _fail(exc: Exception | str) -> NoReturn:
-    err.print(f"[red]error:[/] {exc}")
-    raise typer.Exit(1)
 
 
 def _split(values: list[str]) -> list[str]:
@@ -88,7 +79,7 @@ def start(
                                        latency_budget_ms=latency_budget, drift_margin=drift_margin,
                                        min_requests=min_requests, min_drift_windows=min_drift_windows))
     except ValidationError as exc:
-        _fail("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
+        fail("; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
     target = {"groups": _split(group), "tags": _split(tag), "devices": _split(device)}
     client = remote(ctx)
     if client is not None:
@@ -104,7 +95,7 @@ def start(
                              name=name, model=model, target=target, spec=spec, production=production,
                              artifact=artifact)
     except (GovernanceError, RolloutError, RegistryError) as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"rollout [bold]{row.name}[/] of {model} recorded ({'production, ' if row.production else ''}"
                   f"waves {', '.join(spec.effective_waves())}, soak {spec.soak_s:g} s); the server starts it")
 
@@ -157,11 +148,11 @@ def show(ctx: typer.Context, name: Name, data_dir: DataDir = Path("data"), broke
     with Session(registry.engine) as db:
         row = db.exec(select(Rollout).where(Rollout.name == name)).first()
         if row is None:
-            _fail(f"no rollout named {name}; see `edgeherd rollout list`")
+            fail(f"no rollout named {name}; see `edgeherd rollout list`")
         try:
             summary = describe(rollout_view(db, row))
         except RolloutError as exc:
-            _fail(exc)
+            fail(exc)
         gates = db.exec(select(GateEvaluation).where(GateEvaluation.rollout_id == row.id)
                         .order_by(col(GateEvaluation.id))).all()
         from server.orchestrator import resolve_target
@@ -220,7 +211,7 @@ def _command(ctx: typer.Context, name: str, command: str, reason: str | None, da
         view = command_governed(Registry(data_dir, broker_url=broker), Governance.load(data_dir),
                                 acting_operator(ctx), name, command, reason)
     except (GovernanceError, RolloutError, RegistryError) as exc:
-        _fail(exc)
+        fail(exc)
     console.print(f"rollout [bold]{name}[/] is now {view.state.value}")
 
 

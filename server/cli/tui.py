@@ -14,8 +14,7 @@ from typing import Annotated
 
 import typer
 
-from server.cli.fleet import Broker, DataDir, _fail
-from server.cli.governance import CliState, acting_operator
+from server.cli._common import Broker, CliState, DataDir, acting_operator
 from server.net import is_loopback
 
 #: The address ``--web`` listens on unless ``--host`` says otherwise.
@@ -59,7 +58,7 @@ def tui_command(
         try:
             actor = acting_operator(ctx)
         except GovernanceError as exc:
-            _fail(exc)
+            fail(exc)
         where = str(data_dir.resolve())
     if web:
         from server.tui.web import WebTui
@@ -85,5 +84,5 @@ def tui_command(
         try:
             app = make_app(data_dir, actor, broker_url=broker, refresh_s=refresh)
         except (GovernanceError, SettingError) as exc:  # a broken operators.toml or EDGEHERD_* setting, or bootstrap
-            _fail(exc)  # mode refused: say so, without a traceback
+            fail(exc)  # mode refused: say so, without a traceback
     app.run()

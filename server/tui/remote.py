@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from server import audit
-from server.api.app import PUSH_SCOPE
+from server.api.auth import PUSH_SCOPE
 from server.api.client import ApiClient, ApiError, key_path
 from server.api.routes_base import DEVICE, NAME, REF
 from server.db.models import AuditEntry
