@@ -90,6 +90,23 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Any]:
+    """A migrated registry database at ``db_url`` (SQLite, then PostgreSQL), emptied afterwards. A test module that
+    needs rows in it from the start overrides this fixture, asking for it by the same name."""
+    from sqlmodel import SQLModel
+
+    from server.db import make_engine, migrate
+
+    eng = make_engine(db_url)
+    migrate(eng)
+    yield eng
+    SQLModel.metadata.drop_all(eng)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    eng.dispose()
+
+
 @dataclass(frozen=True)
 class BuiltBundle:
     dir: Path

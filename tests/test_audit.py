@@ -11,10 +11,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import delete, update
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from server import audit
-from server.db import make_engine, migrate
 from server.db.models import AuditEntry, Device
 
 T0 = datetime(2026, 11, 28, 9, 0, 0, 123456, tzinfo=timezone.utc)
@@ -55,17 +54,6 @@ def test_every_field_is_in_the_hash(field, value):
 
 
 # -- the database -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def engine(db_url):
-    eng = make_engine(db_url)
-    migrate(eng)
-    yield eng
-    SQLModel.metadata.drop_all(eng)
-    with eng.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-    eng.dispose()
 
 
 def fill(engine, n: int = 5) -> list[AuditEntry]:

@@ -6,12 +6,12 @@ import itertools
 import sqlite3
 
 import pytest
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from protocol import encode_model, manifest_digest, sign_manifest
 from server import audit
-from server.db import make_engine, migrate
+from server.db import make_engine
 from server.db.models import Approval, AuditEntry, Device, ModelVersion
 from server.governance import (
     SERVICE_ACTORS,
@@ -158,17 +158,6 @@ def test_without_operators_toml_the_os_user_is_the_only_admin(tmp_path, monkeypa
 
 
 # -- the lifecycle on a database -----------------------------------------------------------------
-
-
-@pytest.fixture
-def engine(db_url):
-    eng = make_engine(db_url)
-    migrate(eng)
-    yield eng
-    SQLModel.metadata.drop_all(eng)
-    with eng.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-    eng.dispose()
 
 
 def add_version(engine, version: str = "1.0.0", *, author: str | None = "alice", stage: str = "draft") -> int:

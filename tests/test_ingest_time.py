@@ -26,7 +26,6 @@ from protocol import (
     encode,
 )
 from protocol.windows import window_from_request_id, window_request_id
-from server.db import make_engine, migrate
 from server.db.models import Device, StatsWindow, TelemetryRow
 from server.ingest import Ingestor, TimeBounds, check_times
 from server.settings import CLOCK_SKEW, REPORT_HORIZON, STALE_AFTER, SettingError
@@ -129,14 +128,17 @@ def test_other_request_ids_name_no_window(request_id):
 
 
 @pytest.fixture
-def engine(sqlite_url):
-    eng = make_engine(sqlite_url)
-    migrate(eng)
-    with Session(eng) as db:
+def db_url(sqlite_url):
+    return sqlite_url
+
+
+@pytest.fixture
+def engine(engine):
+    """The migrated database (tests/conftest.py, SQLite only here) with one device in it."""
+    with Session(engine) as db:
         db.add(Device(id="pi-1", profile="x86-64-cpu"))
         db.commit()
-    yield eng
-    eng.dispose()
+    return engine
 
 
 def test_badly_dated_windows_are_refused_counted_answered_and_never_confirmed(engine):

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from sqlmodel import Session, SQLModel, select
 
 from protocol import MAX_RECEIPT_WINDOWS, DeviceState, FeatureStats, TelemetryWindow, TopicKind, device_topic, encode
-from server.db import make_engine, migrate
 from server.db.models import Device, StatsWindow, TelemetryRow
 from server.ingest import Ingestor
 from tests.samples import T0, all_messages
@@ -27,18 +26,13 @@ STATS = next(m for m in SAMPLES if isinstance(m, FeatureStats))
 
 
 @pytest.fixture
-def engine(db_url):
-    eng = make_engine(db_url)
-    migrate(eng)
-    with Session(eng) as db:
+def engine(engine):
+    """The migrated database (tests/conftest.py) with two devices in it."""
+    with Session(engine) as db:
         db.add(Device(id="pi5-kitchen", profile="raspberry-pi-5"))
         db.add(Device(id="pi5-garage", profile="raspberry-pi-5"))
         db.commit()
-    yield eng
-    SQLModel.metadata.drop_all(eng)
-    with eng.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-    eng.dispose()
+    return engine
 
 
 def test_migrations_match_the_models(engine):
