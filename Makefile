@@ -29,6 +29,8 @@ help:
 SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients \
 	systemd-analyze:systemd ssh:openssh-client scp:openssh-client ssh-keygen:openssh-client sshd:openssh-server \
 	chromium:chromium
+# Shared libraries, as library:package: LightGBM's wheel (the gradient-boosting tests) links OpenMP's runtime.
+SYSTEM_LIBS := libgomp.so.1:libgomp1
 
 system-deps:
 	@missing=""; packages=""; \
@@ -38,6 +40,11 @@ system-deps:
 	  missing="$$missing $$tool"; \
 	  case " $$packages " in *" $$pkg "*) ;; *) packages="$$packages $$pkg" ;; esac; \
 	done; \
+	for pair in $(SYSTEM_LIBS); do \
+	  lib=$${pair%%:*}; pkg=$${pair#*:}; \
+	  PATH="$$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null | grep -q "$$lib " && continue; \
+	  missing="$$missing $$lib"; packages="$$packages $$pkg"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "==> missing:$$missing; installing$$packages with apt-get"; \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else \
@@ -45,7 +52,7 @@ system-deps:
 	    echo "       Install it yourself:  apt-get install$$packages"; exit 1; fi; \
 	  if ! command -v apt-get >/dev/null 2>&1; then \
 	    echo "error:$$missing missing and apt-get is not available on this system."; \
-	    echo "       Install Mosquitto 2.x (broker and clients), systemd-analyze, OpenSSH (client and server) and Chromium with your package manager, then rerun."; \
+	    echo "       Install Mosquitto 2.x (broker and clients), systemd-analyze, OpenSSH (client and server), Chromium and libgomp1 with your package manager, then rerun."; \
 	    exit 1; fi; \
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$packages >/dev/null || { \

@@ -42,14 +42,14 @@ def _export(clf, x: np.ndarray, path: Path, **options) -> Path:
     return path
 
 
-def _splits(data: Path) -> dict[str, np.ndarray]:
+def build_splits(data: Path) -> dict[str, np.ndarray]:
     """The build's splits of ``data`` (seed 0), computed the way the build computes them."""
     ds = load_npz(data)
     _, kept = validate(ds)
     return {k: kept[v] for k, v in split_indices(ds.y[kept], 0).items()}
 
 
-def _cli(cwd: Path, *args: str):
+def cli_build(cwd: Path, *args: str):
     """`edgeherd build` in-process, with ``cwd`` as the working directory."""
     before = Path.cwd()
     os.chdir(cwd)
@@ -71,13 +71,13 @@ def built(tmp_path_factory):
     x = x.astype(np.float32)
     data = root / "iris.npz"
     np.savez(data, x=x, y=y.astype(np.int64))
-    splits = _splits(data)
+    splits = build_splits(data)
     clf = LogisticRegression(max_iter=1000).fit(x[splits["train"]], y[splits["train"]])
     model = _export(clf, x, root / "logreg.onnx")  # ZipMap on, as skl2onnx exports by default
     cwd = root / "cwd"
     cwd.mkdir()
     out = root / "bundles" / NAME
-    result = _cli(cwd, "onnx", "--onnx", str(model), "--data", str(data), "--name", NAME, "--out", str(out),
+    result = cli_build(cwd, "onnx", "--onnx", str(model), "--data", str(data), "--name", NAME, "--out", str(out),
                   "--key", str(root / "signing.key"))
     return {"result": result, "out": out, "key": key, "clf": clf, "x": x, "y": y, "splits": splits, "model": model,
             "cwd": cwd, "root": root}
@@ -179,7 +179,7 @@ def test_an_export_without_zipmap_serves_its_probabilities_tensor(built, tmp_pat
 
 # --- bad input: one message naming the problem, exit 1, nothing written ------------------------------------------
 
-def _assert_nothing_written(out: Path) -> None:
+def assert_nothing_written(out: Path) -> None:
     assert not out.exists()
     assert not out.with_name(out.name + ".tar").exists()
     if out.parent.exists():
@@ -192,11 +192,11 @@ def test_a_file_that_is_not_onnx_is_refused(built, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     out = tmp_path / "out" / "bundle"
-    result = _cli(cwd, "--onnx", str(bad), "--data", str(built["root"] / "iris.npz"), "--out", str(out),
+    result = cli_build(cwd, "--onnx", str(bad), "--data", str(built["root"] / "iris.npz"), "--out", str(out),
                   "--key", str(built["root"] / "signing.key"))
     assert result.exit_code == 1, result.output
     assert "model.onnx cannot run: it is not an ONNX model" in " ".join(result.output.split())
-    _assert_nothing_written(out)
+    assert_nothing_written(out)
     assert list(cwd.iterdir()) == []
 
 
@@ -211,7 +211,7 @@ def test_an_output_that_is_not_there_or_not_scores_is_refused(built, tmp_path, o
         build(BuildSpec(recipe="onnx", onnx=built["model"], data=built["root"] / "iris.npz", output=output, out=out,
                         key=built["root"] / "signing.key"))
     assert message in str(exc.value)
-    _assert_nothing_written(out)
+    assert_nothing_written(out)
 
 
 def test_the_chosen_output_by_name_builds(built, tmp_path):
@@ -237,7 +237,7 @@ def test_score_columns_in_another_order_than_the_datasets_classes_are_refused(tm
                         schema=write_schema(tmp_path / "s.toml", SCHEMA), out=out, key=tmp_path / "signing.key"))
     assert ("the model's score columns are the classes ['bearing', 'imbalance', 'ok'], the dataset's classes are "
             "['ok', 'imbalance', 'bearing'], in another order") in str(exc.value)
-    _assert_nothing_written(out)
+    assert_nothing_written(out)
 
 
 def test_the_onnx_backend_runs_the_output_it_is_given_by_name_and_refuses_a_map(built):
@@ -260,12 +260,12 @@ def test_the_onnx_backend_runs_the_output_it_is_given_by_name_and_refuses_a_map(
 
 def test_the_cli_takes_output_and_says_what_it_did_not_build(built, tmp_path):
     out = tmp_path / "cli-bundle"
-    said = _cli(tmp_path, "onnx", "--onnx", str(built["model"]), "--data", str(built["root"] / "iris.npz"),
+    said = cli_build(tmp_path, "onnx", "--onnx", str(built["model"]), "--data", str(built["root"] / "iris.npz"),
                 "--output", "output_probability", "--out", str(out), "--key", str(built["root"] / "signing.key"))
     assert said.exit_code == 0, said.output
     text = " ".join(said.output.split())
     assert "not built onnx-int8:" in text and f"bundle written to {out}" in text
-    refused = _cli(tmp_path, "onnx", "--onnx", str(built["model"]), "--data", str(built["root"] / "iris.npz"),
+    refused = cli_build(tmp_path, "onnx", "--onnx", str(built["model"]), "--data", str(built["root"] / "iris.npz"),
                    "--output", "scores", "--out", str(tmp_path / "never"), "--key", str(built["root"] / "signing.key"))
     assert refused.exit_code == 1 and "has no output 'scores'" in " ".join(refused.output.split())
     assert not (tmp_path / "never").exists()

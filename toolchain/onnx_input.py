@@ -13,11 +13,19 @@ model whose only output is the chosen scores tensor:
 - the other outputs, and the nodes only they need, are removed, so every runtime and every reader of the
   manifest sees the scores as the model's one output.
 
+The input must be one float32 tensor with a dynamic batch dimension whose other dimensions the dataset's rows
+fill; where an ``ai.onnx.ml`` operator reads the input, its weights say how many values per row it reads (a
+LinearClassifier's coefficients, the highest feature a TreeEnsemble tests), which a declaration of
+``(batch, ?)`` does not: the prepared model declares that count, so rows of another width are refused rather
+than misread.
+
 Everything wrong is a :class:`~toolchain.errors.ModelError` that names the file and the problem.
 """
 
 from __future__ import annotations
 
+import codecs
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +57,8 @@ class PreparedOnnx:
     dropped: list[str] = field(default_factory=list)
     #: Operator domains other than the default ONNX one that the prepared model uses (e.g. "ai.onnx.ml").
     domains: list[str] = field(default_factory=list)
+    #: The operators of those domains it uses (e.g. "TreeEnsembleClassifier"), which decide what it can become.
+    operators: list[str] = field(default_factory=list)
     #: The class of each score column, as the ZipMap named them (None without a ZipMap).
     class_labels: list[str] | None = None
 
@@ -63,19 +73,45 @@ class PreparedOnnx:
         return out
 
 
+#: A file that begins with these bytes is something else, said by name.
+_OTHER_FORMATS = ((b"PK\x03\x04", "a ZIP archive (a PyTorch .pt file or a zipped model?)"),
+                  (b"\x89HDF", "an HDF5 file (a Keras .h5 model?)"), (b"TFL3", "a TFLite model"))
+
+
+def _not_onnx(head: bytes) -> str:
+    """What a file beginning with ``head`` seems to be, for the message that refuses it."""
+    for magic, what in _OTHER_FORMATS:
+        if head.startswith(magic) or head[4:8] == magic:
+            return f"it is {what}"
+    try:  # incremental: a character cut at the end of ``head`` is not a decoding error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        start = " ".join(text.split())[:40]
+        return f"it holds text (it begins {start!r}), and an ONNX model is a binary protobuf file"
+    return "its bytes do not parse as an ONNX protobuf (a file cut short or damaged in transfer reads so)"
+
+
 def load_onnx(path: Path) -> Any:
     """The ``onnx.ModelProto`` in ``path``; :class:`ModelError` when it is not an ONNX model."""
     import onnx
 
+    fix = "give the .onnx file an exporter wrote (torch.onnx, skl2onnx, onnxmltools)"
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError, onnx's own errors: the file is not a model
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ModelError(f"{path} cannot run: it is not an ONNX model (reading it failed: {detail}); give the "
-                         ".onnx file an exporter wrote") from None
-    if not model.HasField("graph") or not model.graph.output:
-        raise ModelError(f"{path} cannot run: it is not an ONNX model with a graph and outputs; give the .onnx file "
-                         "an exporter wrote")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not data:
+        raise ModelError(f"{path} cannot run: it is not an ONNX model: the file is empty (0 bytes); {fix}")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception:  # protobuf's DecodeError, onnx's own errors: the file is not a model
+        raise ModelError(f"{path} cannot run: it is not an ONNX model: {_not_onnx(data[:256])}; "
+                         f"{fix}") from None
+    if not model.ir_version or not model.HasField("graph") or not model.graph.output:
+        raise ModelError(f"{path} cannot run: it is not an ONNX model: it holds no graph with inputs and outputs "
+                         f"({len(data)} bytes); {fix}")
     return model
 
 
@@ -193,7 +229,8 @@ def _prune(graph: Any, keep: str) -> None:
     graph.value_info.extend(infos)
 
 
-def _check_input(path: Path, model: Any) -> None:
+def _check_input(path: Path, model: Any, row_shape: tuple[int, ...] | None) -> None:
+    """One float32 input with a dynamic batch dimension, whose other dimensions rows of ``row_shape`` fill."""
     from onnx import TensorProto
 
     inits = {t.name for t in model.graph.initializer}
@@ -202,10 +239,87 @@ def _check_input(path: Path, model: Any) -> None:
         raise ModelError(f"{path} has {len(inputs)} inputs ({', '.join(i.name for i in inputs) or 'none'}); a "
                          "device feeds one float32 tensor shaped (batch, features...): export the model with one "
                          "input")
-    t = inputs[0].type
+    name, t = inputs[0].name, inputs[0].type
     if t.WhichOneof("value") != "tensor_type" or t.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ModelError(f"{path}: input {inputs[0].name!r} is {_a(_describe(t))}; a device feeds float32: export "
+        raise ModelError(f"{path}: input {name!r} is {_a(_describe(t))}; a device feeds float32: export "
                          "the model with a float32 input (skl2onnx: to_onnx(model, X.astype(numpy.float32)))")
+    if not t.tensor_type.HasField("shape"):  # rank unknown: ONNX Runtime checks the rows when it runs them
+        return
+    dims = [d.dim_value or None for d in t.tensor_type.shape.dim]
+    if not dims or dims[0] is not None:
+        rows = dims[1:] if len(dims) > 1 else dims  # (4,): one row of 4 values and no batch dimension
+        what = (f"a fixed batch size of {dims[0]}" if len(dims) > 1 else "no batch dimension")
+        dynamic = "[None, " + ", ".join(str(d or "None") for d in rows or ["n_features"]) + "]"
+        raise ModelError(f"{path}: input {name!r} is {_a(_describe(t))}: it has {what}, and the build evaluates "
+                         "batches of rows, as devices serve them; export the model with a dynamic batch dimension "
+                         f"(onnxmltools: initial_types=[({name!r}, FloatTensorType({dynamic}))]; skl2onnx: "
+                         "to_onnx(model, X[:1]); torch.onnx.export: dynamic_shapes)")
+    if row_shape is None:
+        return
+    if len(dims) != len(row_shape) + 1 or any(d not in (None, r) for d, r in zip(dims[1:], row_shape, strict=True)):
+        values = math.prod(row_shape)
+        shown = f"({', '.join(map(str, row_shape))}{',' if len(row_shape) == 1 else ''})"
+        raise ModelError(f"{path}: input {name!r} is {_a(_describe(t))}, and the dataset's rows are shaped "
+                         f"{shown} ({values} value{'s' if values != 1 else ''} each): the data cannot fill it; "
+                         "build with the dataset the model was trained on (the same feature columns, in order), or "
+                         "export the model for rows shaped like the dataset's")
+
+
+def _features_read(model: Any, name: str) -> tuple[int, bool, str] | None:
+    """How many values per row the ``ai.onnx.ml`` operator reading input ``name`` (through Identity or Cast) uses,
+    whether that count is exact (a linear model's weights) or a least one (the highest feature a tree tests), and
+    the operator; None when no such operator reads it."""
+    names, found = {name}, None
+    for node in model.graph.node:  # topologically sorted: a chain from the input is followed in one pass
+        if not names.intersection(node.input):
+            continue
+        if node.op_type in ("Identity", "Cast") and node.domain in ("", "ai.onnx"):
+            names.update(node.output)
+            continue
+        if node.domain != ML_DOMAIN:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        count: tuple[int, bool] | None = None
+        if node.op_type in ("LinearClassifier", "LinearRegressor") and "coefficients" in attrs:
+            columns = len(attrs["intercepts"].floats) if node.op_type == "LinearClassifier" and "intercepts" in attrs \
+                else (attrs["targets"].i if "targets" in attrs else 1)
+            count = (len(attrs["coefficients"].floats) // columns, True) if columns else None
+        elif node.op_type == "Scaler" and "scale" in attrs and len(attrs["scale"].floats) > 1:
+            count = (len(attrs["scale"].floats), True)
+        elif node.op_type.startswith("TreeEnsemble") and attrs.get("nodes_featureids") is not None:
+            ids = attrs["nodes_featureids"].ints
+            count = (max(ids) + 1, False) if ids else None
+        if count is not None and (found is None or (count[1] and not found[1]) or
+                                  (count[1] == found[1] and count[0] > found[0])):
+            found = (count[0], count[1], node.op_type)  # an exact count over a least one; the largest
+    return found
+
+
+def _check_features(path: Path, model: Any, row_shape: tuple[int, ...] | None) -> None:
+    """The feature count the model's ``ai.onnx.ml`` operator reads, against the input's declaration and the rows.
+
+    A declaration of ``(batch, ?)`` fits any rows, while a LinearClassifier's weights read a set number of
+    values: the prepared model declares that number, so that rows of another width are refused, not misread.
+    """
+    graph_input = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    tt = graph_input.type.tensor_type
+    if not tt.HasField("shape") or len(tt.shape.dim) != 2:
+        return
+    read = _features_read(model, graph_input.name)
+    if read is None:
+        return
+    count, exact, op = read
+    declared = tt.shape.dim[1].dim_value or None
+    reads = f"its {op} reads {'' if exact else 'at least '}{count} value{'s' if count != 1 else ''} per row"
+    if declared is not None and (declared != count if exact else declared < count):
+        raise ModelError(f"{path}: input {graph_input.name!r} is declared {_describe(graph_input.type)}, and {reads}; "
+                         "the export is inconsistent: export it again from the trained model")
+    if row_shape is not None and (len(row_shape) != 1 or (row_shape[0] != count if exact else row_shape[0] < count)):
+        raise ModelError(f"{path}: {reads} (input {graph_input.name!r}), and the dataset's rows are shaped "
+                         f"({', '.join(map(str, row_shape))},): the data cannot fill it; build with the dataset the "
+                         "model was trained on (the same feature columns, in order)")
+    if declared is None and exact:
+        tt.shape.dim[1].dim_value = count
 
 
 def _checker_problem(model: Any) -> str | None:
@@ -218,13 +332,18 @@ def _checker_problem(model: Any) -> str | None:
     return None
 
 
-def prepare_onnx(src: Path, dst: Path, output: str | None = None) -> PreparedOnnx:
-    """Write to ``dst`` a copy of ``src`` whose one output is ``output`` (or the scores output), ZipMap undone."""
+def prepare_onnx(src: Path, dst: Path, output: str | None = None, *,
+                 row_shape: tuple[int, ...] | None = None) -> PreparedOnnx:
+    """Write to ``dst`` a copy of ``src`` whose one output is ``output`` (or the scores output), ZipMap undone.
+
+    ``row_shape``: the shape of one row of the dataset the build runs it on (checked against the model's input).
+    """
     import onnx
     from onnx import TensorProto, helper
 
     model = load_onnx(src)
-    _check_input(src, model)
+    _check_input(src, model, row_shape)
+    _check_features(src, model, row_shape)
     source_checks = _checker_problem(model) is None
     outputs = _outputs(model)
     chosen = _choose(src, outputs, output)
@@ -255,6 +374,7 @@ def prepare_onnx(src: Path, dst: Path, output: str | None = None) -> PreparedOnn
     graph.output.append(kept)
     _prune(graph, name)
     domains = sorted({n.domain for n in graph.node if n.domain not in ("", "ai.onnx")})
+    operators = sorted({n.op_type for n in graph.node if n.domain not in ("", "ai.onnx")})
     used = {n.domain or "" for n in graph.node}
     opsets = [o for o in model.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
     del model.opset_import[:]
@@ -265,4 +385,4 @@ def prepare_onnx(src: Path, dst: Path, output: str | None = None) -> PreparedOnn
     dst.write_bytes(model.SerializeToString())
     return PreparedOnnx(output=name, source_output=chosen.name, zipmap=chosen.zipmap is not None,
                         dropped=[o.name for o in outputs if o.name != chosen.name], domains=domains,
-                        class_labels=class_labels)
+                        operators=operators, class_labels=class_labels)

@@ -29,13 +29,17 @@ __all__ = ["int8_unsupported", "quantize_onnx"]
 _QUIET_LOGGERS = ("", "onnxruntime", "onnxruntime.tools.symbolic_shape_infer", "onnxruntime.quantization")
 
 
-def int8_unsupported(domains: list[str]) -> str | None:
-    """Why a model using operators of ``domains`` (other than the default ONNX one) gets no int8 variant."""
+def int8_unsupported(domains: list[str], operators: list[str] | None = None) -> str | None:
+    """Why a model using operators of ``domains`` (other than the default ONNX one) gets no int8 variant.
+
+    ``operators``: the operators of those domains it uses, named in the reason when given.
+    """
     if not domains:
         return None
+    which = (", ".join(operators) if operators else
+             "the classic ML operators skl2onnx and onnxmltools write, e.g. LinearClassifier, TreeEnsembleClassifier")
     return (f"int8 quantisation needs every operator in the default ONNX domain; this model uses operators of "
-            f"{', '.join(domains)} (e.g. scikit-learn's LinearClassifier, Normalizer), which ONNX Runtime does "
-            "not quantise; the fp32 model ships")
+            f"{', '.join(domains)} ({which}), which ONNX Runtime does not quantise; the fp32 model ships")
 
 
 @contextlib.contextmanager
