@@ -50,6 +50,7 @@ from sqlmodel import Session, col, or_, select
 from server import audit
 from server.db.models import Alert, AlertCondition, AlertDelivery, AuditEntry, ModelVersion
 from server.drift import DriftReport, FeatureDrift, Hysteresis
+from server.errors import ServerError
 from server.settings import ALERT_WEBHOOK
 
 __all__ = [
@@ -86,7 +87,7 @@ HYSTERESIS = "hysteresis"
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
-class AlertError(Exception):
+class AlertError(ServerError):
     """The alert's state does not allow the action; the message says why and what to do."""
 
 

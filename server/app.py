@@ -23,10 +23,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import and_, false, func, or_, update
 from sqlmodel import Session, col, select
 
@@ -53,6 +50,7 @@ from protocol._model import decode_model
 from server import leases
 from server.alerts import Notifier, observations, observe
 from server.broker import SERVER_USER
+from server.bus import Bus
 from server.db.models import Device, DriftPending, DriftReportRow, ModelVersion, StatsWindow
 from server.distribution import BroadcastLedger, DirectoryStore, Route, answer
 from server.drift import misfit, score
@@ -127,7 +125,8 @@ class ServerApp:
         #: Seconds between looks for due webhook deliveries.
         self.notify_interval = 1.0
         self._error_sent: dict[str, float] = {}
-        self.client: mqtt.Client | None = None
+        #: The server's connection to the broker (server/bus.py), from :meth:`start`.
+        self.client: Bus | None = None
         self._http: ThreadingHTTPServer | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -140,16 +139,9 @@ class ServerApp:
         self._republish = threading.Event()
         #: Republishing passes finished (each covers every device), for tests and logs.
         self.republish_passes = 0
-        parts = urlsplit(self.registry.server_broker_url)
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgeherd-server-{uuid.uuid4().hex[:8]}",
-                             protocol=mqtt.MQTTv5)
-        client.username_pw_set(SERVER_USER, self.registry.broker.server_password())
-        client.reconnect_delay_set(1, 5)
-        client.on_connect = self._on_connect
-        client.on_message = lambda c, u, m: self._enqueue(m.topic, bytes(m.payload))
-        client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
-        client.loop_start()
-        self.client = client
+        self.client = Bus.start(self.registry.server_broker_url, SERVER_USER, self.registry.broker.server_password(),
+                                client_id=f"edgeherd-server-{uuid.uuid4().hex[:8]}", on_connect=self._on_connect,
+                                on_message=self._enqueue)
         self._spawn(self._republisher, "republish")
         for i in range(self.workers):
             self._spawn(lambda i=i: self._work(self.queues[i]), f"worker-{i}")
@@ -184,8 +176,7 @@ class ServerApp:
         """Graceful: stop taking messages, ingest what is queued, then close everything."""
         self._stop.set()
         if self.client is not None:
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.client.close()
         if self.api is not None:
             self.api.stop()
         for q in self.queues:
@@ -215,11 +206,9 @@ class ServerApp:
 
     # -- MQTT -------------------------------------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            log.error("broker refused the server: %s", reason)
-            return
-        client.subscribe(server_subscriptions(shared=True))
+    def _on_connect(self, bus: Bus) -> None:
+        """On paho's network thread, after every accepted (re)connection."""
+        bus.subscribe(server_subscriptions(shared=True))
         self._republish.set()  # the broker may have lost retained desired states: the registry has them
 
     def _republisher(self) -> None:

@@ -36,8 +36,14 @@ anchor written can still be truncated undetected, and an anchor kept on the
 same host as the database can be rewritten together with it: a copy kept
 elsewhere is what makes truncation and rewriting visible.
 
-Errors: :class:`AuditError` (a detail that is not JSON, a field too long, an
-anchor file that cannot be read).
+Most actions are one unit of work (:func:`unit_of_work`): change rows, append
+the entry, commit, then write the anchor; an exception rolls all of it back.
+
+Errors::
+
+    ServerError (server/errors.py)
+    └── AuditError: a detail that is not JSON, a field too long, an anchor file
+        that cannot be read
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,9 +67,11 @@ from sqlmodel import Session, col, select
 
 from hardware.files import atomic_write
 from server.db.models import AuditEntry
+from server.errors import ServerError
 
 __all__ = ["ANCHOR_FILE", "GENESIS", "Anchor", "AuditError", "AuditReport", "append", "append_with_retry",
-           "canonical", "entries", "entry_hash", "head", "lock", "read_anchor", "verify", "write_anchor"]
+           "canonical", "entries", "entry_hash", "head", "lock", "read_anchor", "unit_of_work", "verify",
+           "write_anchor"]
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +83,11 @@ ANCHOR_FILE = "audit-anchor.json"
 LOCK_KEY = int.from_bytes(b"edgeherd", "big")
 #: Column limits of ``audit_log`` (PostgreSQL enforces them, SQLite does not: checked here for both).
 _LIMITS = {"actor": 64, "action": 64, "subject": 256}
+#: Key in ``Session.info`` of the entry appended last in the session's transaction (what the anchor records).
+_APPENDED = "edgeherd.audit.appended"
 
 
-class AuditError(Exception):
+class AuditError(ServerError):
     """An entry cannot be written or an anchor cannot be read; the message says why."""
 
 
@@ -175,8 +186,32 @@ def append(db: Session, actor: str, action: str, subject: str, detail: dict[str,
                        hash=entry_hash(seq, at, actor, action, subject, clean, prev))
     db.add(entry)
     db.flush()
+    db.info[_APPENDED] = entry
     log.info("audit #%d %s %s by %s", seq, action, subject, actor)
     return entry
+
+
+@contextmanager
+def unit_of_work(db: Session, anchor_dir: Path | None) -> Iterator[Session]:
+    """An audited action as one transaction: what the block changes in ``db`` and the entries it appends
+    (:func:`append`, here or in what it calls) commit together on leaving it; then the anchor in
+    ``anchor_dir`` (the data directory; None: none kept here) records the last of those entries. An exception
+    rolls the transaction back and is raised again: nothing is written. An anchor that cannot be written is
+    logged: the entry is committed, and the next anchor written covers it."""
+    db.info.pop(_APPENDED, None)
+    try:
+        yield db
+        db.commit()
+    except BaseException:
+        db.info.pop(_APPENDED, None)
+        db.rollback()
+        raise
+    entry: AuditEntry | None = db.info.pop(_APPENDED, None)
+    if entry is not None and anchor_dir is not None:
+        try:
+            write_anchor(anchor_dir, entry)
+        except OSError as exc:
+            log.warning("could not write the audit anchor: %s", exc)
 
 
 def _is_race(exc: IntegrityError | OperationalError) -> bool:
@@ -197,13 +232,12 @@ def append_with_retry(engine: Engine, actor: str, action: str, subject: str, det
     for attempt in range(1, attempts + 1):
         with Session(engine, expire_on_commit=False) as db:
             try:
-                if work is not None:
-                    work(db)
-                entry = append(db, actor, action, subject, detail)
-                db.commit()
+                with unit_of_work(db, None):  # the caller anchors the entry returned
+                    if work is not None:
+                        work(db)
+                    entry = append(db, actor, action, subject, detail)
                 return entry
             except (IntegrityError, OperationalError) as exc:
-                db.rollback()
                 if attempt == attempts or not _is_race(exc):
                     raise
                 log.debug("audit append raced another writer (attempt %d): retrying", attempt)

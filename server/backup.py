@@ -38,6 +38,7 @@ from sqlmodel import Session, select
 from server.audit import ANCHOR_FILE
 from server.db import database_url, make_engine
 from server.db.models import Device, ModelVersion, TelemetryRow
+from server.errors import ServerError
 from server.governance import OPERATORS_FILE, GovernanceError, check_bootstrap
 
 __all__ = ["BackupError", "backup", "restore"]
@@ -48,7 +49,7 @@ _FILES = (OPERATORS_FILE, ANCHOR_FILE)
 _SKIP = {"mosquitto.pid", "mosquitto.log"}
 
 
-class BackupError(RuntimeError):
+class BackupError(ServerError, RuntimeError):
     pass
 
 

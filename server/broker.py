@@ -39,6 +39,7 @@ from hardware.mosquitto import (
     render_config,
     render_password_file,
 )
+from server.errors import ServerError
 from server.pki import Authority, Issued, PkiError, check_host_name
 
 __all__ = ["DEFAULT_TLS_PORT", "SERVER_HOST", "SERVER_USER", "BrokerCredentials", "BrokerError", "DeviceCredentials",
@@ -52,7 +53,7 @@ SERVER_HOST = "127.0.0.1"
 DEFAULT_TLS_PORT = 8883
 
 
-class BrokerError(RuntimeError):
+class BrokerError(ServerError, RuntimeError):
     pass
 
 

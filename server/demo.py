@@ -38,6 +38,7 @@ from sqlmodel import Session, col, select
 
 from server.api.client import ApiClient
 from server.demo_agents import DemoAgent, Traffic, start_agents, stopping
+from server.errors import ServerError
 
 __all__ = ["DEVICES", "DemoFailed", "DemoResult", "run_demo"]
 
@@ -64,7 +65,7 @@ role = "operator"
 """
 
 
-class DemoFailed(Exception):
+class DemoFailed(ServerError):
     """A step did not reach what it should have; the message says which and where to look."""
 
 

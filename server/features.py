@@ -29,11 +29,12 @@ from protocol.signing import SignedManifest
 from server import audit
 from server.db.models import AuditEntry, FeatureDefinitionRow, ModelVersion, StatsWindow
 from server.drift import ALPHA, FeatureDrift, score_feature
+from server.errors import ServerError
 
 __all__ = ["Consumer", "FeatureDriftRow", "FeatureRegistryError", "consumers", "definitions", "drift", "register"]
 
 
-class FeatureRegistryError(Exception):
+class FeatureRegistryError(ServerError):
     pass
 
 

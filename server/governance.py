@@ -59,6 +59,7 @@ from protocol.tomlfile import read_toml
 from server import audit
 from server.db import database_url, make_engine
 from server.db.models import Approval, AuditEntry, Device, ModelVersion
+from server.errors import ServerError
 
 __all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "SERVICE_ACTORS", "Decision", "Governance", "GovernanceError",
            "OperatorEntry", "OperatorsConfig", "Permission", "Role", "Stage", "Transition", "approve",
@@ -76,7 +77,7 @@ MAX_REASON = 1000
 SERVICE_ACTORS = frozenset({"system", "orchestrator"})
 
 
-class GovernanceError(Exception):
+class GovernanceError(ServerError):
     """Not allowed, or not possible; the message names who, what and what is needed."""
 
 
@@ -412,7 +413,7 @@ def _move(db: Session, version: ModelVersion, actor: str, *, action: str, verb: 
         raise GovernanceError(f"{_ref(version)} is not in the registry (push it first)")
     if version not in db:
         db.add(version)
-    try:
+    with audit.unit_of_work(db, None):  # the caller anchors the entry (Transition.audit_seq) where it keeps one
         audit.lock(db)  # no other audited writer until this commits
         db.refresh(version)
         before = _stage(version)
@@ -431,10 +432,6 @@ def _move(db: Session, version: ModelVersion, actor: str, *, action: str, verb: 
         if approval is not None:
             db.add(Approval(version_id=version_id, actor=actor, decision=approval.decision, reason=approval.reason,
                             signature=approval.signature, public_key=approval.public_key, audit_seq=entry.seq))
-        db.commit()
-    except BaseException:
-        db.rollback()
-        raise
     db.refresh(version)
     return Transition(_ref(version), before, to, entry.seq)
 

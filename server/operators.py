@@ -61,9 +61,9 @@ def _check_ttl(ttl: timedelta) -> None:
 def _first_token(engine: Engine, name: str, *, actor: str, ttl: timedelta, detail: dict[str, str]
                  ) -> tuple[str, OperatorToken]:
     with Session(engine) as db:
-        audit.lock(db)
-        audit.append(db, actor, "operator.add", f"operator:{name}", detail)
-        db.commit()
+        with audit.unit_of_work(db, None):  # not anchored here: the next anchored action's anchor covers it
+            audit.lock(db)
+            audit.append(db, actor, "operator.add", f"operator:{name}", detail)
         return issue(db, name, created_by=actor, ttl=ttl, label="first token")
 
 

@@ -24,7 +24,6 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
@@ -33,7 +32,9 @@ from protocol._model import decode_model
 from protocol.ids import is_device_id
 from server import audit, leases
 from server.assignment import Outcome, choose, runtimes_of
+from server.bus import Bus
 from server.db.models import Device, DriftReportRow, GateEvaluation, ModelVersion, Rollout, RolloutDevice, TelemetryRow
+from server.errors import ServerError
 from server.governance import ROLLOUT_COMMANDS, Governance, Permission, check_rollout, find_version
 from server.presence import is_online
 from server.registry import Registry, RegistryError, check_artifact
@@ -67,7 +68,7 @@ _LEASE_TTL = 60.0
 OUTPUT_ALPHA = 0.005
 
 
-class RolloutError(Exception):
+class RolloutError(ServerError):
     """A rollout cannot be created or commanded; the message says why."""
 
 
@@ -222,7 +223,7 @@ def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set
 # -- applying a plan ------------------------------------------------------------------------------
 
 
-def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rollout, result: Plan,
+def _apply(db: Session, registry: Registry, bus: Bus | None, row: Rollout, result: Plan,
            actor: str) -> None:
     view = result.rollout
     version = db.get(ModelVersion, row.version_id)
@@ -232,10 +233,10 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
     with db.no_autoflush:  # no row is written (and locked) while the broker is being waited on
         for action in result.actions:
             device = db.get(Device, action.device_id)
-            if device is None or client is None:
+            if device is None or bus is None:
                 continue
             if isinstance(action, Assign) and signed is not None:
-                registry.assign(db, client, device, signed, row.artifact, rollout=row.name)
+                registry.assign(db, bus, device, signed, row.artifact, rollout=row.name)
             elif isinstance(action, Revert) and action.manifest is not None:
                 if device.desired_manifest not in (None, version.manifest_sha256):
                     superseded.append(device.id)  # a later deploy or rollout has moved it on: leave it there
@@ -247,9 +248,9 @@ def _apply(db: Session, registry: Registry, client: mqtt.Client | None, row: Rol
                     superseded.append(device.id)
                     continue
                 if action.artifact in {a.name for a in previous.manifest.artifacts}:  # what it ran: it loads
-                    registry.set_desired(db, client, device, previous, action.artifact, rollout=row.name)
+                    registry.set_desired(db, bus, device, previous, action.artifact, rollout=row.name)
                 else:
-                    registry.assign(db, client, device, previous, rollout=row.name)
+                    registry.assign(db, bus, device, previous, rollout=row.name)
     if superseded:
         view = replace(view, assignments={**view.assignments, **{
             d: replace(view.assignments[d], state="superseded", error="moved to another version since")
@@ -293,18 +294,14 @@ def _under_lease(registry: Registry, rollout_name: str, holder: str, wait: float
             raise _LeaseBusy(f"rollout {rollout_name} is being changed by {leases.holder_of(registry.engine, lease)}")
         time.sleep(0.1)
     try:
-        with Session(registry.engine) as db:
+        with Session(registry.engine) as db, audit.unit_of_work(db, registry.data):
             row = db.exec(select(Rollout).where(Rollout.name == rollout_name)).first()
             if row is None:
                 raise RolloutError(f"no rollout named {rollout_name}")
             fn(db, row)
             if not leases.still_held(db.connection(), lease, holder, _LEASE_TTL):
-                db.rollback()  # it expired mid-step and someone else may have acted: this step never happened
+                # it expired mid-step and someone else may have acted: rolled back, this step never happened
                 raise _LeaseBusy(f"rollout {rollout_name}: the lease expired during the step; it was not applied")
-            db.commit()
-            last = audit.head(db)
-            if last is not None:
-                registry.anchor_audit(last)
     finally:
         leases.release(registry.engine, lease, holder)
 
@@ -330,23 +327,22 @@ def create_rollout(registry: Registry, *, name: str, model: str, version: str, t
     if row_version.stage == "retired":
         raise RolloutError(f"{model}:{version} is retired")
     with Session(registry.engine) as db:
-        if db.exec(select(Rollout).where(Rollout.name == name)).first() is not None:
-            raise RolloutError(f"a rollout named {name} exists; choose another name")
-        clash = [r.name for r in db.exec(select(Rollout).where(col(Rollout.state).in_([s.value for s in ACTIVE])))
-                 if set(resolve_target(db, r.target)) & set(resolve_target(db, target))]
-        if clash:
-            raise RolloutError(f"rollout {', '.join(clash)} is still active on some of these devices; "
-                               "let it finish, or abort it first")
-        row = Rollout(name=name, version_id=row_version.id, artifact=artifact,
-                      target={k: sorted(set(v)) for k, v in target.items() if v}, production=production,
-                      spec=spec.model_dump(mode="json"), created_by=actor)
-        db.add(row)
-        db.flush()
-        entry = audit.append(db, actor, "rollout.create", f"rollout:{name}", {
-            "model": model, "version": version, "target": row.target, "production": production,
-            "spec": row.spec, "devices_now": len(resolve_target(db, target))})
-        db.commit()
-        registry.anchor_audit(entry)
+        with audit.unit_of_work(db, registry.data):
+            if db.exec(select(Rollout).where(Rollout.name == name)).first() is not None:
+                raise RolloutError(f"a rollout named {name} exists; choose another name")
+            clash = [r.name for r in db.exec(select(Rollout).where(col(Rollout.state).in_([s.value for s in ACTIVE])))
+                     if set(resolve_target(db, r.target)) & set(resolve_target(db, target))]
+            if clash:
+                raise RolloutError(f"rollout {', '.join(clash)} is still active on some of these devices; "
+                                   "let it finish, or abort it first")
+            row = Rollout(name=name, version_id=row_version.id, artifact=artifact,
+                          target={k: sorted(set(v)) for k, v in target.items() if v}, production=production,
+                          spec=spec.model_dump(mode="json"), created_by=actor)
+            db.add(row)
+            db.flush()
+            audit.append(db, actor, "rollout.create", f"rollout:{name}", {
+                "model": model, "version": version, "target": row.target, "production": production,
+                "spec": row.spec, "devices_now": len(resolve_target(db, target))})
         db.refresh(row)
         return row
 
@@ -362,13 +358,12 @@ def command_rollout(registry: Registry, name: str, command: str, actor: str, rea
             result = apply_command(view, command, clock(), reason)
         except ValueError as exc:
             raise RolloutError(f"rollout {name}: {exc}") from None
-        client = registry.client() if result.actions else None
+        bus = registry.client() if result.actions else None
         try:
-            _apply(db, registry, client, row, result, actor)
+            _apply(db, registry, bus, row, result, actor)
         finally:
-            if client is not None:
-                client.disconnect()
-                client.loop_stop()
+            if bus is not None:
+                bus.close()
         out.append(result.rollout)
 
     try:
@@ -416,19 +411,18 @@ class Orchestrator:
         self.registry, self.interval, self.clock = registry, interval, clock
         self.holder = holder or f"server-{uuid.uuid4().hex[:8]}"
         self.steps = 0
-        self._client: mqtt.Client | None = None
+        self._bus: Bus | None = None
 
-    def _mqtt(self) -> mqtt.Client:
-        if self._client is None or not self._client.is_connected():
+    def _mqtt(self) -> Bus:
+        if self._bus is None or not self._bus.is_connected():
             self.close()
-            self._client = self.registry.client(client_id=f"edgeherd-orchestrator-{uuid.uuid4().hex[:8]}")
-        return self._client
+            self._bus = self.registry.client(client_id=f"edgeherd-orchestrator-{uuid.uuid4().hex[:8]}")
+        return self._bus
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
 
     def _production_groups(self) -> set[str]:
         from server.governance import GovernanceError

@@ -49,6 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hardware.files import atomic_write
 from protocol.ids import is_device_id
+from server.errors import ServerError
 
 __all__ = ["Authority", "CaInfo", "Issued", "PkiError", "check_host_name"]
 
@@ -64,7 +65,7 @@ RENEW_BEFORE = dt.timedelta(days=30)
 BACKDATE = dt.timedelta(minutes=10)
 
 
-class PkiError(Exception):
+class PkiError(ServerError):
     """The certificate authority cannot do what was asked; the message says what to fix."""
 
 

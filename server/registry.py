@@ -4,26 +4,22 @@ Devices: enrol (row + broker credentials + agent config), revoke (credentials
 removed, broker reloaded, the live session kicked), list. Models: push a
 signed bundle (verified against the server key, artifacts copied into the
 content-addressed store), list, show. Deploy: set one device's desired state
-and publish it, retained.
+and publish it, retained (the desired-state operations are server/desired.py's,
+every MQTT connection a :class:`server.bus.Bus`). Each audited action is one
+:func:`server.audit.unit_of_work`.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import shutil
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -35,12 +31,7 @@ from protocol import (
     CommandAck,
     CommandKind,
     DesiredState,
-    InvalidMessage,
     SignedManifest,
-    TopicKind,
-    decode,
-    device_topic,
-    encode,
     load_public_key,
     manifest_digest,
     public_key_to_text,
@@ -50,8 +41,11 @@ from protocol.ids import is_device_id
 from server import audit
 from server.assignment import Outcome, choose, runtimes_of
 from server.broker import SERVER_USER, DeviceCredentials, MosquittoBroker, take_over
+from server.bus import Bus, BusError
 from server.db import database_url, make_engine, migrate
-from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, Rollout, RolloutDevice, VersionArtifact
+from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, VersionArtifact
+from server.desired import DesiredStates
+from server.errors import RegistryError
 from server.pki import PkiError
 from toolchain.bundle import CARD, MANIFEST, verify_bundle
 from toolchain.errors import BundleError
@@ -73,10 +67,6 @@ def check_artifact(signed: SignedManifest, artifact: str | None) -> None:
                             f"(it has {', '.join(names)})")
 
 
-class RegistryError(Exception):
-    """An operation cannot be done; the message says why and what to do."""
-
-
 @dataclass
 class Enrolled:
     device: Device
@@ -92,7 +82,7 @@ class Rotation:
     message: str
 
 
-class Registry:
+class Registry(DesiredStates):
     def __init__(self, data_dir: Path, *, broker_url: str | None = None, engine: Engine | None = None,
                  listen: tuple[str, int] | None = None, public_hosts: list[str] | None = None) -> None:
         self.data = data_dir
@@ -126,19 +116,18 @@ class Registry:
         self._check_profile(profile, custom_profile)
         server_key = self.public_key_text()
         with Session(self.engine) as db:
-            existing = db.get(Device, device_id)
-            if existing is not None and not existing.revoked:
-                raise RegistryError(f"device {device_id} already exists; revoke it first to re-enrol")
-            device = existing or Device(id=device_id, profile=profile)
-            device.profile, device.groups, device.revoked = profile, groups or [], False
-            device.credentials_ref = self._credentials_ref
-            db.add(device)
-            entry = audit.append(db, actor, "device.add", f"device:{device_id}",
-                                 {"profile": profile, "groups": groups or []}
-                                 | ({"custom_profile": True} if custom_profile else {}))
-            db.commit()
+            with audit.unit_of_work(db, self.data):
+                existing = db.get(Device, device_id)
+                if existing is not None and not existing.revoked:
+                    raise RegistryError(f"device {device_id} already exists; revoke it first to re-enrol")
+                device = existing or Device(id=device_id, profile=profile)
+                device.profile, device.groups, device.revoked = profile, groups or [], False
+                device.credentials_ref = self._credentials_ref
+                db.add(device)
+                audit.append(db, actor, "device.add", f"device:{device_id}",
+                             {"profile": profile, "groups": groups or []}
+                             | ({"custom_profile": True} if custom_profile else {}))
             db.refresh(device)
-            self.anchor_audit(entry)
         creds = self.new_credentials([device_id])[device_id]
         out = self.data / "devices" / device_id
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -166,17 +155,15 @@ class Registry:
         if bad:
             raise RegistryError(f"not valid device names: {bad[:5]}")
         self._check_profile(profile, custom_profile)
-        with Session(self.engine) as db:
+        with Session(self.engine) as db, audit.unit_of_work(db, self.data):
             taken = set(db.exec(select(Device.id).where(col(Device.id).in_(device_ids))).all())
             if taken:
                 raise RegistryError(f"{len(taken)} of these devices already exist, e.g. {sorted(taken)[:3]}")
             for d in device_ids:
                 db.add(Device(id=d, profile=profile, groups=groups or [], credentials_ref=self._credentials_ref))
-            entry = audit.append(db, actor, "device.add_bulk", f"devices:{len(device_ids)}", {
+            audit.append(db, actor, "device.add_bulk", f"devices:{len(device_ids)}", {
                 "profile": profile, "groups": groups or [], "count": len(device_ids), "first": device_ids[:5]}
                 | ({"custom_profile": True} if custom_profile else {}))
-            db.commit()
-            self.anchor_audit(entry)
         return self.new_credentials(device_ids)
 
     @property
@@ -210,15 +197,13 @@ class Registry:
             raise RegistryError(str(exc)) from None
 
     def revoke_device(self, device_id: str, actor: str = SYSTEM) -> None:
-        with Session(self.engine) as db:
+        with Session(self.engine) as db, audit.unit_of_work(db, self.data):
             device = db.get(Device, device_id)
             if device is None:
                 raise RegistryError(f"no device named {device_id}")
             device.revoked = True
             db.add(device)
-            entry = audit.append(db, actor, "device.revoke", f"device:{device_id}", {})
-            db.commit()
-            self.anchor_audit(entry)
+            audit.append(db, actor, "device.revoke", f"device:{device_id}", {})
         self.broker.revoke_device(device_id)
         self._kick(device_id)
         shutil.rmtree(self.data / "devices" / device_id, ignore_errors=True)
@@ -289,7 +274,7 @@ class Registry:
         """Make ``creds`` the device's only credentials (its other certificates revoked, or the broker's password
         file given the new password), with the ``device.rotate_credentials`` audit entry, in one transaction;
         keep the copy the data directory holds. RegistryError(``gone``) if the device is not enrolled."""
-        with Session(self.engine) as db:
+        with Session(self.engine) as db, audit.unit_of_work(db, self.data):
             device = db.get(Device, device_id)
             if device is None or device.revoked:
                 if creds.serial is not None:
@@ -297,14 +282,12 @@ class Registry:
                 raise RegistryError(gone)
             db.add(device)
             serial = {"serial": f"{creds.serial:x}"} if creds.serial is not None else {}
-            entry = audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}", detail | serial)
+            audit.append(db, actor, "device.rotate_credentials", f"device:{device_id}", detail | serial)
             if creds.serial is not None and self.broker.authority is not None:
                 old = [s for s in self.broker.authority.serials(device_id) if s != creds.serial]
                 self.broker.revoke_certificates(old)  # from here the broker takes only the new certificate
             else:
                 self.broker.add_device(device_id, creds.password)  # from here the broker takes only this one
-            db.commit()
-            self.anchor_audit(entry)
         self._store_credentials(device_id, creds, only_existing=True)
 
     def _store_credentials(self, device_id: str, creds: DeviceCredentials, *, only_existing: bool = False) -> None:
@@ -322,43 +305,13 @@ class Registry:
             atomic_write(out / "broker-password", (creds.password + "\n").encode(), 0o600)
 
     def _send_command(self, device_id: str, cmd: Command, timeout: float = 30.0) -> CommandAck | None:
-        """Send ``cmd`` to the device and wait for its final acknowledgement (done, failed or rejected); None when
-        none comes within ``timeout`` seconds."""
-        acks: queue.Queue[CommandAck] = queue.Queue()
-        subscribed = threading.Event()
-
-        def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        """Send ``cmd`` to the device on a connection of its own and wait for its final acknowledgement (done,
+        failed or rejected); None when none comes within ``timeout`` seconds (:meth:`server.bus.Bus.request`)."""
+        with self.client() as bus:
             try:
-                ack = decode(CommandAck, bytes(msg.payload))
-            except InvalidMessage as exc:
-                log.warning("dropped an acknowledgement from %s: %s", device_id, exc)
-                return
-            if ack.command_id == cmd.command_id and ack.device_id == device_id:
-                acks.put(ack)
-
-        client = self.client()
-        try:
-            client.on_message = on_message
-            client.on_subscribe = lambda c, u, mid, rc, p: subscribed.set()
-            client.subscribe(device_topic(device_id, TopicKind.ACK), qos=1)
-            if not subscribed.wait(10):
-                raise RegistryError(f"the broker did not confirm the subscription to {device_id}'s acknowledgements")
-            info = client.publish(device_topic(device_id, TopicKind.COMMAND), encode(cmd), qos=1)
-            info.wait_for_publish(10)
-            if not info.is_published():
-                raise RegistryError(f"the broker did not acknowledge the command to {device_id}")
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    ack = acks.get(timeout=left)
-                except queue.Empty:
-                    break
-                if ack.status != "accepted":
-                    return ack
-            return None
-        finally:
-            client.disconnect()
-            client.loop_stop()
+                return bus.request(device_id, cmd, timeout)
+            except BusError as exc:
+                raise RegistryError(str(exc)) from None
 
     @property
     def server_broker_url(self) -> str:
@@ -368,27 +321,13 @@ class Registry:
         in as the one server user, keep theirs apart. Otherwise ``--broker``."""
         return self.broker.server_url if self.broker_url == self.broker.url else self.broker_url
 
-    def client(self, client_id: str | None = None) -> mqtt.Client:
-        """A connected MQTT client as the server user, on :attr:`server_broker_url` (the caller disconnects it)."""
-        from urllib.parse import urlsplit
-
-        url = self.server_broker_url
-        parts = urlsplit(url)
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"edgeherd-cli-{uuid.uuid4().hex[:8]}",
-                             protocol=mqtt.MQTTv5)
-        client.username_pw_set(SERVER_USER, self.broker.server_password())
-        connected = threading.Event()
-        client.on_connect = lambda c, u, f, rc, p: connected.set()
-        unreachable = f"cannot reach the broker at {url}; is `edgeherd server run` running?"
+    def client(self, client_id: str | None = None) -> Bus:
+        """A connected :class:`server.bus.Bus` as the server user, on :attr:`server_broker_url` (the caller closes
+        it); RegistryError when the broker cannot be reached."""
         try:
-            client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=10)
-        except OSError:
-            raise RegistryError(unreachable) from None
-        client.loop_start()
-        if not connected.wait(10):
-            client.loop_stop()
-            raise RegistryError(unreachable)
-        return client
+            return Bus.connect(self.server_broker_url, SERVER_USER, self.broker.server_password(), client_id=client_id)
+        except BusError as exc:
+            raise RegistryError(str(exc)) from None
 
     def _kick(self, device_id: str, *, keep_session: bool = False) -> None:
         """Take over the device's MQTT connection (same client id), which makes the broker drop it; with
@@ -429,38 +368,37 @@ class Registry:
                     return same
                 raise RegistryError(f"{manifest.model} {manifest.version} is already registered with other contents "
                                     f"(digest {same.manifest_sha256[:12]}…); give this build a new version")
-            for art in manifest.artifacts:
-                dest = self.store / art.sha256
-                if not dest.exists():
-                    atomic_copy(root / "artifacts" / art.sha256, dest)
-                    if sha256_file(dest) != art.sha256:
-                        dest.unlink()
-                        raise RegistryError(f"artifact {art.name} changed while it was copied; push again")
-                if db.get(ArtifactRow, art.sha256) is None:
-                    db.add(ArtifactRow(sha256=art.sha256, size=art.size, location=str(dest)))
-            card_path = root / CARD
-            card = card_path.read_text(errors="replace")[:MAX_CARD] if card_path.is_file() else None
-            version = ModelVersion(name=manifest.model, version=manifest.version, manifest_sha256=digest,
-                                   signed_manifest=signed_bytes, author=manifest.author or actor, pushed_by=actor,
-                                   lineage=manifest.lineage, card=card)
-            if manifest.features is not None:  # the definitions it was built with must agree with the registry
-                from server.features import FeatureRegistryError, register
+            with audit.unit_of_work(db, self.data):
+                for art in manifest.artifacts:
+                    dest = self.store / art.sha256
+                    if not dest.exists():
+                        atomic_copy(root / "artifacts" / art.sha256, dest)
+                        if sha256_file(dest) != art.sha256:
+                            dest.unlink()
+                            raise RegistryError(f"artifact {art.name} changed while it was copied; push again")
+                    if db.get(ArtifactRow, art.sha256) is None:
+                        db.add(ArtifactRow(sha256=art.sha256, size=art.size, location=str(dest)))
+                card_path = root / CARD
+                card = card_path.read_text(errors="replace")[:MAX_CARD] if card_path.is_file() else None
+                version = ModelVersion(name=manifest.model, version=manifest.version, manifest_sha256=digest,
+                                       signed_manifest=signed_bytes, author=manifest.author or actor, pushed_by=actor,
+                                       lineage=manifest.lineage, card=card)
+                if manifest.features is not None:  # the definitions it was built with must agree with the registry
+                    from server.features import FeatureRegistryError, register
 
-                try:
-                    register(db, manifest.features.definitions, actor)
-                except FeatureRegistryError as exc:
-                    raise RegistryError(f"{manifest.model} {manifest.version}: {exc}") from None
-            db.add(version)
-            db.flush()
-            for art in manifest.artifacts:
-                db.add(VersionArtifact(version_id=version.id, name=art.name, sha256=art.sha256,
-                                       target=art.target.value, precision=art.precision.value,
-                                       runtime=art.runtime.name, metrics=art.metrics))
-            entry = audit.append(db, actor, "model.push", f"model:{manifest.model}:{manifest.version}", {
-                "manifest_sha256": digest, "artifacts": [a.name for a in manifest.artifacts],
-                "author": version.author})
-            db.commit()
-            self.anchor_audit(entry)
+                    try:
+                        register(db, manifest.features.definitions, actor)
+                    except FeatureRegistryError as exc:
+                        raise RegistryError(f"{manifest.model} {manifest.version}: {exc}") from None
+                db.add(version)
+                db.flush()
+                for art in manifest.artifacts:
+                    db.add(VersionArtifact(version_id=version.id, name=art.name, sha256=art.sha256,
+                                           target=art.target.value, precision=art.precision.value,
+                                           runtime=art.runtime.name, metrics=art.metrics))
+                audit.append(db, actor, "model.push", f"model:{manifest.model}:{manifest.version}", {
+                    "manifest_sha256": digest, "artifacts": [a.name for a in manifest.artifacts],
+                    "author": version.author})
             db.refresh(version)
             return version
 
@@ -477,15 +415,13 @@ class Registry:
             raise RegistryError(str(exc)) from None
         with Session(self.engine) as db:
             try:
-                result, entry = register(db, defs, actor)
-                db.commit()
+                with audit.unit_of_work(db, self.data):
+                    result, _ = register(db, defs, actor)
             except FeatureRegistryError as exc:
                 raise RegistryError(str(exc)) from None
             except IntegrityError:
                 raise RegistryError("another push registered one of these feature versions at the same time; "
                                     "push again to see whether it agrees") from None
-            if entry is not None:
-                self.anchor_audit(entry)
         return result
 
     def models(self) -> list[ModelVersion]:
@@ -509,82 +445,25 @@ class Registry:
         reported its runtimes; otherwise the version is recorded as its desired one and sent when its hello
         arrives (returns None then). RegistryError, with nothing changed, when it cannot run the bundle."""
         _, signed = self.model(name, version)
-        with Session(self.engine) as db:
+        with Session(self.engine) as db, audit.unit_of_work(db, self.data):
             device = db.get(Device, device_id)
             if device is None or device.revoked:
                 raise RegistryError(f"no enrolled device named {device_id}")
             choice = choose(signed.manifest, device.profile, runtimes_of(device.fingerprint), artifact)
             if choice.outcome is Outcome.UNSUITABLE:
                 raise RegistryError(f"{device_id} {choice.reason}")
-            client = self.client()  # before anything changes: no broker, no deploy
-            try:
-                desired = self.assign(db, client, device, signed, artifact)
-            finally:
-                client.disconnect()
-                client.loop_stop()
-            entry = audit.append(db, actor, "device.deploy", f"device:{device_id}", {
+            with self.client() as bus:  # before anything changes: no broker, no deploy
+                desired = self.assign(db, bus, device, signed, artifact)
+            audit.append(db, actor, "device.deploy", f"device:{device_id}", {
                 "model": name, "version": version, "artifact": desired.artifact if desired else None,
                 "generation": desired.generation if desired else None,
                 **({} if desired else {"waiting": "for the device to report its runtimes"})})
-            db.commit()
-            self.anchor_audit(entry)
         return desired
-
-    def assign(self, db: Session, client: mqtt.Client, device: Device, signed: SignedManifest,
-               requested: str | None = None, rollout: str | None = None) -> DesiredState | None:
-        """Give ``device`` the bundle ``signed`` by the one artifact policy (server/assignment.py); the caller
-        commits. Chosen: the desired state is published (:meth:`set_desired`). The device has not reported its
-        runtimes: the bundle is recorded as desired with no artifact, nothing is published, and
-        :meth:`assign_waiting` finishes the job when its hello arrives (None is returned). No artifact suits
-        it: the bundle is recorded as desired and its install as failed, with the reason (None)."""
-        choice = choose(signed.manifest, device.profile, runtimes_of(device.fingerprint), requested)
-        if choice.outcome is Outcome.CHOSEN:
-            assert choice.artifact is not None  # noqa: S101 - CHOSEN always names one
-            return self.set_desired(db, client, device, signed, choice.artifact, rollout)
-        device.desired_manifest, device.desired_artifact = manifest_digest(signed.manifest), None
-        if choice.outcome is Outcome.UNSUITABLE:
-            device.install_step, device.install_error = "failed", f"assignment: {choice.reason}"[:1000]
-            log.warning("%s cannot take %s:%s: %s", device.id, signed.manifest.model, signed.manifest.version,
-                        choice.reason)
-        else:
-            device.install_step = device.install_error = None
-            log.info("%s gets %s:%s once it reports its runtimes", device.id, signed.manifest.model,
-                     signed.manifest.version)
-        db.add(device)
-        return None
-
-    def assign_waiting(self, client: mqtt.Client, device_ids: Iterable[str]) -> int:
-        """Publish the desired state of those of ``device_ids`` that were waiting for their runtimes (their hello
-        has just been stored); returns how many were published."""
-        done = 0
-        with Session(self.engine) as db:
-            waiting = db.exec(select(Device).where(col(Device.id).in_(list(device_ids)),
-                                                   Device.revoked == False,  # noqa: E712 - SQL comparison
-                                                   col(Device.desired_manifest).is_not(None),
-                                                   col(Device.desired_artifact).is_(None))).all()
-            for device in waiting:
-                assert device.desired_manifest is not None  # noqa: S101 - selected so
-                signed = self.signed_manifest(db, device.desired_manifest)
-                if signed is None:
-                    continue
-                # a rollout assigned it while it was waiting: its name goes with the desired state, and the
-                # artifact it names (if any) is the one asked for
-                rollout, requested = db.exec(select(Rollout.name, Rollout.artifact).where(
-                    RolloutDevice.rollout_id == Rollout.id, RolloutDevice.device_id == device.id,
-                    RolloutDevice.state == "assigned", col(Rollout.state).in_(["running", "paused"]),
-                    Rollout.version_id == ModelVersion.id,
-                    ModelVersion.manifest_sha256 == device.desired_manifest)).first() or (None, None)
-                if self.assign(db, client, device, signed, requested, rollout) is not None:
-                    done += 1
-            db.commit()
-        return done
 
     def record(self, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
         """An audit entry of its own (committed, anchored) for an action outside the database."""
-        with Session(self.engine) as db:
-            entry = audit.append(db, actor, action, target, detail)
-            db.commit()
-            self.anchor_audit(entry)
+        with Session(self.engine) as db, audit.unit_of_work(db, self.data):
+            audit.append(db, actor, action, target, detail)
 
     def anchor_audit(self, entry: AuditEntry) -> None:
         """Advance the audit anchor in the data directory (after the entry's commit)."""
@@ -592,122 +471,4 @@ class Registry:
             audit.write_anchor(self.data, entry)
         except OSError as exc:
             log.warning("could not write the audit anchor: %s", exc)
-
-    def set_desired(self, db: Session, client: mqtt.Client, device: Device, signed: SignedManifest,
-                    artifact: str, rollout: str | None = None) -> DesiredState:
-        """Publish ``device``'s next desired state (retained, QoS 1) and record it in ``db``; the caller commits.
-
-        Published first, with a generation no earlier publish can have used (see below): if the commit
-        then fails, the next attempt publishes a newer one, so device and database agree again.
-        """
-        # Generations are unique even if a crash loses the commit below after the publish: at least the
-        # clock in ms, so a re-publish after a restart carries a newer generation than the lost one, which
-        # the agent would otherwise ignore as seen.
-        generation = max(device.desired_generation + 1, time.time_ns() // 1_000_000)
-        desired = DesiredState(device_id=device.id, generation=generation, issued_at=datetime.now(timezone.utc),
-                               bundle=signed, artifact=artifact, rollout_id=rollout)
-        info = client.publish(device_topic(device.id, TopicKind.DESIRED), encode(desired), qos=1, retain=True)
-        info.wait_for_publish(10)
-        if not info.is_published():
-            raise RegistryError(f"the broker did not acknowledge the desired state of {device.id}")
-        device.desired_generation = generation
-        device.desired_manifest, device.desired_artifact = manifest_digest(signed.manifest), artifact
-        if device.running_manifest != device.desired_manifest:
-            device.install_step, device.install_error = None, None  # what it reports next is about this one
-        db.add(device)
-        return desired
-
-    def republish_desired(self, client: mqtt.Client, *, batch: int = 500,
-                          cancelled: Callable[[], bool] = lambda: False) -> int:
-        """Publish again, retained (QoS 1), every enrolled device's desired state as the registry records it, with
-        its recorded generation; returns how many were published.
-
-        The registry is the source of truth and the broker's retained messages a cache of it: after a broker
-        restart without its store, or a retained message deleted, a device connecting later still finds its
-        desired state. The generation is the recorded one, not a new one, so an agent that has acted on it
-        ignores it as seen (docs/protocol.md §5), and several replicas doing this at once are harmless. Nothing
-        is published for a device without a desired state, for a revoked one, or for one whose bundle waits for
-        its runtimes (:meth:`assign_waiting` publishes that). ``issued_at`` is now; ``rollout_id`` is left out.
-
-        ``batch`` devices are read and published at a time, each batch waited for before the next is read;
-        ``cancelled`` is asked between batches (a reconnection starts the whole thing again). Then devices whose
-        desired state changed while this ran are published again as they are now, so a desired state set
-        meanwhile (deploy, a rollout, another replica) is what stays retained. RegistryError when the broker
-        does not acknowledge a message (the connection dropped: the next connection publishes them all again).
-        """
-        # enrolled, a bundle and an artifact recorded (not a bundle waiting for its runtimes), a generation given
-        has_desired = (Device.revoked == False, col(Device.desired_manifest).is_not(None),  # noqa: E712 - SQL
-                       col(Device.desired_artifact).is_not(None), col(Device.desired_generation) > 0)
-        manifests: dict[str, SignedManifest | None] = {}
-        published: dict[str, int] = {}  # device -> the generation published
-        after = ""
-        while not cancelled():
-            with Session(self.engine) as db:
-                rows = db.exec(select(Device).where(*has_desired, col(Device.id) > after)
-                               .order_by(col(Device.id)).limit(batch)).all()
-                if not rows:
-                    break
-                after = rows[-1].id
-                published |= self._publish_recorded(db, client, rows, manifests)
-        for _ in range(3):  # those set meanwhile: what is recorded now must be what stays retained
-            if cancelled():
-                break
-            ids, changed = sorted(published), []
-            with Session(self.engine) as db:
-                for i in range(0, len(ids), batch):
-                    changed += [d for d in db.exec(select(Device).where(*has_desired, col(Device.id).in_(
-                        ids[i:i + batch]))).all() if d.desired_generation != published[d.id]]
-                if not changed:
-                    break
-                for i in range(0, len(changed), batch):
-                    published |= self._publish_recorded(db, client, changed[i:i + batch], manifests)
-        log.info("republished the desired states of %d devices", len(published))
-        return len(published)
-
-    def _publish_recorded(self, db: Session, client: mqtt.Client, devices: Sequence[Device],
-                          manifests: dict[str, SignedManifest | None]) -> dict[str, int]:
-        """Publish ``devices``' recorded desired states, retained, and wait for the broker to take them all;
-        ``{device: generation}``. ``manifests`` caches signed manifests by digest across calls."""
-        sent: list[tuple[Device, mqtt.MQTTMessageInfo]] = []
-        now = datetime.now(timezone.utc)
-        for device in devices:
-            digest, artifact = device.desired_manifest, device.desired_artifact
-            assert digest is not None and artifact is not None  # noqa: S101 - selected so
-            if digest not in manifests:
-                manifests[digest] = self.signed_manifest(db, digest)
-            signed = manifests[digest]
-            if signed is None:
-                log.warning("%s's desired bundle %s is no longer registered; its desired state is not republished",
-                            device.id, digest[:12])
-                continue
-            desired = DesiredState(device_id=device.id, generation=device.desired_generation, issued_at=now,
-                                   bundle=signed, artifact=artifact)
-            sent.append((device, client.publish(device_topic(device.id, TopicKind.DESIRED), encode(desired),
-                                                qos=1, retain=True)))
-        deadline = time.monotonic() + 30
-        for device, info in sent:
-            try:
-                info.wait_for_publish(max(deadline - time.monotonic(), 0.1))
-            except (RuntimeError, ValueError) as exc:  # not connected, or paho's queue full
-                raise RegistryError(f"could not republish the desired state of {device.id}: {exc}") from None
-            if not info.is_published():
-                raise RegistryError(f"the broker did not acknowledge the desired state of {device.id} within 30 s")
-        return {device.id: device.desired_generation for device, _ in sent}
-
-    def signed_manifest(self, db: Session, manifest_sha256: str) -> SignedManifest | None:
-        row = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == manifest_sha256)).first()
-        return None if row is None else decode_model(SignedManifest, row.signed_manifest)
-
-    def desired_bundle_artifacts(self, device_id: str) -> set[str]:
-        """sha256 of the artifacts this device may fetch: those of the bundle it is meant to run."""
-        with Session(self.engine) as db:
-            device = db.get(Device, device_id)
-            if device is None or device.revoked or device.desired_manifest is None:
-                return set()
-            version = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == device.desired_manifest)
-                              ).first()
-            if version is None:
-                return set()
-            rows = db.exec(select(VersionArtifact).where(VersionArtifact.version_id == version.id)).all()
-            return {r.sha256 for r in rows}
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
 
+from server.errors import ServerError
+
 __all__ = ["ALERT_WEBHOOK", "CLOCK_SKEW", "REPORT_HORIZON", "STALE_AFTER", "Seconds", "SettingError", "WebhookUrl"]
 
 
-class SettingError(ValueError):
+class SettingError(ServerError, ValueError):
     """A setting's environment variable holds something it does not take; the message names the variable."""
 
 

@@ -32,6 +32,7 @@ from protocol.canonical import canonical_json
 from protocol.errors import KeyFormatError
 from protocol.signing import load_public_key
 from server.db.models import Approval, AuditEntry, ModelVersion
+from server.errors import ServerError
 
 __all__ = ["DECISION_KIND", "KEY_REPLACEMENT_KIND", "ApprovalReport", "SignatureCheckError", "check_approvals",
            "decision_payload", "key_replacement_payload", "sign_decision", "sign_key_replacement", "verify_approvals",
@@ -40,7 +41,7 @@ __all__ = ["DECISION_KIND", "KEY_REPLACEMENT_KIND", "ApprovalReport", "Signature
 DECISION_KIND = "edgeherd.decision.v1"
 
 
-class SignatureCheckError(Exception):
+class SignatureCheckError(ServerError):
     """A decision's signature is missing, malformed or does not verify; the message says which."""
 
 

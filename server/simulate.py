@@ -48,7 +48,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from hardware.files import atomic_write
 from protocol import (
@@ -72,6 +71,7 @@ from protocol import (
 )
 from protocol.messages import Fingerprint, will_message
 from server.broker import DeviceCredentials
+from server.bus import new_client
 
 __all__ = ["PROFILE", "Behaviour", "SimConfig", "SimResult", "device_tls_context", "load_credentials",
            "local_runtimes", "simulate", "store_credentials"]
@@ -281,10 +281,7 @@ def _run_shard(cfg: SimConfig, ids: list[str], out: mp.Queue, stop: Any = None, 
     connecting = time.monotonic()
     for device_id in ids:
         creds = cfg.devices[device_id]
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
-        c.username_pw_set(device_id, creds.password)
-        if cfg.tls:
-            c.tls_set_context(contexts.pop(device_id))
+        c = new_client(device_id, device_id, creds.password, tls=contexts.pop(device_id) if cfg.tls else None)
         topic, payload = will_message(device_id, session)
         c.will_set(topic, payload, qos=1, retain=True)
         c.on_publish = on_publish

@@ -65,3 +65,26 @@ def test_no_import_cycle():
 def test_the_cycle_check_sees_a_lazy_import_cycle():
     assert _cycle({"a": {"b"}, "b": {"a"}}) in (["a", "b", "a"], ["b", "a", "b"])
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_server_exception_derives_from_server_error():
+    """The CLI, the TUI and the API catch one root: each exception class a server module defines is a ServerError
+    (the API's client, the other side of the wire, excepted)."""
+    import importlib
+    import pkgutil
+
+    import server
+    from server.errors import ServerError
+
+    outside = {"server.api.client"}
+    strays = []
+    for info in pkgutil.walk_packages(server.__path__, "server."):
+        if (info.name in outside or ".migrations" in info.name or info.name.startswith("server.tui")
+                or info.name.endswith("__main__")):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == info.name
+                    and not issubclass(obj, ServerError) and not name.startswith("_")):
+                strays.append(f"{info.name}.{name}")
+    assert strays == [], f"not derived from server.errors.ServerError: {strays}"

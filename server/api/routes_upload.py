@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import Operator, permit
 from server.api.routes_base import invalid
+from server.errors import ServerError
 from server.governance import Permission
 from server.registry import RegistryError
 from toolchain.bundle import MANIFEST
@@ -55,7 +56,7 @@ _BLOCK = 512
 _PAX_LAYOUT = re.compile(rb"(?:^|\n)\d+ (?:size|GNU\.sparse\.[a-z.]+)=")
 
 
-class ArchiveError(Exception):
+class ArchiveError(ServerError):
     """The uploaded archive is not a usable bundle archive; the message says why."""
 
 

@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select
 
 from server import audit
 from server.db.models import OperatorToken
+from server.errors import ServerError
 
 __all__ = ["DEFAULT_TTL", "MAX_TTL", "SCOPES", "Caller", "TokenError", "authenticate", "issue", "revoke",
            "tokens_of"]
@@ -31,7 +32,7 @@ MAX_TTL = timedelta(days=366)
 _TOKEN = re.compile(r"^eh_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 
 
-class TokenError(Exception):
+class TokenError(ServerError):
     """The token is missing, malformed, unknown, expired or revoked (the message says which, never the token)."""
 
 
