@@ -3,6 +3,7 @@
 =============  ==========================================================
 ``POST /v1/predict``  ``application/json`` ``{"inputs": [...]}`` (one sample or a batch)
                       or ``application/x-npy`` (a .npy array); answers JSON
+                      (:func:`answer`: classes, or a regression model's values)
 ``GET /v1/health``    ``{"status": "ok" | "no_model", "connected": ..., "broker_error": ..., ...}``
 ``GET /v1/model``     the running model: name, version, artifact, slot, input shape
 ``GET /metrics``      Prometheus text format
@@ -35,7 +36,7 @@ import numpy as np
 from agent.errors import AgentError, InputError
 from agent.predictor import Predictor
 
-__all__ = ["ApiServer", "ModelHost"]
+__all__ = ["ApiServer", "ModelHost", "answer"]
 
 log = logging.getLogger(__name__)
 #: A model failing on many requests logs one line per this many seconds, with the number left out.
@@ -148,13 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
         except _Unsupported as exc:
             self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(exc))
             return
-        labels = pred.manifest.labels
-        classes = out.argmax(axis=1).tolist()
-        self._send(200, {
-            "model": pred.manifest.model, "version": pred.manifest.version,
-            "outputs": out.tolist(), "classes": classes,
-            **({"labels": [labels[c] if c < len(labels) else str(c) for c in classes]} if labels else {}),
-        })
+        self._send(200, answer(pred, out))
 
     def _decode(self, ctype: str, body: bytes, pred: Predictor) -> np.ndarray:
         if ctype == "application/json":
@@ -181,6 +176,23 @@ class _Handler(BaseHTTPRequestHandler):
         if x.ndim == len(pred.input_shape) - 1:
             x = x[None]
         return x
+
+
+def answer(pred: Predictor, out: np.ndarray) -> dict[str, Any]:
+    """The body of a ``/v1/predict`` answer: the raw ``outputs`` always; a classifier's top-1 ``classes`` (and
+    their ``labels``), or a regression model's predicted ``values``, one per input row, in the target's units
+    (a model with several outputs per row: one list per row)."""
+    body: dict[str, Any] = {"model": pred.manifest.model, "version": pred.manifest.version, "outputs": out.tolist()}
+    if pred.manifest.task == "regression":
+        flat = out.reshape(len(out), -1)
+        body["values"] = flat[:, 0].tolist() if flat.shape[1] == 1 else flat.tolist()
+        return body
+    labels = pred.manifest.labels
+    classes = out.argmax(axis=1).tolist()
+    body["classes"] = classes
+    if labels:
+        body["labels"] = [labels[c] if c < len(labels) else str(c) for c in classes]
+    return body
 
 
 class _Unsupported(Exception):

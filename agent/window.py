@@ -2,7 +2,9 @@
 
 Per feature of the manifest's reference profile: counts on the reference bins,
 below/above-range and NaN/inf counts, and Welford mean/M2, min and max of the
-finite values. Per window: output class counts, a confidence histogram and a
+finite values. Per window: output class counts and a confidence histogram (a
+regression model: its first output's values counted on the reference's
+``output_edges``, :func:`output_bin_counts`, in ``class_counts``), and a
 latency histogram (from which p50/p95/p99 are read). Memory is
 O(features × bins) whatever the traffic; updates are vectorised over a batch
 of rows (see :class:`agent.predictor.Predictor`, which batches them off the
@@ -23,7 +25,7 @@ from agent.summaries import image_summaries
 from protocol import FeatureStats, FeatureWindow, LatencySummary, ReferenceProfile, TelemetryWindow
 from protocol.features import FeatureSet
 
-__all__ = ["LATENCY_EDGES_MS", "WindowStats", "feature_rows"]
+__all__ = ["LATENCY_EDGES_MS", "WindowStats", "feature_rows", "output_bin_counts"]
 
 #: Latency histogram edges in milliseconds (values above the last edge land in the last bin).
 LATENCY_EDGES_MS = [0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
@@ -41,6 +43,18 @@ def feature_rows(x: np.ndarray, kind: str, features: FeatureSet | None = None) -
             raise ValueError("a 'features' reference profile needs the manifest's feature set")
         return feature_values(features, x.reshape(len(x), -1))
     return x.reshape(len(x), -1)[:, :_MAX_RAW].astype(np.float64)
+
+
+def output_bin_counts(values: np.ndarray, edges: np.ndarray | list[float]) -> np.ndarray:
+    """A regression model's output values counted on its reference's ``output_edges``: bin ``i`` holds
+    ``edges[i] <= v < edges[i+1]`` (the last bin closed), values below or above the edges count in the end bins,
+    NaN/±inf values are not counted. The toolchain counts the training predictions with this same function."""
+    e = np.asarray(edges, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    idx = np.searchsorted(e[1:-1], v, side="right")
+    out: np.ndarray = np.bincount(idx, minlength=len(e) - 1).astype(np.int64)
+    return out
 
 
 @dataclass
@@ -72,6 +86,10 @@ class WindowStats:
                 self._inner[j, : len(f.edges) - 2] = f.edges[1:-1]
                 self._lo[j], self._hi[j], self._k[j] = f.edges[0], f.edges[-1], len(f.counts)
             self._conf_edges = np.asarray(reference.confidence_edges or [0.0, 1.0])
+        #: A regression model's output bins (None: a classifier, counted by top-1 class); one count per bin.
+        self._out_edges = np.asarray(reference.output_edges) if reference and reference.output_edges else None
+        if self._out_edges is not None:
+            self.classes = len(self._out_edges) - 1
         self.lifetime_requests = 0
         self.lifetime_errors = 0
         self.lifetime_latency_counts = [0] * (len(LATENCY_EDGES_MS) - 1)
@@ -135,9 +153,14 @@ class WindowStats:
             m2_b = (np.where(finite, feats - mean_b, 0.0) ** 2).sum(axis=0)
         lo_b = np.where(finite, feats, np.inf).min(axis=0)
         hi_b = np.where(finite, feats, -np.inf).max(axis=0)
-        probs = _softmax(outputs)
-        conf_idx = np.clip(np.searchsorted(self._conf_edges, probs.max(axis=1), side="right") - 1, 0,
-                           len(self.conf_counts) - 1)
+        if self._out_edges is not None:
+            out_counts = output_bin_counts(outputs.reshape(len(outputs), -1)[:, 0], self._out_edges)[: self.classes]
+            conf_idx = np.empty(0, dtype=np.int64)
+        else:
+            out_counts = np.bincount(outputs.argmax(axis=1), minlength=self.classes)[: self.classes]
+            probs = _softmax(outputs)
+            conf_idx = np.clip(np.searchsorted(self._conf_edges, probs.max(axis=1), side="right") - 1, 0,
+                               len(self.conf_counts) - 1)
         with self._lock:
             self.n += len(x)
             self.counts += binned
@@ -154,7 +177,7 @@ class WindowStats:
             mom.count = total
             mom.lo = np.minimum(mom.lo, lo_b)
             mom.hi = np.maximum(mom.hi, hi_b)
-            self.class_counts += np.bincount(outputs.argmax(axis=1), minlength=self.classes)[: self.classes]
+            self.class_counts += out_counts
             self.conf_counts += np.bincount(conf_idx, minlength=len(self.conf_counts))
 
     # -- closing a window --------------------------------------------------------
@@ -199,7 +222,7 @@ class WindowStats:
                     device_id=device_id, session=session, window_seq=window_seq, start=start, end=end,
                     manifest_sha256=manifest_sha256, n=self.n, features=feats,
                     class_counts=[int(c) for c in self.class_counts],
-                    confidence_counts=[int(c) for c in self.conf_counts],
+                    confidence_counts=[int(c) for c in self.conf_counts] if self._out_edges is None else None,
                 )
             self._reset()
         return telemetry, stats

@@ -25,6 +25,7 @@ from protocol.ids import Name, Sha256Hex, Version
 __all__ = [
     "MANIFEST_SCHEMA",
     "MANIFEST_SCHEMA_2",
+    "MANIFEST_SCHEMA_3",
     "ArtifactEntry",
     "FeatureReference",
     "GoldenSet",
@@ -47,7 +48,10 @@ MANIFEST_SCHEMA: Literal["edgeherd.manifest/1"] = "edgeherd.manifest/1"
 #: The schema of a manifest whose reference profile uses the fields added after /1 (``FeatureReference.kind``,
 #: ``nan``, ``outside``): an agent that speaks only /1 refuses it, naming the schema, instead of an unknown field.
 MANIFEST_SCHEMA_2: Literal["edgeherd.manifest/2"] = "edgeherd.manifest/2"
-ManifestSchema = Literal["edgeherd.manifest/1", "edgeherd.manifest/2"]
+#: The schema of a manifest whose reference profile has ``output_edges`` (a regression model's output bins): an
+#: agent that speaks only /1 and /2 refuses it, naming the schema.
+MANIFEST_SCHEMA_3: Literal["edgeherd.manifest/3"] = "edgeherd.manifest/3"
+ManifestSchema = Literal["edgeherd.manifest/1", "edgeherd.manifest/2", "edgeherd.manifest/3"]
 MAX_ARTIFACT_BYTES = 4 * 1024**3
 MAX_FEATURES = 1024
 MAX_BINS = 64
@@ -258,9 +262,14 @@ class ReferenceProfile(WireModel):
     summaries: Literal["image-summaries/1"] | None = None
     n: Annotated[int, Field(gt=0)]
     features: list[FeatureReference] = Field(min_length=1, max_length=MAX_FEATURES)
+    #: Classification: the training set's count per class. Regression (with ``output_edges``): the fp32 model's
+    #: training predictions counted on the output bins, values beyond the edges in the end bins.
     class_counts: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=1000)
     confidence_edges: list[float] | None = Field(default=None, max_length=MAX_BINS + 1)
     confidence_counts: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_BINS)
+    #: A regression model's output bins: K+1 increasing edges (quantiles of the fp32 model's predictions on the
+    #: training split) on which ``class_counts`` and a device's windows count the first output's values.
+    output_edges: list[float] | None = Field(default=None, min_length=3, max_length=MAX_BINS + 1)
 
     @model_validator(mode="after")
     def _consistent(self) -> ReferenceProfile:
@@ -273,6 +282,12 @@ class ReferenceProfile(WireModel):
             raise ValueError("confidence_edges and confidence_counts go together")
         if self.confidence_edges is not None and self.confidence_counts is not None:
             _check_bins(self.confidence_edges, self.confidence_counts, "confidence histogram")
+        if self.output_edges is not None:
+            if self.class_counts is None:
+                raise ValueError("output_edges go with class_counts: the training predictions on those bins")
+            if self.confidence_edges is not None:
+                raise ValueError("a profile with output_edges (a regression model) has no confidence histogram")
+            _check_bins(self.output_edges, self.class_counts, "output bins")
         return self
 
 
@@ -305,12 +320,19 @@ class Manifest(WireModel):
     def _unique_artifacts(self) -> Manifest:
         wanted = schema_for(self.reference)
         if self.schema_ != wanted:
+            if wanted == MANIFEST_SCHEMA_3 or self.schema_ == MANIFEST_SCHEMA_3:
+                uses = "has" if wanted == MANIFEST_SCHEMA_3 else "has no"
+                raise ValueError(f"schema: a manifest whose reference profile {uses} output_edges has schema "
+                                 f"{wanted}")
             uses = "uses" if wanted == MANIFEST_SCHEMA_2 else "does not use"
             raise ValueError(f"schema: a manifest whose reference profile {uses} the feature fields kind, nan or "
                              f"outside has schema {wanted}")
         names = [a.name for a in self.artifacts]
         if len(set(names)) != len(names):
             raise ValueError("artifact names must be unique within a manifest")
+        if self.reference is not None and self.reference.output_edges is not None and self.task != "regression":
+            raise ValueError("reference.output_edges are a regression model's output bins; this manifest's task is "
+                             f"{self.task}")
         if (self.features is not None) != (self.reference is not None and self.reference.kind == "features"):
             raise ValueError("a manifest with registry features has a 'features' reference profile, and only then")
         if self.features is not None and self.reference is not None:
@@ -329,8 +351,11 @@ class Manifest(WireModel):
 
 
 def schema_for(reference: ReferenceProfile | None) -> ManifestSchema:
-    """The manifest schema a bundle with this reference profile must declare: /2 when any feature reference uses
-    ``kind``, ``nan`` or ``outside`` (docs/protocol.md §10: a new field is a new version), else /1."""
+    """The manifest schema a bundle with this reference profile must declare: /3 when it has ``output_edges``
+    (a regression model's output bins), else /2 when any feature reference uses ``kind``, ``nan`` or ``outside``
+    (docs/protocol.md §10: a new field is a new version), else /1."""
+    if reference is not None and reference.output_edges is not None:
+        return MANIFEST_SCHEMA_3
     if reference is not None and any(f.kind is not None or f.nan is not None or f.outside is not None
                                      for f in reference.features):
         return MANIFEST_SCHEMA_2

@@ -201,8 +201,9 @@ def observations(report: DriftReport) -> list[Observation]:
     if report.output is not None:
         o = report.output
         out.append(Observation(AlertKind.OUTPUT_DRIFT, bool(o.drifted),
-                               {"worst": "output.class", "n": o.n, "p_value": o.p_value,
-                                "reason": _reason(o).replace("output.class:", "predicted classes:", 1)}))
+                               {"worst": o.name, "n": o.n, "p_value": o.p_value,
+                                "reason": _reason(o).replace("output.class:", "predicted classes:", 1)
+                                .replace("output.value:", "predicted values:", 1)}))
     return out
 
 

@@ -42,6 +42,13 @@ range and their reference counts values beyond it in the end bins; the
 window's are folded the same way there (:func:`folded_counts`), and still
 tested for their out-of-range rate.
 
+The model's output is scored the same way on its own: a classifier's top-1
+classes on unordered bins (``output.class``), a regression model's first
+output on the value bins of its reference's ``output_edges`` (``output.value``,
+ordered: adjacent bins pool; the device counts values beyond the edges in the
+end bins, as the reference counts the training predictions). The rollout's
+``predictions`` gate reads this output score, whichever kind it is.
+
 PSI is reported as the readable score, on the same pooled bins, with the
 threshold that matches the distribution test at this window size:
 ``(1/n_ref + 1/n_win) · χ²_{K−1}(1 − 0.6·alpha/m)``. Counts add, so the same
@@ -312,6 +319,9 @@ def misfit(reference: ReferenceProfile, window: FeatureStats) -> str | None:
             return f"feature {f.name}: {len(f.counts)} bins, the reference has {bins[f.name]}"
     if reference.class_counts is not None and window.class_counts is not None and \
             len(window.class_counts) != len(reference.class_counts):
+        if reference.output_edges is not None:
+            return (f"output counts: {len(window.class_counts)} bins, the reference has {len(reference.class_counts)} "
+                    "output bins")
         return f"class counts: {len(window.class_counts)} classes, the reference has {len(reference.class_counts)}"
     return None
 
@@ -357,8 +367,12 @@ def score(reference: ReferenceProfile, windows: Sequence[FeatureStats] | _Summed
     output = None
     if reference.class_counts is not None and summed.classes is not None and \
             len(summed.classes) == len(reference.class_counts):
-        output = score_feature("output.class", np.asarray(reference.class_counts), summed.classes, reference.n, 0, 1,
-                               alpha, kind="classes", ordered=False, decide=decide)
+        if reference.output_edges is not None:  # a regression model: its values on ordered bins
+            output = score_feature("output.value", np.asarray(reference.class_counts), summed.classes, reference.n,
+                                   0, 1, alpha, kind="continuous", ordered=True, decide=decide)
+        else:
+            output = score_feature("output.class", np.asarray(reference.class_counts), summed.classes, reference.n,
+                                   0, 1, alpha, kind="classes", ordered=False, decide=decide)
     decidable = decide and bool(feats)
     drifted = [f for f in feats if f.drifted]
 

@@ -189,8 +189,9 @@ class Metrics:
     p95_ms: float | None = None
     drift_windows: int = 0
     drifted_windows: int = 0
-    #: Windows whose predicted classes were compared with the training labels' distribution, and how many
-    #: differed from it (output drift: what a model broken in a way that raises no error shows).
+    #: Windows whose outputs (a classifier's predicted classes, a regression model's values on its output bins)
+    #: were compared with the reference's distribution, and how many differed from it (output drift: what a
+    #: model broken in a way that raises no error shows).
     output_windows: int = 0
     output_drifted: int = 0
 
@@ -342,8 +343,9 @@ def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
             numbers["limit"] = limit
             out.append(GateResult("drift", "pass" if (new.drift_share or 0.0) <= limit + 1e-12 else "fail",
                                   numbers))
-        # predictions: the share of windows whose predicted classes departed from the training labels'
-        # distribution, against the baseline's (same margin as drift)
+        # predictions: the share of windows whose outputs departed from the reference's (a classifier's predicted
+        # classes, a regression model's values on its output bins: server/drift.py), against the baseline's
+        # (same margin as drift)
         numbers = {"new_windows": new.output_windows, "new_drifted": new.output_drifted,
                    "new_share": new.output_share, "baseline_share": b.output_share, "baseline": b.source,
                    "margin": g.drift_margin}

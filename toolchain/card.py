@@ -26,7 +26,8 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
         "",
         m.description or "No description was given at build time.",
         "",
-        f"Task: {m.task}" + (f" into {len(m.labels)} classes: {', '.join(m.labels[:20])}." if m.labels else "."),
+        f"Task: {m.task}" + (f" into {len(m.labels)} classes: {', '.join(m.labels[:20])}." if m.labels else
+                             f" of `{m.lineage['target']}`, in its own units." if "target" in m.lineage else "."),
         "",
         "## Data",
         "",
@@ -55,6 +56,17 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
         "Measured on the held-out test split on the build machine; latency is one sample at a time on this "
         "machine's CPU and will differ on devices.",
         "",
+    ]
+    if m.task == "regression":
+        lines += _regression_artifacts(m)
+    else:
+        lines += _classifier_artifacts(m, base)
+    lines += _left_out(report) + _per_class(report) + _slices(report) + _importance(report)
+    return "\n".join(lines) + _checks(m, report)
+
+
+def _classifier_artifacts(m: Manifest, base: float | None) -> list[str]:
+    lines = [
         "| artifact | target | precision | size (bytes) | accuracy | Δ vs fp32 (points) | p50 latency (ms) | runtime |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -68,6 +80,25 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
             if acc is not None and lat is not None else
             f"| {a.name} | {a.target.value} | {a.precision.value} | {a.size} | — | — | — | {a.runtime.name} |"
         )
+    return lines
+
+
+def _regression_artifacts(m: Manifest) -> list[str]:
+    """MAE, RMSE (the target's units) and R² per artifact, and the MAE's rise over the fp32 artifact's."""
+    lines = ["MAE and RMSE are in the target's own units; the gate (`--max-drop`) bounds each artifact's MAE rise "
+             "over the fp32 artifact's, in those units.", "",
+             "| artifact | target | precision | size (bytes) | MAE | RMSE | R² | MAE rise vs fp32 | p50 latency (ms) "
+             "| runtime |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in m.artifacts:
+        got = [a.metrics.get(k) for k in ("mae", "rmse", "r2", "mae_rise", "latency_ms_p50")]
+        cells = " | ".join("—" if v is None else f"{v:+.4g}" if i == 3 else f"{v:.4g}" for i, v in enumerate(got))
+        lines.append(f"| {a.name} | {a.target.value} | {a.precision.value} | {a.size} | {cells} | "
+                     f"{a.runtime.name} ≥ {a.runtime.min_version} |")
+    return lines
+
+
+def _left_out(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     rejected = report.get("rejected", {})
     if rejected:
         lines += ["", "### Left out of the bundle", ""]
@@ -76,9 +107,12 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
     if skipped:
         lines += ["", "### Not built", ""]
         lines += [f"- **{target}**: {why}" for target, why in skipped.items()]
-    lines += _per_class(report) + _slices(report) + _importance(report)
+    return lines
+
+
+def _checks(m: Manifest, report: dict[str, Any]) -> str:
     parity = report.get("onnx_parity_max_abs_diff")
-    lines += ["", "## Checks", ""]
+    lines = ["", "## Checks", ""]
     if parity is not None:
         lines.append(f"- ONNX vs torch on the test split: max abs difference {parity:.2e}.")
     onnx_input = report.get("onnx_input")
@@ -92,19 +126,22 @@ def render_card(m: Manifest, report: dict[str, Any]) -> str:
     if m.reference is not None:
         lines.append(f"- Drift reference: {len(m.reference.features)} features ({m.reference.kind}) on quantile "
                      f"bins over {m.reference.n} training rows.")
+        if m.reference.output_edges is not None:
+            lines.append(f"- Output drift: the predictions on {len(m.reference.output_edges) - 1} value bins "
+                         "(quantiles of the training predictions).")
     lines += [
         "",
         "## Limitations",
         "",
-        "- Accuracy is measured on a split of the same dataset; it says nothing about inputs unlike the training "
-        "data. Watch the fleet's drift scores.",
+        f"- {'The errors are' if m.task == 'regression' else 'Accuracy is'} measured on a split of the same "
+        "dataset; it says nothing about inputs unlike the training data. Watch the fleet's drift scores.",
     ]
     if any(a.target.value == "tensorrt" for a in m.artifacts):
         lines.append("- TensorRT artifacts ship the ONNX model and build settings; the engine is built on the device. "
                      "Their accuracy here was measured with ONNX Runtime on the same ONNX file, not with TensorRT.")
     lines += ["", "## Lineage", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(m.lineage.items())]
-    return "\n".join(lines) + "\n"
+    return "\n" + "\n".join(lines) + "\n"
 
 
 #: The card draws the confusion matrix up to this many classes and this many slices per segment column
@@ -119,7 +156,7 @@ def _cell(text: str) -> str:
 
 def _per_class(report: dict[str, Any]) -> list[str]:
     per_class = report.get("per_class")
-    if not per_class:
+    if not per_class or "skipped" in per_class:  # a regression model has no classes
         return []
     lines = ["", "## Per-class metrics", "",
              f"The `{per_class['artifact']}` artifact on the {per_class['split']} split. Precision and recall are "
@@ -149,6 +186,8 @@ def _slices(report: dict[str, Any]) -> list[str]:
     if "skipped" in slices:
         return [*lines, f"Not computed: {slices['skipped']}."]
     min_count, worst = slices["min_count"], slices.get("worst")
+    if slices.get("metric") == "mae":
+        return lines + _mae_slices(slices)
     lines.append(f"Accuracy of `{slices['artifact']}` on the {slices['split']} split per value of each segment "
                  f"column (columns of the table that are not model inputs). The worst slice is the lowest accuracy "
                  f"among slices with at least {min_count} rows.")
@@ -179,10 +218,38 @@ def _importance(report: dict[str, Any]) -> list[str]:
     lines = ["", "## Feature importance", ""]
     if "skipped" in imp:
         return [*lines, f"Not computed: {imp['skipped']}."]
+    if imp.get("metric") == "mae":
+        lines += [f"Permutation importance of `{imp['artifact']}` on {imp['rows']} rows of the {imp['split']} split: "
+                  f"each input column shuffled on its own, {imp['repeats']} times (seed {imp['seed']}); the "
+                  f"importance is the rise in MAE from {imp['baseline_mae']:.4g}, in the target's units. Near zero "
+                  "or negative: the model does not rely on that column (or it duplicates another).", "",
+                  "| feature | MAE rise | std |", "|---|---|---|"]
+        return lines + [f"| {_cell(f['name'])} | {f['mean']:+.4g} | {f['std']:.4g} |" for f in imp["features"]]
     lines += [f"Permutation importance of `{imp['artifact']}` on {imp['rows']} rows of the {imp['split']} split: "
               f"each input column shuffled on its own, {imp['repeats']} times (seed {imp['seed']}); the importance "
               f"is the drop in accuracy from {imp['baseline_accuracy']:.4f}, in points. Near zero or negative: "
               "the model does not rely on that column (or it duplicates another).", "",
               "| feature | accuracy drop (points) | std |", "|---|---|---|"]
     lines += [f"| {_cell(f['name'])} | {100 * f['mean']:+.2f} | {100 * f['std']:.2f} |" for f in imp["features"]]
+    return lines
+
+
+def _mae_slices(slices: dict[str, Any]) -> list[str]:
+    """A regression model's slices: MAE and RMSE per segment value, the worst the highest MAE."""
+    min_count, worst = slices["min_count"], slices.get("worst")
+    lines = [f"MAE of `{slices['artifact']}` on the {slices['split']} split per value of each segment column "
+             "(columns of the table that are not model inputs), in the target's units. The worst slice is the "
+             f"highest MAE among slices with at least {min_count} rows.", ""]
+    if worst:
+        lines.append(f"**Worst slice: {_cell(worst['column'])} = {_cell(worst['value'])}**, MAE {worst['mae']:.4g} "
+                     f"on {worst['n']} rows.")
+    else:
+        lines.append(f"No slice has {min_count} rows or more, so none is called the worst.")
+    for column, rows in slices["columns"].items():
+        lines += ["", f"| {_cell(column)} | rows | MAE | RMSE |", "|---|---|---|---|"]
+        for r in rows[:_MAX_SLICES_PER_COLUMN]:
+            few = " (fewer than the minimum)" if r["n"] < min_count else ""
+            lines.append(f"| {_cell(r['value'])} | {r['n']}{few} | {r['mae']:.4g} | {r['rmse']:.4g} |")
+        if len(rows) > _MAX_SLICES_PER_COLUMN:
+            lines.append(f"| … {len(rows) - _MAX_SLICES_PER_COLUMN} more values in `build-report.json` | | | |")
     return lines

@@ -1,7 +1,8 @@
 """Datasets: the built-in digits recipe, tables (CSV/Parquet, or a SQL query) with a declared schema, NPZ arrays.
 
 Every loader returns a :class:`Dataset` of float32 inputs and integer class
-labels, plus a :class:`Schema` saying what valid data looks like, which
+labels (a schema with ``task = "regression"``: float64 target values), plus a
+:class:`Schema` saying what valid data looks like, which
 :mod:`toolchain.validate` checks before anything trains.
 
 A table's ``sha256`` is the digest of its canonical rows (:mod:`toolchain._rows`),
@@ -28,7 +29,7 @@ from toolchain._rows import cell_text, rows_sha256
 from toolchain.errors import DataError
 
 __all__ = ["Dataset", "FeatureSpec", "Rules", "Schema", "load_digits", "load_npz", "load_schema", "load_sql",
-           "load_table", "split_indices"]
+           "load_table", "regression_targets", "split_indices", "strata"]
 
 MAX_ROWS = 5_000_000
 MAX_FILE_BYTES = 2 * 1024**3
@@ -64,6 +65,9 @@ class Rules(_Strict):
 
 class Schema(_Strict):
     label: str
+    #: ``classification`` (the label names a class) or ``regression`` (the label is a number, the target the model
+    #: predicts in its own units; no ``classes``).
+    task: Literal["classification", "regression"] = "classification"
     features: list[FeatureSpec] = Field(min_length=1, max_length=1024)
     classes: list[str] | None = None
     #: Columns that are not model inputs (site, device batch, season): read as strings and used only to
@@ -79,6 +83,9 @@ class Schema(_Strict):
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
+        if self.task == "regression" and self.classes is not None:
+            raise ValueError("a regression schema has no classes: its label is a number (remove `classes`, or set "
+                             "task = \"classification\")")
         if self.label in names:
             raise ValueError(f"label column {self.label!r} is also listed as a feature")
         if len(set(self.segments)) != len(self.segments):
@@ -99,8 +106,8 @@ class Dataset:
     name: str
     kind: Literal["image", "tabular"]
     x: np.ndarray  # float32, (n, *input_shape)
-    y: np.ndarray  # int64, (n,)
-    classes: list[str]
+    y: np.ndarray  # int64 class ids, (n,); float64 target values for regression
+    classes: list[str]  # empty for regression
     schema: Schema
     sha256: str
     source: str
@@ -117,6 +124,10 @@ class Dataset:
     def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``(x, y, segments)`` of the given row indices, kept aligned."""
         return self.x[rows], self.y[rows], {c: v[rows] for c, v in self.segments.items()}
+
+    @property
+    def task(self) -> Literal["classification", "regression"]:
+        return self.schema.task
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -237,6 +248,13 @@ def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Datase
         raise DataError(f"{path} has a header but no rows")
     x = np.stack([_to_float(path, f, cols[f.name]) for f in schema.features], axis=1)
     labels = cols[schema.label]
+    segments = {c: np.array(cols[c], dtype=str) for c in schema.segments}
+    if schema.task == "regression":  # digest of the numbers, as a typed column gives them: CSV, Parquet, SQL agree
+        y = regression_targets(str(path), schema.label, labels)
+        return Dataset(name=name or path.stem, kind="tabular", x=x.astype(np.float32), y=y, classes=[],
+                       schema=schema, sha256=rows_sha256([cell_text(float(v)) for v in y], x,
+                                                         [cols[c] for c in schema.segments]),
+                       source=str(path), segments=segments)
     if any(v == "" for v in labels):
         raise DataError(f"{path}: label column {schema.label!r} has empty values (row {labels.index('') + 1})")
     classes = schema.classes if schema.classes is not None else sorted(set(labels))
@@ -245,7 +263,6 @@ def load_table(path: Path, schema: Schema, *, name: str | None = None) -> Datase
     if unknown:
         raise DataError(f"{path}: labels {unknown[:5]} are not among the declared classes {classes}")
     y = np.array([index[v] for v in labels], dtype=np.int64)
-    segments = {c: np.array(cols[c], dtype=str) for c in schema.segments}
     return Dataset(name=name or path.stem, kind="tabular", x=x.astype(np.float32), y=y, classes=classes,
                    schema=schema, sha256=rows_sha256(labels, x, [cols[c] for c in schema.segments]), source=str(path),
                    segments=segments)
@@ -269,7 +286,36 @@ def load_sql(url: str, query: str, schema: Schema, *, name: str | None = None, c
         if exc.name != "sqlalchemy" and not (exc.name or "").startswith("sqlalchemy."):
             raise
         raise DataError("reading a dataset from SQL needs SQLAlchemy: pip install 'edgeherd[server]'") from None
-    return _load_sql(url, query, schema, name=name, chunk_rows=chunk_rows, on_rows=on_rows)
+    ds = _load_sql(url, query, schema, name=name, chunk_rows=chunk_rows, on_rows=on_rows)
+    if schema.task == "regression":  # the rows' label texts were coded as classes: read them back as numbers
+        texts = np.asarray(ds.classes, dtype=object)[ds.y] if len(ds.y) else np.empty(0, dtype=object)
+        ds.y, ds.classes = regression_targets(ds.source, schema.label, [str(t) for t in texts]), []
+    return ds
+
+
+def regression_targets(where: str, column: str, labels: list[str]) -> np.ndarray:
+    """A regression label column as float64 values; DataError naming the first row that is not a finite number
+    (a missing, NaN or infinite target cannot be trained on or scored)."""
+    out = np.empty(len(labels), dtype=np.float64)
+    for i, v in enumerate(labels):
+        try:
+            out[i] = float(v) if v != "" else math.nan
+        except ValueError:
+            raise DataError(f"{where}: label column {column!r} row {i + 1}: {v[:40]!r} is not a number; a "
+                            "regression target must be numeric") from None
+        if not math.isfinite(out[i]):
+            bad = int((~np.isfinite([_num(t) for t in labels])).sum())
+            raise DataError(f"{where}: label column {column!r} has {bad} missing, NaN or infinite value(s) (first "
+                            f"at row {i + 1}: {v[:40]!r}); a regression target must be a finite number in every "
+                            "row: drop or fill those rows")
+    return out
+
+
+def _num(v: str) -> float:
+    try:
+        return float(v) if v != "" else math.nan
+    except ValueError:
+        return math.nan
 
 
 def load_npz(path: Path, *, name: str | None = None, value_range: tuple[float, float] | None = None) -> Dataset:
@@ -310,6 +356,15 @@ def load_digits() -> Dataset:
 
 
 SPLITS = ("train", "calibration", "validation", "test")
+
+
+def strata(ds: Dataset, bins: int = 10) -> np.ndarray:
+    """What the splits are stratified on: the class ids, or for regression the target's quantile bin (so every
+    split spans the target's range)."""
+    if ds.task != "regression":
+        return ds.y
+    edges = np.quantile(ds.y, np.linspace(0, 1, bins + 1)[1:-1])
+    return np.searchsorted(edges, ds.y, side="right").astype(np.int64)
 
 
 def split_indices(y: np.ndarray, seed: int, fractions: tuple[float, float, float, float] = (0.6, 0.1, 0.1, 0.2)

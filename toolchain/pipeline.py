@@ -56,7 +56,7 @@ from toolchain.bundle import (
 )
 from toolchain.card import render_card
 from toolchain.errors import ConversionError, DataError, ModelError, QualityGateFailed, ToolchainError
-from toolchain.evaluate import Evaluation, evaluate, gate
+from toolchain.evaluate import Evaluation, error_gate, evaluate, gate
 from toolchain.profile import golden_indices, reference_profile, softmax
 from toolchain.quality import (
     confusion_matrix,
@@ -174,11 +174,35 @@ def _quality(spec: BuildSpec, ds: datamod.Dataset, artifact: str, fp32: Path, ba
     return out
 
 
+def _regression_quality(spec: BuildSpec, ds: datamod.Dataset, artifact: str, fp32: Path, base: Evaluation,
+                        xs: dict[str, np.ndarray], ys: dict[str, np.ndarray],
+                        segs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Report sections "slices" (MAE per segment value) and "importance" (MAE rise) for a regression model."""
+    from toolchain.regression import quality
+
+    xv, yv = xs["validation"], ys["validation"]
+    names = [f.name for f in ds.schema.features]
+    why = None
+    if ds.kind != "tabular" or xv.ndim != 2 or xv.shape[1] != len(names):
+        why = f"{ds.kind} inputs shaped {list(ds.input_shape)}: permutation importance is for table columns only"
+    if len(xv) > _IMPORTANCE_MAX_ROWS:
+        rows = np.sort(np.random.default_rng(spec.seed).choice(len(xv), _IMPORTANCE_MAX_ROWS, replace=False))
+        xv, yv = xv[rows], yv[rows]
+    backend = open_backend(fp32, "onnxruntime")
+    try:
+        return quality(ys["test"], base.outputs.reshape(len(base.outputs), -1)[:, 0], segs["test"], artifact, xv, yv,
+                       lambda a: backend.predict(a).reshape(len(a), -1)[:, 0], names,
+                       repeats=spec.importance_repeats, seed=spec.seed, why_no_importance=why)
+    finally:
+        backend.close()
+
+
 def _quality_note(quality: dict[str, Any]) -> str:
     parts = []
     worst = quality["slices"].get("worst")
     if worst:
-        parts.append(f"worst slice {worst['column']}={worst['value']} {worst['accuracy']:.4f}")
+        metric = "mae" if "mae" in worst else "accuracy"
+        parts.append(f"worst slice {worst['column']}={worst['value']} {metric} {worst[metric]:.4f}")
     features = quality["importance"].get("features")
     if features:
         parts.append(f"top feature {features[0]['name']}")
@@ -211,8 +235,15 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
 
     with rep.step("load and validate data") as st:
         ds = load_dataset(spec, st)
+        regression = ds.task == "regression"
+        if regression and spec.recipe not in ("tabular", "torch"):
+            raise DataError(f"the schema says task = \"regression\"; the {spec.recipe} recipe builds classifiers: "
+                            "use --recipe tabular (or torch with a model of one output)")
+        if regression and spec.min_slice_metric is not None:
+            raise DataError("--min-slice-metric is an accuracy a classifier's worst slice must reach; a regression "
+                            "build reports MAE per slice instead: leave --min-slice-metric out")
         report, kept = validate(ds)
-        splits_local = datamod.split_indices(ds.y[kept], spec.seed)
+        splits_local = datamod.split_indices(datamod.strata(ds)[kept], spec.seed)
         splits = {k: kept[v] for k, v in splits_local.items()}
         check_leakage(report, ds, splits["train"], splits["test"])
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
@@ -237,7 +268,12 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         if needs_training:
             from toolchain.train import TrainConfig, device_name, resolve_device, train
 
-            cfg = TrainConfig(epochs=spec.epochs or (30 if spec.recipe == "digits" else 60), seed=spec.seed)
+            if regression:  # learn the standardised target, output it in its own units (toolchain/regression.py)
+                from toolchain.regression import Destandardized
+
+                model = Destandardized(model, float(ys["train"].mean()), float(ys["train"].std()) or 1.0)
+            cfg = TrainConfig(epochs=spec.epochs or (30 if spec.recipe == "digits" else 60), seed=spec.seed,
+                              task=ds.task)
             with rep.step("train", total=cfg.epochs) as st:
                 result = train(model, (xs["train"], ys["train"]), (xs["validation"], ys["validation"]), cfg,
                                spec.workdir / "checkpoints", data_digest=ds.sha256, resume=spec.resume,
@@ -245,7 +281,8 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                 if result.resumed_from:
                     rep.info(f"resumed from the checkpoint of epoch {result.resumed_from}")
                 last = result.history[-1]
-                st.note(f"{cfg.epochs} epochs, validation accuracy {last.val_accuracy:.4f}")
+                st.note(f"{cfg.epochs} epochs, validation MAE {last.val_mae:.4g}" if regression else
+                        f"{cfg.epochs} epochs, validation accuracy {last.val_accuracy:.4f}")
             build_report["training"] = {"epochs": cfg.epochs, "seed": cfg.seed, "resumed_from": result.resumed_from,
                                         "device": device_name(resolve_device(spec.device)),
                                         "history": [vars(h) for h in result.history]}
@@ -334,35 +371,47 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
 
         with rep.step("evaluate on the test split", total=len(candidates)) as st:
             for c in candidates:
-                c.evaluation = evaluate(c.path, c.runtime, xs["test"], ys["test"])
+                c.evaluation = evaluate(c.path, c.runtime, xs["test"], ys["test"], task=ds.task)
                 st.advance()
         evals = {c.name: _evaluated(c) for c in candidates}
         base = evals[candidates[0].name]
         rejected: dict[str, str] = {}
         for c in candidates[1:]:
-            why = gate(evals[c.name].accuracy, base.accuracy, spec.max_drop)
+            ev = evals[c.name]
+            why = (error_gate(ev.mae, base.mae, spec.max_drop) if regression else
+                   gate(ev.accuracy or 0.0, base.accuracy or 0.0, spec.max_drop))
             if why:
                 rejected[c.name] = why
         build_report["rejected"] = rejected
         kept_c = [c for c in candidates if c.name not in rejected]
 
         with rep.step("quality: per-class metrics, slices, feature importance") as st:
-            quality = _quality(spec, ds, candidates[0].name, fp32, base, xs, ys, segs)
+            quality = (_regression_quality(spec, ds, candidates[0].name, fp32, base, xs, ys, segs) if regression
+                       else _quality(spec, ds, candidates[0].name, fp32, base, xs, ys, segs))
             build_report.update(quality)
             st.note(_quality_note(quality))
 
         with rep.step("reference profile and golden vectors") as st:
-            probs = softmax(open_backend(fp32, "onnxruntime").predict(xs["train"]))
+            train_out = open_backend(fp32, "onnxruntime").predict(xs["train"])
+            # a regression profile's class counts and confidence are replaced by its output bins just below
+            y_ref, n_cls = (np.zeros(len(train_out), np.int64), 1) if regression else (ys["train"], len(ds.classes))
+            probs = np.ones((len(train_out), 1)) if regression else softmax(train_out)
             feature_names = [f.name for f in ds.schema.features] if ds.kind == "tabular" else None
             if fs is not None:
                 from toolchain.features import reference_for
 
-                reference = reference_for(fs, xs["train"], ys["train"], len(ds.classes), probs)
+                reference = reference_for(fs, xs["train"], y_ref, n_cls, probs)
             else:
-                reference = reference_profile(xs["train"], ds.kind, feature_names, ys["train"], len(ds.classes),
-                                              probs)
-            gi = golden_indices(ys["test"])
-            golden_labels = [int(v) for v in base.outputs[gi].argmax(1)]
+                reference = reference_profile(xs["train"], ds.kind, feature_names, y_ref, n_cls, probs)
+            if regression:
+                from toolchain.regression import golden_rows, with_output_bins
+
+                reference = with_output_bins(reference, train_out)
+                gi = golden_rows(ys["test"])
+                golden_labels = None
+            else:
+                gi = golden_indices(ys["test"])
+                golden_labels = [int(v) for v in base.outputs[gi].argmax(1)]
             golden = GoldenSet(inputs=[[float(v) for v in xs["test"][i].ravel()] for i in gi], labels=golden_labels)
             st.note(f"{len(reference.features)} features, {len(gi)} golden inputs")
 
@@ -371,9 +420,18 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         for c in kept_c:
             ev = evals[c.name]
             outputs = ev.outputs[gi]
-            agreement = float((outputs.argmax(1) == np.array(golden_labels)).mean())
-            span = float(np.abs(outputs).max()) or 1.0
-            atol = 1e-3 * span if c.precision is Precision.FP32 and c.target is not Target.TENSORRT else 0.05 * span
+            if golden_labels is None:  # regression: a tolerance in the target's units, no top-1 agreement
+                from toolchain.regression import smoke_atol
+
+                smoke = SmokeExpectation(outputs=[[float(v) for v in row] for row in outputs],
+                                         atol=smoke_atol(ys["train"], outputs, c.target, c.precision))
+            else:
+                agreement = float((outputs.argmax(1) == np.array(golden_labels)).mean())
+                span = float(np.abs(outputs).max()) or 1.0
+                atol = (1e-3 * span if c.precision is Precision.FP32 and c.target is not Target.TENSORRT
+                        else 0.05 * span)
+                smoke = SmokeExpectation(outputs=[[float(v) for v in row] for row in outputs], atol=atol,
+                                         min_agreement=agreement)
             sha = sha256_file(c.path)
             files[sha] = c.path
             if c.runtime == "onnxruntime":
@@ -386,22 +444,23 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                     onnx_opset=opset)
             else:
                 runtime = RuntimeRequirement(name="ai-edge-litert", min_version=dist_version("ai-edge-litert"))
-            metrics = ev.metrics() | {"accuracy_drop_points": round((base.accuracy - ev.accuracy) * 100, 4)}
+            metrics = ev.metrics() | ({"mae_rise": round(ev.mae - base.mae, 6)} if regression else
+                                      {"accuracy_drop_points": round(((base.accuracy or 0.0) - (ev.accuracy or 0.0))
+                                                                     * 100, 4)})
             if c.target is Target.TENSORRT:
                 metrics["measured_with_onnxruntime"] = 1.0
             entries.append(ArtifactEntry(
                 name=c.name, target=c.target, precision=c.precision, sha256=sha, size=c.path.stat().st_size,
                 runtime=runtime, inputs=[_tensor(ev.input, "input" if c.runtime != "onnxruntime" else "")],
                 outputs=[_tensor(ev.output, "logits" if c.runtime != "onnxruntime" else "")],
-                metrics=metrics, tensorrt=c.tensorrt,
-                smoke=SmokeExpectation(outputs=[[float(v) for v in row] for row in outputs], atol=atol,
-                                       min_agreement=agreement),
+                metrics=metrics, tensorrt=c.tensorrt, smoke=smoke,
             ))
 
         split_digest = hashlib.sha256(b"".join(splits[k].astype("<i8").tobytes() for k in datamod.SPLITS))
         lineage = {
             "recipe": spec.recipe, "dataset_sha256": ds.sha256, "dataset_source": ds.source[-256:],
-            "seed": str(spec.seed), "edgeherd": __version__, "max_drop_points": str(spec.max_drop),
+            "seed": str(spec.seed), "edgeherd": __version__,
+            ("max_mae_rise" if regression else "max_drop_points"): str(spec.max_drop),
             "split_sizes": "/".join(str(len(splits[k])) for k in datamod.SPLITS),
             "split_sha256": split_digest.hexdigest(), "onnxruntime": dist_version("onnxruntime"),
         }
@@ -409,12 +468,15 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
             lineage["epochs"] = str(build_report["training"]["epochs"])
             lineage["train_device"] = build_report["training"]["device"][:256]
         worst = build_report["slices"].get("worst")
+        metric = "mae" if regression else "accuracy"
         if worst:
-            lineage["worst_slice"] = (f"{worst['column']}={worst['value']} accuracy {worst['accuracy']:.4f} "
+            lineage["worst_slice"] = (f"{worst['column']}={worst['value']} {metric} {worst[metric]:.4f} "
                                       f"n {worst['n']}")[:256]
         if build_report["importance"].get("features"):
             top = build_report["importance"]["features"][0]
-            lineage["top_feature"] = f"{top['name']} accuracy drop {top['mean']:.4f}"
+            lineage["top_feature"] = f"{top['name']} {'MAE rise' if regression else 'accuracy drop'} {top['mean']:.4f}"
+        if regression:
+            lineage["target"] = ds.schema.label
         revision = _code_revision()
         if revision:
             lineage["code_revision"] = revision
@@ -434,7 +496,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
             schema_=schema_for(reference), model=name, version=spec.version, created_at=datetime.now(timezone.utc),
             author=spec.author,
             description=spec.description or f"{spec.recipe} model trained on {ds.name}",
-            task="classification", labels=ds.classes, artifacts=entries, preprocessing=preprocessing,
+            task=ds.task, labels=None if regression else ds.classes, artifacts=entries, preprocessing=preprocessing,
             golden=golden, reference=reference, lineage=lineage, features=fs,
         )
         with rep.step("sign and write the bundle") as st:

@@ -11,6 +11,13 @@ the weights, optimiser state, the shuffling generator's state, the epoch and
 the history, plus a fingerprint of the run (config and data digest): resuming
 continues exactly where the run stopped and refuses a checkpoint of another
 run.
+
+A classifier learns with cross-entropy on class ids. A regression model
+(``TrainConfig.task``) outputs the target in its own units (the model
+de-standardises inside its graph, :class:`toolchain.regression.Destandardized`);
+it learns with the mean squared error divided by the training target's
+variance, which is the MSE on the standardised target, so the learning rate
+means the same whatever the target's scale.
 """
 
 from __future__ import annotations
@@ -38,17 +45,21 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    task: str = "classification"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise TrainingError(f"epochs, batch size and learning rate must be positive: {self}")
+        if self.task not in ("classification", "regression"):
+            raise TrainingError(f"task must be classification or regression, got {self.task!r}")
 
 
 @dataclass(frozen=True)
 class EpochResult:
     epoch: int
     loss: float
-    val_accuracy: float
+    val_accuracy: float | None  # None for regression
+    val_mae: float | None = None  # regression only, in the target's units
 
 
 @dataclass
@@ -80,9 +91,18 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+def _mae(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x) - y).abs().mean())
+
+
 def _fingerprint(cfg: TrainConfig, data_digest: str, model: nn.Module) -> str:
     shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    blob = json.dumps({"cfg": asdict(cfg), "data": data_digest, "shapes": shapes}, sort_keys=True)
+    settings = asdict(cfg)
+    if settings["task"] == "classification":  # as before the task existed: earlier checkpoints still resume
+        del settings["task"]
+    blob = json.dumps({"cfg": settings, "data": data_digest, "shapes": shapes}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -134,9 +154,24 @@ def train(
         result.history = [EpochResult(**h) for h in state["history"]]
         start = result.resumed_from = int(state["epoch"])
     x = torch.as_tensor(train_xy[0]).to(dev)
-    y = torch.as_tensor(train_xy[1]).to(dev)
-    xv, yv = torch.as_tensor(val_xy[0]).to(dev), torch.as_tensor(val_xy[1]).to(dev)
-    loss_fn = nn.CrossEntropyLoss()
+    xv = torch.as_tensor(val_xy[0]).to(dev)
+    regression = cfg.task == "regression"
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    if regression:  # (n, 1) float32 targets; the loss is the MSE on the standardised target (see above)
+        y = torch.as_tensor(np.asarray(train_xy[1], dtype=np.float32).reshape(len(train_xy[1]), -1)).to(dev)
+        yv = torch.as_tensor(np.asarray(val_xy[1], dtype=np.float32).reshape(len(val_xy[1]), -1)).to(dev)
+        var = float(np.var(np.asarray(train_xy[1], dtype=np.float64))) or 1.0
+        mse = nn.MSELoss()
+
+        def scaled_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            loss: torch.Tensor = mse(out, target) / var
+            return loss
+
+        loss_fn = scaled_mse
+    else:
+        y = torch.as_tensor(train_xy[1]).to(dev)
+        yv = torch.as_tensor(val_xy[1]).to(dev)
+        loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start + 1, cfg.epochs + 1):
         model.train()
         order = torch.randperm(len(x), generator=gen).to(dev)
@@ -148,7 +183,8 @@ def train(
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(batch)
-        res = EpochResult(epoch, total / len(x), _accuracy(model, xv, yv))
+        res = (EpochResult(epoch, total / len(x), None, _mae(model, xv, yv)) if regression
+               else EpochResult(epoch, total / len(x), _accuracy(model, xv, yv)))
         result.history.append(res)
         _save(ckpt, {
             "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optim": opt.state_dict(),

@@ -20,6 +20,8 @@ __all__ = ["Finding", "ValidationReport", "check_leakage", "validate"]
 
 Severity = Literal["ok", "warning", "fatal"]
 MIN_ROWS_PER_CLASS = 5
+#: A regression dataset needs this many rows (after cleaning) to fill four splits.
+MIN_REGRESSION_ROWS = 50
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,11 @@ def validate(ds: Dataset) -> tuple[ValidationReport, np.ndarray]:
         report.add("label_conflicts", "warning", f"{conflicts} rows repeat another row's features with another label",
                    conflicts / max(len(idx), 1))
 
+    if ds.task == "regression":
+        _target(report, ds.y[keep], ds.schema.label)
+        report.rows_kept = int(keep.sum())
+        return report, np.flatnonzero(keep)
+
     # class balance
     y = ds.y[keep]
     counts = np.bincount(y, minlength=len(ds.classes))
@@ -158,6 +165,21 @@ def validate(ds: Dataset) -> tuple[ValidationReport, np.ndarray]:
 
     report.rows_kept = int(keep.sum())
     return report, np.flatnonzero(keep)
+
+
+def _target(report: ValidationReport, y: np.ndarray, label: str) -> None:
+    """A regression target needs rows and spread: a constant target leaves nothing to learn (and no scale)."""
+    if len(y) < MIN_REGRESSION_ROWS:
+        report.add("target", "fatal", f"{len(y)} rows with a target; at least {MIN_REGRESSION_ROWS} are needed to "
+                   "split, train and evaluate", float(len(y)))
+        return
+    std = float(np.std(y))
+    if not std > 0:
+        report.add("target", "fatal", f"the target {label!r} is constant ({float(y[0]):g}); a regression model needs "
+                   "a target that varies", 0.0)
+        return
+    report.add("target", "ok", f"target {label!r}: mean {float(np.mean(y)):.4g}, std {std:.4g}, range "
+               f"[{float(np.min(y)):.4g}, {float(np.max(y)):.4g}]", std)
 
 
 def check_leakage(report: ValidationReport, ds: Dataset, train: np.ndarray, test: np.ndarray) -> None:
