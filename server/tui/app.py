@@ -4,13 +4,14 @@ Each top-level screen is a mode with its own stack (Fleet → Device, …);
 ``f r m d l`` switch between them, Esc goes back, ``?`` shows every key.
 
 The screens read and act through a :class:`~server.tui.screens.Fleet`: the registry database on the server host
-(:func:`make_app`), or the operator API with a login, from anywhere (:func:`make_remote_app`).
+(:func:`make_app`), or the operator API with a login, from anywhere (:func:`make_remote_app`). The app is their
+:class:`~server.tui.screens.Host`; they never import this module.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from textual.app import App
 from textual.binding import Binding, BindingType
@@ -20,7 +21,17 @@ from server.api.client import ApiClient
 from server.governance import Governance
 from server.registry import Registry
 from server.tui.data import FleetData
-from server.tui.screens import AuditScreen, DriftScreen, Fleet, FleetScreen, HelpScreen, ModelsScreen, RolloutsScreen
+from server.tui.screens import (
+    AuditScreen,
+    DeviceScreen,
+    DriftScreen,
+    Fleet,
+    FleetScreen,
+    HelpScreen,
+    Host,
+    ModelsScreen,
+    RolloutsScreen,
+)
 
 __all__ = ["EdgeherdApp", "make_app", "make_remote_app"]
 
@@ -89,11 +100,8 @@ class EdgeherdApp(App[None]):
     def action_help(self) -> None:
         sections = [("Everywhere", [(b.key, b.description) for b in self._bindings_of(EdgeherdApp)])]
         for title, screen in (("Fleet", FleetScreen), ("Rollouts", RolloutsScreen), ("Models", ModelsScreen),
-                              ("Audit", AuditScreen)):
+                              ("Audit", AuditScreen), ("Device", DeviceScreen)):
             sections.append((title, [(b.key, b.description) for b in self._bindings_of(screen)]))
-        from server.tui.screens import DeviceScreen
-
-        sections.append(("Device", [(b.key, b.description) for b in self._bindings_of(DeviceScreen)]))
         self.push_screen(HelpScreen(sections))
 
     @staticmethod
@@ -101,6 +109,10 @@ class EdgeherdApp(App[None]):
         names = {"question_mark": "?", "slash": "/", "escape": "Esc", "enter": "Enter"}
         return [Binding(names.get(b.key, b.key), b.action, b.description)
                 for b in getattr(cls, "BINDINGS", []) if isinstance(b, Binding)]
+
+
+if TYPE_CHECKING:
+    _HOST: type[Host] = EdgeherdApp  # the screens' Host holds for the app: checked by mypy, not at run time
 
 
 def make_app(data_dir: Path, actor: str, *, broker_url: str | None = None, refresh_s: float = 2.0) -> EdgeherdApp:
