@@ -44,6 +44,7 @@ import getpass
 import os
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -60,9 +61,11 @@ from server import audit
 from server.db import database_url, make_engine
 from server.db.models import Approval, AuditEntry, Device, ModelVersion
 from server.errors import ServerError
+from server.permissions import Permission, Role, allowed
+from server.rollouts import COMMANDS
 
 __all__ = ["OPERATORS_FILE", "ROLLOUT_COMMANDS", "SERVICE_ACTORS", "Decision", "Governance", "GovernanceError",
-           "OperatorEntry", "OperatorsConfig", "Permission", "Role", "Stage", "Transition", "approve",
+           "OperatorEntry", "OperatorsConfig", "Permission", "Role", "Stage", "Transition", "allowed", "approve",
            "check_bootstrap", "check_deploy", "check_rollout", "current_operator", "find_version",
            "governed_history", "is_production_target", "load_operators", "mark_deployed", "promote", "promoted_by",
            "reject", "retire", "subject", "version_card"]
@@ -81,71 +84,11 @@ class GovernanceError(ServerError):
     """Not allowed, or not possible; the message names who, what and what is needed."""
 
 
-# -- roles and permissions (pure) ---------------------------------------------------------------
+# -- roles and permissions (pure: server/permissions.py) ----------------------------------------------
 
-
-class Role(str, Enum):
-    """Ordered: each role has every right of the ones before it."""
-
-    VIEWER = "viewer"
-    OPERATOR = "operator"
-    APPROVER = "approver"
-    ADMIN = "admin"
-
-    @property
-    def rank(self) -> int:
-        return list(Role).index(self)
-
-    @property
-    def with_article(self) -> str:
-        return ("an " if self.value[0] in "aeiou" else "a ") + self.value
-
-
-class Permission(Enum):
-    """What an operator may be asked to do; the value is how a message names it."""
-
-    READ = "reading the registry"
-    PUSH_MODEL = "pushing a model"
-    DEPLOY = "deploying a model"
-    ENROLL_DEVICE = "enrolling a device"
-    REVOKE_DEVICE = "revoking a device"
-    START_ROLLOUT = "starting a rollout"
-    PAUSE_ROLLOUT = "pausing a rollout"
-    RESUME_ROLLOUT = "resuming a rollout"
-    ABORT_ROLLOUT = "aborting a rollout"
-    ROLLBACK_ROLLOUT = "rolling back a rollout"
-    PROMOTE = "promoting a version to candidate"
-    APPROVE = "approving a version"
-    REJECT = "rejecting a version"
-    RETIRE = "retiring a version"
-    ROTATE_CA = "rotating the certificate authority"
-    MANAGE_OPERATORS = "managing operators and their tokens"
-    ACK_ALERT = "acknowledging or resolving an alert"
-
-    @property
-    def min_role(self) -> Role:
-        return _MIN_ROLE[self]
-
-
-_MIN_ROLE: dict[Permission, Role] = {p: Role.OPERATOR for p in Permission} | {
-    Permission.READ: Role.VIEWER,
-    Permission.APPROVE: Role.APPROVER,
-    Permission.REJECT: Role.APPROVER,
-    Permission.RETIRE: Role.ADMIN,
-    Permission.ROTATE_CA: Role.ADMIN,
-    Permission.MANAGE_OPERATORS: Role.ADMIN,
-}
-
-
-#: The permission each rollout command needs.
-ROLLOUT_COMMANDS: dict[str, Permission] = {
-    "pause": Permission.PAUSE_ROLLOUT, "resume": Permission.RESUME_ROLLOUT,
-    "abort": Permission.ABORT_ROLLOUT, "rollback": Permission.ROLLBACK_ROLLOUT,
-}
-
-
-def allowed(role: Role, permission: Permission) -> bool:
-    return role.rank >= permission.min_role.rank
+#: The permission each rollout command needs, as server/rollouts.py ``COMMANDS`` says; keyed by the commands
+#: (``server.rollouts.RolloutCommand``, a ``str``) so the UIs look their action names ("pause", ...) up in it.
+ROLLOUT_COMMANDS: dict[str, Permission] = {c: rule.permission for c, rule in COMMANDS.items()}
 
 
 # -- operators.toml ------------------------------------------------------------------------------
@@ -406,14 +349,16 @@ def _reason(reason: str, what: str) -> str:
 
 def _move(db: Session, version: ModelVersion, actor: str, *, action: str, verb: str, sources: set[Stage],
           to: Stage, detail: dict[str, Any] | None = None, approval: Decision | None = None,
-          check: Callable[[ModelVersion], None] | None = None) -> Transition:
-    """Lock, re-read, check, change, audit and commit; nothing is written when a check fails."""
+          check: Callable[[ModelVersion], None] | None = None, commit: bool = True) -> Transition:
+    """Lock, re-read, check, change, audit and commit; nothing is written when a check fails. ``commit=False``: in
+    the caller's transaction, which commits the move with the rest of its work or rolls it all back."""
     version_id = version.id
     if version_id is None:
         raise GovernanceError(f"{_ref(version)} is not in the registry (push it first)")
     if version not in db:
         db.add(version)
-    with audit.unit_of_work(db, None):  # the caller anchors the entry (Transition.audit_seq) where it keeps one
+    # the caller anchors the entry (Transition.audit_seq) where it keeps one
+    with audit.unit_of_work(db, None) if commit else nullcontext(db):
         audit.lock(db)  # no other audited writer until this commits
         db.refresh(version)
         before = _stage(version)
@@ -432,7 +377,8 @@ def _move(db: Session, version: ModelVersion, actor: str, *, action: str, verb: 
         if approval is not None:
             db.add(Approval(version_id=version_id, actor=actor, decision=approval.decision, reason=approval.reason,
                             signature=approval.signature, public_key=approval.public_key, audit_seq=entry.seq))
-    db.refresh(version)
+    if commit:
+        db.refresh(version)
     return Transition(_ref(version), before, to, entry.seq)
 
 
@@ -514,15 +460,20 @@ def reject(db: Session, version: ModelVersion, actor: str, reason: str, *, signa
                  to=Stage.DRAFT, detail={"reason": why}, approval=Decision("reject", why, signature, public_key))
 
 
-def mark_deployed(db: Session, version: ModelVersion, actor: str) -> Transition:
-    """approved → deployed, once a production rollout has put it on devices; nothing happens if already deployed."""
+def mark_deployed(db: Session, version: ModelVersion, actor: str, *, rollout: str | None = None,
+                  commit: bool = True) -> Transition:
+    """approved → deployed, once a rollout has put it on devices; nothing happens if already deployed.
+
+    ``rollout``: the rollout that did, recorded in the audit entry. ``commit=False``: in the caller's transaction
+    (the orchestrator's step, committed under the rollout's lease with everything else the step changed)."""
     if version not in db:
         db.add(version)
     db.refresh(version)
     if _stage(version) is Stage.DEPLOYED:
         return Transition(_ref(version), Stage.DEPLOYED, Stage.DEPLOYED, None)
     return _move(db, version, actor, action="model.deployed", verb="marking it deployed",
-                 sources={Stage.APPROVED}, to=Stage.DEPLOYED)
+                 sources={Stage.APPROVED}, to=Stage.DEPLOYED,
+                 detail={"rollout": rollout} if rollout is not None else None, commit=commit)
 
 
 def retire(db: Session, version: ModelVersion, actor: str) -> Transition:
@@ -557,7 +508,9 @@ def check_rollout(db: Session, version: ModelVersion, *, production: bool) -> No
     latest = _latest_approval(db, version)
     if latest is None or latest.decision != "approve":
         raise GovernanceError(f"{ref} is {stage.value} but has no approval on record; it cannot go to production")
-    if _same_person(latest.actor, version.author) or _same_person(latest.actor, version.pushed_by):
+    # the approval on record, checked again by the one rule (who promoted it is the audit log's, not rechecked)
+    if four_eyes_refusal(latest.actor, ref, author=version.author, pushed_by=version.pushed_by,
+                         promoted_by=None) is not None:
         raise GovernanceError(f"{ref} was approved by its own author {latest.actor}; production needs an approval "
                               f"by someone else (four-eyes)")
 

@@ -35,19 +35,23 @@ from server.assignment import Outcome, choose, runtimes_of
 from server.bus import Bus
 from server.db.models import Device, DriftReportRow, GateEvaluation, ModelVersion, Rollout, RolloutDevice, TelemetryRow
 from server.errors import ServerError
-from server.governance import ROLLOUT_COMMANDS, Governance, Permission, check_rollout, find_version
+from server.governance import Governance, Permission, Stage, check_rollout, find_version, mark_deployed
 from server.presence import is_online
 from server.registry import Registry, RegistryError, check_artifact
 from server.rollouts import (
     ACTIVE,
+    COMMANDS,
+    MOVING,
     Assign,
     Assignment,
+    AssignmentState,
     Baseline,
     DeviceView,
     Metrics,
     Observation,
     Plan,
     Revert,
+    RolloutCommand,
     RolloutSpec,
     RolloutView,
     State,
@@ -80,12 +84,17 @@ def rollout_view(db: Session, row: Rollout) -> RolloutView:
     if version is None:
         raise RolloutError(f"rollout {row.name}: its model version is gone")
     devices = db.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == row.id)).all()
+    try:
+        states = {d.device_id: AssignmentState(d.state) for d in devices}
+    except ValueError as exc:
+        raise RolloutError(f"rollout {row.name}: a device's state is not one the planner knows ({exc})") from None
     return RolloutView(
         name=row.name, state=State(row.state), wave=row.wave, wave_started_at=row.wave_started_at,
         spec=RolloutSpec.model_validate(row.spec), manifest=version.manifest_sha256, artifact=row.artifact,
         reason=row.reason,
-        assignments={d.device_id: Assignment(d.device_id, d.wave, d.state, d.previous_manifest, d.previous_artifact,
-                                             d.assigned_at, d.finished_at, d.error) for d in devices})
+        assignments={d.device_id: Assignment(d.device_id, d.wave, states[d.device_id], d.previous_manifest,
+                                             d.previous_artifact, d.assigned_at, d.finished_at, d.error)
+                     for d in devices})
 
 
 def store_view(db: Session, row: Rollout, view: RolloutView) -> None:
@@ -96,9 +105,10 @@ def store_view(db: Session, row: Rollout, view: RolloutView) -> None:
     db.add(row)
     existing = {d.device_id: d for d in db.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == row.id))}
     for did, a in view.assignments.items():
-        rec = existing.get(did) or RolloutDevice(rollout_id=row.id, device_id=did, wave=a.wave, state=a.state,
+        state = AssignmentState(a.state).value  # stored as the plain string
+        rec = existing.get(did) or RolloutDevice(rollout_id=row.id, device_id=did, wave=a.wave, state=state,
                                                   assigned_at=a.assigned_at)
-        rec.wave, rec.state, rec.previous_manifest, rec.previous_artifact = (a.wave, a.state, a.previous_manifest,
+        rec.wave, rec.state, rec.previous_manifest, rec.previous_artifact = (a.wave, state, a.previous_manifest,
                                                                               a.previous_artifact)
         rec.assigned_at, rec.finished_at, rec.error = a.assigned_at, a.finished_at, (a.error or None) and a.error[:1000]
         db.add(rec)
@@ -152,7 +162,7 @@ def _busy_elsewhere(db: Session, row: Rollout) -> set[str]:
     active = [s.value for s in ACTIVE]
     return set(db.exec(select(RolloutDevice.device_id).where(
         RolloutDevice.rollout_id == Rollout.id, Rollout.id != row.id, col(Rollout.state).in_(active),
-        col(RolloutDevice.state).in_(["assigned", "installed", "failed", "reverting"]))))
+        col(RolloutDevice.state).in_(sorted(s.value for s in MOVING)))))
 
 
 def _prior_baseline(db: Session, row: Rollout) -> Baseline | None:
@@ -185,6 +195,15 @@ def _profile_budget(db: Session, ids: list[str]) -> float | None:
     return min(budgets) if budgets else None
 
 
+def _unregistered(db: Session, view: RolloutView) -> frozenset[str]:
+    """The versions the rollout's devices ran before that the registry no longer holds."""
+    previous = {a.previous_manifest for a in view.assignments.values() if a.previous_manifest is not None}
+    if not previous:
+        return frozenset()
+    known = set(db.exec(select(ModelVersion.manifest_sha256).where(col(ModelVersion.manifest_sha256).in_(previous))))
+    return frozenset(previous - known)
+
+
 def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set[str] | None = None
             ) -> Observation:
     """What the planner may look at: the target now, its devices, and the health of both versions.
@@ -202,6 +221,7 @@ def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set
     devices = {d.id: DeviceView(d.id, is_online(d.status, d.last_seen), d.running_manifest, d.running_artifact,
                                 d.install_step, d.install_error, d.desired_manifest)
                for d in rows}
+    unregistered = _unregistered(db, view)
     version = db.get(ModelVersion, row.version_id)
     signed = decode_model(SignedManifest, version.signed_manifest) if version is not None else None
     for d in rows:  # the artifact policy's verdict for each device still to be assigned
@@ -211,13 +231,13 @@ def observe(db: Session, row: Rollout, view: RolloutView, production_groups: set
                                     unsuitable=choice.reason if choice.outcome is Outcome.UNSUITABLE else None)
     start = soak_start(view)
     if start is None:
-        return Observation(target, devices)
-    new_ids = [d for d, a in view.assignments.items() if a.state == "installed"]
+        return Observation(target, devices, unregistered=unregistered)
+    new_ids = [d for d, a in view.assignments.items() if a.state == AssignmentState.INSTALLED]
     base_ids = [d for d in target if d not in view.assignments]
     new = _metrics(db, new_ids, start, manifest=view.manifest)
     baseline = _metrics(db, base_ids, start, other_than=view.manifest) if base_ids else None
     return Observation(target, devices, new, baseline, _prior_baseline(db, row),
-                       _profile_budget(db, new_ids))
+                       _profile_budget(db, new_ids), unregistered)
 
 
 # -- applying a plan ------------------------------------------------------------------------------
@@ -229,7 +249,6 @@ def _apply(db: Session, registry: Registry, bus: Bus | None, row: Rollout, resul
     version = db.get(ModelVersion, row.version_id)
     assert version is not None  # noqa: S101 - checked by rollout_view
     signed = registry.signed_manifest(db, version.manifest_sha256)
-    superseded: list[str] = []
     with db.no_autoflush:  # no row is written (and locked) while the broker is being waited on
         for action in result.actions:
             device = db.get(Device, action.device_id)
@@ -238,25 +257,14 @@ def _apply(db: Session, registry: Registry, bus: Bus | None, row: Rollout, resul
             if isinstance(action, Assign) and signed is not None:
                 registry.assign(db, bus, device, signed, row.artifact, rollout=row.name)
             elif isinstance(action, Revert) and action.manifest is not None:
-                if device.desired_manifest not in (None, version.manifest_sha256):
-                    superseded.append(device.id)  # a later deploy or rollout has moved it on: leave it there
-                    continue
                 previous = registry.signed_manifest(db, action.manifest)
-                if previous is None:
+                if previous is None:  # unregistered since it was observed: left as it is, revert_failed in time
                     log.warning("rollout %s: %s ran %s before, which is no longer registered; left as it is",
                                 row.name, device.id, action.manifest[:12])
-                    superseded.append(device.id)
-                    continue
-                if action.artifact in {a.name for a in previous.manifest.artifacts}:  # what it ran: it loads
+                elif action.artifact in {a.name for a in previous.manifest.artifacts}:  # what it ran: it loads
                     registry.set_desired(db, bus, device, previous, action.artifact, rollout=row.name)
                 else:
                     registry.assign(db, bus, device, previous, rollout=row.name)
-    if superseded:
-        view = replace(view, assignments={**view.assignments, **{
-            d: replace(view.assignments[d], state="superseded", error="moved to another version since")
-            for d in superseded}})
-        result.events.append(("rollout.revert_skipped", {"devices": superseded,
-                                                        "why": "desired state changed since this rollout"}))
     store_view(db, row, view)
     for g in result.gates:
         last = db.exec(select(GateEvaluation).where(GateEvaluation.rollout_id == row.id, GateEvaluation.wave == g.wave,
@@ -271,10 +279,8 @@ def _apply(db: Session, registry: Registry, bus: Bus | None, row: Rollout, resul
                                   numbers=_jsonable(g.numbers)))
     for action_name, detail in result.events:
         audit.append(db, actor, action_name, f"rollout:{row.name}", _jsonable(detail))
-    if view.state is State.COMPLETED and version.stage == "approved":
-        version.stage = "deployed"
-        db.add(version)
-        audit.append(db, actor, "model.deployed", f"model:{version.name}:{version.version}", {"rollout": row.name})
+    if result.deployed and version.stage == Stage.APPROVED.value:  # a draft tried out in the lab stays a draft
+        mark_deployed(db, version, actor, rollout=row.name, commit=False)  # committed with the step, under its lease
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -347,15 +353,17 @@ def create_rollout(registry: Registry, *, name: str, model: str, version: str, t
         return row
 
 
-def command_rollout(registry: Registry, name: str, command: str, actor: str, reason: str | None = None,
+def command_rollout(registry: Registry, name: str, command: RolloutCommand | str, actor: str, reason: str | None = None,
                     clock: Callable[[], float] = time.time) -> RolloutView:
     """Pause, resume, abort or roll back a rollout now (under its lease); RolloutError when not allowed."""
     out: list[RolloutView] = []
 
     def act(db: Session, row: Rollout) -> None:
         view = rollout_view(db, row)
+        # a rollback leaves alone the devices moved on since: the planner needs to see where each one is now
+        obs = observe(db, row, view) if command == RolloutCommand.ROLLBACK else None
         try:
-            result = apply_command(view, command, clock(), reason)
+            result = apply_command(view, command, clock(), reason, obs)
         except ValueError as exc:
             raise RolloutError(f"rollout {name}: {exc}") from None
         bus = registry.client() if result.actions else None
@@ -390,14 +398,15 @@ def start_governed(registry: Registry, governance: Governance, actor: str, *, na
                           actor=actor, production=production, artifact=artifact)
 
 
-def command_governed(registry: Registry, governance: Governance, actor: str, name: str, command: str,
-                     reason: str | None = None) -> RolloutView:
+def command_governed(registry: Registry, governance: Governance, actor: str, name: str,
+                     command: RolloutCommand | str, reason: str | None = None) -> RolloutView:
     """:func:`command_rollout` as an operator asks for it: their role must allow that command."""
-    permission = ROLLOUT_COMMANDS.get(command)
-    if permission is None:
-        raise RolloutError(f"unknown command {command!r} ({', '.join(ROLLOUT_COMMANDS)})")
-    governance.require(actor, permission)
-    return command_rollout(registry, name, command, actor, reason)
+    try:
+        known = RolloutCommand(command)
+    except ValueError:
+        raise RolloutError(f"unknown command {command!r} ({', '.join(c.value for c in RolloutCommand)})") from None
+    governance.require(actor, COMMANDS[known].permission)
+    return command_rollout(registry, name, known, actor, reason)
 
 
 # -- the loop -----------------------------------------------------------------------------------------
@@ -469,8 +478,9 @@ def describe(view: RolloutView) -> dict[str, Any]:
     """A plain summary of a rollout's state, for the CLI and the TUI."""
     waves: dict[int, dict[str, int]] = {}
     for a in view.assignments.values():
-        w = waves.setdefault(a.wave, {})
-        w[a.state] = w.get(a.state, 0) + 1
+        w, state = waves.setdefault(a.wave, {}), AssignmentState(a.state).value
+        w[state] = w.get(state, 0) + 1
     return {"name": view.name, "state": view.state.value, "wave": view.wave, "reason": view.reason,
             "waves": {k: waves[k] for k in sorted(waves)}, "spec": view.spec.model_dump(mode="json"),
-            "devices": {d: asdict(a) for d, a in sorted(view.assignments.items())}}
+            "devices": {d: asdict(a) | {"state": AssignmentState(a.state).value}
+                        for d, a in sorted(view.assignments.items())}}

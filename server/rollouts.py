@@ -21,7 +21,22 @@ version over the soak (or with the manifest's numbers when there is no
 baseline). Not enough data keeps the wave soaking, up to
 ``max_soak_factor`` × the soak, after which the gate fails. A failed gate
 or more failed installs than ``failure_threshold_pct`` of the wave pauses
-the rollout or rolls back every device it changed (``on_failure``).
+the rollout or rolls back every device it changed (``on_failure``). When
+the last wave passes, the plan says the version is deployed
+(:attr:`Plan.deployed`).
+
+A device of the rollout (:class:`AssignmentState`)::
+
+    assigned → installed                 (it runs the version)
+    assigned → failed → installed        (it reported a failed install, or timed out; it may recover)
+    assigned → left                      (it left the target before it installed)
+    assigned/installed/failed → reverting → reverted | revert_failed
+    assigned/installed/failed → superseded  (at the rollback: moved to another version since, or what it ran
+                                             before is no longer registered; left where it is)
+
+Operators act by :class:`RolloutCommand` (:func:`apply_command`); the
+states each applies in and the permission it needs are one table,
+:data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -34,12 +49,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.permissions import Permission
+from server.rollout_gates import Baseline, GateResult, Gates, Metrics, judge
+
 __all__ = [
     "ACTIVE",
+    "COMMANDS",
     "TERMINAL",
     "Assign",
     "Assignment",
+    "AssignmentState",
     "Baseline",
+    "CommandRule",
     "DeviceView",
     "GateResult",
     "Gates",
@@ -47,6 +68,7 @@ __all__ = [
     "Observation",
     "Plan",
     "Revert",
+    "RolloutCommand",
     "RolloutSpec",
     "RolloutView",
     "State",
@@ -71,28 +93,63 @@ class State(str, Enum):
 ACTIVE = frozenset({State.PENDING, State.RUNNING, State.PAUSED, State.ROLLING_BACK})
 TERMINAL = frozenset({State.COMPLETED, State.ROLLED_BACK, State.ABORTED})
 
+
+class AssignmentState(str, Enum):
+    """Where a device of a rollout is (drawn above); the values are what the database and the API hold."""
+
+    ASSIGNED = "assigned"
+    INSTALLED = "installed"
+    FAILED = "failed"
+    LEFT = "left"
+    REVERTING = "reverting"
+    REVERTED = "reverted"
+    REVERT_FAILED = "revert_failed"
+    SUPERSEDED = "superseded"
+
+    def __str__(self) -> str:  # as stored and shown, also in f-strings
+        return self.value
+
+
+#: Devices a rollout is still moving: another rollout leaves them alone.
+MOVING = frozenset({AssignmentState.ASSIGNED, AssignmentState.INSTALLED, AssignmentState.FAILED,
+                    AssignmentState.REVERTING})
+#: Devices a rollback puts back on what they ran before.
+_CHANGED = frozenset({AssignmentState.ASSIGNED, AssignmentState.INSTALLED, AssignmentState.FAILED})
+
+
+class RolloutCommand(str, Enum):
+    """What an operator may tell a rollout to do; the value is the CLI command and the API path segment."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    ABORT = "abort"
+    ROLLBACK = "rollback"
+
+    def __str__(self) -> str:  # as typed and shown, also in f-strings and URLs
+        return self.value
+
+
+@dataclass(frozen=True)
+class CommandRule:
+    """When an operator may give a command: the states of the rollout it applies in, and the permission it needs."""
+
+    states: frozenset[State]
+    permission: Permission
+
+
+#: Every operator command, what it applies to and who may give it: the one table the CLI, the API and the TUIs use.
+COMMANDS: dict[RolloutCommand, CommandRule] = {
+    RolloutCommand.PAUSE: CommandRule(frozenset({State.PENDING, State.RUNNING}), Permission.PAUSE_ROLLOUT),
+    RolloutCommand.RESUME: CommandRule(frozenset({State.PAUSED}), Permission.RESUME_ROLLOUT),
+    RolloutCommand.ABORT: CommandRule(frozenset({State.PENDING, State.RUNNING, State.PAUSED}),
+                                      Permission.ABORT_ROLLOUT),
+    RolloutCommand.ROLLBACK: CommandRule(frozenset({State.PENDING, State.RUNNING, State.PAUSED, State.COMPLETED}),
+                                         Permission.ROLLBACK_ROLLOUT),
+}
+
 #: However short the soak, a wave short of data waits at least this long for it before its gates fail.
 MIN_DATA_WAIT_S = 60.0
 _WAVE_RE = re.compile(r"^(?:[1-9][0-9]{0,6}|(?:100|[1-9]?[0-9](?:\.[0-9]+)?)%)$")
-
-
-class Gates(BaseModel):
-    """What a wave must show, over its soak, before the next one starts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: The new version's error rate may exceed the baseline's by at most this (absolute, 0.01 = 1 point).
-    error_margin: float = Field(0.01, ge=0, le=1)
-    #: Its p95 latency may exceed the baseline's by at most this fraction (0.2 = 20 %)...
-    latency_margin: float = Field(0.2, ge=0, le=100)
-    #: ...and must stay within this budget (ms), the hardware profile's unless set here.
-    latency_budget_ms: float | None = Field(None, gt=0)
-    #: The share of its statistics windows flagged as drifting may exceed the baseline's by at most this.
-    drift_margin: float = Field(0.0, ge=0, le=1)
-    #: Fewer requests than this over the soak is not enough data to judge error rate and latency.
-    min_requests: int = Field(50, ge=1)
-    #: Fewer drift-scored windows than this is not enough data to judge drift (0: no drift gate).
-    min_drift_windows: int = Field(1, ge=0)
 
 
 class RolloutSpec(BaseModel):
@@ -167,57 +224,16 @@ class DeviceView:
 
 @dataclass(frozen=True)
 class Assignment:
-    """A device of the rollout. ``state``: assigned, installed, failed, left, reverting, reverted, revert_failed."""
+    """A device of the rollout."""
 
     device_id: str
     wave: int
-    state: str
+    state: AssignmentState
     previous_manifest: str | None
     previous_artifact: str | None
     assigned_at: float
     finished_at: float | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Health of a set of devices over a period: from telemetry windows and drift reports."""
-
-    requests: int = 0
-    errors: int = 0
-    #: Requests-weighted mean of the windows' p95 latency; None without latency data.
-    p95_ms: float | None = None
-    drift_windows: int = 0
-    drifted_windows: int = 0
-    #: Windows whose outputs (a classifier's predicted classes, a regression model's values on its output bins)
-    #: were compared with the reference's distribution, and how many differed from it (output drift: what a
-    #: model broken in a way that raises no error shows).
-    output_windows: int = 0
-    output_drifted: int = 0
-
-    @property
-    def output_share(self) -> float | None:
-        return self.output_drifted / self.output_windows if self.output_windows else None
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.requests if self.requests else None
-
-    @property
-    def drift_share(self) -> float | None:
-        return self.drifted_windows / self.drift_windows if self.drift_windows else None
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """What the new version is compared with: rates, and where they come from."""
-
-    error_rate: float | None
-    p95_ms: float | None
-    drift_share: float | None
-    #: "fleet" (the target's devices on other versions, now), "wave N" (as measured for an earlier wave), "none".
-    source: str
-    output_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -228,13 +244,16 @@ class Observation:
     target: tuple[str, ...]
     devices: dict[str, DeviceView]
     #: The new version's devices over the current soak, and the devices on other versions (None: no baseline).
-    new: Metrics = Metrics()
+    new: Metrics = field(default_factory=Metrics)
     baseline: Metrics | None = None
     #: The baseline as measured for an earlier wave of this rollout: used once no device is left on the old
     #: version (the last wave), so that wave is judged against the same fleet as the others.
     prior: Baseline | None = None
     #: The strictest p95 budget of the new version's devices' hardware profiles (when the rollout sets none).
     profile_budget_ms: float | None = None
+    #: Of the versions the rollout's devices ran before it, those no longer registered: a rollback cannot put a
+    #: device back on one.
+    unregistered: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -268,95 +287,25 @@ class Revert:
 
 
 @dataclass(frozen=True)
-class GateResult:
-    gate: str
-    verdict: Literal["pass", "fail", "insufficient"]
-    numbers: dict[str, Any]
-    #: The wave it judged.
-    wave: int = 0
-
-
-@dataclass(frozen=True)
 class Plan:
     rollout: RolloutView
     actions: list[Assign | Revert] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)
     #: Audit-worthy happenings: (action, detail).
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: The rollout has just completed: its version is now deployed (server/governance.py ``mark_deployed``, for a
+    #: version that was approved).
+    deployed: bool = False
 
 
 # -- gates ------------------------------------------------------------------------------------------
 
 
 def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
-    """Error rate, p95 latency and drift of the new version's devices against the baseline.
-
-    The baseline is the target's devices still on other versions when they sent enough requests; else the
-    baseline measured for an earlier wave; else none (error rate and drift compared with zero, latency with
-    the budget only).
-    """
-    g, new, base = spec.gates, obs.new, obs.baseline
-    if base is not None and base.requests >= g.min_requests:
-        enough_windows = max(g.min_drift_windows, 1)
-        b = Baseline(base.error_rate, base.p95_ms,
-                     base.drift_share if base.drift_windows >= enough_windows else None, "fleet",
-                     base.output_share if base.output_windows >= enough_windows else None)
-    elif obs.prior is not None:
-        b = obs.prior
-    else:
-        b = Baseline(None, None, None, "none")
-    out: list[GateResult] = []
-    enough = new.requests >= g.min_requests
-    # error rate: not worse than the baseline (or than zero errors without one) by more than the margin
-    numbers: dict[str, Any] = {"new_requests": new.requests, "new_errors": new.errors,
-                               "new_error_rate": new.error_rate, "baseline_error_rate": b.error_rate,
-                               "baseline": b.source, "margin": g.error_margin, "min_requests": g.min_requests}
-    if not enough:
-        out.append(GateResult("error_rate", "insufficient", numbers))
-    else:
-        limit = (b.error_rate or 0.0) + g.error_margin
-        numbers["limit"] = limit
-        out.append(GateResult("error_rate", "pass" if (new.error_rate or 0.0) <= limit + 1e-12 else "fail", numbers))
-    # latency: within the budget, and not worse than the baseline by more than the margin
-    budget = g.latency_budget_ms if g.latency_budget_ms is not None else obs.profile_budget_ms
-    numbers = {"new_p95_ms": new.p95_ms, "baseline_p95_ms": b.p95_ms, "baseline": b.source,
-               "budget_ms": budget, "budget_from": "rollout" if g.latency_budget_ms is not None else "profile",
-               "margin": g.latency_margin}
-    if not enough or new.p95_ms is None:
-        out.append(GateResult("latency", "insufficient", numbers))
-    else:
-        limits = [lim for lim in (budget,
-                                  b.p95_ms * (1 + g.latency_margin) if b.p95_ms is not None else None)
-                  if lim is not None]
-        numbers["limit_ms"] = min(limits) if limits else None
-        ok = not limits or new.p95_ms <= min(limits) + 1e-9
-        out.append(GateResult("latency", "pass" if ok else "fail", numbers))
-    # drift: the share of drifting windows not above the baseline's by more than the margin
-    if g.min_drift_windows > 0:
-        numbers = {"new_windows": new.drift_windows, "new_drifted": new.drifted_windows,
-                   "new_share": new.drift_share, "baseline_share": b.drift_share, "baseline": b.source,
-                   "margin": g.drift_margin}
-        if new.drift_windows < g.min_drift_windows:
-            out.append(GateResult("drift", "insufficient", numbers))
-        else:
-            limit = (b.drift_share or 0.0) + g.drift_margin
-            numbers["limit"] = limit
-            out.append(GateResult("drift", "pass" if (new.drift_share or 0.0) <= limit + 1e-12 else "fail",
-                                  numbers))
-        # predictions: the share of windows whose outputs departed from the reference's (a classifier's predicted
-        # classes, a regression model's values on its output bins: server/drift.py), against the baseline's
-        # (same margin as drift)
-        numbers = {"new_windows": new.output_windows, "new_drifted": new.output_drifted,
-                   "new_share": new.output_share, "baseline_share": b.output_share, "baseline": b.source,
-                   "margin": g.drift_margin}
-        if new.output_windows < g.min_drift_windows:
-            out.append(GateResult("predictions", "insufficient", numbers))
-        else:
-            limit = (b.output_share or 0.0) + g.drift_margin
-            numbers["limit"] = limit
-            out.append(GateResult("predictions", "pass" if (new.output_share or 0.0) <= limit + 1e-12
-                                  else "fail", numbers))
-    return out
+    """The gates of server/rollout_gates.py for the new version's devices against the baseline: the target's
+    devices still on other versions when they sent enough requests; else the baseline measured for an earlier wave;
+    else none (error rate and drift compared with zero, latency with the budget only)."""
+    return judge(spec.gates, obs.new, obs.baseline, obs.prior, obs.profile_budget_ms)
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -364,8 +313,8 @@ def evaluate_gates(spec: RolloutSpec, obs: Observation) -> list[GateResult]:
 
 def soak_start(view: RolloutView) -> float | None:
     """When the current wave's soak began: its last device finished installing (None: not yet)."""
-    wave = [a for a in view.assignments.values() if a.wave == view.wave and a.state != "left"]
-    if not wave or any(a.state == "assigned" for a in wave):
+    wave = [a for a in view.assignments.values() if a.wave == view.wave and a.state != AssignmentState.LEFT]
+    if not wave or any(a.state == AssignmentState.ASSIGNED for a in wave):
         return None
     return max([a.finished_at or 0.0 for a in wave] + [view.wave_started_at or 0.0])
 
@@ -373,6 +322,7 @@ def soak_start(view: RolloutView) -> float | None:
 Events = list[tuple[str, dict[str, Any]]]
 
 
+#: Install steps (agent/install.py) after which a device reverting to its previous version has settled there.
 _SETTLED = (None, "done", "failed", "reverted")
 
 
@@ -385,53 +335,79 @@ def _refresh(view: RolloutView, obs: Observation, now: float) -> tuple[dict[str,
     for did, a in view.assignments.items():
         d = obs.devices.get(did)
         runs_it = d is not None and d.running_manifest == view.manifest and d.install_step in (None, "done")
-        if a.state == "assigned":
-            if runs_it:
-                out[did] = replace(a, state="installed", finished_at=now)
-            elif did not in target:  # revoked, or moved out of the target before it installed: not a failure
-                out[did] = replace(a, state="left", finished_at=now)
-                events.append(("rollout.device_left", {"device": did}))
-            elif (d is not None and d.desired_manifest == view.manifest and d.install_step in ("failed", "reverted")
-                  and d.running_manifest != view.manifest):
-                out[did] = replace(a, state="failed", finished_at=now, error=d.install_error or d.install_step)
-                events.append(("rollout.device_failed", {"device": did, "error": out[did].error}))
-            elif now - a.assigned_at > timeout:
-                why = "install timed out" + ("" if d is not None and d.online else " (device offline)")
-                out[did] = replace(a, state="failed", finished_at=now, error=why)
-                events.append(("rollout.device_failed", {"device": did, "error": why}))
-        elif a.state == "failed" and runs_it:  # it came back and installed after all
-            out[did] = replace(a, state="installed", finished_at=now, error=None)
-            events.append(("rollout.device_recovered", {"device": did}))
-        elif a.state == "reverting":
-            back = d is not None and d.running_manifest == a.previous_manifest and d.install_step in _SETTLED
-            if a.previous_manifest is None or back:
-                out[did] = replace(a, state="reverted", finished_at=now)
-            elif now - (a.finished_at or a.assigned_at) > timeout:
-                out[did] = replace(a, state="revert_failed", finished_at=now, error="rollback timed out")
-                events.append(("rollout.device_revert_failed", {"device": did}))
+        match a.state:
+            case AssignmentState.ASSIGNED:
+                if runs_it:
+                    out[did] = replace(a, state=AssignmentState.INSTALLED, finished_at=now)
+                elif did not in target:  # revoked, or moved out of the target before it installed: not a failure
+                    out[did] = replace(a, state=AssignmentState.LEFT, finished_at=now)
+                    events.append(("rollout.device_left", {"device": did}))
+                elif (d is not None and d.desired_manifest == view.manifest
+                      and d.install_step in ("failed", "reverted") and d.running_manifest != view.manifest):
+                    out[did] = replace(a, state=AssignmentState.FAILED, finished_at=now,
+                                       error=d.install_error or d.install_step)
+                    events.append(("rollout.device_failed", {"device": did, "error": out[did].error}))
+                elif now - a.assigned_at > timeout:
+                    why = "install timed out" + ("" if d is not None and d.online else " (device offline)")
+                    out[did] = replace(a, state=AssignmentState.FAILED, finished_at=now, error=why)
+                    events.append(("rollout.device_failed", {"device": did, "error": why}))
+            case AssignmentState.FAILED if runs_it:  # it came back and installed after all
+                out[did] = replace(a, state=AssignmentState.INSTALLED, finished_at=now, error=None)
+                events.append(("rollout.device_recovered", {"device": did}))
+            case AssignmentState.REVERTING:
+                back = d is not None and d.running_manifest == a.previous_manifest and d.install_step in _SETTLED
+                if a.previous_manifest is None or back:
+                    out[did] = replace(a, state=AssignmentState.REVERTED, finished_at=now)
+                elif now - (a.finished_at or a.assigned_at) > timeout:
+                    out[did] = replace(a, state=AssignmentState.REVERT_FAILED, finished_at=now,
+                                       error="rollback timed out")
+                    events.append(("rollout.device_revert_failed", {"device": did}))
     return out, events
 
 
+def _superseded(view: RolloutView, a: Assignment, obs: Observation | None) -> bool:
+    """Whether a rollback leaves the device where it is: since the rollout moved it, another deploy or rollout
+    has set it to a third version (one set back to what it ran before is on its way there: reverted as the
+    others), or the version it ran before is no longer registered."""
+    if obs is None or a.previous_manifest is None:
+        return False
+    d = obs.devices.get(a.device_id)
+    if d is None:
+        return False
+    moved_on = d.desired_manifest not in (None, view.manifest, a.previous_manifest)
+    return moved_on or a.previous_manifest in obs.unregistered
+
+
 def _start_rollback(view: RolloutView, assignments: dict[str, Assignment], now: float, reason: str,
-                    events: list[tuple[str, dict[str, Any]]]) -> Plan:
+                    events: Events, obs: Observation | None) -> Plan:
     actions: list[Assign | Revert] = []
     out = dict(assignments)
+    skipped: list[str] = []
     for did, a in sorted(assignments.items()):
-        if a.state in ("assigned", "installed", "failed"):
-            actions.append(Revert(did, a.previous_manifest, a.previous_artifact))
-            out[did] = replace(a, state="reverting", finished_at=now)
-    events.append(("rollout.rollback_started", {"reason": reason, "devices": len(actions)}))
+        if a.state not in _CHANGED:
+            continue
+        if _superseded(view, a, obs):
+            out[did] = replace(a, state=AssignmentState.SUPERSEDED, finished_at=now,
+                               error="moved to another version since")
+            skipped.append(did)
+            continue
+        actions.append(Revert(did, a.previous_manifest, a.previous_artifact))
+        out[did] = replace(a, state=AssignmentState.REVERTING, finished_at=now)
+    events.append(("rollout.rollback_started", {"reason": reason, "devices": len(actions) + len(skipped)}))
+    if skipped:
+        events.append(("rollout.revert_skipped", {"devices": skipped,
+                                                  "why": "desired state changed since this rollout"}))
     view = replace(view, state=State.ROLLING_BACK, assignments=out, reason=reason)
     return Plan(view, actions, [], events)
 
 
-def _fail(view: RolloutView, assignments: dict[str, Assignment], now: float, reason: str,
-          events: list[tuple[str, dict[str, Any]]], gates: list[GateResult]) -> Plan:
+def _fail(view: RolloutView, obs: Observation, assignments: dict[str, Assignment], now: float, reason: str,
+          events: Events, gates: list[GateResult]) -> Plan:
     events.append(("rollout.wave_failed", {"wave": view.wave, "reason": reason,
                                            "gates": [{"gate": g.gate, "verdict": g.verdict, **g.numbers}
                                                      for g in gates]}))
     if view.spec.on_failure == "rollback":
-        p = _start_rollback(view, assignments, now, reason, events)
+        p = _start_rollback(view, assignments, now, reason, events, obs)
         return Plan(p.rollout, p.actions, gates, p.events)
     events.append(("rollout.paused", {"reason": reason, "by": "gate"}))
     return Plan(replace(view, state=State.PAUSED, assignments=assignments, reason=reason), [], gates, events)
@@ -462,10 +438,10 @@ def _assign(view: RolloutView, obs: Observation, assignments: dict[str, Assignme
     events: Events = []
     for did in fresh[: max(want - have, 0)]:
         d = obs.devices.get(did)
-        a = Assignment(did, wave, "assigned", d.running_manifest if d else None, d.running_artifact if d else None,
-                       now)
+        a = Assignment(did, wave, AssignmentState.ASSIGNED, d.running_manifest if d else None,
+                       d.running_artifact if d else None, now)
         if d is not None and d.unsuitable is not None:
-            out[did] = replace(a, state="failed", finished_at=now, error=d.unsuitable)
+            out[did] = replace(a, state=AssignmentState.FAILED, finished_at=now, error=d.unsuitable)
             events.append(("rollout.device_failed", {"device": did, "error": d.unsuitable}))
             continue
         out[did] = a
@@ -479,9 +455,9 @@ def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
         return Plan(view)
     assignments, events = _refresh(view, obs, now)
     if view.state is State.ROLLING_BACK:
-        if any(a.state == "reverting" for a in assignments.values()):
+        if any(a.state == AssignmentState.REVERTING for a in assignments.values()):
             return Plan(replace(view, assignments=assignments), [], [], events)
-        stuck = sorted(d for d, a in assignments.items() if a.state == "revert_failed")
+        stuck = sorted(d for d, a in assignments.items() if a.state == AssignmentState.REVERT_FAILED)
         events.append(("rollout.rolled_back", {"revert_failed": stuck}))
         return Plan(replace(view, state=State.ROLLED_BACK, assignments=assignments), [], [], events)
     if view.state is State.PAUSED:
@@ -501,13 +477,13 @@ def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
                 a.device_id for a in actions if isinstance(a, Assign)]}))
         events += failed_now
     current = replace(view, assignments=assignments)
-    wave = [a for a in assignments.values() if a.wave == view.wave and a.state != "left"]
+    wave = [a for a in assignments.values() if a.wave == view.wave and a.state != AssignmentState.LEFT]
     if not wave:
         if obs.target:  # the target shrank: earlier waves already cover this one's size
             return _advance(current, obs, now, actions, events, [])
         return Plan(current, actions, [], events)
-    failed = [a for a in wave if a.state == "failed"]
-    installed = [a for a in wave if a.state == "installed"]
+    failed = [a for a in wave if a.state == AssignmentState.FAILED]
+    installed = [a for a in wave if a.state == AssignmentState.INSTALLED]
     install_gate = GateResult("installed", "pass", {
         "wave_devices": len(wave), "installed": len(installed), "failed": len(failed),
         "threshold_pct": view.spec.failure_threshold_pct}, view.wave)
@@ -515,7 +491,7 @@ def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
         # more failures than the threshold allows: more successes cannot undo that, so stop now
         reason = (f"wave {view.wave}: {len(failed)} of {len(wave)} devices failed to install "
                   f"(threshold {view.spec.failure_threshold_pct:g} %)")
-        return _fail(current, assignments, now, reason, events, [replace(install_gate, verdict="fail")])
+        return _fail(current, obs, assignments, now, reason, events, [replace(install_gate, verdict="fail")])
     start = soak_start(current)
     if start is None or now - start < view.spec.soak_s:
         return Plan(current, actions, [], events)
@@ -523,26 +499,26 @@ def plan(view: RolloutView, obs: Observation, now: float) -> Plan:
     bad = [g for g in gates if g.verdict == "fail"]
     if bad:
         reason = f"wave {view.wave}: gate {', '.join(g.gate for g in bad)} failed"
-        return _fail(current, assignments, now, reason, events, gates)
+        return _fail(current, obs, assignments, now, reason, events, gates)
     if any(g.verdict == "insufficient" for g in gates):
         if now - start < max(view.spec.soak_s * view.spec.max_soak_factor, view.spec.soak_s + MIN_DATA_WAIT_S):
             return Plan(current, actions, gates, events)
         short = [g for g in gates if g.verdict == "insufficient"]
         reason = f"wave {view.wave}: not enough data for {', '.join(g.gate for g in short)} after the longest soak"
-        return _fail(current, assignments, now, reason,
+        return _fail(current, obs, assignments, now, reason,
                      events, [replace(g, verdict="fail") if g.verdict == "insufficient" else g for g in gates])
     return _advance(current, obs, now, actions, events, gates)
 
 
 def _advance(view: RolloutView, obs: Observation, now: float, actions: list[Assign | Revert],
-             events: list[tuple[str, dict[str, Any]]], gates: list[GateResult]) -> Plan:
+             events: Events, gates: list[GateResult]) -> Plan:
     sizes = wave_sizes(view.spec.effective_waves(), len(obs.target))
     events.append(("rollout.wave_passed", {"wave": view.wave,
                                            "gates": [{"gate": g.gate, "verdict": g.verdict, **g.numbers}
                                                      for g in gates]}))
     if view.wave + 1 >= len(sizes):
         events.append(("rollout.completed", {"devices": len(view.assignments)}))
-        return Plan(replace(view, state=State.COMPLETED, reason=None), actions, gates, events)
+        return Plan(replace(view, state=State.COMPLETED, reason=None), actions, gates, events, deployed=True)
     nxt = replace(view, wave=view.wave + 1, wave_started_at=now)
     assignments, more, failed_now = _assign(nxt, obs, dict(view.assignments), now, nxt.wave)
     events.append(("rollout.wave_started", {"wave": nxt.wave, "devices": [
@@ -553,40 +529,46 @@ def _advance(view: RolloutView, obs: Observation, now: float, actions: list[Assi
 
 # -- operator commands ------------------------------------------------------------------------------
 
-_COMMANDS: dict[str, frozenset[State]] = {
-    "pause": frozenset({State.PENDING, State.RUNNING}),
-    "resume": frozenset({State.PAUSED}),
-    "abort": frozenset({State.PENDING, State.RUNNING, State.PAUSED}),
-    "rollback": frozenset({State.PENDING, State.RUNNING, State.PAUSED, State.COMPLETED}),
-}
 
+def apply_command(view: RolloutView, command: RolloutCommand | str, now: float, reason: str | None = None,
+                  obs: Observation | None = None) -> Plan:
+    """An operator's pause, resume, abort or rollback; ValueError when the state does not allow it.
 
-def apply_command(view: RolloutView, command: str, now: float, reason: str | None = None) -> Plan:
-    """An operator's pause, resume, abort or rollback; ValueError when the state does not allow it."""
-    allowed = _COMMANDS.get(command)
-    if allowed is None:
-        raise ValueError(f"unknown command {command!r} (pause, resume, abort, rollback)")
+    ``obs``: what the fleet reports now; a rollback leaves alone the devices it shows moved on since
+    (:class:`AssignmentState` ``superseded``). Without it, a rollback reverts every device the rollout changed.
+    """
+    try:
+        cmd = RolloutCommand(command)
+    except ValueError:
+        raise ValueError(f"unknown command {command!r} ({', '.join(c.value for c in RolloutCommand)})") from None
+    allowed = COMMANDS[cmd].states
     if view.state not in allowed:
-        raise ValueError(f"cannot {command} a rollout that is {view.state.value} "
+        raise ValueError(f"cannot {cmd.value} a rollout that is {view.state.value} "
                          f"(only when {', '.join(sorted(s.value for s in allowed))})")
-    why = reason or f"{command} by an operator"
-    if command == "pause":
-        return Plan(replace(view, state=State.PAUSED, reason=why), events=[("rollout.paused", {"reason": why})])
-    if command == "resume":
-        # the soak starts again (what happened while paused does not count towards it), and the wave's
-        # failed devices get another try: a fresh desired state and a fresh install timeout
-        out: dict[str, Assignment] = {}
-        retry: list[Assign | Revert] = []
-        for d, a in view.assignments.items():
-            if a.wave == view.wave and a.state == "failed":
-                out[d] = replace(a, state="assigned", assigned_at=now, finished_at=None, error=None)
-                retry.append(Assign(d, a.wave))
-            elif a.wave == view.wave and a.state == "installed":
-                out[d] = replace(a, finished_at=now)
-            else:
-                out[d] = a
-        return Plan(replace(view, state=State.RUNNING, reason=None, wave_started_at=now, assignments=out), retry,
-                    events=[("rollout.resumed", {"wave": view.wave, "retried": [a.device_id for a in retry]})])
-    if command == "abort":
-        return Plan(replace(view, state=State.ABORTED, reason=why), events=[("rollout.aborted", {"reason": why})])
-    return _start_rollback(view, dict(view.assignments), now, why, [])
+    why = reason or f"{cmd.value} by an operator"
+    match cmd:
+        case RolloutCommand.PAUSE:
+            return Plan(replace(view, state=State.PAUSED, reason=why), events=[("rollout.paused", {"reason": why})])
+        case RolloutCommand.RESUME:
+            return _resume(view, now)
+        case RolloutCommand.ABORT:
+            return Plan(replace(view, state=State.ABORTED, reason=why), events=[("rollout.aborted", {"reason": why})])
+        case RolloutCommand.ROLLBACK:
+            return _start_rollback(view, dict(view.assignments), now, why, [], obs)
+
+
+def _resume(view: RolloutView, now: float) -> Plan:
+    """The soak starts again (what happened while paused does not count towards it), and the wave's failed devices
+    get another try: a fresh desired state and a fresh install timeout."""
+    out: dict[str, Assignment] = {}
+    retry: list[Assign | Revert] = []
+    for d, a in view.assignments.items():
+        if a.wave == view.wave and a.state == AssignmentState.FAILED:
+            out[d] = replace(a, state=AssignmentState.ASSIGNED, assigned_at=now, finished_at=None, error=None)
+            retry.append(Assign(d, a.wave))
+        elif a.wave == view.wave and a.state == AssignmentState.INSTALLED:
+            out[d] = replace(a, finished_at=now)
+        else:
+            out[d] = a
+    return Plan(replace(view, state=State.RUNNING, reason=None, wave_started_at=now, assignments=out), retry,
+                events=[("rollout.resumed", {"wave": view.wave, "retried": [a.device_id for a in retry]})])

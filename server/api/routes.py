@@ -7,6 +7,7 @@ CLI uses, as the token's operator.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -31,7 +32,7 @@ from server.governance import NAME_PATTERN as OPERATOR_NAME
 from server.governance import GovernanceError, Permission, Role, find_version, promote, retire
 from server.orchestrator import RolloutError, command_governed, start_governed
 from server.registry import RegistryError
-from server.rollouts import RolloutSpec
+from server.rollouts import COMMANDS, RolloutCommand, RolloutSpec
 from server.signatures import SignatureCheckError, verify_decision
 from server.tui.data import ActionError
 
@@ -255,7 +256,12 @@ class Command(Body):
     reason: Annotated[str | None, Field(default=None, max_length=1000)] = None
 
 
-def _command(op: Operator, name: str, command: str, body: Command) -> dict[str, Any]:
+def _may(command: RolloutCommand) -> Callable[..., Operator]:
+    """The dependency that lets an operator give ``command``: the permission server/rollouts.py ``COMMANDS`` names."""
+    return permit(COMMANDS[command].permission)
+
+
+def _command(op: Operator, name: str, command: RolloutCommand, body: Command) -> dict[str, Any]:
     with Session(op.registry.engine) as db:
         if db.exec(select(Rollout.id).where(Rollout.name == name)).first() is None:
             raise HTTPException(404, f"no rollout {name}")
@@ -268,26 +274,26 @@ def _command(op: Operator, name: str, command: str, body: Command) -> dict[str, 
 
 @rollouts.post("/{name}/pause", summary="Pause: no new wave starts")
 def pause_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
-                  op: Annotated[Operator, Depends(permit(Permission.PAUSE_ROLLOUT))]) -> dict[str, Any]:
-    return _command(op, name, "pause", body)
+                  op: Annotated[Operator, Depends(_may(RolloutCommand.PAUSE))]) -> dict[str, Any]:
+    return _command(op, name, RolloutCommand.PAUSE, body)
 
 
 @rollouts.post("/{name}/resume", summary="Resume a paused rollout")
 def resume_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
-                   op: Annotated[Operator, Depends(permit(Permission.RESUME_ROLLOUT))]) -> dict[str, Any]:
-    return _command(op, name, "resume", body)
+                   op: Annotated[Operator, Depends(_may(RolloutCommand.RESUME))]) -> dict[str, Any]:
+    return _command(op, name, RolloutCommand.RESUME, body)
 
 
 @rollouts.post("/{name}/abort", summary="Abort: devices keep what they run")
 def abort_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
-                  op: Annotated[Operator, Depends(permit(Permission.ABORT_ROLLOUT))]) -> dict[str, Any]:
-    return _command(op, name, "abort", body)
+                  op: Annotated[Operator, Depends(_may(RolloutCommand.ABORT))]) -> dict[str, Any]:
+    return _command(op, name, RolloutCommand.ABORT, body)
 
 
 @rollouts.post("/{name}/rollback", summary="Roll back: devices go back to what they ran before")
 def rollback_rollout(name: Annotated[str, Path(pattern=NAME)], body: Command,
-                     op: Annotated[Operator, Depends(permit(Permission.ROLLBACK_ROLLOUT))]) -> dict[str, Any]:
-    return _command(op, name, "rollback", body)
+                     op: Annotated[Operator, Depends(_may(RolloutCommand.ROLLBACK))]) -> dict[str, Any]:
+    return _command(op, name, RolloutCommand.ROLLBACK, body)
 
 
 # -- drift, features and the audit log --------------------------------------------------------------

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from server.cli._common import Broker, DataDir, acting_operator, console, fail
 from server.cli.remote import call, remote
+from server.rollouts import RolloutCommand
 
 rollout_app = typer.Typer(help="Roll a model version out to a target in waves, gated on its health.",
                           no_args_is_help=True)
@@ -196,11 +197,11 @@ def _show_remote(detail: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _command(ctx: typer.Context, name: str, command: str, reason: str | None, data_dir: Path,
+def _command(ctx: typer.Context, name: str, command: RolloutCommand, reason: str | None, data_dir: Path,
              broker: str | None) -> None:
     client = remote(ctx)
     if client is not None:
-        answer = call(client, "POST", f"/rollouts/{name}/{command}", {"reason": reason})
+        answer = call(client, "POST", f"/rollouts/{name}/{command.value}", {"reason": reason})
         console.print(f"rollout [bold]{name}[/] is now {answer['state']}")
         return
     from server.governance import Governance, GovernanceError
@@ -215,29 +216,29 @@ def _command(ctx: typer.Context, name: str, command: str, reason: str | None, da
     console.print(f"rollout [bold]{name}[/] is now {view.state.value}")
 
 
-@rollout_app.command("pause")
+@rollout_app.command(RolloutCommand.PAUSE.value)
 def pause(ctx: typer.Context, name: Name, reason: Reason = None, data_dir: DataDir = Path("data"),
           broker: Broker = None) -> None:
     """Stop assigning devices and judging gates until resumed."""
-    _command(ctx, name, "pause", reason, data_dir, broker)
+    _command(ctx, name, RolloutCommand.PAUSE, reason, data_dir, broker)
 
 
-@rollout_app.command("resume")
+@rollout_app.command(RolloutCommand.RESUME.value)
 def resume(ctx: typer.Context, name: Name, reason: Reason = None, data_dir: DataDir = Path("data"),
            broker: Broker = None) -> None:
     """Carry on; the current wave soaks again from now."""
-    _command(ctx, name, "resume", reason, data_dir, broker)
+    _command(ctx, name, RolloutCommand.RESUME, reason, data_dir, broker)
 
 
-@rollout_app.command("abort")
+@rollout_app.command(RolloutCommand.ABORT.value)
 def abort(ctx: typer.Context, name: Name, reason: Reason = None, data_dir: DataDir = Path("data"),
           broker: Broker = None) -> None:
     """End the rollout; devices keep what they run now."""
-    _command(ctx, name, "abort", reason, data_dir, broker)
+    _command(ctx, name, RolloutCommand.ABORT, reason, data_dir, broker)
 
 
-@rollout_app.command("rollback")
+@rollout_app.command(RolloutCommand.ROLLBACK.value)
 def rollback(ctx: typer.Context, name: Name, reason: Reason = None, data_dir: DataDir = Path("data"),
              broker: Broker = None) -> None:
     """Put every device the rollout changed back on the version it ran before (tracked to completion)."""
-    _command(ctx, name, "rollback", reason, data_dir, broker)
+    _command(ctx, name, RolloutCommand.ROLLBACK, reason, data_dir, broker)
