@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from protocol import ProtocolError, decode_signed_manifest, key_id, load_public_key
 from protocol.version import __version__
+
+if TYPE_CHECKING:
+    from agent.installer import InstallHook
 
 app = typer.Typer(
     name="edgeherd-agent",
@@ -72,13 +75,19 @@ def run(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Connect to the broker, install what the server wants, serve it, report. Runs until SIGTERM."""
+    serve(config, log_level)
+
+
+def serve(config: Path, log_level: str = "INFO", *, on_step: InstallHook | None = None) -> None:
+    """``edgeherd-agent run``: start the agent from ``config`` and run it until SIGTERM or SIGINT.
+    ``on_step`` is passed to the agent (:class:`agent.runtime.Agent`)."""
     from agent.config import load_config
     from agent.errors import AgentError
     from agent.runtime import Agent
 
     configure_logging(log_level)
     try:
-        agent = Agent(load_config(config)).start()
+        agent = Agent(load_config(config), on_step=on_step).start()
     except (AgentError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -8,13 +8,14 @@
     │   ├── ModelLoadError    the runtime could not load the artifact
     │   ├── InputError        a prediction input has the wrong shape or dtype (HTTP 400)
     │   └── InferenceError    the runtime failed while running the model on an input (HTTP 500)
-    └── ConfigError           the agent's configuration is invalid
+    ├── ConfigError           the agent's configuration is invalid
+    └── InstallFailure        a step of an install failed (the record says which); the old model keeps serving
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "BackendError", "ConfigError", "InferenceError", "InputError", "ModelLoadError",
-           "RuntimeMissing"]
+__all__ = ["AgentError", "BackendError", "ConfigError", "InferenceError", "InputError", "InstallFailure",
+           "ModelLoadError", "RuntimeMissing"]
 
 
 class AgentError(Exception):
@@ -47,3 +48,7 @@ class InferenceError(BackendError):
 
 class ConfigError(AgentError):
     pass
+
+
+class InstallFailure(AgentError):
+    """A step of an install failed; the message says why."""

@@ -1,7 +1,8 @@
-"""What this device is: the hardware fingerprint sent in ``hello``."""
+"""What this device is: the hardware fingerprint and profile sent in ``hello``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shutil
@@ -10,7 +11,9 @@ from pathlib import Path
 from agent.backends import installed_runtimes
 from protocol import Fingerprint, GpuInfo
 
-__all__ = ["fingerprint", "memory_available"]
+__all__ = ["fingerprint", "hardware_profile", "memory_available"]
+
+log = logging.getLogger(__name__)
 
 
 def _read(path: str) -> str | None:
@@ -68,3 +71,21 @@ def fingerprint(data_dir: Path) -> Fingerprint:
         runtimes=installed_runtimes(),
         gpu=_gpu(),
     )
+
+
+def hardware_profile(configured: str) -> str | None:
+    """The configured hardware profile, or (``auto``) the one :func:`hardware.detect` finds."""
+    if configured != "auto":
+        return configured
+    from hardware.detection import detect
+
+    try:
+        found = detect()
+    except Exception:  # detection only informs; it must never keep the agent from starting
+        log.exception("hardware detection failed; sending no profile")
+        return None
+    if found.profile is None:
+        log.warning("no hardware profile fits this device (%s); sending none", found.why)
+    for problem in found.problems:
+        log.warning("this device differs from the %s profile: %s", found.profile, problem)
+    return found.profile

@@ -24,8 +24,10 @@ from enum import Enum
 from pathlib import Path
 
 from agent.files import atomic_write
+from protocol import InstallStep
 
-__all__ = ["ACTIVE_STEPS", "MAX_ATTEMPTS", "TRANSITIONS", "Event", "InstallRecord", "Step", "next_step"]
+__all__ = ["ACTIVE_STEPS", "MAX_ATTEMPTS", "TRANSITIONS", "WIRE_STEPS", "Event", "InstallRecord", "Step", "next_step",
+           "wire_step"]
 
 MAX_ATTEMPTS = 3
 
@@ -61,6 +63,28 @@ TRANSITIONS: dict[tuple[Step, Event], Step] = {
     **{(a, Event.FAIL): Step.FAILED for a in _PIPELINE},
     (Step.VERIFY, Event.RETRY): Step.DOWNLOAD,
 }
+
+
+#: The step the device reports (``DeviceState.install.step``) for each of its own; IDLE is not reported, and
+#: FAILED depends on what the device serves (:func:`wire_step`).
+WIRE_STEPS: dict[Step, InstallStep] = {
+    Step.PREFLIGHT: InstallStep.PREFLIGHT,
+    Step.DOWNLOAD: InstallStep.DOWNLOAD,
+    Step.VERIFY: InstallStep.VERIFY,
+    Step.INSTALL: InstallStep.INSTALL,
+    Step.LOAD: InstallStep.LOAD,
+    Step.SMOKE_TEST: InstallStep.SMOKE_TEST,
+    Step.SWITCH: InstallStep.SWITCH,
+    Step.DONE: InstallStep.DONE,
+}
+
+
+def wire_step(step: Step, *, serving: bool) -> InstallStep | None:
+    """What the device reports for ``step``: a failed install is ``reverted`` while an older model still
+    serves, ``failed`` when nothing does; None for IDLE (nothing to report)."""
+    if step is Step.FAILED:
+        return InstallStep.REVERTED if serving else InstallStep.FAILED
+    return WIRE_STEPS.get(step)
 
 
 class TransitionError(RuntimeError):

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["IMAGE_SUMMARIES", "image_summaries", "image_summary_names"]
+__all__ = ["IMAGE_SUMMARIES", "image_summaries", "image_summary_names", "summary_view"]
 
 IMAGE_SUMMARIES: Literal["image-summaries/1"] = "image-summaries/1"
 _PER_CHANNEL = ("mean", "std", "min", "max", "grad")
@@ -31,15 +31,19 @@ def image_summary_names(channels: int) -> list[str]:
     return [f"c{c}_{what}" for c in range(channels) for what in _PER_CHANNEL]
 
 
+def summary_view(x: np.ndarray) -> np.ndarray:
+    """The pixels the summaries read: every ``stride``-th row and column, at most 64 × 64 per channel (a view,
+    no copy). The work per image is bounded by this, not by the capture size."""
+    stride = -(-max(x.shape[2], x.shape[3]) // _MAX_SIDE)
+    return x[:, :, ::stride, ::stride] if stride > 1 else x
+
+
 def image_summaries(x: np.ndarray) -> np.ndarray:
     """Summaries of a batch of images shaped (n, channels, height, width): (n, 5 × channels) float64."""
     if x.ndim != 4:
         raise ValueError(f"image summaries need (n, channels, height, width), got shape {x.shape}")
     # work in the input's own precision (no float64 copy of the batch); accumulate in float64
-    x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
-    stride = -(-max(x.shape[2], x.shape[3]) // _MAX_SIDE)
-    if stride > 1:
-        x = x[:, :, ::stride, ::stride]
+    x = summary_view(x if x.dtype in (np.float32, np.float64) else x.astype(np.float32))
     n, c = x.shape[:2]
     flat = x.reshape(n, c, -1)
     grad = np.zeros((n, c))

@@ -1,8 +1,9 @@
 """The edgeherd wire contract: topics, messages, manifest, signing, chunk frames.
 
-Pure: bytes in, values out. No sockets, no files, no clocks. Imports only the
-standard library, pydantic and cryptography, so it runs on the smallest
-device. See ``docs/protocol.md`` for the specification this implements.
+Bytes in, values out: no sockets and no clocks; the one file it reads is a TOML
+file a caller names (protocol/tomlfile.py, for configs, profiles and schemas).
+Imports only the standard library, pydantic and cryptography, so it runs on the
+smallest device. See ``docs/protocol.md`` for the specification this implements.
 """
 
 from protocol._model import WireModel, decode_model, encode_model, wire_bytes
@@ -46,6 +47,7 @@ from protocol.messages import (
     MAX_RECEIPT_WINDOWS,
     MESSAGE_FOR_TOPIC,
     PROTOCOL_VERSION,
+    AckStatus,
     ChunkRequest,
     Command,
     CommandAck,
@@ -104,6 +106,7 @@ __all__ = [
     "MESSAGE_FOR_TOPIC",
     "PROTOCOL_VERSION",
     "TOPICS",
+    "AckStatus",
     "ArtifactEntry",
     "Chunk",
     "ChunkFormatError",

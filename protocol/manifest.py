@@ -23,6 +23,8 @@ from protocol.features import FeatureSet
 from protocol.ids import Name, Sha256Hex, Version
 
 __all__ = [
+    "GOLDEN_VALUES_2",
+    "GOLDEN_VALUES_3",
     "MANIFEST_SCHEMA",
     "MANIFEST_SCHEMA_2",
     "MANIFEST_SCHEMA_3",
@@ -48,11 +50,15 @@ MANIFEST_SCHEMA: Literal["edgeherd.manifest/1"] = "edgeherd.manifest/1"
 #: The schema of a manifest whose reference profile uses the fields added after /1 (``FeatureReference.kind``,
 #: ``nan``, ``outside``): an agent that speaks only /1 refuses it, naming the schema, instead of an unknown field.
 MANIFEST_SCHEMA_2: Literal["edgeherd.manifest/2"] = "edgeherd.manifest/2"
-#: The schema of a manifest whose reference profile has ``output_edges`` (a regression model's output bins): an
-#: agent that speaks only /1 and /2 refuses it, naming the schema.
+#: The schema of a manifest whose reference profile has ``output_edges`` (a regression model's output bins), or
+#: whose golden inputs hold more than :data:`GOLDEN_VALUES_2` values each (an image model's raw pixels): an agent
+#: that speaks only /1 and /2 refuses it, naming the schema.
 MANIFEST_SCHEMA_3: Literal["edgeherd.manifest/3"] = "edgeherd.manifest/3"
 ManifestSchema = Literal["edgeherd.manifest/1", "edgeherd.manifest/2", "edgeherd.manifest/3"]
 MAX_ARTIFACT_BYTES = 4 * 1024**3
+#: Values in one golden input up to schema /2, and from /3 on (a 128×128 RGB image is 49,152).
+GOLDEN_VALUES_2 = 16_384
+GOLDEN_VALUES_3 = 65_536
 MAX_FEATURES = 1024
 MAX_BINS = 64
 
@@ -189,7 +195,8 @@ class GoldenSet(WireModel):
     """Inputs the device runs after installing, before switching to the new slot."""
 
     #: Each input flattened in row-major order to the first input's shape (batch 1).
-    inputs: list[Annotated[list[float], Field(max_length=16384)]] = Field(min_length=1, max_length=64)
+    #: At most GOLDEN_VALUES_3 values each; more than GOLDEN_VALUES_2 only in a /3 manifest (schema_for).
+    inputs: list[Annotated[list[float], Field(max_length=GOLDEN_VALUES_3)]] = Field(min_length=1, max_length=64)
     #: Expected top-1 class per input, for classification models.
     labels: list[Annotated[int, Field(ge=0)]] | None = None
 
@@ -318,12 +325,16 @@ class Manifest(WireModel):
 
     @model_validator(mode="after")
     def _unique_artifacts(self) -> Manifest:
-        wanted = schema_for(self.reference)
+        wanted = schema_for(self.reference, self.golden)
         if self.schema_ != wanted:
-            if wanted == MANIFEST_SCHEMA_3 or self.schema_ == MANIFEST_SCHEMA_3:
-                uses = "has" if wanted == MANIFEST_SCHEMA_3 else "has no"
-                raise ValueError(f"schema: a manifest whose reference profile {uses} output_edges has schema "
-                                 f"{wanted}")
+            if wanted == MANIFEST_SCHEMA_3 and self.reference is not None and self.reference.output_edges is not None:
+                raise ValueError(f"schema: a manifest whose reference profile has output_edges has schema {wanted}")
+            if wanted == MANIFEST_SCHEMA_3:
+                raise ValueError(f"schema: a manifest with golden inputs of more than {GOLDEN_VALUES_2} values has "
+                                 f"schema {wanted}")
+            if self.schema_ == MANIFEST_SCHEMA_3:
+                raise ValueError(f"schema: a manifest whose reference profile has no output_edges and whose golden "
+                                 f"inputs hold at most {GOLDEN_VALUES_2} values each has schema {wanted}")
             uses = "uses" if wanted == MANIFEST_SCHEMA_2 else "does not use"
             raise ValueError(f"schema: a manifest whose reference profile {uses} the feature fields kind, nan or "
                              f"outside has schema {wanted}")
@@ -350,11 +361,14 @@ class Manifest(WireModel):
         raise KeyError(name)
 
 
-def schema_for(reference: ReferenceProfile | None) -> ManifestSchema:
-    """The manifest schema a bundle with this reference profile must declare: /3 when it has ``output_edges``
-    (a regression model's output bins), else /2 when any feature reference uses ``kind``, ``nan`` or ``outside``
-    (docs/protocol.md §10: a new field is a new version), else /1."""
+def schema_for(reference: ReferenceProfile | None, golden: GoldenSet | None = None) -> ManifestSchema:
+    """The manifest schema a bundle with this reference profile and golden set must declare: /3 when the profile
+    has ``output_edges`` (a regression model's output bins) or a golden input holds more than
+    :data:`GOLDEN_VALUES_2` values, else /2 when any feature reference uses ``kind``, ``nan`` or ``outside``
+    (docs/protocol.md §10: a new field or a wider limit is a new version), else /1."""
     if reference is not None and reference.output_edges is not None:
+        return MANIFEST_SCHEMA_3
+    if golden is not None and any(len(row) > GOLDEN_VALUES_2 for row in golden.inputs):
         return MANIFEST_SCHEMA_3
     if reference is not None and any(f.kind is not None or f.nan is not None or f.outside is not None
                                      for f in reference.features):

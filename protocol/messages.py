@@ -27,6 +27,7 @@ __all__ = [
     "MAX_RECEIPT_WINDOWS",
     "MAX_REQUEST_BYTES",
     "PROTOCOL_VERSION",
+    "AckStatus",
     "ChunkRequest",
     "Command",
     "CommandAck",
@@ -429,13 +430,27 @@ class Command(_Msg):
         return self
 
 
+class AckStatus(str, Enum):
+    """How a device answers a command: ``accepted`` when it starts, then ``done`` or ``failed``; ``rejected``
+    when it will not carry it out at all (expired, not supported, refused)."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DONE = "done"
+    FAILED = "failed"
+
+    def __str__(self) -> str:  # the wire string in messages and logs, on every Python (3.12 formats the name)
+        return self.value
+
+
 class CommandAck(_Msg):
     KIND: ClassVar[str] = "command ack"
     MAX_BYTES: ClassVar[int] = 4096
 
     device_id: DeviceId
     command_id: RequestId
-    status: Literal["accepted", "rejected", "done", "failed"]
+    #: Lax only so that Python code may also pass the wire string; JSON still takes nothing but the four.
+    status: Annotated[AckStatus, Field(strict=False)]
     message: Reason = ""
     ts: AwareDatetime
 

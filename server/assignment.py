@@ -1,4 +1,5 @@
-"""Which artifact of a bundle a device gets. Pure: one policy for rollouts, ``deploy`` and every other path.
+"""Which artifact of a bundle a device gets: one policy for rollouts, ``deploy`` and every other path. Pure but for
+reading the hardware profiles (hardware/profiles, packaged TOML files, cached).
 
 A bundle carries one model compiled several ways (``onnx-int8``, ``tflite-int8``,
 ``tensorrt-fp16``, …); a device must be sent one it can load. The rule:

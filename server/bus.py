@@ -1,4 +1,4 @@
-"""The server's one seam to the MQTT broker: every connection the server makes goes through :class:`Bus`.
+"""The server's one seam to the MQTT broker: every MQTT session the server holds goes through :class:`Bus`.
 
 A :class:`Bus` wraps one paho client logged in as the server user. It connects
 (once and waits, for the CLI and the registry's operations, or for the life of
@@ -7,6 +7,10 @@ receipts, errors, artifact chunks), sends a command and waits for the device's
 final acknowledgement, and hands incoming messages to handlers. paho's errors
 (not connected, its queue full, a socket that cannot be opened) become
 :class:`BusError` here, so the rest of the server never sees paho.
+
+Two exchanges with the managed broker stay in server/broker.py, below MQTT sessions: the readiness probe of a
+starting Mosquitto (a TCP connect) and ``take_over`` (one raw MQTT 5 CONNECT under a device's client id, to
+disconnect a revoked or rotated session).
 
 :func:`new_client` holds the connection settings of every MQTT client this
 package makes (MQTT 5, the login, an optional TLS context): the server's and the
@@ -34,7 +38,17 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol import Command, CommandAck, DesiredState, InvalidMessage, TopicKind, decode, device_topic, encode
+from protocol import (
+    AckStatus,
+    Command,
+    CommandAck,
+    DesiredState,
+    InvalidMessage,
+    TopicKind,
+    decode,
+    device_topic,
+    encode,
+)
 from server.errors import ServerError
 
 __all__ = ["Bus", "BusError", "Handler", "Publication", "new_client"]
@@ -190,7 +204,7 @@ class Bus:
                     ack = acks.get(timeout=left)
                 except queue.Empty:
                     break
-                if ack.status != "accepted":
+                if ack.status is not AckStatus.ACCEPTED:
                     return ack
             return None
         finally:

@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 from agent.files import atomic_copy, atomic_write, sha256_file
 from hardware.mosquitto import new_password
 from protocol import (
+    AckStatus,
     Command,
     CommandAck,
     CommandKind,
@@ -244,7 +245,7 @@ class Registry(DesiredStates):
                       issued_at=now, expires_at=now + timedelta(seconds=timeout))
         ack = self._send_command(device_id, cmd, timeout)
         unchanged = "nothing changed: its current credentials still work"
-        if ack is None or ack.status != "done":
+        if ack is None or ack.status is not AckStatus.DONE:
             if creds.serial is not None:
                 self.broker.revoke_certificates([creds.serial])  # never delivered: of no use to anyone
             if ack is None:

@@ -203,15 +203,18 @@ def write_agent_toml(path: Path, cfg: AgentConfig) -> Path:
 
 
 class AgentProcess:
-    """``edgeherd-agent run`` as a real process."""
+    """``edgeherd-agent run`` as a real process; with ``kill_at`` ("STEP" or "STEP@ARTIFACT"), run as
+    tests/agent_launcher.py does, which SIGKILLs it on entry to that install step."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None, kill_at: str | None = None
+                 ) -> None:
         self.log = log
+        if kill_at is None:
+            argv = [str(Path(sys.executable).parent / "edgeherd-agent"), "run", "--config", str(config)]
+        else:
+            argv = [sys.executable, "-m", "tests.agent_launcher", "--kill-at", kill_at, "--config", str(config)]
         with log.open("ab") as fh:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "edgeherd-agent"), "run", "--config", str(config)],
-                cwd=ROOT, stdout=fh, stderr=fh, env={**os.environ, **(env or {})},
-            )
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=fh, env={**os.environ, **(env or {})})
 
     def wait_killed(self, timeout: float = 60.0) -> int:
         return self.proc.wait(timeout)

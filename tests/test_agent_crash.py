@@ -22,7 +22,7 @@ def test_sigkill_at_each_install_step_then_restart(mosquitto, digits_bundle, tmp
     cfg = agent_config(mosquitto, tmp_path / "data", "pi-1", password, digits_bundle.key.public_key())
     config = write_agent_toml(tmp_path / "agent.toml", cfg)
     log = tmp_path / "agent.log"
-    first = AgentProcess(config, log, env={"EDGEHERD_AGENT_FAULT_KILL_AT": f"{step}@{INT8}"})
+    first = AgentProcess(config, log, kill_at=f"{step}@{INT8}")
     second = None
     try:
         server.desire("pi-1", 1, digits_bundle.signed, FP32)

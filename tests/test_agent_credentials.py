@@ -78,8 +78,8 @@ def test_an_agent_without_a_certificate_of_its_own_rejects_one(tmp_path):
     (tmp_path / "broker-password").write_text("old-password-0123456789\n")
     agent = Agent(_cfg(tmp_path, profile="x86-64-cpu"), api=False)
     issued = Authority.open(tmp_path / "server").issue_device("pi-1")
-    status, message = agent._rotate_certificate(issued.certificate.decode(), issued.key.decode(),
-                                                issued.ca_bundle.decode())
+    status, message = agent.commands.rotate_certificate(issued.certificate.decode(), issued.key.decode(),
+                                                        issued.ca_bundle.decode())
     assert status == "rejected" and "without a certificate of its own (tls_cert and tls_key" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broker-password", "data", "server"]
     agent.outbox.close()

@@ -170,10 +170,10 @@ def test_reports_wait_in_memory_while_the_outbox_cannot_be_written(fleet, servin
     for _ in range(3):
         agent.predictor().predict(x)
         agent.close_window_now(wait=10)
-    assert len(agent._unstored) == 6  # 3 windows of telemetry and statistics, none lost
+    assert len(agent.reporter.unstored) == 6  # 3 windows of telemetry and statistics, none lost
     agent.outbox.put = real_put  # the disk has room again: the next turn stores and sends them, in order
     server.wait(lambda s: len(s.telemetry) >= 3 and len(s.stats) >= 3, timeout=30, what="the 3 windows")
-    wait_for(lambda: not agent._unstored and len(agent.outbox) == 0, 30, "the outbox to drain", poll=0.05)
+    wait_for(lambda: not agent.reporter.unstored and len(agent.outbox) == 0, 30, "the outbox to drain", poll=0.05)
     last = server.seen.telemetry[-3:]
     assert [t.window_seq for t in last] == sorted(t.window_seq for t in last)
     assert all(t.requests == 1 for t in last)

@@ -136,12 +136,12 @@ class Chaos:
     def data_dir(self, device: str) -> Path:
         return self.tmp / device
 
-    def start_agent(self, device: str, **env: str) -> None:
+    def start_agent(self, device: str, kill_at: str | None = None) -> None:
         self.agents[device] = AgentProcess(self.configs[device], self.tmp / f"{device}.log", env={
             "EDGEHERD_AGENT_DATA_DIR": str(self.data_dir(device)),
             "EDGEHERD_AGENT_API_PORT": str(self.ports[device]), "EDGEHERD_AGENT_WINDOW_SECONDS": "1",
             "EDGEHERD_AGENT_KEEPALIVE": "5", "EDGEHERD_AGENT_CHUNK_KIB": "4",
-            "EDGEHERD_AGENT_RECEIPT_TIMEOUT_S": "5", **env})
+            "EDGEHERD_AGENT_RECEIPT_TIMEOUT_S": "5"}, kill_at=kill_at)
 
     def start_server(self) -> None:
         self.server = server_process(self.data, self.reg.broker_url, self.tmp / "server.log")
@@ -252,7 +252,7 @@ class Chaos:
             armed[DISK_FULL] = "download-mid"
         for device, step in armed.items():
             self.agents[device].stop()
-            self.start_agent(device, EDGEHERD_AGENT_FAULT_KILL_AT=step)
+            self.start_agent(device, kill_at=step)
 
     def corrupt_chunks(self, stop: threading.Event) -> None:
         """While the rollout runs, every 0.05 s to every device: a chunk of 1.1.0's artifact whose data does not

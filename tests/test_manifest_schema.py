@@ -40,3 +40,24 @@ def test_a_profile_with_a_new_field_needs_schema_2(extra):
         _with(profile, MANIFEST_SCHEMA)
     with pytest.raises(ValidationError, match="does not use"):
         _with(_profile(), MANIFEST_SCHEMA_2)
+
+
+def _with_golden(values: int, schema: str) -> Manifest:
+    fields = manifest().model_dump(by_alias=True) | {"golden": {"inputs": [[1.0] * values]}, "schema": schema}
+    return Manifest.model_validate(fields, strict=False)
+
+
+def test_golden_inputs_of_raw_pixels_need_schema_3_and_stay_capped():
+    """An image model's golden input (raw pixels) may hold up to 65,536 values from schema /3 on; at most 16,384
+    before, so an agent that speaks only /1 and /2 refuses it naming the schema instead of a list length."""
+    from protocol.manifest import GOLDEN_VALUES_2, GOLDEN_VALUES_3, MANIFEST_SCHEMA_3, GoldenSet
+
+    assert schema_for(None, GoldenSet(inputs=[[0.0] * GOLDEN_VALUES_2])) == MANIFEST_SCHEMA
+    assert schema_for(None, GoldenSet(inputs=[[0.0] * (GOLDEN_VALUES_2 + 1)])) == MANIFEST_SCHEMA_3
+    assert _with_golden(3 * 112 * 112, MANIFEST_SCHEMA_3).schema_ == MANIFEST_SCHEMA_3
+    with pytest.raises(ValidationError, match=r"golden inputs of more than 16384 values has schema edgeherd\.manifest/3"):
+        _with_golden(3 * 112 * 112, MANIFEST_SCHEMA)
+    with pytest.raises(ValidationError, match="at most 16384 values each has schema edgeherd.manifest/1"):
+        _with_golden(10, MANIFEST_SCHEMA_3)
+    with pytest.raises(ValidationError, match="65536"):
+        _with_golden(GOLDEN_VALUES_3 + 1, MANIFEST_SCHEMA_3)

@@ -309,7 +309,7 @@ def test_image_inputs_skip_importance_and_no_segments_skip_slices(tmp_path):
     from agent.backends import IOSpec
     from toolchain.data import Dataset, FeatureSpec
     from toolchain.evaluate import Evaluation
-    from toolchain.pipeline import _quality
+    from toolchain.quality_report import classification_quality
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 1, 8, 8)).astype(np.float32)
@@ -320,7 +320,7 @@ def test_image_inputs_skip_importance_and_no_segments_skip_slices(tmp_path):
     io = IOSpec(name="input", shape=(1, 1, 8, 8), dtype="float32")
     base = Evaluation(1.0, 1, 0.1, logits, io, io)
     split = {"validation": slice(20, 40), "test": slice(0, 20)}
-    q = _quality(_spec(tmp_path, "x"), ds, "img-onnx-fp32", tmp_path / "missing.onnx", base,
+    q = classification_quality(_spec(tmp_path, "x"), ds, "img-onnx-fp32", tmp_path / "missing.onnx", base,
                  {k: x[v] for k, v in split.items()}, {k: y[v] for k, v in split.items()},
                  {k: {} for k in split})
     assert "table columns only" in q["importance"]["skipped"]

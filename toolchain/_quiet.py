@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 
-__all__ = ["quiet"]
+__all__ = ["NATIVE_LOG_DEFAULTS", "quiet", "quiet_native_logs"]
 
 
 @contextlib.contextmanager
@@ -26,3 +26,17 @@ def quiet(logger_names: Sequence[str], level: int) -> Iterator[None]:
         finally:
             for lg, old in zip(loggers, levels, strict=True):
                 lg.setLevel(old)
+
+
+#: What LiteRT's converter and its C++ dependencies (TensorFlow, glog, oneDNN) read once, when they load: their
+#: informational logs off unless the user set otherwise.
+NATIVE_LOG_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+def quiet_native_logs() -> None:
+    """Set :data:`NATIVE_LOG_DEFAULTS` where the environment has no value of its own. Called when a build starts,
+    before any of those libraries loads; importing the toolchain changes nothing."""
+    import os
+
+    for name, value in NATIVE_LOG_DEFAULTS.items():
+        os.environ.setdefault(name, value)

@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from toolchain._rows import LabelCoder, RowDigest, cell_text, numbers_from_cells
-from toolchain.data import MAX_ROWS, Dataset, Schema, check_columns
+from toolchain.dataset import MAX_ROWS, Dataset, Schema, check_columns
 from toolchain.errors import DataError
 
 __all__ = ["CHUNK_ROWS", "display_url", "load_sql", "sql_source"]

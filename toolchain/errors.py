@@ -4,6 +4,7 @@
 
     ToolchainError
     ├── DataError            the dataset is missing, malformed or fails a fatal validation rule
+    │   └── ValidationFailed    validation found fatal problems (toolchain/sources.py; carries the report)
     ├── ModelError           a user model (torch class, state dict, ONNX file) cannot be loaded
     │   └── QualityGateFailed   the trained model misses a quality gate (e.g. --min-slice-metric)
     ├── TrainingError        training cannot start or resume (e.g. a checkpoint from another run)

@@ -42,8 +42,17 @@ def load_dataset(spec: BuildSpec, progress: Any = None) -> datamod.Dataset:
     if spec.recipe == "digits":
         return datamod.load_digits()
     if spec.data is None:
-        raise DataError(f"the {spec.recipe} recipe needs a dataset: --data FILE (.csv, .parquet or .npz) or "
-                        "--sql URL --query SELECT")
+        raise DataError(f"the {spec.recipe} recipe needs a dataset: --data FILE (.csv, .parquet or .npz), --data "
+                        "DIR (an image folder) or --sql URL --query SELECT")
+    if spec.data.is_dir():
+        from toolchain.images import load_image_folder
+
+        if spec.schema is not None:
+            raise DataError(f"{spec.data} is an image folder: its classes are its sub-folders, and --schema "
+                            "describes tables only; leave --schema out")
+        return load_image_folder(spec.data, spec.image_size)
+    if spec.image_size is not None:
+        raise DataError(f"--image-size sets the size of an image folder's images; {spec.data} is a file")
     if spec.data.suffix.lower() == ".npz":
         return datamod.load_npz(spec.data)
     if spec.schema is None:
@@ -61,15 +70,23 @@ def torch_model(spec: BuildSpec, ds: datamod.Dataset, train_x: np.ndarray, fs: F
     torch.manual_seed(spec.seed)  # initial weights are part of the seeded run
 
     if spec.recipe == "torch":
+        if spec.model is not None and "capture_size" in ds.extra:  # an image folder: train it, pixels in
+            from toolchain.vision import image_model
+
+            model, pre = image_model(spec.model, spec.model_args, spec.weights, ds, train_x,
+                                     spec.input_size)
+            return model, pre, True
         if spec.model is None or spec.weights is None:
-            raise ModelError("the torch recipe needs --model module:Class and --weights FILE")
-        return load_user_model(spec.model, spec.weights), Preprocessing(
+            raise ModelError("the torch recipe needs --model module:Class and --weights FILE (or --data DIR, an "
+                             "image folder, to train --model on it)")
+        return load_user_model(spec.model, spec.weights, spec.model_args), Preprocessing(
             kind="none", description="as defined by the supplied model"), False
     if spec.recipe == "digits" or ds.kind == "image":
         mean_px, std_px = float(train_x.mean()), float(train_x.std()) or 1.0
         core = DigitsCNN(len(ds.classes)) if ds.input_shape == (1, 8, 8) else None
         if core is None:
-            raise ModelError(f"no built-in model for images shaped {ds.input_shape}; bring one with --model")
+            raise ModelError(f"no built-in model for images shaped {ds.input_shape}; bring one with the torch "
+                             "recipe and --model (e.g. --model toolchain.models:mobilenet_v3_small)")
         pre = Preprocessing(kind="normalize", mean=[mean_px], std=[std_px], in_graph=True,
                             description="one mean and std over all pixels of the training split")
         return Normalized(core, np.float32(mean_px), np.float32(std_px)), pre, True
@@ -85,7 +102,8 @@ def torch_model(spec: BuildSpec, ds: datamod.Dataset, train_x: np.ndarray, fs: F
                         description="per-feature mean and std of the training split" + (
                             f", after the registry features {', '.join(d.ref for d in fs.definitions)}"[:200]
                             if fs is not None else ""))
-    net = Normalized(TabularMLP(flat.shape[1], len(ds.classes)), mean, std)
+    # a regression dataset has no classes: one output (the build de-standardises it, toolchain/regression.py)
+    net = Normalized(TabularMLP(flat.shape[1], len(ds.classes) or 1), mean, std)
     if fs is not None:
         return torch.nn.Sequential(transform_module(fs), net), pre, True
     return net, pre, True
@@ -109,10 +127,11 @@ def user_onnx(spec: BuildSpec, ds: datamod.Dataset, fp32: Path, sample: np.ndarr
     src = spec.onnx
     if src is None:
         raise ModelError("the onnx recipe needs --onnx FILE")
-    prepared = prepare_onnx(src, fp32, spec.output)
+    prepared = prepare_onnx(src, fp32, spec.output, row_shape=tuple(sample.shape[1:]))
     build_report["onnx_input"] = {"source_output": prepared.source_output, "output": prepared.output,
                                   "zipmap_removed": prepared.zipmap, "dropped_outputs": prepared.dropped,
-                                  "operator_domains": prepared.domains, "notes": prepared.notes()}
+                                  "operator_domains": prepared.domains, "operators": prepared.operators,
+                                  "notes": prepared.notes()}
     for note in prepared.notes():
         rep.info(f"{src.name}: {note}")
     labels = prepared.class_labels

@@ -57,6 +57,8 @@ class BuildSpec:
     model_args: dict[str, Any] = field(default_factory=dict)
     #: (height, width) every image of an image-folder dataset is brought to, raw pixels (``--image-size``).
     image_size: tuple[int, int] | None = None
+    #: (height, width) the network takes, when the image recipe resizes the capture in the graph (``--input-size``).
+    input_size: tuple[int, int] | None = None
 
     @property
     def workdir(self) -> Path:

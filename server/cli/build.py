@@ -73,8 +73,9 @@ def build_command(
     key: Annotated[Path, typer.Option("--key", "-k", envvar="EDGEHERD_SIGNING_KEY",
                                       help="Ed25519 signing key (edgeherd keys generate).")] = Path(
         "data/keys/signing.key"),
-    data: Annotated[Path | None, typer.Option("--data", help="Dataset: .csv or .parquet (with --schema) or .npz "
-                                              "(arrays x, y).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset: .csv or .parquet (with --schema), .npz "
+                                              "(arrays x, y), or a folder of images, DIR/<class>/*.jpg|png "
+                                              "(with --model: trained on it).")] = None,
     schema: Annotated[Path | None, typer.Option("--schema", help="TOML schema of a table: label, features, "
                                                 "types, ranges.")] = None,
     sql: Annotated[str | None, typer.Option("--sql", metavar="URL", show_default=False, help=(
@@ -84,8 +85,18 @@ def build_command(
     query: Annotated[str | None, typer.Option("--query", metavar="SELECT", help=(
         "The one SELECT that yields the table from --sql, run read-only and rolled back; give it an ORDER BY for "
         "a reproducible build."))] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Your torch model as module:Class (torch recipe).")
+    model: Annotated[str | None, typer.Option("--model", help="A torch model as module:Class or module:function "
+                                              "(torch recipe), e.g. toolchain.models:mobilenet_v3_small.")
                      ] = None,
+    model_arg: Annotated[list[str] | None, typer.Option("--model-arg", metavar="KEY=VALUE", help=(
+        "A keyword argument for --model, repeated (values read as int, float, true/false or text), e.g. "
+        "--model-arg width_mult=0.5; num_classes defaults to the image folder's class count."))] = None,
+    image_size: Annotated[str | None, typer.Option("--image-size", metavar="HxW", help=(
+        "With an image folder: the capture size every image is brought to, the pixels a device sends "
+        "(default: the most common size in the folder)."))] = None,
+    input_size: Annotated[str | None, typer.Option("--input-size", metavar="HxW", help=(
+        "With an image folder: the network's input resolution, at least 96x96; the graph resizes the capture to "
+        "it (default: the capture size)."))] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="state_dict file for --model.")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="An existing ONNX model to quantize and bundle.")
                     ] = None,
@@ -98,8 +109,10 @@ def build_command(
     parent: Annotated[str | None, typer.Option("--parent", help="Version this one replaces (lineage).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for splits and training.")] = 0,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs (recipe default).")] = None,
-    max_drop: Annotated[float, typer.Option("--max-drop", min=0.0, help="Largest accuracy drop against fp32, in "
-                                            "points, for an artifact to enter the bundle.")] = 1.0,
+    max_drop: Annotated[float, typer.Option("--max-drop", min=0.0, help="Largest drop against fp32 for an "
+                                            "artifact to enter the bundle: accuracy in percentage points for a "
+                                            "classifier; for a regression model (task = \"regression\" in the "
+                                            "schema), the rise in MAE in the target's own units.")] = 1.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training run from its last "
                                          "checkpoint.")] = False,
     tar: Annotated[bool, typer.Option("--tar/--no-tar", help="Also write OUT.tar for transport.")] = True,
@@ -127,11 +140,18 @@ def build_command(
     from toolchain.errors import ToolchainError
     from toolchain.pipeline import BuildSpec, ValidationFailed, build
 
+    try:
+        vision = _vision_options(model, model_arg or [], image_size, input_size, data)
+    except ToolchainError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
     spec = BuildSpec(recipe=recipe, out=out, key=key, data=data, schema=schema, sql=sql, query=query,  # type: ignore[arg-type]
                      model=model,
                      weights=weights, onnx=onnx, name=name, version=version, description=description,
                      parent=parent, seed=seed, epochs=epochs, max_drop=max_drop, resume=resume, tar=tar,
-                     min_slice_metric=min_slice_metric, device=device, features=features, output=output)
+                     min_slice_metric=min_slice_metric, device=device, features=features, output=output,
+                     model_args=vision.get("model_args", {}), image_size=vision.get("image_size"),
+                     input_size=vision.get("input_size"))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     try:
@@ -151,6 +171,30 @@ def build_command(
     for target, why in (skipped or {}).items():
         console.print(f"[yellow]not built[/] {target}: {why}")
     console.print(f"bundle written to {result.out}" + (f" and {result.tar}" if result.tar else ""))
+
+
+def _vision_options(model: str | None, model_arg: list[str], image_size: str | None, input_size: str | None,
+                    data: Path | None) -> dict[str, Any]:
+    """BuildSpec fields of --model-arg, --image-size and --input-size; a ToolchainError names a bad one."""
+    from toolchain.errors import DataError, ModelError
+    from toolchain.images import parse_size
+    from toolchain.models import parse_model_args
+
+    out: dict[str, Any] = {}
+    if model_arg:
+        if model is None:
+            raise ModelError("--model-arg gives keyword arguments to --model; name the model with --model "
+                             "module:callable")
+        out["model_args"] = parse_model_args(model_arg)
+    for flag, text, field in (("--image-size", image_size, "image_size"), ("--input-size", input_size,
+                                                                             "input_size")):
+        if text is None:
+            continue
+        if data is None or not data.is_dir():
+            raise DataError(f"{flag} applies to an image folder (--data DIR); "
+                            + ("no --data was given" if data is None else f"{data} is not a folder"))
+        out[field] = parse_size(text, flag)
+    return out
 
 
 def _check_sql_options(data: Path | None, sql: str | None, query: str | None, schema: Path | None) -> None:

@@ -29,8 +29,8 @@ from server.api.routes_base import DEVICE, NAME, REF
 from server.db.models import AuditEntry
 from server.drift import FeatureDrift
 from server.features import FeatureDriftRow
-from server.governance import ROLLOUT_COMMANDS, Permission, Role, allowed, four_eyes_refusal
-from server.rollouts import RolloutSpec
+from server.governance import Permission, Role, allowed, four_eyes_refusal
+from server.rollouts import RolloutCommand, RolloutSpec
 from server.tui.data import (
     ActionError,
     AlertRow,
@@ -272,10 +272,13 @@ class RemoteFleetData:
                                  "spec": spec.model_dump(mode="json")})
 
     def command(self, name: str, command: str, reason: str | None = None) -> None:
-        if command not in ROLLOUT_COMMANDS:
-            raise ActionError(f"{command!r} is not a rollout command ({', '.join(ROLLOUT_COMMANDS)})")
+        try:
+            cmd = RolloutCommand(command)
+        except ValueError:
+            raise ActionError(f"{command!r} is not a rollout command "
+                              f"({', '.join(c.value for c in RolloutCommand)})") from None
         name = _segment(name, NAME, "rollout name")
-        self._post(f"/rollouts/{name}/{command}", {"reason": reason})
+        self._post(f"/rollouts/{name}/{cmd.value}", {"reason": reason})
 
     def decide(self, ref: str, decision: str, reason: str) -> None:
         """Approve or reject a candidate version, signed with the operator's key (``edgeherd operator keygen``)."""

@@ -11,7 +11,8 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, Static
 
-from server.governance import ROLLOUT_COMMANDS, Permission
+from server.governance import Permission
+from server.rollouts import COMMANDS, RolloutCommand
 from server.tui.data import RolloutDetail, RolloutRow
 from server.tui.modals import ConfirmModal, RolloutForm, RolloutRequest, TypedConfirmModal
 from server.tui.render import gate_cells, rollout_cells, rollout_head
@@ -68,7 +69,7 @@ class RolloutsScreen(Loading[RolloutsView]):
         yield Footer()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        perms = {"new": Permission.START_ROLLOUT, **ROLLOUT_COMMANDS}
+        perms = {"new": Permission.START_ROLLOUT, **{c.value: rule.permission for c, rule in COMMANDS.items()}}
         if action in perms:
             return self.allowed(perms[action])
         return True
@@ -128,7 +129,7 @@ class RolloutsScreen(Loading[RolloutsView]):
 
         self.app.push_screen(RolloutForm(self.versions), submitted)
 
-    def _command(self, command: str, question: str | None, typed: bool = False) -> None:
+    def _command(self, command: RolloutCommand, question: str | None, typed: bool = False) -> None:
         name = self.selected
         if name is None:
             self.notify("no rollout selected", severity="warning")
@@ -136,7 +137,7 @@ class RolloutsScreen(Loading[RolloutsView]):
 
         def confirmed(ok: bool | None) -> None:
             if ok:
-                self.act(f"{command}: {name}", lambda: self.data.command(name, command))
+                self.act(f"{command.value}: {name}", lambda: self.data.command(name, command.value))
 
         if question is None:
             confirmed(True)
@@ -148,14 +149,14 @@ class RolloutsScreen(Loading[RolloutsView]):
                                               command.capitalize()), confirmed)
 
     def action_pause(self) -> None:
-        self._command("pause", "Pause rollout {name} on {target}? No device gets it until it is resumed.")
+        self._command(RolloutCommand.PAUSE, "Pause rollout {name} on {target}? No device gets it until it is resumed.")
 
     def action_resume(self) -> None:
-        self._command("resume", None)
+        self._command(RolloutCommand.RESUME, None)
 
     def action_abort(self) -> None:
-        self._command("abort", "Abort rollout {name} on {target}? Devices keep what they run now.")
+        self._command(RolloutCommand.ABORT, "Abort rollout {name} on {target}? Devices keep what they run now.")
 
     def action_rollback(self) -> None:
-        self._command("rollback", "Roll back rollout {name}: every device of {target} it changed goes back to "
-                                  "its previous version.", typed=True)
+        self._command(RolloutCommand.ROLLBACK, "Roll back rollout {name}: every device of {target} it changed goes "
+                      "back to its previous version.", typed=True)
