@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from hardware.process import configure_logging, version_option, wait_for_termination
 from protocol import ProtocolError, decode_signed_manifest, key_id, load_public_key
-from protocol.version import __version__
 
 if TYPE_CHECKING:
     from agent.installer import InstallHook
@@ -19,17 +19,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def version_option(prog: str) -> Any:
-    """A ``--version`` option for a Typer callback that prints ``prog <version>`` and exits."""
-
-    def show(value: bool) -> None:
-        if value:
-            typer.echo(f"{prog} {__version__}")
-            raise typer.Exit()
-
-    return typer.Option("--version", help="Print the version and exit.", callback=show, is_eager=True)
 
 
 @app.callback()
@@ -95,22 +84,6 @@ def serve(config: Path, log_level: str = "INFO", *, on_step: InstallHook | None 
     agent.stop()
 
 
-def configure_logging(level: str) -> None:
-    import logging
-
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def wait_for_termination() -> None:
-    """Block until SIGTERM or SIGINT (for long-running commands)."""
-    import signal
-    import threading
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
 
 
 def main() -> None:

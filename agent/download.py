@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from agent.files import atomic_write, sha256_file
+from hardware.files import atomic_write, sha256_file
 from protocol import MAX_CHUNK_SIZE, Chunk
 from protocol.messages import MAX_REQUEST_BYTES
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
 
-from agent.files import atomic_write
+from hardware.files import atomic_write
 from protocol import InstallStep
 
 __all__ = ["ACTIVE_STEPS", "MAX_ATTEMPTS", "TRANSITIONS", "WIRE_STEPS", "Event", "InstallRecord", "Step", "next_step",

@@ -23,11 +23,11 @@ from agent.download import Download
 from agent.downloader import Downloader
 from agent.errors import AgentError, InstallFailure
 from agent.events import Stopping, WorkerEvent
-from agent.files import atomic_write
 from agent.install import ACTIVE_STEPS, MAX_ATTEMPTS, Event, InstallRecord, Step
 from agent.predictor import Predictor
 from agent.slots import SlotContents, Slots
 from agent.smoke import smoke_test
+from hardware.files import atomic_write
 from protocol import (
     ArtifactEntry,
     DesiredState,

@@ -39,7 +39,6 @@ from agent.events import (
     Stopping,
     WorkerEvent,
 )
-from agent.files import atomic_write
 from agent.fingerprint import fingerprint, hardware_profile
 from agent.install import InstallRecord, wire_step
 from agent.installer import Installer, InstallHook
@@ -49,6 +48,7 @@ from agent.predictor import Predictor
 from agent.reporter import Reporter
 from agent.slots import Slots
 from agent.smoke import smoke_test
+from hardware.files import atomic_write
 from protocol import (
     FINAL_SEQ,
     PROTOCOL_VERSION,

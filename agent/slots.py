@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.files import atomic_copy, atomic_write
+from hardware.files import atomic_copy, atomic_write
 from protocol import Manifest, ProtocolError, SignedManifest, decode_model
 
 __all__ = ["SlotContents", "Slots"]

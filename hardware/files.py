@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "sha256_file"]
+__all__ = ["atomic_copy", "atomic_write", "fsync_dir", "sha256_file"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -49,3 +50,14 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` so that ``dst`` is either the old file or the whole new one, after a crash too."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with src.open("rb") as fin, tmp.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from agent.files import atomic_copy, atomic_write, sha256_file
+from hardware.files import atomic_copy, atomic_write, sha256_file
 from hardware.mosquitto import new_password
 from protocol import (
     AckStatus,

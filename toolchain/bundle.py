@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.files import sha256_file
+from hardware.files import sha256_file
 from protocol import (
     KeyFormatError,
     Manifest,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from agent.files import sha256_file
+from hardware.files import sha256_file
 from protocol.tomlfile import read_toml
 from toolchain._rows import cell_text, rows_sha256
 from toolchain.dataset import (

@@ -29,7 +29,7 @@ import numpy as np
 
 from agent.backends._base import IOSpec, check_input
 from agent.errors import BackendError, InferenceError, InputError, ModelLoadError, RuntimeMissing
-from agent.files import atomic_write
+from hardware.files import atomic_write
 from protocol import TensorRTBuild
 
 __all__ = ["TensorRTBackend", "engine_cache_key"]

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from agent.cli import version_option
+from hardware.process import version_option
 from server.cli._common import CliState
 from server.cli.alerts import alerts_app
 from server.cli.build import build_command, bundle_app

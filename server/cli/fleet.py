@@ -54,7 +54,7 @@ def server_run(
     """Run the MQTT bridge, artifact distribution, drift evaluation and the operator API until SIGTERM.
 
     Refuses to start without operators.toml when the audit log shows the server was governed by one."""
-    from agent.cli import configure_logging, wait_for_termination
+    from hardware.process import configure_logging, wait_for_termination
     from server.app import ServerApp
     from server.broker import BrokerError, parse_listen
     from server.governance import GovernanceError, check_bootstrap
