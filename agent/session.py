@@ -26,6 +26,7 @@ and names its objection in an alert (revoked, unknown CA, expired).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -243,6 +244,8 @@ class Session:
         #: Extra topics subscribed in the broker's session (kept across resumed connections).
         self._in_session: set[str] = set()
         self._lock = threading.Lock()
+        #: Notified when ``granted`` gains a topic or the connection ends (wait_granted waits on it).
+        self._granted_changed = threading.Condition()
         self._stop = threading.Event()
         self._quick = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgeherd-mqtt", daemon=True)
@@ -297,6 +300,8 @@ class Session:
                        props: Properties | None) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        with self._granted_changed:
+            self._granted_changed.notify_all()
         if was:
             self.broker_error = f"the connection to the broker ended: {reason}"
             log.warning("disconnected from the broker: %s", reason)
@@ -313,6 +318,8 @@ class Session:
                 self.granted[topic] = time.monotonic()
             elif topic is not None:
                 log.info("the broker did not grant a subscription to %s: %s", topic, reasons[0] if reasons else "-")
+        with self._granted_changed:
+            self._granted_changed.notify_all()
 
     def _subscribe_extra(self, topic: str) -> None:
         rc, mid = self.client.subscribe(topic, qos=1)
@@ -489,10 +496,12 @@ class Session:
     def wait_granted(self, topic: str, timeout: float) -> bool:
         """Wait until the broker has granted the subscription to ``topic`` (False when it has not in time)."""
         deadline = time.monotonic() + timeout
-        while topic not in self.granted:
-            if time.monotonic() >= deadline or not self.connected.is_set():
-                return False
-            time.sleep(0.01)
+        with self._granted_changed:  # notified after each SUBACK and when the connection ends
+            while topic not in self.granted:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.connected.is_set():
+                    return False
+                self._granted_changed.wait(left)
         return True
 
     def unlisten(self, topic: str) -> None:
@@ -508,9 +517,8 @@ class Session:
         """Publish ``final`` (the graceful offline state), disconnect, stop the thread."""
         if final is not None and self.connected.is_set():
             info = self.client.publish(final[0], final[1], qos=1, retain=True)
-            deadline = time.monotonic() + timeout
-            while not info.is_published() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            with contextlib.suppress(RuntimeError, ValueError):  # not queued: nothing to wait for
+                info.wait_for_publish(timeout)
         if self.connected.is_set():
             self.client.disconnect()  # the network thread sends it and sees the disconnect
             deadline = time.monotonic() + timeout

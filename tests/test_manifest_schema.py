@@ -55,9 +55,10 @@ def test_golden_inputs_of_raw_pixels_need_schema_3_and_stay_capped():
     assert schema_for(None, GoldenSet(inputs=[[0.0] * GOLDEN_VALUES_2])) == MANIFEST_SCHEMA
     assert schema_for(None, GoldenSet(inputs=[[0.0] * (GOLDEN_VALUES_2 + 1)])) == MANIFEST_SCHEMA_3
     assert _with_golden(3 * 112 * 112, MANIFEST_SCHEMA_3).schema_ == MANIFEST_SCHEMA_3
-    with pytest.raises(ValidationError, match=r"golden inputs of more than 16384 values has schema edgeherd\.manifest/3"):
+    too_big = r"golden inputs of more than 16384 values has schema edgeherd\.manifest/3"
+    with pytest.raises(ValidationError, match=too_big):
         _with_golden(3 * 112 * 112, MANIFEST_SCHEMA)
-    with pytest.raises(ValidationError, match="at most 16384 values each has schema edgeherd.manifest/1"):
+    with pytest.raises(ValidationError, match=r"at most 16384 values each has schema edgeherd\.manifest/1"):
         _with_golden(10, MANIFEST_SCHEMA_3)
     with pytest.raises(ValidationError, match="65536"):
         _with_golden(GOLDEN_VALUES_3 + 1, MANIFEST_SCHEMA_3)

@@ -290,7 +290,7 @@ def test_raw_pixel_golden_inputs_travel_in_a_schema_3_manifest_under_its_size_li
     assert values > GOLDEN_VALUES_2 and manifest["schema"] == "edgeherd.manifest/3"
     golden = manifest["golden"]["inputs"]
     assert 1 <= len(golden) <= GOLDEN_TOTAL_VALUES // values and all(len(g) == values for g in golden)
-    assert all(0.0 <= min(g) and max(g) <= 255.0 for g in golden)  # raw pixels, not normalised
+    assert all(min(g) >= 0.0 and max(g) <= 255.0 for g in golden)  # raw pixels, not normalised
     assert all(len(a["smoke"]["outputs"]) == len(golden) for a in manifest["artifacts"])
     assert "smoke" not in built.report.get("skipped", {})
     assert len(raw) < 1024 * 1024
