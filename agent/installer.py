@@ -33,10 +33,11 @@ from protocol import (
     DesiredState,
     ProtocolError,
     RunningBundle,
+    decode_model,
+    encode_model,
     manifest_digest,
     verify_manifest,
 )
-from protocol._model import decode_model, encode_model
 from protocol.signing import SignedManifest
 
 if TYPE_CHECKING:

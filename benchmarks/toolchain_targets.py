@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.backends import open_backend
-from protocol import Manifest, Precision, Target, generate_signing_key, private_key_to_pem
-from protocol._model import decode_model
+from protocol import Manifest, Precision, Target, decode_model, generate_signing_key, private_key_to_pem
 from protocol.signing import SignedManifest
 from toolchain.bundle import ARTIFACTS, MANIFEST
 from toolchain.data import load_digits, split_indices

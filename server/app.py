@@ -40,13 +40,13 @@ from protocol import (
     TopicKind,
     artifact_topic,
     decode,
+    decode_model,
     device_topic,
     encode,
     error_reply_for,
     parse_device_topic,
     server_subscriptions,
 )
-from protocol._model import decode_model
 from server import leases
 from server.alerts import Notifier, observations, observe
 from server.broker import SERVER_USER

@@ -17,8 +17,7 @@ from datetime import datetime, timezone
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from protocol import DesiredState, SignedManifest, manifest_digest
-from protocol._model import decode_model
+from protocol import DesiredState, SignedManifest, decode_model, manifest_digest
 from server.assignment import Outcome, choose, runtimes_of
 from server.bus import Bus, BusError, Publication
 from server.db.models import Device, ModelVersion, Rollout, RolloutDevice, VersionArtifact

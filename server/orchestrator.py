@@ -27,8 +27,7 @@ from typing import Any
 from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
-from protocol import SignedManifest
-from protocol._model import decode_model
+from protocol import SignedManifest, decode_model
 from protocol.ids import is_device_id
 from server import audit, leases
 from server.assignment import Outcome, choose, runtimes_of

@@ -33,11 +33,11 @@ from protocol import (
     CommandKind,
     DesiredState,
     SignedManifest,
+    decode_model,
     load_public_key,
     manifest_digest,
     public_key_to_text,
 )
-from protocol._model import decode_model
 from protocol.ids import is_device_id
 from server import audit
 from server.assignment import Outcome, choose, runtimes_of

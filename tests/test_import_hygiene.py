@@ -88,3 +88,16 @@ def test_every_server_exception_derives_from_server_error():
                     and not issubclass(obj, ServerError) and not name.startswith("_")):
                 strays.append(f"{info.name}.{name}")
     assert strays == [], f"not derived from server.errors.ServerError: {strays}"
+
+
+def test_nobody_outside_protocol_imports_its_private_modules():
+    """protocol's underscore modules are its own; everyone else imports what ``protocol`` exports."""
+    import grimp
+
+    g = grimp.build_graph("protocol", "agent", "toolchain", "server", "hardware", "tests", "benchmarks",
+                          cache_dir=None)
+    private = [m for m in g.modules if m.startswith("protocol.") and m.rsplit(".", 1)[1].startswith("_")]
+    assert private, "protocol has no private module left to check"
+    strays = sorted(f"{importer} -> {m}" for m in private for importer in g.find_modules_that_directly_import(m)
+                    if not importer.startswith("protocol"))
+    assert strays == []

@@ -20,8 +20,15 @@ import torch
 from sklearn.metrics import mean_absolute_error
 from sqlmodel import Session, select
 
-from protocol import FeatureStats, Precision, Target, generate_signing_key, manifest_digest, private_key_to_pem
-from protocol._model import decode_model
+from protocol import (
+    FeatureStats,
+    Precision,
+    Target,
+    decode_model,
+    generate_signing_key,
+    manifest_digest,
+    private_key_to_pem,
+)
 from protocol.manifest import MANIFEST_SCHEMA_3
 from server.db.models import StatsWindow
 from server.drift import score

@@ -29,11 +29,12 @@ from protocol import (
     Manifest,
     ProtocolError,
     SignedManifest,
+    decode_model,
     decode_signed_manifest,
+    encode_model,
     load_private_key,
     sign_manifest,
 )
-from protocol._model import decode_model, encode_model
 from protocol.signing import Ed25519PrivateKey, Ed25519PublicKey
 from toolchain.errors import BundleError, SigningKeyError
 
