@@ -9,7 +9,9 @@
     │   ├── InputError        a prediction input has the wrong shape or dtype (HTTP 400)
     │   └── InferenceError    the runtime failed while running the model on an input (HTTP 500)
     ├── ConfigError           the agent's configuration is invalid
-    └── InstallFailure        a step of an install failed (the record says which); the old model keeps serving
+    ├── InstallFailure        a step of an install failed (the record says which); the old model keeps serving
+    └── TransitionError       agent/install.py: a move the install state machine does not allow (a bug; also a
+                              RuntimeError)
 """
 
 from __future__ import annotations

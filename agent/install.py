@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
 
+from agent.errors import AgentError
 from hardware.files import atomic_write
 from protocol import InstallStep
 
@@ -87,7 +88,7 @@ def wire_step(step: Step, *, serving: bool) -> InstallStep | None:
     return WIRE_STEPS.get(step)
 
 
-class TransitionError(RuntimeError):
+class TransitionError(AgentError, RuntimeError):
     pass
 
 

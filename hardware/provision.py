@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hardware.detection import problems, read_facts
+from hardware.errors import HardwareError
 from hardware.files import atomic_write, fsync_dir
 from hardware.profiles import Profile
 
@@ -76,7 +77,7 @@ _SSH_TARGET = re.compile(r"^(?:[a-z_][a-z0-9_.-]{0,31}@)?[A-Za-z0-9][A-Za-z0-9.:
 _REMOTE_DIR = re.compile(r"^/tmp/edgeherd-flash\.[A-Za-z0-9]{6,32}$")
 
 
-class ProvisionError(Exception):
+class ProvisionError(HardwareError):
     """A bundle cannot be written or installed; the message says why and what to do."""
 
 

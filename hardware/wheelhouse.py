@@ -42,6 +42,7 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+from hardware.errors import HardwareError
 from hardware.files import sha256_file
 
 __all__ = [
@@ -64,7 +65,7 @@ _ROUNDS = 4
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-class WheelhouseError(Exception):
+class WheelhouseError(HardwareError):
     """The wheelhouse cannot be made; the message says what is missing and what pip said."""
 
 

@@ -67,27 +67,41 @@ def test_the_cycle_check_sees_a_lazy_import_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_every_server_exception_derives_from_server_error():
-    """The CLI, the TUI and the API catch one root: each exception class a server module defines is a ServerError
-    (the API's client, the other side of the wire, excepted)."""
+#: package: (its root exception, what is exempt: modules (the other side of the wire, the UI, migrations) and
+#: control flow that must not be caught as a failure).
+ROOTS = {
+    "server": ("server.errors:ServerError", ("server.api.client", "server.tui", ".migrations")),
+    "agent": ("agent.errors:AgentError", ("agent.events.Stopping",)),
+    "toolchain": ("toolchain.errors:ToolchainError", ()),
+    "hardware": ("hardware.errors:HardwareError", ()),
+    "protocol": ("protocol.errors:ProtocolError", ()),
+}
+
+
+@pytest.mark.parametrize("package", sorted(ROOTS))
+def test_every_exception_a_package_defines_derives_from_its_root(package):
+    """The CLI, the TUI and the API catch one root per package: each public exception class a module defines is
+    under it."""
     import importlib
     import pkgutil
 
-    import server
-    from server.errors import ServerError
-
-    outside = {"server.api.client"}
-    strays = []
-    for info in pkgutil.walk_packages(server.__path__, "server."):
-        if (info.name in outside or ".migrations" in info.name or info.name.startswith("server.tui")
-                or info.name.endswith("__main__")):
+    root_ref, exempt = ROOTS[package]
+    module_name, _, root_name = root_ref.partition(":")
+    root = getattr(importlib.import_module(module_name), root_name)
+    top = importlib.import_module(package)
+    strays, seen = [], 0
+    for info in pkgutil.walk_packages(top.__path__, f"{package}."):
+        if info.name.endswith("__main__") or any(e in info.name for e in exempt):
             continue
         module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if (isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == info.name
-                    and not issubclass(obj, ServerError) and not name.startswith("_")):
-                strays.append(f"{info.name}.{name}")
-    assert strays == [], f"not derived from server.errors.ServerError: {strays}"
+                    and not name.startswith("_") and f"{info.name}.{name}" not in exempt):
+                seen += 1
+                if not issubclass(obj, root):
+                    strays.append(f"{info.name}.{name}")
+    assert seen > 1, f"no exception classes found in {package}"
+    assert strays == [], f"not derived from {root_ref}: {strays}"
 
 
 def test_nobody_outside_protocol_imports_its_private_modules():

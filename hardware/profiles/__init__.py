@@ -33,6 +33,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hardware.errors import HardwareError
 from protocol.manifest import ArtifactEntry, Precision, Target
 from protocol.tomlfile import read_toml
 
@@ -68,7 +69,7 @@ TARGET_RUNTIMES: dict[Target, frozenset[str]] = {
 }
 
 
-class ProfileError(Exception):
+class ProfileError(HardwareError):
     """A profile file is missing, unreadable or malformed; the message names the file and the key."""
 
 
