@@ -52,7 +52,7 @@ from server.alerts import Notifier, observations, observe
 from server.broker import SERVER_USER
 from server.bus import Bus
 from server.db.models import Device, DriftPending, DriftReportRow, ModelVersion, StatsWindow
-from server.distribution import BroadcastLedger, DirectoryStore, Route, answer
+from server.distribution import BroadcastLedger, Route, answer
 from server.drift import misfit, score
 from server.ingest import Batch, Ingestor
 from server.orchestrator import Orchestrator
@@ -84,7 +84,7 @@ class ServerApp:
         self.api: Any = None
         self.registry = Registry(data_dir, broker_url=broker_url, listen=listen, public_hosts=public_hosts)
         self.ingestor = Ingestor(self.registry.engine)
-        self.store = DirectoryStore(self.registry.store)
+        self.store = self.registry.artifacts
         #: One queue per worker of (topic, payload, monotonic time received); a device's messages always go to
         #: the same worker, so workers never wait on each other's device rows (see Ingestor._lock_devices).
         self.queues: list[queue.Queue[tuple[str, bytes, float] | None]] = [

@@ -17,9 +17,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+from hardware.files import atomic_copy, sha256_file
 from protocol import Chunk, ChunkRequest, ErrorCode, ErrorReply, encode_chunk
+from server.errors import ServerError
 
-__all__ = ["ArtifactStore", "BroadcastLedger", "DirectoryStore", "Route", "answer"]
+__all__ = ["ArtifactStore", "BroadcastLedger", "DirectoryStore", "Route", "StoreError", "answer"]
+
+
+class StoreError(ServerError):
+    """An artifact cannot be put into the store; the message says why."""
 
 
 class ArtifactStore(Protocol):
@@ -27,6 +33,9 @@ class ArtifactStore(Protocol):
         """Size of the artifact, or None when the store does not hold it."""
 
     def read(self, sha256: str, offset: int, length: int) -> bytes: ...
+
+    def put(self, sha256: str, src: Path) -> Path:
+        """Hold ``src`` as the artifact ``sha256`` (checked against its content); where it is held."""
 
 
 class DirectoryStore:
@@ -46,6 +55,18 @@ class DirectoryStore:
         with self._path(sha256).open("rb") as fh:
             fh.seek(offset)
             return fh.read(length)
+
+    def put(self, sha256: str, src: Path) -> Path:
+        """Copy ``src`` in, atomically, unless the store holds it already; StoreError when the copy's content is
+        not ``sha256`` (the file changed while it was copied), and nothing is left behind."""
+        dest = self._path(sha256)
+        if dest.exists():
+            return dest
+        atomic_copy(src, dest)
+        if sha256_file(dest) != sha256:
+            dest.unlink()
+            raise StoreError(f"{src} changed while it was copied")
+        return dest
 
 
 class Route(Enum):

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from hardware.files import atomic_copy, atomic_write, sha256_file
+from hardware.files import atomic_write
 from hardware.mosquitto import new_password
 from protocol import (
     AckStatus,
@@ -46,6 +46,7 @@ from server.bus import Bus, BusError
 from server.db import database_url, make_engine, migrate
 from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, VersionArtifact
 from server.desired import DesiredStates
+from server.distribution import DirectoryStore, StoreError
 from server.errors import RegistryError
 from server.pki import PkiError
 from toolchain.bundle import CARD, MANIFEST, verify_bundle
@@ -90,6 +91,8 @@ class Registry(DesiredStates):
         self.data.mkdir(parents=True, exist_ok=True)
         self.store = data_dir / "store"
         self.store.mkdir(exist_ok=True)
+        #: The content-addressed artifacts, written and read through one seam (server/distribution.py).
+        self.artifacts = DirectoryStore(self.store)
         self.engine = engine or make_engine(database_url(data_dir))
         migrate(self.engine)
         #: ``listen`` and ``public_hosts`` are what ``server run`` was given; other commands read them back.
@@ -371,12 +374,10 @@ class Registry(DesiredStates):
                                     f"(digest {same.manifest_sha256[:12]}…); give this build a new version")
             with audit.unit_of_work(db, self.data):
                 for art in manifest.artifacts:
-                    dest = self.store / art.sha256
-                    if not dest.exists():
-                        atomic_copy(root / "artifacts" / art.sha256, dest)
-                        if sha256_file(dest) != art.sha256:
-                            dest.unlink()
-                            raise RegistryError(f"artifact {art.name} changed while it was copied; push again")
+                    try:
+                        dest = self.artifacts.put(art.sha256, root / "artifacts" / art.sha256)
+                    except StoreError:
+                        raise RegistryError(f"artifact {art.name} changed while it was copied; push again") from None
                     if db.get(ArtifactRow, art.sha256) is None:
                         db.add(ArtifactRow(sha256=art.sha256, size=art.size, location=str(dest)))
                 card_path = root / CARD
