@@ -72,12 +72,14 @@ class _Reader:
 
 
 def quantize_onnx(src: Path, dst: Path, calibration: np.ndarray, *, symmetric: bool = False) -> None:
-    import onnxruntime as ort
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = src.resolve(), dst.resolve()  # the tools run in a temporary directory
-    name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    graph = onnx.load(str(src), load_external_data=False).graph  # the input's name, read from the file
+    weights = {init.name for init in graph.initializer}
+    name = next(i.name for i in graph.input if i.name not in weights)
     reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(name, calibration.astype(np.float32))
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {}
     try:
