@@ -203,15 +203,50 @@ def test_a_file_that_is_not_onnx_is_refused(built, tmp_path):
 @pytest.mark.parametrize(("output", "message"), [
     ("scores", "has no output 'scores'; its outputs are: output_label (int64 tensor (batch,)), output_probability "
                "(ZipMap of 'probabilities': a sequence of maps)"),
-    ("output_label", "output 'output_label' is an int64 tensor (batch,), not per-class scores"),
 ])
-def test_an_output_that_is_not_there_or_not_scores_is_refused(built, tmp_path, output, message):
+def test_an_output_that_is_not_there_is_refused(built, tmp_path, output, message):
     out = tmp_path / "out" / "bundle"
     with pytest.raises(ModelError) as exc:
         build(BuildSpec(recipe="onnx", onnx=built["model"], data=built["root"] / "iris.npz", output=output, out=out,
                         key=built["root"] / "signing.key"))
     assert message in str(exc.value)
     assert_nothing_written(out)
+
+
+def _label_only(src: Path, dst: Path) -> Path:
+    """``src`` with its probabilities output removed: a model that answers class ids alone."""
+    import onnx
+
+    model = onnx.load(str(src))
+    keep = [o for o in model.graph.output if o.name == "output_label"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    dst.write_bytes(model.SerializeToString())
+    return dst
+
+
+@pytest.mark.parametrize("how", ["--output output_label", "a label-only model"])
+def test_a_label_output_is_served_as_one_hot_scores(built, tmp_path, how):
+    """Class ids are served as labels: one-hot scores whose argmax is the supplied model's label, evaluated like any
+    scores (the bundle's accuracy is the label's accuracy on the test split)."""
+    import onnxruntime as ort
+    from sklearn.metrics import accuracy_score
+
+    model = built["model"] if how.startswith("--") else _label_only(built["model"], tmp_path / "labels.onnx")
+    result = build(BuildSpec(recipe="onnx", onnx=model, data=built["root"] / "iris.npz", name=NAME,
+                             output="output_label" if how.startswith("--") else None, out=tmp_path / "b",
+                             key=built["root"] / "signing.key", tar=False))
+    art = result.manifest.artifacts[0]
+    assert [t.name for t in art.outputs] == ["output_label_one_hot"] and art.outputs[0].shape == [-1, 3]
+    assert result.report["onnx_input"]["source_output"] == "output_label"
+    assert any("one-hot" in n for n in result.report["onnx_input"]["notes"])
+    x_test, y_test = built["x"][built["splits"]["test"]], built["y"][built["splits"]["test"]]
+    served = ort.InferenceSession(str(tmp_path / "b" / ARTIFACTS / art.sha256),
+                                  providers=["CPUExecutionProvider"]).run(None, {"X": x_test})[0]
+    (label,) = ort.InferenceSession(str(built["model"]), providers=["CPUExecutionProvider"]).run(
+        ["output_label"], {"X": x_test})
+    np.testing.assert_array_equal(served, np.eye(3, dtype=np.float32)[label])
+    assert art.metrics["accuracy"] == pytest.approx(accuracy_score(y_test, label), abs=1e-9)
 
 
 def test_the_chosen_output_by_name_builds(built, tmp_path):

@@ -61,9 +61,14 @@ class PreparedOnnx:
     operators: list[str] = field(default_factory=list)
     #: The class of each score column, as the ZipMap named them (None without a ZipMap).
     class_labels: list[str] | None = None
+    #: True when the source output gave class ids, served as one-hot scores (1 for the predicted class).
+    labels: bool = False
 
     def notes(self) -> list[str]:
         out = []
+        if self.labels:
+            out.append(f"the output {self.source_output!r} gives class ids: it is served as one-hot scores "
+                       f"{self.output!r} (1 for the predicted class, 0 for the others), so no confidence is known")
         if self.zipmap:
             out.append(f"the ZipMap output {self.source_output!r} was replaced by the tensor that feeds it, "
                        f"{self.output!r} (the same probabilities as a (batch, classes) tensor)")
@@ -144,12 +149,26 @@ def _is_scores(type_proto: Any) -> bool:
     return not tt.HasField("shape") or len(tt.shape.dim) == 2
 
 
+def _is_labels(type_proto: Any) -> bool:
+    """An integer tensor of one class id per row: (batch,) or (batch, 1)."""
+    from onnx import TensorProto
+
+    if type_proto.WhichOneof("value") != "tensor_type":
+        return False
+    tt = type_proto.tensor_type
+    if tt.elem_type not in (TensorProto.INT64, TensorProto.INT32):
+        return False
+    dims = tt.shape.dim if tt.HasField("shape") else None
+    return dims is not None and (len(dims) == 1 or (len(dims) == 2 and dims[1].dim_value == 1))
+
+
 @dataclass(frozen=True)
 class _Output:
     name: str
     description: str
     scores: bool
     zipmap: Any = None  # the ZipMap node that produces it
+    labels: bool = False  # class ids, one per row: served as one-hot scores
 
 
 def _outputs(model: Any) -> list[_Output]:
@@ -160,7 +179,7 @@ def _outputs(model: Any) -> list[_Output]:
         if node is not None and node.op_type == "ZipMap" and node.domain == ML_DOMAIN:
             out.append(_Output(o.name, f"ZipMap of {node.input[0]!r}: a sequence of maps", True, node))
         else:
-            out.append(_Output(o.name, _describe(o.type), _is_scores(o.type)))
+            out.append(_Output(o.name, _describe(o.type), _is_scores(o.type), labels=_is_labels(o.type)))
     return out
 
 
@@ -179,13 +198,13 @@ def _choose(path: Path, outputs: list[_Output], wanted: str | None) -> _Output:
             raise ModelError(f"{path} has no output {wanted!r}; its outputs are: {_listing(outputs)}")
         chosen = match[0]
     else:
-        scores = [o for o in outputs if o.scores]
+        scores = [o for o in outputs if o.scores] or [o for o in outputs if o.labels]  # label-only: served as labels
         if not scores:
             raise ModelError(f"{path} has no output of per-class scores (a float tensor shaped (batch, classes)); "
                              f"its outputs are: {_listing(outputs)}")
         named = [o for o in scores if any(w in o.name.lower() for w in _SCORE_WORDS)]
         chosen = (named or scores)[0]
-    if chosen.zipmap is None and not chosen.scores:
+    if chosen.zipmap is None and not chosen.scores and not chosen.labels:
         if "map" in chosen.description:
             raise ModelError(f"{path}: output {chosen.name!r} is {_a(chosen.description)}, not a tensor, and no "
                              f"ZipMap node produces it to undo; {_ZIPMAP_FIX}")
@@ -332,11 +351,50 @@ def _checker_problem(model: Any) -> str | None:
     return None
 
 
-def prepare_onnx(src: Path, dst: Path, output: str | None = None, *,
-                 row_shape: tuple[int, ...] | None = None) -> PreparedOnnx:
-    """Write to ``dst`` a copy of ``src`` whose one output is ``output`` (or the scores output), ZipMap undone.
+def _class_ids(model: Any) -> list[int] | None:
+    """The class ids a classifier operator of the model labels its rows with (``classlabels_ints``), if it says."""
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.name in ("classlabels_ints", "classlabels_int64s") and a.ints:
+                return [int(v) for v in a.ints]
+    return None
 
-    ``row_shape``: the shape of one row of the dataset the build runs it on (checked against the model's input).
+
+def _one_hot(path: Path, model: Any, label: str, classes: int | None) -> str:
+    """Append nodes that turn the class-id output ``label`` into one-hot float scores (batch, classes): 1 for the
+    predicted class. Returns the new output's name."""
+    from onnx import TensorProto, helper
+
+    if not classes:
+        raise ModelError(f"{path}: output {label!r} gives class ids; the build needs the dataset's classes to serve "
+                         "them as scores")
+    ids = _class_ids(model)
+    if ids is not None and ids != list(range(classes)):
+        raise ModelError(f"{path}: output {label!r} labels rows with the classes {ids[:20]}, and the dataset's "
+                         f"classes are the ids 0…{classes - 1}: train on labels 0…{classes - 1} (in the dataset's "
+                         "order), or export the per-class scores and choose them with --output")
+    g = model.graph
+    flat, ids64, out = f"{label}_flat", f"{label}_int64", f"{label}_one_hot"
+    g.initializer.extend([
+        helper.make_tensor(f"{label}_shape", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor(f"{label}_depth", TensorProto.INT64, [1], [classes]),
+        helper.make_tensor(f"{label}_values", TensorProto.FLOAT, [2], [0.0, 1.0]),
+    ])
+    g.node.extend([
+        helper.make_node("Reshape", [label, f"{label}_shape"], [flat]),
+        helper.make_node("Cast", [flat], [ids64], to=TensorProto.INT64),
+        helper.make_node("OneHot", [ids64, f"{label}_depth", f"{label}_values"], [out], axis=-1),
+    ])
+    return out
+
+
+def prepare_onnx(src: Path, dst: Path, output: str | None = None, *,
+                 row_shape: tuple[int, ...] | None = None, classes: int | None = None) -> PreparedOnnx:
+    """Write to ``dst`` a copy of ``src`` whose one output is ``output`` (or the scores output), ZipMap undone;
+    an output of class ids (a label-only model, or ``--output`` naming the label) becomes one-hot scores.
+
+    ``row_shape``: the shape of one row of the dataset the build runs it on (checked against the model's input);
+    ``classes``: how many classes the dataset has (needed to serve class ids).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -362,6 +420,9 @@ def prepare_onnx(src: Path, dst: Path, output: str | None = None, *,
         else:  # ZipMap's input is a float tensor (batch, classes) by the operator's definition
             new_output.CopyFrom(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [None, classes or None]))
         name = tensor
+    elif chosen.labels:
+        name, class_labels = _one_hot(src, model, chosen.name, classes), None
+        new_output = helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, classes])
     else:
         new_output = next(o for o in graph.output if o.name == chosen.name)
         name, class_labels = chosen.name, None
@@ -384,5 +445,6 @@ def prepare_onnx(src: Path, dst: Path, output: str | None = None, *,
         raise ModelError(f"{src}: the model with output {name!r} alone does not pass the ONNX checker: {problem}")
     dst.write_bytes(model.SerializeToString())
     return PreparedOnnx(output=name, source_output=chosen.name, zipmap=chosen.zipmap is not None,
+                        labels=chosen.labels,
                         dropped=[o.name for o in outputs if o.name != chosen.name], domains=domains,
                         operators=operators, class_labels=class_labels)

@@ -127,7 +127,7 @@ def user_onnx(spec: BuildSpec, ds: datamod.Dataset, fp32: Path, sample: np.ndarr
     src = spec.onnx
     if src is None:
         raise ModelError("the onnx recipe needs --onnx FILE")
-    prepared = prepare_onnx(src, fp32, spec.output, row_shape=tuple(sample.shape[1:]))
+    prepared = prepare_onnx(src, fp32, spec.output, row_shape=tuple(sample.shape[1:]), classes=len(ds.classes))
     build_report["onnx_input"] = {"source_output": prepared.source_output, "output": prepared.output,
                                   "zipmap_removed": prepared.zipmap, "dropped_outputs": prepared.dropped,
                                   "operator_domains": prepared.domains, "operators": prepared.operators,
