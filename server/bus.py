@@ -91,7 +91,7 @@ class Bus:
         self._default = on_message
         #: Handlers by exact topic (command acknowledgements); everything else goes to ``on_message``.
         self._handlers: dict[str, Handler] = {}
-        self._subacks: set[int] = set()
+        self._subacks: dict[int, bool] = {}  # mid -> whether the SUBACK granted every filter
         self._answered = threading.Condition()
         client.on_message = self._dispatch
         client.on_subscribe = self._subscribed
@@ -102,16 +102,24 @@ class Bus:
         """Connect and wait for the broker's answer; BusError when it cannot be reached within ``timeout``."""
         client = new_client(client_id or f"edgeherd-cli-{uuid.uuid4().hex[:8]}", username, password)
         connected = threading.Event()
-        client.on_connect = lambda c, u, f, rc, p: connected.set()
+        refused: list[str] = []
+
+        def answered(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            if reason.is_failure:
+                refused.append(str(reason))
+            connected.set()
+
+        client.on_connect = answered
         unreachable = f"cannot reach the broker at {url}; is `edgeherd server run` running?"
         try:
             client.connect(*_address(url), keepalive=10)
         except OSError:
             raise BusError(unreachable) from None
         client.loop_start()
-        if not connected.wait(timeout):
+        if not connected.wait(timeout) or refused:
+            client.disconnect()
             client.loop_stop()
-            raise BusError(unreachable)
+            raise BusError(f"the broker at {url} refused {username}: {refused[0]}" if refused else unreachable)
         return cls(client, url)
 
     @classmethod
@@ -163,12 +171,17 @@ class Bus:
         _, mid = self._client.subscribe(topic, qos) if isinstance(topic, str) else self._client.subscribe(topic)
         if wait is None:
             return True
+        if mid is None:  # not sent (not connected)
+            return False
         with self._answered:
-            return self._answered.wait_for(lambda: mid in self._subacks, wait)
+            answered = self._answered.wait_for(lambda: mid in self._subacks, wait)
+            granted = self._subacks.pop(mid, False)
+        return answered and granted
 
     def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        """A SUBACK: granted when no reason code in it is a failure (the broker's ACL may refuse a filter)."""
         with self._answered:
-            self._subacks.add(mid)
+            self._subacks[mid] = not any(getattr(r, "is_failure", False) for r in reasons or [])
             self._answered.notify_all()
 
     def _dispatch(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -195,7 +208,8 @@ class Bus:
         self._handlers[ack_topic] = on_ack
         try:
             if not self.subscribe(ack_topic, qos=1, wait=ANSWER_S):
-                raise BusError(f"the broker did not confirm the subscription to {device_id}'s acknowledgements")
+                raise BusError(f"the broker did not grant the subscription to {device_id}'s acknowledgements (not "
+                               "connected, or its ACL refused it)")
             if not self.confirm(self.publish(device_topic(device_id, TopicKind.COMMAND), encode(cmd), qos=1)):
                 raise BusError(f"the broker did not acknowledge the command to {device_id}")
             deadline = time.monotonic() + timeout

@@ -165,7 +165,10 @@ def test_the_tree_ensemble_is_the_only_ml_operator_left_and_outputs_are_chosen_b
             "lgbmprobabilities", "probabilities", True)
         assert (prepared.domains, prepared.operators) == (["ai.onnx.ml"], ["TreeEnsembleClassifier"])
         assert prepared.class_labels == ["0", "1", "2"]
-    with pytest.raises(ModelError, match="output 'label' is an int64 tensor"):
+    # the label output, chosen by name, is served as labels: one-hot scores over the classifier's class ids
+    labels = prepare_onnx(b["model"], tmp_path / "labels.onnx", "label", row_shape=(8,), classes=3)
+    assert (labels.output, labels.labels, labels.class_labels) == ("label_one_hot", True, ["0", "1", "2"])
+    with pytest.raises(ModelError, match="this dataset has no classes"):
         prepare_onnx(b["model"], tmp_path / "refused.onnx", "label")
     assert not (tmp_path / "refused.onnx").exists()
 

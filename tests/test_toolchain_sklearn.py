@@ -304,3 +304,19 @@ def test_the_cli_takes_output_and_says_what_it_did_not_build(built, tmp_path):
                    "--output", "scores", "--out", str(tmp_path / "never"), "--key", str(built["root"] / "signing.key"))
     assert refused.exit_code == 1 and "has no output 'scores'" in " ".join(refused.output.split())
     assert not (tmp_path / "never").exists()
+
+
+def test_class_ids_no_classifier_bounds_are_refused(tmp_path):
+    """An ArgMax head answers ids nothing bounds: an id past the dataset's classes would become an all-zero row,
+    scored as class 0. Refused, saying how to export the scores instead."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ArgMax", ["input"], ["label"], axis=1, keepdims=0)], "argmax",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 5])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None])])
+    src = tmp_path / "argmax.onnx"
+    src.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    with pytest.raises(ModelError, match="no classifier operator of the model says which"):
+        prepare_onnx(src, tmp_path / "out.onnx", row_shape=(5,), classes=3)
+    assert not (tmp_path / "out.onnx").exists()

@@ -294,3 +294,46 @@ def test_raw_pixel_golden_inputs_travel_in_a_schema_3_manifest_under_its_size_li
     assert all(len(a["smoke"]["outputs"]) == len(golden) for a in manifest["artifacts"])
     assert "smoke" not in built.report.get("skipped", {})
     assert len(raw) < 1024 * 1024
+
+
+def _bomb(root: Path) -> str:
+    """A small PNG whose header declares 20000x20000 pixels."""
+    import struct
+    import zlib
+
+    _folder(root)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    (root / CLASSES[0] / "bomb.png").write_bytes(png)
+    return "bomb.png declares more pixels than an image may have"
+
+
+def _deep(root: Path) -> str:
+    _folder(root)
+    Image.fromarray((np.arange(24 * 32, dtype=np.uint16) * 80).reshape(24, 32)).save(root / CLASSES[0] / "deep.png")
+    return "more than 8 bits per channel"
+
+
+@pytest.mark.parametrize("case", [_bomb, _deep])
+def test_a_bomb_or_a_deep_image_is_refused_naming_the_file(tmp_path, case):
+    expected = case(tmp_path / "images")
+    with pytest.raises(DataError, match=expected):
+        load_image_folder(tmp_path / "images")
+
+
+def test_a_camera_jpeg_with_a_second_frame_is_read(tmp_path):
+    """Pillow names a JPEG carrying an MPF second frame (many phone photos) "MPO": it is a JPEG, read as its first
+    frame."""
+    root = tmp_path / "images"
+    _folder(root)
+    first, second = Image.new("RGB", (24, 32), (250, 0, 0)), Image.new("RGB", (24, 32), (0, 0, 250))
+    first.save(root / CLASSES[0] / "camera.jpg", format="MPO", save_all=True, append_images=[second])
+    with Image.open(root / CLASSES[0] / "camera.jpg") as im:
+        assert im.format == "MPO"
+    ds = load_image_folder(root)
+    reds = ds.x[:, 0].mean(axis=(1, 2)) - ds.x[:, 2].mean(axis=(1, 2))
+    assert len(ds.x) == 7 and reds.max() > 200  # the red first frame was read (the drawn classes hold no red)

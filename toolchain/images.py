@@ -29,7 +29,11 @@ __all__ = ["EXTENSIONS", "MAX_IMAGES", "MAX_PIXELS", "is_image_folder", "load_im
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 #: Formats Pillow must find in a file, whatever its extension says.
-_FORMATS = ("JPEG", "PNG")
+#: What the folder takes (MPO: a camera's JPEG with a second frame, read as its first) and the parsers Pillow may
+#: try on an untrusted file.
+_FORMATS = ("JPEG", "PNG", "MPO")
+#: 16-bit and other deep modes, which RGB conversion would clip rather than scale.
+_DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MAX_IMAGES = 200_000
 #: Pixels of one source image (a larger one is refused before it is decoded: a decompression bomb).
 MAX_PIXELS = 40_000_000
@@ -103,14 +107,20 @@ def _sizes(files: list[tuple[int, Path]]) -> list[tuple[int, int]]:
     sizes = []
     for _, path in files:
         try:
-            with Image.open(path) as im:
-                fmt, (w, h) = im.format, im.size
+            with Image.open(path) as im:  # the header only, to name what the file is; decoding is _decode's
+                fmt, (w, h), mode = im.format, im.size, im.mode
+        except Image.DecompressionBombError:
+            raise DataError(f"{path} declares more pixels than an image may have (a decompression bomb?); the "
+                            f"limit is {MAX_PIXELS} pixels per image") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"{path} cannot be read as an image ({type(exc).__name__}: {exc}); fix or remove "
                             "it") from None
         if fmt not in _FORMATS:
             raise DataError(f"{path} is a {fmt} image under a {path.suffix} name; the image folder takes JPEG "
                             "and PNG: convert it")
+        if mode in _DEEP_MODES:
+            raise DataError(f"{path} is a {mode} image (more than 8 bits per channel); the model takes 8-bit RGB "
+                            "pixels: convert it to 8 bits")
         if w * h > MAX_PIXELS:
             raise DataError(f"{path} is {w}x{h} pixels; the limit is {MAX_PIXELS} pixels per image")
         sizes.append((h, w))
@@ -122,9 +132,14 @@ def _decode(path: Path, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=_FORMATS) as im:  # checked by _sizes; the file may have changed since
+            if im.size[0] * im.size[1] > MAX_PIXELS or im.mode in _DEEP_MODES:
+                raise DataError(f"{path} changed while the folder was read ({im.size[0]}x{im.size[1]} {im.mode}); "
+                                "read it again")
             im.load()
             rgb = im.convert("RGB")
+    except Image.DecompressionBombError:
+        raise DataError(f"{path} declares more pixels than an image may have (a decompression bomb?)") from None
     except (OSError, ValueError, SyntaxError) as exc:  # a truncated or corrupt file fails here, not at open
         raise DataError(f"{path} cannot be decoded ({type(exc).__name__}: {exc}); fix or remove it") from None
     h, w = size

@@ -59,7 +59,7 @@ class PreparedOnnx:
     domains: list[str] = field(default_factory=list)
     #: The operators of those domains it uses (e.g. "TreeEnsembleClassifier"), which decide what it can become.
     operators: list[str] = field(default_factory=list)
-    #: The class of each score column, as the ZipMap named them (None without a ZipMap).
+    #: The class of each score column, as the ZipMap named them, or a label output's class ids as text (else None).
     class_labels: list[str] | None = None
     #: True when the source output gave class ids, served as one-hot scores (1 for the predicted class).
     labels: bool = False
@@ -360,16 +360,20 @@ def _class_ids(model: Any) -> list[int] | None:
     return None
 
 
-def _one_hot(path: Path, model: Any, label: str, classes: int | None) -> str:
+def _one_hot(path: Path, model: Any, label: str, classes: int | None) -> tuple[str, list[str]]:
     """Append nodes that turn the class-id output ``label`` into one-hot float scores (batch, classes): 1 for the
-    predicted class. Returns the new output's name."""
+    predicted class. Returns the new output's name and the class of each column (the ids, as text, for the build
+    to hold against the dataset's class names)."""
     from onnx import TensorProto, helper
 
     if not classes:
-        raise ModelError(f"{path}: output {label!r} gives class ids; the build needs the dataset's classes to serve "
-                         "them as scores")
+        raise ModelError(f"{path}: output {label!r} gives class ids, which serve a classifier; this dataset has no "
+                         "classes (a regression target?)")
     ids = _class_ids(model)
-    if ids is not None and ids != list(range(classes)):
+    if ids is None:  # nothing bounds the ids: one out of range would become an all-zero row, scored as class 0
+        raise ModelError(f"{path}: output {label!r} gives class ids, and no classifier operator of the model says "
+                         "which (classlabels_ints); export the per-class scores and choose them with --output")
+    if ids != list(range(classes)):
         raise ModelError(f"{path}: output {label!r} labels rows with the classes {ids[:20]}, and the dataset's "
                          f"classes are the ids 0…{classes - 1}: train on labels 0…{classes - 1} (in the dataset's "
                          "order), or export the per-class scores and choose them with --output")
@@ -385,7 +389,7 @@ def _one_hot(path: Path, model: Any, label: str, classes: int | None) -> str:
         helper.make_node("Cast", [flat], [ids64], to=TensorProto.INT64),
         helper.make_node("OneHot", [ids64, f"{label}_depth", f"{label}_values"], [out], axis=-1),
     ])
-    return out
+    return out, [str(i) for i in ids]
 
 
 def prepare_onnx(src: Path, dst: Path, output: str | None = None, *,
@@ -421,7 +425,7 @@ def prepare_onnx(src: Path, dst: Path, output: str | None = None, *,
             new_output.CopyFrom(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [None, classes or None]))
         name = tensor
     elif chosen.labels:
-        name, class_labels = _one_hot(src, model, chosen.name, classes), None
+        name, class_labels = _one_hot(src, model, chosen.name, classes)
         new_output = helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, classes])
     else:
         new_output = next(o for o in graph.output if o.name == chosen.name)

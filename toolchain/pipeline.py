@@ -178,12 +178,7 @@ def _export_onnx(spec: BuildSpec, d: _Data, model: Any, fp32: Path, rep: Reporte
         from toolchain.export import export_onnx, torch_logits
 
         export_onnx(model, d.xs["test"], fp32)
-        probe = open_backend(fp32, "onnxruntime")
-        try:
-            onnx_out = probe.predict(d.xs["test"])
-        finally:
-            probe.close()
-        parity = float(np.abs(onnx_out - torch_logits(model, d.xs["test"])).max())
+        parity = float(np.abs(_predict_all(fp32, d.xs["test"]) - torch_logits(model, d.xs["test"])).max())
         build_report["onnx_parity_max_abs_diff"] = parity
         st.note(f"max abs diff vs torch {parity:.2e}")
         return [], []
@@ -255,6 +250,16 @@ def _evaluate(spec: BuildSpec, d: _Data, candidates: list[Candidate], rep: Repor
 GOLDEN_TOTAL_VALUES = 98_304
 
 
+def _predict_all(model: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The fp32 ONNX model's outputs for every row of ``x``, a batch at a time (an image folder's training split
+    in one call could need more memory than the build has)."""
+    backend = open_backend(model, "onnxruntime")
+    try:
+        return np.concatenate([backend.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
+    finally:
+        backend.close()
+
+
 def _reference(d: _Data, fp32: Path, base: Evaluation, rep: Reporter
                ) -> tuple[ReferenceProfile, np.ndarray, GoldenSet | None]:
     """The reference profile drift is measured against, and the golden inputs (their indices in the test split,
@@ -262,7 +267,7 @@ def _reference(d: _Data, fp32: Path, base: Evaluation, rep: Reporter
     (protocol.manifest.GOLDEN_VALUES_3)."""
     with rep.step("reference profile and golden vectors") as st:
         xs, ys, ds = d.xs, d.ys, d.ds
-        train_out = open_backend(fp32, "onnxruntime").predict(xs["train"])
+        train_out = _predict_all(fp32, xs["train"])
         # a regression profile's class counts and confidence are replaced by its output bins just below
         y_ref, n_cls = (np.zeros(len(train_out), np.int64), 1) if d.regression else (ys["train"], len(ds.classes))
         probs = np.ones((len(train_out), 1)) if d.regression else softmax(train_out)
