@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends import IOSpec, open_backend
+from agent.backends import Backend, IOSpec, open_backend
 
-__all__ = ["ErrorMetrics", "Evaluation", "error_gate", "error_metrics", "evaluate", "gate"]
+__all__ = ["ErrorMetrics", "Evaluation", "error_gate", "error_metrics", "evaluate", "gate", "predict_all"]
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,27 @@ class Evaluation:
         return self.errors.mae
 
 
+def predict_all(path: Path, x: np.ndarray, runtime: str = "onnxruntime", batch: int = 64) -> np.ndarray:
+    """The artifact's outputs for every row of ``x``, a batch at a time (a whole image split in one call could need
+    more memory than the build has), with the runtime a device would use."""
+    backend = open_backend(path, runtime)
+    try:
+        return _batched(backend, x, batch)
+    finally:
+        backend.close()
+
+
+def _batched(backend: Backend, x: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([backend.predict(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
 def evaluate(path: Path, runtime: str, x: np.ndarray, y: np.ndarray, *, latency_runs: int = 100,
              task: str = "classification") -> Evaluation:
     """Run ``x`` through the artifact; accuracy against class ids ``y``, or (``task="regression"``) the errors of
     the first output against target values ``y``."""
     backend = open_backend(path, runtime)
     try:
-        outputs = np.concatenate([backend.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
+        outputs = _batched(backend, x, 64)
         one = x[:1]
         for _ in range(10):
             backend.predict(one)

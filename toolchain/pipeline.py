@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends import open_backend
 from agent.errors import InferenceError
 from protocol import ArtifactEntry, GoldenSet, Manifest, Precision, Preprocessing, ReferenceProfile, Target
 from protocol.features import FeatureSet
@@ -48,7 +47,7 @@ from toolchain.bundle import (
 )
 from toolchain.card import render_card
 from toolchain.errors import ConversionError, DataError, ModelError, ToolchainError
-from toolchain.evaluate import Evaluation, error_gate, evaluate, gate
+from toolchain.evaluate import Evaluation, error_gate, evaluate, gate, predict_all
 from toolchain.profile import golden_indices, reference_profile, softmax
 from toolchain.quality_report import classification_quality, quality_note, regression_quality
 from toolchain.sources import ValidationFailed, feature_set, input_name, load_dataset, torch_model, user_onnx
@@ -178,7 +177,7 @@ def _export_onnx(spec: BuildSpec, d: _Data, model: Any, fp32: Path, rep: Reporte
         from toolchain.export import export_onnx, torch_logits
 
         export_onnx(model, d.xs["test"], fp32)
-        parity = float(np.abs(_predict_all(fp32, d.xs["test"]) - torch_logits(model, d.xs["test"])).max())
+        parity = float(np.abs(predict_all(fp32, d.xs["test"], batch=256) - torch_logits(model, d.xs["test"])).max())
         build_report["onnx_parity_max_abs_diff"] = parity
         st.note(f"max abs diff vs torch {parity:.2e}")
         return [], []
@@ -250,16 +249,6 @@ def _evaluate(spec: BuildSpec, d: _Data, candidates: list[Candidate], rep: Repor
 GOLDEN_TOTAL_VALUES = 98_304
 
 
-def _predict_all(model: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The fp32 ONNX model's outputs for every row of ``x``, a batch at a time (an image folder's training split
-    in one call could need more memory than the build has)."""
-    backend = open_backend(model, "onnxruntime")
-    try:
-        return np.concatenate([backend.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
-    finally:
-        backend.close()
-
-
 def _reference(d: _Data, fp32: Path, base: Evaluation, rep: Reporter
                ) -> tuple[ReferenceProfile, np.ndarray, GoldenSet | None]:
     """The reference profile drift is measured against, and the golden inputs (their indices in the test split,
@@ -267,7 +256,7 @@ def _reference(d: _Data, fp32: Path, base: Evaluation, rep: Reporter
     (protocol.manifest.GOLDEN_VALUES_3)."""
     with rep.step("reference profile and golden vectors") as st:
         xs, ys, ds = d.xs, d.ys, d.ds
-        train_out = _predict_all(fp32, xs["train"])
+        train_out = predict_all(fp32, xs["train"], batch=256)
         # a regression profile's class counts and confidence are replaced by its output bins just below
         y_ref, n_cls = (np.zeros(len(train_out), np.int64), 1) if d.regression else (ys["train"], len(ds.classes))
         probs = np.ones((len(train_out), 1)) if d.regression else softmax(train_out)
