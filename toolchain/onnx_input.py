@@ -10,6 +10,9 @@ model whose only output is the chosen scores tensor:
   (a float tensor, or a ZipMap), preferring one whose name holds "prob" or "score";
 - a ZipMap output is replaced by the tensor that feeds the ZipMap node (the same probabilities, shaped
   ``(batch, classes)``, in the order of the ZipMap's class labels);
+- an output of class ids (a label-only model, or ``--output`` naming the label) is served as labels: a
+  ``OneHot`` appended to the graph gives ``(batch, classes)`` scores, 1 for the predicted class, when a
+  classifier operator's ``classlabels_ints`` say the ids are the dataset's classes;
 - the other outputs, and the nodes only they need, are removed, so every runtime and every reader of the
   manifest sees the scores as the model's one output.
 

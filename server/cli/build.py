@@ -101,7 +101,8 @@ def build_command(
     onnx: Annotated[Path | None, typer.Option("--onnx", help="An existing ONNX model to quantize and bundle.")
                     ] = None,
     output: Annotated[str | None, typer.Option("--output", help="With --onnx: the output to evaluate and ship "
-                                               "(default: the per-class scores, e.g. skl2onnx's probabilities).")
+                                               "(default: the per-class scores, e.g. skl2onnx's probabilities; "
+                                               "a label output is served as one-hot labels).")
                       ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the dataset's).")] = None,
     version: Annotated[str, typer.Option("--version", help="Semantic version of this build.")] = "1.0.0",
