@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -80,8 +82,17 @@ def serve(config: Path, log_level: str = "INFO", *, on_step: InstallHook | None 
     except (AgentError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    agent.on_restart = lambda: os.kill(os.getpid(), signal.SIGTERM)  # a restart_agent command: stop as on SIGTERM
     wait_for_termination()
     agent.stop()
+    if agent.restart_requested.is_set():  # the service manager (Restart=on-failure) starts the agent again
+        from agent.commands import RESTART_EXIT_STATUS
+
+        raise typer.Exit(RESTART_EXIT_STATUS)
+    if agent.selfupdate.restart_wanted:  # switched to a new agent: the service manager starts the launcher again
+        from agent.selfupdate import RESTART_EXIT
+
+        raise typer.Exit(RESTART_EXIT)
 
 
 

@@ -1,5 +1,5 @@
-"""Commands from the server (``report_now``, ``set_log_level``, ``rollback``, ``rotate_credentials``) and
-their acknowledgements.
+"""Commands from the server (``report_now``, ``set_log_level``, ``send_logs``, ``rollback``, ``restart_agent``,
+``rotate_credentials``) and their acknowledgements.
 
 Every command is answered ``accepted`` when it is taken, then ``done`` or ``failed``; ``rejected`` when it
 expired on the way, is not supported, or asks for what this device cannot do. A command seen before (the
@@ -19,26 +19,37 @@ from agent.config import AgentConfig
 from agent.credentials import check_certificate
 from agent.errors import AgentError
 from agent.installer import Installer
+from agent.logring import LogRing
+from agent.selfupdate import RESTART_EXIT
 from agent.smoke import smoke_test
 from protocol import AckStatus, Command, CommandAck, CommandKind, ProtocolError, TopicKind, device_topic, encode
 
 if TYPE_CHECKING:
     from agent.session import Session
 
-__all__ = ["LOG_LEVELS", "Commands"]
+__all__ = ["LOG_LEVELS", "RESTART_EXIT_STATUS", "Commands"]
 
 log = logging.getLogger(__name__)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: How ``edgeherd-agent run`` exits after a ``restart_agent`` command (EX_TEMPFAIL, as after a self-update):
+#: non-zero, so a service manager with ``Restart=on-failure`` starts it again, and distinct from a crash (1) or
+#: a bad config (2).
+RESTART_EXIT_STATUS = RESTART_EXIT
 #: An outcome: the final answer to a command and its message.
 Outcome = tuple[AckStatus, str]
 
 
 class Commands:
     """Carries out commands on the worker thread. ``close_window`` closes the statistics window now;
-    ``publish_state`` republishes the device's state (after a rollback)."""
+    ``publish_state`` republishes the device's state (after a rollback); ``ring`` holds the log lines
+    ``send_logs`` sends; ``restart`` asks the process to stop and exit with :data:`RESTART_EXIT_STATUS` (without
+    it, ``restart_agent`` is rejected)."""
 
     def __init__(self, cfg: AgentConfig, session: Session, installer: Installer, *,
-                 close_window: Callable[[], None], publish_state: Callable[[], None]) -> None:
+                 close_window: Callable[[], None], publish_state: Callable[[], None], ring: LogRing | None = None,
+                 restart: Callable[[], None] | None = None) -> None:
+        self._ring = ring
+        self._restart = restart
         self.cfg = cfg
         self.session = session
         self.installer = installer
@@ -73,6 +84,8 @@ class Commands:
             return
         self._ack(cmd, AckStatus.ACCEPTED)
         self._ack(cmd, *self._carry_out(cmd))
+        if cmd.kind is CommandKind.RESTART_AGENT and self._restart is not None:
+            self._restart()  # after the answer, which leaves before the offline state the stop sends
 
     def _carry_out(self, cmd: Command) -> Outcome:
         match cmd.kind:
@@ -84,15 +97,30 @@ class Commands:
                 if level not in LOG_LEVELS:
                     return AckStatus.FAILED, "args.level must be DEBUG, INFO, WARNING or ERROR"
                 logging.getLogger("agent").setLevel(level)
+                log.warning("log level set to %s by the server", level)
                 return AckStatus.DONE, f"log level is {level}"
             case CommandKind.ROLLBACK:
                 return self.rollback()
+            case CommandKind.SEND_LOGS if self._ring is not None:
+                return self.send_logs(cmd, self._ring)
+            case CommandKind.RESTART_AGENT if self._restart is not None:
+                log.warning("restarting on the server's command (exit status %d)", RESTART_EXIT_STATUS)
+                return AckStatus.DONE, f"stopping; exiting with status {RESTART_EXIT_STATUS} to be started again"
             case CommandKind.ROTATE_CREDENTIALS if "certificate" in cmd.args:
                 return self.rotate_certificate(str(cmd.args["certificate"]), str(cmd.args["key"]),
                                                 str(cmd.args["ca"]))
             case CommandKind.ROTATE_CREDENTIALS:
                 return self.rotate_credentials(str(cmd.args["password"]))
         return AckStatus.REJECTED, f"{cmd.kind.value} is not supported by this agent"
+
+    def send_logs(self, cmd: Command, ring: LogRing) -> Outcome:
+        """Publish the newest log lines asked for (``args.lines``, after ``args.since``) as one LogBatch."""
+        lines, since = int(cmd.args.get("lines", 0)), int(cmd.args.get("since", 0))
+        batch = ring.batch(self.cfg.device_id, cmd.command_id, lines, since)
+        if self.session.publish(device_topic(self.cfg.device_id, TopicKind.LOGS), encode(batch)) is None:
+            return AckStatus.FAILED, "not connected to the broker; ask again"
+        cut = ", cut to fit 64 KiB" if batch.truncated else ""
+        return AckStatus.DONE, f"sent {len(batch.lines)} lines up to {batch.next_seq}{cut}"
 
     def rotate_credentials(self, password: str) -> Outcome:
         """Store the next broker password for the next connection (agent/credentials.py); expect the broker to end

@@ -27,6 +27,7 @@ from agent.install import ACTIVE_STEPS, MAX_ATTEMPTS, Event, InstallRecord, Step
 from agent.predictor import Predictor
 from agent.slots import SlotContents, Slots
 from agent.smoke import smoke_test
+from agent.trust import Trust
 from hardware.files import atomic_write
 from protocol import (
     ArtifactEntry,
@@ -36,7 +37,6 @@ from protocol import (
     decode_model,
     encode_model,
     manifest_digest,
-    verify_manifest,
 )
 from protocol.signing import SignedManifest
 
@@ -68,11 +68,14 @@ class Installer:
     def __init__(self, cfg: AgentConfig, slots: Slots, server_key: Ed25519PublicKey, session: Session, clock: Clock,
                  *, download_timeout: float, next_event: Callable[[float], WorkerEvent],
                  defer: Callable[[WorkerEvent], None], publish_state: PublishState,
-                 retire: Callable[[Predictor], None], on_step: InstallHook | None = None) -> None:
+                 retire: Callable[[Predictor], None], on_step: InstallHook | None = None,
+                 trust: Trust | None = None) -> None:
         self.cfg = cfg
         self.data = cfg.data_dir
         self.slots = slots
         self.server_key = server_key
+        #: The keys bundles are verified against (agent/trust.py); only ``server_key`` when none is given.
+        self.trust = trust or Trust(server_key)
         self.chunk_size = cfg.chunk_kib * 1024
         self.record_path = self.data / "install.json"
         self.record = InstallRecord.load(self.record_path)
@@ -116,7 +119,7 @@ class Installer:
                              artifact=pred.artifact.name, slot=active)  # type: ignore[arg-type]
 
     def load(self, contents: SlotContents) -> Predictor:
-        verify_manifest(contents.signed, self.server_key)
+        self.trust.verify(contents.signed, installed=True)
         art = contents.manifest.artifact(contents.artifact)
         return Predictor(contents.model_path, contents.manifest, art, threads=self.cfg.threads,
                          engine_cache=self.data / "engines")
@@ -145,7 +148,7 @@ class Installer:
         base = InstallRecord(step=Step.IDLE, generation=desired.generation, manifest_sha256=manifest_digest(m),
                              model=m.model, version=m.version, artifact=desired.artifact, slot=self.slots.idle())
         try:
-            verify_manifest(desired.bundle, self.server_key)
+            self.trust.verify(desired.bundle)
         except ProtocolError as exc:
             self.record = base.advance(Event.START).advance(Event.FAIL, failed_step="verify", error=str(exc))
             self._save_record()
@@ -246,7 +249,7 @@ class Installer:
 
     def _pending(self) -> SignedManifest:
         signed = decode_model(SignedManifest, self._bundle_path.read_bytes())
-        verify_manifest(signed, self.server_key)  # the file on disk is re-checked, not trusted
+        self.trust.verify(signed, installed=True)  # the file on disk is re-checked, not trusted
         return signed
 
     def _artifact(self) -> ArtifactEntry:

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -42,12 +43,15 @@ from agent.events import (
 from agent.fingerprint import fingerprint, hardware_profile
 from agent.install import InstallRecord, wire_step
 from agent.installer import Installer, InstallHook
+from agent.logring import LogRing
 from agent.metrics import metrics_text
 from agent.outbox import Outbox, window_key
 from agent.predictor import Predictor
 from agent.reporter import Reporter
+from agent.selfupdate import SelfUpdate
 from agent.slots import Slots
 from agent.smoke import smoke_test
+from agent.trust import Trust
 from hardware.files import atomic_write
 from protocol import (
     FINAL_SEQ,
@@ -62,6 +66,8 @@ from protocol import (
     InvalidMessage,
     ProtocolError,
     Receipt,
+    SignatureError,
+    SignedKeySet,
     TopicError,
     TopicKind,
     decode,
@@ -99,6 +105,7 @@ class Agent:
             server_key = load_public_key(cfg.server_key_bytes())
         except ProtocolError as exc:
             raise ConfigError(f"server_key: {exc}") from None
+        self.trust = Trust(server_key, self.data)
         self.slots = Slots(self.data)
         self.outbox = Outbox(self.data / "outbox.sqlite", cfg.queue_max_windows)
         self.chunk_size = cfg.chunk_kib * 1024
@@ -122,10 +129,20 @@ class Agent:
         self.installer = Installer(cfg, self.slots, server_key, self.session, clock or SystemClock(),
                                    download_timeout=download_timeout, next_event=self._next_event,
                                    defer=self._deferred.append, publish_state=self._publish_state,
-                                   retire=self._retire, on_step=on_step)
+                                   retire=self._retire, on_step=on_step, trust=self.trust)
+        #: Agent releases (agent/selfupdate.py): install beside this agent, switch, be restarted.
+        self.selfupdate = SelfUpdate(self.data, self.trust, self.installer.downloader, self.chunk_size,
+                                     self._publish_state)
+        #: The newest log lines of this process (``send_logs``), recorded from :meth:`start` to :meth:`stop`.
+        self.log_ring = LogRing()
+        #: Set by a ``restart_agent`` command: whoever runs the agent stops it and exits with
+        #: :data:`agent.commands.RESTART_EXIT_STATUS`; ``on_restart`` (``edgeherd-agent run`` sets it) wakes them.
+        self.restart_requested = threading.Event()
+        self.on_restart: Callable[[], None] | None = None
         self.commands = Commands(cfg, self.session, self.installer,
                                  close_window=lambda: self.reporter.queue.put(CloseWindow()),
-                                 publish_state=self._publish_state)
+                                 publish_state=self._publish_state, ring=self.log_ring,
+                                 restart=self._restart_requested)
         self.api = ApiServer(self, cfg.api_host, cfg.api_port, max_body=cfg.max_body_bytes) if api and \
             cfg.api_port else None
         self._worker = threading.Thread(target=self._work_loop, name="edgeherd-worker", daemon=True)
@@ -161,7 +178,14 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    def _restart_requested(self) -> None:
+        self.restart_requested.set()
+        if self.on_restart is not None:
+            self.on_restart()
+
     def start(self) -> Agent:
+        logging.getLogger().addHandler(self.log_ring)
+        self.selfupdate.start()
         if self.installer.start():
             self.events.put(Resume())
         if self.api is not None:
@@ -184,6 +208,7 @@ class Agent:
             self.api.stop()
         self.installer.close()
         self.outbox.close()
+        logging.getLogger().removeHandler(self.log_ring)
 
     @property
     def record(self) -> InstallRecord:
@@ -247,7 +272,8 @@ class Agent:
         return DeviceState(device_id=self.cfg.device_id, status=status, session=self.session.session_id,  # type: ignore[arg-type]
                            seq=seq, ts=datetime.now(timezone.utc), reason=reason,  # type: ignore[arg-type]
                            agent_version=__version__, running=self.installer.running(),
-                           install=self._install_status(progress, total))
+                           install=self._install_status(progress, total), keyset_serial=self.trust.serial,
+                           agent_update=self.selfupdate.status)
 
     def _publish_state(self, reason: str = "update", *, progress: int | None = None,
                        total: int | None = None) -> None:
@@ -294,6 +320,7 @@ class Agent:
             case Connected():
                 self._publish_state(reason="connected")
                 self._hello()
+                self.selfupdate.healthy()  # a new agent on trial: on the broker, its state out
                 self.commands.flush()
         return ev
 
@@ -354,6 +381,17 @@ class Agent:
             self.reporter.queue.put(Refused(window_key(*window), err.message))
         return True
 
+    def _apply_keyset(self, statement: SignedKeySet) -> None:
+        """Take a key-set statement (agent/trust.py) and report the serial now held, so the server records the
+        confirmation; a refused one (forged, replayed) is logged and changes nothing."""
+        try:
+            taken = self.trust.accept(statement)
+        except SignatureError as exc:
+            log.warning("refused a key-set statement: %s", exc)
+            return
+        if taken:
+            self._publish_state()
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
             device, kind = parse_device_topic(topic)
@@ -363,7 +401,14 @@ class Agent:
             return
         try:
             if kind is TopicKind.DESIRED:
-                self.installer.on_desired(decode(DesiredState, payload))
+                desired = decode(DesiredState, payload)
+                if desired.keyset is not None and desired.device_id == self.cfg.device_id:
+                    self._apply_keyset(desired.keyset)
+                if desired.agent is not None and desired.device_id == self.cfg.device_id:
+                    self.selfupdate.on_release(desired.agent)
+                    if self.selfupdate.restart_wanted:
+                        return  # the new agent takes the rest of this desired state from the retained message
+                self.installer.on_desired(desired)
             elif kind is TopicKind.COMMAND:
                 self.commands.handle(decode(Command, payload))
         except InvalidMessage as exc:

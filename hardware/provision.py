@@ -13,6 +13,8 @@ A bundle is a directory ``edgeherd-<device>/``, shipped as a ``.tar.gz``
     config/credentials/ca.pem           the CA bundle the agent pins (the server's own CA); 0600
     config/credentials/broker-password  instead of the three above, for a broker the user brings; 0600
     config/ca.crt                       with a password: the broker's CA certificate, when one was given
+    bin/edgeherd-launch                 starts the agent environment the device should run; switches back from
+                                        an agent update that does not come up (docs/agent.md)
     systemd/edgeherd-agent.service      the agent's unit (paths filled in by install.sh)
     systemd/edgeherd-firstboot.service  the unit that runs install.sh on the first boot of a flashed image
 
@@ -66,6 +68,8 @@ __all__ = [
 
 BUNDLE_FORMAT = "edgeherd.provision/1"
 AGENT_UNIT = "edgeherd-agent.service"
+#: The launcher the unit starts (hardware/templates/edgeherd-launch.sh), installed into PREFIX/bin.
+LAUNCHER = "edgeherd-launch"
 FIRSTBOOT_UNIT = "edgeherd-firstboot.service"
 #: Where a flashed root filesystem keeps the bundle until the first boot has installed it.
 FIRSTBOOT_DIR = "/var/lib/edgeherd-firstboot"
@@ -241,6 +245,7 @@ def stage(parent: Path, spec: BundleSpec, wheelhouse: Path, requirements: str, w
         _write(creds / PASSWORD_FILE, f"{s.password}\n", 0o600)
         if s.ca_cert is not None:
             _write(root / "config" / "ca.crt", s.ca_cert, 0o644)
+    _write(root / "bin" / LAUNCHER, (_TEMPLATES / "edgeherd-launch.sh").read_text(), 0o755)
     _write(root / "systemd" / AGENT_UNIT, agent_unit(spec), 0o644)
     _write(root / "systemd" / FIRSTBOOT_UNIT, firstboot_unit(spec), 0o644)
     info = {

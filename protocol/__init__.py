@@ -7,6 +7,15 @@ smallest device. See ``docs/protocol.md`` for the specification this implements.
 """
 
 from protocol._model import WireModel, decode_model, encode_model, wire_bytes
+from protocol.agent_release import (
+    AgentRelease,
+    AgentUpdate,
+    AgentUpdateStep,
+    SignedAgentRelease,
+    release_digest,
+    sign_agent_release,
+    verify_agent_release,
+)
 from protocol.canonical import canonical_json, load_json, sha256_hex
 from protocol.chunks import (
     DEFAULT_CHUNK_SIZE,
@@ -26,6 +35,7 @@ from protocol.errors import (
     TopicError,
     UnsupportedVersion,
 )
+from protocol.keyset import KeyEntry, KeySet, SignedKeySet, sign_keyset, verify_keyset
 from protocol.manifest import (
     ArtifactEntry,
     FeatureReference,
@@ -44,6 +54,7 @@ from protocol.manifest import (
 )
 from protocol.messages import (
     FINAL_SEQ,
+    MAX_LOG_LINES,
     MAX_RECEIPT_WINDOWS,
     MESSAGE_FOR_TOPIC,
     PROTOCOL_VERSION,
@@ -64,6 +75,8 @@ from protocol.messages import (
     InstallStatus,
     InstallStep,
     LatencySummary,
+    LogBatch,
+    LogLine,
     Receipt,
     RunningBundle,
     TelemetryWindow,
@@ -102,11 +115,15 @@ __all__ = [
     "FINAL_SEQ",
     "HEADER_SIZE",
     "MAX_CHUNK_SIZE",
+    "MAX_LOG_LINES",
     "MAX_RECEIPT_WINDOWS",
     "MESSAGE_FOR_TOPIC",
     "PROTOCOL_VERSION",
     "TOPICS",
     "AckStatus",
+    "AgentRelease",
+    "AgentUpdate",
+    "AgentUpdateStep",
     "ArtifactEntry",
     "Chunk",
     "ChunkFormatError",
@@ -129,8 +146,12 @@ __all__ = [
     "InstallStatus",
     "InstallStep",
     "InvalidMessage",
+    "KeyEntry",
     "KeyFormatError",
+    "KeySet",
     "LatencySummary",
+    "LogBatch",
+    "LogLine",
     "Manifest",
     "PayloadTooLarge",
     "Precision",
@@ -142,6 +163,8 @@ __all__ = [
     "RuntimeRequirement",
     "ShapeRange",
     "SignatureError",
+    "SignedAgentRelease",
+    "SignedKeySet",
     "SignedManifest",
     "SmokeExpectation",
     "Target",
@@ -175,9 +198,14 @@ __all__ = [
     "private_key_to_pem",
     "public_key_to_pem",
     "public_key_to_text",
+    "release_digest",
     "server_subscriptions",
     "sha256_hex",
+    "sign_agent_release",
+    "sign_keyset",
     "sign_manifest",
+    "verify_agent_release",
+    "verify_keyset",
     "verify_manifest",
     "will_message",
     "wire_bytes",

@@ -16,8 +16,10 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from protocol._model import M, WireModel, decode_model, encode_model
+from protocol.agent_release import AgentUpdate, SignedAgentRelease
 from protocol.errors import InvalidMessage, PayloadTooLarge, UnsupportedVersion
 from protocol.ids import DeviceId, Name, RequestId, Sha256Hex, Version
+from protocol.keyset import SignedKeySet
 from protocol.manifest import MAX_BINS, MAX_FEATURES
 from protocol.signing import SignedManifest
 from protocol.topics import TopicKind, device_topic
@@ -128,6 +130,10 @@ class DeviceState(_Msg):
     agent_version: Version | None = None
     running: RunningBundle | None = None
     install: InstallStatus | None = None
+    #: Serial of the newest key-set statement the agent holds (0: none, only its provisioned key).
+    keyset_serial: Annotated[int, Field(ge=0, le=2**53)] | None = None
+    #: The agent release the device was last asked to run and how that went (docs/agent.md).
+    agent_update: AgentUpdate | None = None
 
 
 def will_message(device_id: str, session: int) -> tuple[str, bytes]:
@@ -181,7 +187,7 @@ class DesiredState(_Msg):
     """Retained on ``…/desired``: which artifact of which signed bundle to run."""
 
     KIND: ClassVar[str] = "desired state"
-    MAX_BYTES: ClassVar[int] = SignedManifest.MAX_BYTES + 4096
+    MAX_BYTES: ClassVar[int] = SignedManifest.MAX_BYTES + 4096 + SignedKeySet.MAX_BYTES + SignedAgentRelease.MAX_BYTES
 
     device_id: DeviceId
     #: Increases with every change of the desired state; older ones are ignored.
@@ -191,6 +197,10 @@ class DesiredState(_Msg):
     bundle: SignedManifest | None = None
     artifact: Name | None = None
     rollout_id: Name | None = None
+    #: The newest key-set statement (bundle-signing key rotation); applied whatever the generation.
+    keyset: SignedKeySet | None = None
+    #: The agent release the device should run (docs/agent.md, "Updating the agent"); ``null``: keep its agent.
+    agent: SignedAgentRelease | None = None
 
     @model_validator(mode="after")
     def _artifact_in_bundle(self) -> DesiredState:
@@ -376,6 +386,9 @@ class CommandKind(str, Enum):
     #: ``args.ca`` (its next client certificate, private key and the CA bundle to pin, PEM). The device stores
     #: them for its next connection and acknowledges ``done``; only then does the server retire the old ones.
     ROTATE_CREDENTIALS = "rotate_credentials"
+    #: ``args.lines`` (1 to :data:`MAX_LOG_LINES`: the newest lines to send) and optionally ``args.since`` (only
+    #: lines numbered above it). The device answers with a :class:`LogBatch` on its ``logs`` topic, then ``done``.
+    SEND_LOGS = "send_logs"
 
 
 #: Length limits of a broker password carried by ``rotate_credentials``.
@@ -427,7 +440,19 @@ class Command(_Msg):
                 raise ValueError("rotate_credentials takes args.password, or args.certificate, args.key and args.ca")
         elif long:
             raise ValueError(f"args.{long[0]}: at most 256 characters")
+        if self.kind is CommandKind.SEND_LOGS:
+            _check_log_args(self.args)
         return self
+
+
+def _check_log_args(args: dict[str, bool | int | float | str]) -> None:
+    lines, since = args.get("lines"), args.get("since", 0)
+    if isinstance(lines, bool) or not isinstance(lines, int) or not 1 <= lines <= MAX_LOG_LINES:
+        raise ValueError(f"send_logs needs args.lines: a whole number from 1 to {MAX_LOG_LINES}")
+    if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= 2**53:
+        raise ValueError("send_logs args.since must be a whole number >= 0 (a line's seq)")
+    if set(args) - {"lines", "since"}:
+        raise ValueError("send_logs takes args.lines and args.since only")
 
 
 class AckStatus(str, Enum):
@@ -455,6 +480,38 @@ class CommandAck(_Msg):
     ts: AwareDatetime
 
 
+#: Most log lines one ``send_logs`` command may ask for (and one :class:`LogBatch` may carry).
+MAX_LOG_LINES = 2000
+#: Longest text of one log line; the device cuts longer ones.
+MAX_LOG_TEXT = 2000
+
+
+class LogLine(WireModel):
+    """One line of the agent's log ring. ``text`` is what the device logged: untrusted, shown only with its
+    control characters removed."""
+
+    seq: Count
+    ts: AwareDatetime
+    level: Annotated[str, StringConstraints(max_length=16)]
+    logger: ShortText
+    text: Annotated[str, StringConstraints(max_length=MAX_LOG_TEXT)]
+
+
+class LogBatch(_Msg):
+    """The device's answer to ``send_logs``: its newest log lines (oldest first), as many as fit in
+    :attr:`MAX_BYTES`. ``truncated`` when lines that were asked for and are still held did not fit;
+    ``next_seq`` is the ``since`` that asks for only the lines logged after these."""
+
+    KIND: ClassVar[str] = "log batch"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    device_id: DeviceId
+    command_id: RequestId
+    lines: list[LogLine] = Field(default_factory=list, max_length=MAX_LOG_LINES)
+    truncated: bool = False
+    next_seq: Count = 0
+
+
 #: Windows one receipt may name (of each kind); a server with more to confirm sends several.
 MAX_RECEIPT_WINDOWS = 512
 WindowKey = tuple[Session, Annotated[int, Field(ge=0, le=2**53)]]
@@ -479,7 +536,7 @@ class Receipt(_Msg):
 
 Message = (
     DeviceState | Hello | DesiredState | ChunkRequest | ErrorReply | TelemetryWindow | FeatureStats | Command
-    | CommandAck | Receipt
+    | CommandAck | Receipt | LogBatch
 )
 
 MESSAGE_FOR_TOPIC: dict[TopicKind, type[WireModel]] = {
@@ -493,6 +550,7 @@ MESSAGE_FOR_TOPIC: dict[TopicKind, type[WireModel]] = {
     TopicKind.ACK: CommandAck,
     TopicKind.ERROR: ErrorReply,
     TopicKind.RECEIPT: Receipt,
+    TopicKind.LOGS: LogBatch,
 }
 
 

@@ -60,6 +60,7 @@ class TopicKind(str, Enum):
     ACK = "ack"
     ERROR = "error"
     RECEIPT = "receipt"
+    LOGS = "logs"
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ TOPICS: dict[TopicKind, TopicSpec] = {
                   "the server's answer to a request it could not serve"),
         TopicSpec(TopicKind.RECEIPT, Direction.SERVER_TO_DEVICE, 1, False, "Receipt",
                   "telemetry and statistics windows the server has stored"),
+        TopicSpec(TopicKind.LOGS, Direction.DEVICE_TO_SERVER, 1, False, "LogBatch",
+                  "the agent's recent log lines, answering a send_logs command"),
     )
 }
 

@@ -58,6 +58,7 @@ from server.ingest import Batch, Ingestor
 from server.orchestrator import Orchestrator
 from server.presence import online_clause
 from server.registry import Registry
+from server.retention import Pruner, RetentionPolicy
 from server.settings import ALERT_WEBHOOK
 
 __all__ = ["ServerApp"]
@@ -77,7 +78,8 @@ class ServerApp:
                  workers: int = 2, drift_interval: float = 10.0, broadcast: bool = True,
                  rollout_interval: float = 2.0, broadcast_chunk: int = 256 * 1024,
                  listen: tuple[str, int] | None = None, public_hosts: list[str] | None = None,
-                 api_listen: tuple[str, int] | None = None) -> None:
+                 api_listen: tuple[str, int] | None = None, retention: RetentionPolicy | None = None,
+                 prune_every: float = 600.0) -> None:
         self.managed = broker_url is None
         #: Where the operator API listens (HTTPS, server/api); None: no API in this process.
         self.api_listen = api_listen
@@ -128,6 +130,10 @@ class ServerApp:
         #: The server's connection to the broker (server/bus.py), from :meth:`start`.
         self.client: Bus | None = None
         self._http: ThreadingHTTPServer | None = None
+        #: Prunes old report rows every ``prune_every`` seconds on its own thread (server/retention.py); None when
+        #: every table is kept forever.
+        self.pruner = Pruner(self.registry.engine, retention) if retention is not None and retention.active else None
+        self.prune_every = prune_every
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -149,6 +155,9 @@ class ServerApp:
             self._spawn(self._drift_loop, "drift")
         if self.notifier is not None:
             self._spawn(self._notify_loop, "alert-webhook")
+        if self.pruner is not None and self.prune_every > 0:
+            pruner = self.pruner
+            self._spawn(lambda: pruner.run(self._stop, self.prune_every, self.holder), "retention")
         if self.rollout_interval > 0:
             self._spawn(lambda: self.orchestrator.run(self._stop), "rollouts")
         if self.metrics_port:
@@ -186,7 +195,7 @@ class ServerApp:
             self._http.server_close()
         for t in self._threads:
             t.join(120 if t.name.startswith("edgeherd-worker") else 5)
-        for lease in ("drift", "alert-webhook"):
+        for lease in ("drift", "alert-webhook", "retention", "agent-rollouts"):
             try:
                 leases.release(self.registry.engine, lease, self.holder)  # another replica takes over at once
             except Exception:
@@ -525,6 +534,8 @@ class ServerApp:
         lines.append("# TYPE edgeherd_server_chunk_requests_refused_total counter")
         lines += [f'edgeherd_server_chunk_requests_refused_total{{reason="{k}"}} {v}'
                   for k, v in sorted(self.chunk_refused.items())]
+        if self.pruner is not None:
+            lines += self.pruner.metrics_lines()
         return "\n".join(lines) + "\n"
 
 

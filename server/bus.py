@@ -178,6 +178,14 @@ class Bus:
             granted = self._subacks.pop(mid, False)
         return answered and granted
 
+    def route(self, topic: str, handler: Handler | None) -> None:
+        """Send messages on exactly ``topic`` to ``handler`` instead of ``on_message`` (None: stop); subscribing
+        is the caller's (:meth:`subscribe`)."""
+        if handler is None:
+            self._handlers.pop(topic, None)
+        else:
+            self._handlers[topic] = handler
+
     def _subscribed(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         """A SUBACK: granted when no reason code in it is a failure (the broker's ACL may refuse a filter)."""
         with self._answered:

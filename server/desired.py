@@ -17,11 +17,12 @@ from datetime import datetime, timezone
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from protocol import DesiredState, SignedManifest, decode_model, manifest_digest
+from protocol import DesiredState, SignedAgentRelease, SignedManifest, decode_model, manifest_digest
 from server.assignment import Outcome, choose, runtimes_of
 from server.bus import Bus, BusError, Publication
-from server.db.models import Device, ModelVersion, Rollout, RolloutDevice, VersionArtifact
+from server.db.models import AgentReleaseRow, Device, ModelVersion, Rollout, RolloutDevice, VersionArtifact
 from server.errors import RegistryError
+from server.signing_keys import current_statement
 
 __all__ = ["DesiredStates"]
 
@@ -94,7 +95,8 @@ class DesiredStates:
         # the agent would otherwise ignore as seen.
         generation = max(device.desired_generation + 1, time.time_ns() // 1_000_000)
         desired = DesiredState(device_id=device.id, generation=generation, issued_at=datetime.now(timezone.utc),
-                               bundle=signed, artifact=artifact, rollout_id=rollout)
+                               bundle=signed, artifact=artifact, rollout_id=rollout, keyset=current_statement(db),
+                               agent=self.signed_agent(db, device.desired_agent))
         try:
             taken = bus.confirm(bus.publish_desired(desired))
         except BusError as exc:
@@ -161,6 +163,7 @@ class DesiredStates:
         ``{device: generation}``. ``manifests`` caches signed manifests by digest across calls."""
         sent: list[tuple[Device, Publication]] = []
         now = datetime.now(timezone.utc)
+        keyset = current_statement(db)  # the newest key-set statement goes with every desired state
         for device in devices:
             digest, artifact = device.desired_manifest, device.desired_artifact
             assert digest is not None and artifact is not None  # noqa: S101 - selected so
@@ -172,7 +175,8 @@ class DesiredStates:
                             device.id, digest[:12])
                 continue
             desired = DesiredState(device_id=device.id, generation=device.desired_generation, issued_at=now,
-                                   bundle=signed, artifact=artifact)
+                                   bundle=signed, artifact=artifact, keyset=keyset,
+                                   agent=self.signed_agent(db, device.desired_agent))
             sent.append((device, bus.publish_desired(desired)))
         deadline = time.monotonic() + 30
         for device, publication in sent:
@@ -188,15 +192,31 @@ class DesiredStates:
         row = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == manifest_sha256)).first()
         return None if row is None else decode_model(SignedManifest, row.signed_manifest)
 
+    def signed_agent(self, db: Session, digest: str | None) -> SignedAgentRelease | None:
+        """The signed agent release of that digest (server/agent_releases.py); None for None or an unknown one."""
+        if digest is None:
+            return None
+        row = db.exec(select(AgentReleaseRow).where(AgentReleaseRow.digest == digest)).first()
+        return None if row is None else decode_model(SignedAgentRelease, row.signed)
+
     def desired_bundle_artifacts(self, device_id: str) -> set[str]:
-        """sha256 of the artifacts this device may fetch: those of the bundle it is meant to run."""
+        """sha256 of the artifacts this device may fetch: those of the bundle it is meant to run, and the tar of
+        the agent release it is meant to run."""
         with Session(self.engine) as db:
             device = db.get(Device, device_id)
-            if device is None or device.revoked or device.desired_manifest is None:
-                return set()
-            version = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == device.desired_manifest)
-                              ).first()
-            if version is None:
-                return set()
-            rows = db.exec(select(VersionArtifact).where(VersionArtifact.version_id == version.id)).all()
-            return {r.sha256 for r in rows}
+            if device is not None and not device.revoked and device.desired_agent is not None:
+                agent = self.signed_agent(db, device.desired_agent)
+                if agent is not None:
+                    return {agent.release.sha256} | self._bundle_artifacts(db, device)
+            return self._bundle_artifacts(db, device)
+
+    @staticmethod
+    def _bundle_artifacts(db: Session, device: Device | None) -> set[str]:
+        if device is None or device.revoked or device.desired_manifest is None:
+            return set()
+        version = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == device.desired_manifest)
+                          ).first()
+        if version is None:
+            return set()
+        rows = db.exec(select(VersionArtifact).where(VersionArtifact.version_id == version.id)).all()
+        return {r.sha256 for r in rows}

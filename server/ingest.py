@@ -267,6 +267,10 @@ class Ingestor:
                 # an install status about another bundle than the one now desired is old news: a rollout
                 # must not read a failure of last week's install as a failure of this one
                 device.install_step, device.install_error = msg.install.step.value, msg.install.error
+            if msg.keyset_serial is not None:  # its confirmation of a key rotation (server/signing_keys.py)
+                device.keyset_serial = msg.keyset_serial
+            if msg.agent_update is not None:  # how its agent update went (server/agent_releases.py)
+                device.agent_update = msg.agent_update.model_dump(mode="json", exclude_none=True)
             db.add(device)
             return "ok"
         device.fingerprint = msg.fingerprint.model_dump(mode="json", exclude_none=True)

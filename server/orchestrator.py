@@ -35,6 +35,7 @@ from server.bus import Bus
 from server.db.models import Device, DriftReportRow, GateEvaluation, ModelVersion, Rollout, RolloutDevice, TelemetryRow
 from server.errors import ServerError
 from server.governance import Governance, Permission, Stage, check_rollout, find_version, mark_deployed
+from server.groups import record_release
 from server.presence import is_online
 from server.registry import Registry, RegistryError, check_artifact
 from server.rollouts import (
@@ -278,6 +279,9 @@ def _apply(db: Session, registry: Registry, bus: Bus | None, row: Rollout, resul
                                   numbers=_jsonable(g.numbers)))
     for action_name, detail in result.events:
         audit.append(db, actor, action_name, f"rollout:{row.name}", _jsonable(detail))
+    if result.deployed:  # completed: the groups it targeted track its version from now on (server/groups.py)
+        for group in sorted(set(row.target.get("groups", []))):
+            record_release(db, group, version, actor, f"rollout:{row.name}")
     if result.deployed and version.stage == Stage.APPROVED.value:  # a draft tried out in the lab stays a draft
         mark_deployed(db, version, actor, rollout=row.name, commit=False)  # committed with the step, under its lease
 
@@ -455,8 +459,22 @@ class Orchestrator:
                 log.debug("rollout %s is held by another replica", name)
             except Exception:
                 log.exception("rollout %s: step failed; it is retried on the next pass", name)
+        done += self._step_agent_rollouts()
         self.steps += 1
         return done
+
+    def _step_agent_rollouts(self) -> int:
+        """Move agent-release rollouts on (server/agent_releases.py), one replica at a time: the one holding the
+        "agent-rollouts" lease for this pass."""
+        from server.agent_releases import advance
+
+        if not leases.acquire(self.registry.engine, "agent-rollouts", self.holder, max(30.0, 3 * self.interval)):
+            return 0
+        try:
+            return advance(self.registry)
+        except Exception:
+            log.exception("agent rollouts: step failed; retried on the next pass")
+            return 0
 
     def _step_one(self, db: Session, row: Rollout) -> None:
         view = rollout_view(db, row)

@@ -49,6 +49,8 @@ class Permission(Enum):
     ROTATE_CA = "rotating the certificate authority"
     MANAGE_OPERATORS = "managing operators and their tokens"
     ACK_ALERT = "acknowledging or resolving an alert"
+    COMMAND_DEVICE = "sending a device a command or reading its logs"
+    ROTATE_SIGNING_KEY = "rotating the bundle-signing key"
 
     @property
     def min_role(self) -> Role:
@@ -61,6 +63,7 @@ _MIN_ROLE: dict[Permission, Role] = {p: Role.OPERATOR for p in Permission} | {
     Permission.REJECT: Role.APPROVER,
     Permission.RETIRE: Role.ADMIN,
     Permission.ROTATE_CA: Role.ADMIN,
+    Permission.ROTATE_SIGNING_KEY: Role.ADMIN,
     Permission.MANAGE_OPERATORS: Role.ADMIN,
 }
 

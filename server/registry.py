@@ -40,6 +40,7 @@ from protocol import (
 )
 from protocol.ids import is_device_id
 from server import audit
+from server import groups as groups_module
 from server.assignment import Outcome, choose, runtimes_of
 from server.broker import SERVER_USER, DeviceCredentials, MosquittoBroker, take_over
 from server.bus import Bus, BusError
@@ -48,6 +49,7 @@ from server.db.models import ArtifactRow, AuditEntry, Device, ModelVersion, Vers
 from server.desired import DesiredStates
 from server.distribution import DirectoryStore, StoreError
 from server.errors import RegistryError
+from server.groups import check_names
 from server.pki import PkiError
 from toolchain.bundle import CARD, MANIFEST, verify_bundle
 from toolchain.errors import BundleError
@@ -118,6 +120,7 @@ class Registry(DesiredStates):
             raise RegistryError(f"{device_id!r} is not a valid device name: use a-z, 0-9 and '-', at most 63"
                                 + (", and not the server's own broker user" if device_id == SERVER_USER else ""))
         self._check_profile(profile, custom_profile)
+        groups = check_names("group", groups or [])
         server_key = self.public_key_text()
         with Session(self.engine) as db:
             with audit.unit_of_work(db, self.data):
@@ -149,6 +152,8 @@ class Registry(DesiredStates):
         ])
         atomic_write(out / "agent.toml", config.encode(), 0o600)
         log.info("enrolled device %s (%s)", device_id, profile)
+        if groups:  # into a group with a release: it gets its version (sent once its hello names its runtimes)
+            self._converge_enrolled([device_id], actor)
         return Enrolled(device, out / "agent.toml")
 
     def add_devices_bulk(self, device_ids: list[str], profile: str, groups: list[str] | None = None,
@@ -159,6 +164,7 @@ class Registry(DesiredStates):
         if bad:
             raise RegistryError(f"not valid device names: {bad[:5]}")
         self._check_profile(profile, custom_profile)
+        groups = check_names("group", groups or [])
         with Session(self.engine) as db, audit.unit_of_work(db, self.data):
             taken = set(db.exec(select(Device.id).where(col(Device.id).in_(device_ids))).all())
             if taken:
@@ -168,7 +174,26 @@ class Registry(DesiredStates):
             audit.append(db, actor, "device.add_bulk", f"devices:{len(device_ids)}", {
                 "profile": profile, "groups": groups or [], "count": len(device_ids), "first": device_ids[:5]}
                 | ({"custom_profile": True} if custom_profile else {}))
-        return self.new_credentials(device_ids)
+        creds = self.new_credentials(device_ids)
+        with Session(self.engine) as db:
+            tracked = bool(groups) and bool(groups_module.releases(db, groups))
+        if tracked:  # into a group with a release: each gets its version once its hello names its runtimes
+            self._converge_enrolled(device_ids, actor)
+        return creds
+
+    def _converge_enrolled(self, device_ids: list[str], actor: str) -> None:
+        """Converge just-enrolled devices to their groups' release; the enrolment stands when that fails (a
+        re-enrolled device that reported its runtimes before, with the broker down), with a warning."""
+        try:
+            groups_module.converge(self, device_ids, actor)
+        except RegistryError as exc:
+            log.warning("enrolled, but not given their groups' release: %s; `edgeherd device set` them again", exc)
+
+    def set_device(self, device_id: str, *, groups: list[str] | None = None, tags: list[str] | None = None,
+                   actor: str = SYSTEM) -> Device:
+        """Replace an enrolled device's groups and/or tags (None: unchanged), audited, then converge it to its
+        groups' release (server/groups.py)."""
+        return groups_module.set_device(self, device_id, groups=groups, tags=tags, actor=actor)[0]
 
     @property
     def certificates(self) -> bool:

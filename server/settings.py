@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 from server.errors import ServerError
 
-__all__ = ["ALERT_WEBHOOK", "CLOCK_SKEW", "REPORT_HORIZON", "STALE_AFTER", "Seconds", "SettingError", "WebhookUrl"]
+__all__ = ["ALERT_WEBHOOK", "CLOCK_SKEW", "PRUNE_EVERY", "REPORT_HORIZON", "STALE_AFTER", "Seconds", "SettingError",
+           "WebhookUrl"]
 
 
 class SettingError(ServerError, ValueError):
@@ -57,6 +58,9 @@ CLOCK_SKEW = Seconds("EDGEHERD_CLOCK_SKEW_S", 300.0, 0.0, 86400.0)
 #: How far behind the server's clock a time a device sends may be: an agent's outbox holds 10,000 windows, about
 #: a week of one-minute windows of a device that was offline.
 REPORT_HORIZON = Seconds("EDGEHERD_REPORT_HORIZON_S", 7 * 86400.0, 3600.0, 366 * 86400.0)
+#: Seconds between retention passes (server/retention.py), when ``server run`` is given ``--retain-days`` or
+#: ``--retain`` and no ``--prune-every``.
+PRUNE_EVERY = Seconds("EDGEHERD_PRUNE_EVERY_S", 600.0, 1.0, 86400.0)
 
 
 @dataclass(frozen=True)

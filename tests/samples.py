@@ -24,6 +24,8 @@ from protocol import (
     InstallStatus,
     InstallStep,
     LatencySummary,
+    LogBatch,
+    LogLine,
     Manifest,
     Precision,
     Preprocessing,
@@ -161,4 +163,7 @@ def all_messages() -> list[WireModel]:
         CommandAck(device_id="pi5-kitchen", command_id=REQ, status="done", message="log level is DEBUG", ts=T0),
         Receipt(device_id="pi5-kitchen", telemetry=[(1_795_000_000_000, 41), (1_795_000_000_000, 42)],
                 stats=[(1_795_000_000_000, 42)]),
+        LogBatch(device_id="pi5-kitchen", command_id=REQ, next_seq=1_795_000_000_000_001,
+                 lines=[LogLine(seq=1_795_000_000_000_001, ts=T0, level="INFO", logger="agent.installer",
+                                text="now running digits 1.2.0 from slot b")]),
     ]

@@ -49,7 +49,7 @@ GOV = Governance(CONFIG)
 OPERATOR_RIGHTS = {Permission.READ, Permission.PUSH_MODEL, Permission.DEPLOY, Permission.ENROLL_DEVICE,
                    Permission.REVOKE_DEVICE, Permission.START_ROLLOUT, Permission.PAUSE_ROLLOUT,
                    Permission.RESUME_ROLLOUT, Permission.ABORT_ROLLOUT, Permission.ROLLBACK_ROLLOUT,
-                   Permission.PROMOTE, Permission.ACK_ALERT}
+                   Permission.PROMOTE, Permission.ACK_ALERT, Permission.COMMAND_DEVICE}
 RIGHTS = {
     "vic": {Permission.READ},
     "otto": OPERATOR_RIGHTS,

@@ -86,7 +86,7 @@ def test_bundle_layout_modes_and_contents(tmp_path, wheel_dir):
         "edgeherd-pi-1/requirements.txt": 0o600, "edgeherd-pi-1/config/agent.toml": 0o600,
         "edgeherd-pi-1/config/credentials/device.pem": 0o600, "edgeherd-pi-1/config/credentials/device.key": 0o600,
         "edgeherd-pi-1/config/credentials/ca.pem": 0o600,
-        "edgeherd-pi-1/systemd/edgeherd-agent.service": 0o644,
+        "edgeherd-pi-1/systemd/edgeherd-agent.service": 0o644, "edgeherd-pi-1/bin/edgeherd-launch": 0o755,
         "edgeherd-pi-1/systemd/edgeherd-firstboot.service": 0o644}
     assert stat.S_IMODE(members["edgeherd-pi-1"].mode) == 0o700
     assert stat.S_IMODE(members["edgeherd-pi-1/config/credentials"].mode) == 0o700
@@ -155,10 +155,11 @@ def test_device_secrets_take_one_kind_of_credentials_complete():
 def test_the_unit_is_hardened_and_the_jetson_one_sees_the_gpu(tmp_path, wheel_dir):
     pi = fast_bundle(tmp_path / "a", spec("pi-1", "raspberry-pi-5"), wheel_dir)
     unit = (pi / "systemd/edgeherd-agent.service").read_text()
-    for line in ("Restart=on-failure", "User=@USER@", "NoNewPrivileges=yes", "ProtectSystem=strict",
+    for line in ("Restart=always", "User=@USER@", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes", "CapabilityBoundingSet=",
                  "ReadWritePaths=@DATA_DIR@ @CONFIG_DIR@/credentials",
-                 "ExecStart=@PREFIX@/venv/bin/edgeherd-agent run --config @CONFIG_DIR@/agent.toml"):
+                 "ExecStart=@PREFIX@/bin/edgeherd-launch @DATA_DIR@/agent @PREFIX@/venv run --config "
+                 "@CONFIG_DIR@/agent.toml"):
         assert line in unit.splitlines(), line
     orin = fast_bundle(tmp_path / "b", spec("orin-1", "jetson-orin-nano"), wheel_dir)
     assert "PrivateDevices=no" in (orin / "systemd/edgeherd-agent.service").read_text()
@@ -229,7 +230,8 @@ def test_install_sh_installs_offline_is_idempotent_and_upgrades_in_place(tmp_pat
     assert cfg.data_dir == data and cfg.device_id == "pi-1"
     assert mode(etc / "agent.toml") == (0o640 if os.getuid() == 0 else 0o600)
     unit = (root / "etc/systemd/system/edgeherd-agent.service").read_text()
-    assert f"ExecStart={prefix}/venv/bin/edgeherd-agent run --config {etc}/agent.toml" in unit
+    assert f"ExecStart={prefix}/bin/edgeherd-launch {data}/agent {prefix}/venv run --config {etc}/agent.toml" in unit
+    assert os.access(prefix / "bin/edgeherd-launch", os.X_OK)
     assert f"User={ME}" in unit and f"Group={MY_GROUP}" in unit and f"ReadWritePaths={data} {cred}" in unit
     if SYSTEMD_ANALYZE:
         verify = subprocess.run([SYSTEMD_ANALYZE, "verify", str(root / "etc/systemd/system/edgeherd-agent.service")],

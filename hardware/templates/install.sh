@@ -67,7 +67,8 @@ case $AGENT_USER in ''|-*|*[!a-z0-9_-]*) die "--user takes a user name (a-z, 0-9
 
 HERE=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
 [ -f "$HERE/bundle.json" ] && [ -f "$HERE/requirements.txt" ] && [ -d "$HERE/wheelhouse" ] \
-  || die "run install.sh from its unpacked bundle (bundle.json, requirements.txt and wheelhouse/ beside it)"
+  && [ -f "$HERE/bin/edgeherd-launch" ] \
+  || die "run install.sh from its unpacked bundle (bundle.json, requirements.txt, wheelhouse/ and bin/ beside it)"
 ROOT=no
 if [ "$(id -u)" = 0 ]; then ROOT=yes; fi
 
@@ -173,6 +174,9 @@ fi
 
 # 5. The data directory: made once, never emptied.
 install -d -m 0750 $OWN "$DATA_DIR"
+# Agent updates live in DATA_DIR/agent (docs/agent.md); what this bundle installs replaces what they switched to.
+install -d -m 0750 $OWN "$DATA_DIR/agent"
+rm -f "$DATA_DIR/agent/current" "$DATA_DIR/agent/trial" "$DATA_DIR/agent/trial.starts"
 
 # 6. Switch to the new environment; keep it and the one before it.
 current=$(readlink "$PREFIX/venv" 2>/dev/null || true)
@@ -187,12 +191,15 @@ for d in "$PREFIX"/venvs/*; do
   case "venvs/${d##*/}" in "venvs/$VENV_NAME"|"$previous") ;; *) rm -rf "$d"; say "removed the old ${d##*/}" ;; esac
 done
 
-# 7. The service.
+# 7. The service, started by the launcher, which lives outside every agent environment.
+install -d -m 0755 "$PREFIX/bin"
+install -m 0755 "$HERE/bin/edgeherd-launch" "$PREFIX/bin/.edgeherd-launch.tmp"
+mv -f "$PREFIX/bin/.edgeherd-launch.tmp" "$PREFIX/bin/edgeherd-launch"
 install -d -m 0755 "$UNIT_DIR"
 render "$HERE/systemd/$UNIT" > "$UNIT_DIR/.$UNIT.tmp"
 chmod 0644 "$UNIT_DIR/.$UNIT.tmp"
 mv -f "$UNIT_DIR/.$UNIT.tmp" "$UNIT_DIR/$UNIT"
-EXEC="$PREFIX/venv/bin/edgeherd-agent run --config $CONFIG_DIR/agent.toml"
+EXEC="$PREFIX/bin/edgeherd-launch $DATA_DIR/agent $PREFIX/venv run --config $CONFIG_DIR/agent.toml"
 if [ "$SYSTEMD" = auto ]; then
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then SYSTEMD=yes; else SYSTEMD=no; fi
 fi

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path as FilePath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from protocol import MAX_LOG_LINES
 from protocol.features import FeatureDefinition
 from server import features
 from server.api.auth import Operator, permit
@@ -22,6 +23,7 @@ from server.api.routes_base import DEVICE, NAME, Body, invalid, plain, refused
 from server.broker import SERVER_USER
 from server.db.models import Device, FeatureDefinitionRow
 from server.governance import Permission
+from server.groups import GROUP_PATTERN
 from server.registry import RegistryError
 
 __all__ = ["devices", "feature_registry"]
@@ -77,6 +79,27 @@ def enrol_device(body: NewDevice, response: Response,
                       "mode 0600) and keep no other copy; they are not shown again"}
 
 
+class DeviceSet(Body):
+    groups: list[Annotated[str, Field(pattern=GROUP_PATTERN)]] | None = Field(
+        default=None, max_length=100, description="Its groups, replacing the ones it has (absent: unchanged)")
+    tags: list[Annotated[str, Field(pattern=GROUP_PATTERN)]] | None = Field(
+        default=None, max_length=100, description="Its tags, replacing the ones it has (absent: unchanged)")
+
+
+@devices.post("/{device_id}/set", summary="Replace a device's groups and/or tags; it converges to its groups' "
+              "release (server/groups.py)")
+def set_device(device_id: Annotated[str, Path(pattern=DEVICE)], body: DeviceSet,
+               op: Annotated[Operator, Depends(permit(Permission.ENROLL_DEVICE))]) -> dict[str, Any]:
+    _enrolled(op.registry, device_id)
+    if body.groups is None and body.tags is None:
+        raise invalid("", "give groups and/or tags")
+    try:
+        device = op.registry.set_device(device_id, groups=body.groups, tags=body.tags, actor=op.name)
+    except RegistryError as exc:
+        raise refused(exc) from None
+    return {"device": _device_json(device)}
+
+
 class Rotate(Body):
     timeout: Annotated[float, Field(ge=1, le=300, description="Seconds to wait for the agent to confirm")] = 30.0
 
@@ -95,6 +118,59 @@ def rotate_credentials(device_id: Annotated[str, Path(pattern=DEVICE)], body: Ro
     except RegistryError as exc:
         raise refused(exc) from None
     return {"device": device_id, "credential": kind, "command_id": done.command_id, "message": done.message}
+
+
+def _enrolled(registry: Any, device_id: str) -> None:
+    with Session(registry.engine) as db:
+        device = db.get(Device, device_id)
+        if device is None or device.revoked:
+            raise HTTPException(404, f"no enrolled device named {device_id}")
+
+
+class DeviceCommand(Body):
+    command: Literal["report-now", "set-log-level", "restart", "rollback"]
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        None, description="The level, for set-log-level only")
+    timeout: Annotated[float, Field(ge=1, le=300, description="Seconds to wait for the agent's answer")] = 30.0
+
+
+@devices.post("/{device_id}/commands",
+              summary="Send the device a command (report-now, set-log-level, restart, rollback) and wait for its "
+                      "answer; audited")
+def command_device(device_id: Annotated[str, Path(pattern=DEVICE)], body: DeviceCommand,
+                   op: Annotated[Operator, Depends(permit(Permission.COMMAND_DEVICE))]) -> dict[str, Any]:
+    from server.diagnostics import send_command
+
+    _enrolled(op.registry, device_id)
+    try:
+        ack = send_command(op.registry, device_id, body.command, body.level, actor=op.name, timeout=body.timeout)
+    except RegistryError as exc:
+        raise refused(exc) from None
+    return {"device": device_id, "command": body.command, "command_id": ack.command_id, "status": str(ack.status),
+            "message": ack.message}
+
+
+class LogRequest(Body):
+    lines: Annotated[int, Field(ge=1, le=MAX_LOG_LINES, description="The newest lines to send")] = 100
+    since: Annotated[int, Field(ge=0, le=2**53, description="Only lines numbered above it (a follow passes the "
+                                                             "last answer's next_seq; such a poll is not audited)")] = 0
+    timeout: Annotated[float, Field(ge=1, le=300, description="Seconds to wait for the agent's answer")] = 30.0
+
+
+@devices.post("/{device_id}/logs",
+              summary="The agent's newest log lines (untrusted text: escape control characters before showing it)")
+def device_logs(device_id: Annotated[str, Path(pattern=DEVICE)], body: LogRequest,
+                op: Annotated[Operator, Depends(permit(Permission.COMMAND_DEVICE))]) -> dict[str, Any]:
+    from server.diagnostics import fetch_logs
+
+    _enrolled(op.registry, device_id)
+    try:
+        batch = fetch_logs(op.registry, device_id, body.lines, body.since, actor=op.name, timeout=body.timeout,
+                           audited=body.since == 0)
+    except RegistryError as exc:
+        raise refused(exc) from None
+    return {"device": device_id, "lines": [line.model_dump(mode="json") for line in batch.lines],
+            "truncated": batch.truncated, "next_seq": batch.next_seq}
 
 
 # -- the feature registry ------------------------------------------------------------------------

@@ -12,13 +12,16 @@ import typer
 
 from hardware.process import version_option
 from server.cli._common import CliState
+from server.cli.agent_ota import agent_app
 from server.cli.alerts import alerts_app
 from server.cli.build import build_command, bundle_app
 from server.cli.demo import demo_command
+from server.cli.diagnostics import device_cmd, device_logs
 from server.cli.features import features_app
 from server.cli.flash import flash_command, rotate_credentials_command
 from server.cli.fleet import deploy_command, device_app, fleet_app, model_app, server_app
 from server.cli.governance import audit_app, model_approve, model_promote, model_reject, model_retire
+from server.cli.groups import device_set, group_app
 from server.cli.keys import keys_app
 from server.cli.operators import login_command, logout_command, operator_app, server_init
 from server.cli.rollout import rollout_app
@@ -41,6 +44,8 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(features_app, name="features")
 app.add_typer(operator_app, name="operator")
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(group_app, name="group")
+app.add_typer(agent_app, name="agent")
 server_app.command("init")(server_init)
 app.command("login")(login_command)
 app.command("logout")(logout_command)
@@ -52,6 +57,9 @@ app.command("build")(build_command)
 app.command("deploy")(deploy_command)
 app.command("flash")(flash_command)
 device_app.command("rotate-credentials")(rotate_credentials_command)
+device_app.command("set")(device_set)
+device_app.command("logs")(device_logs)
+device_app.command("cmd")(device_cmd)
 app.command("tui")(tui_command)
 app.command("demo")(demo_command)
 

@@ -50,6 +50,15 @@ def server_run(
         "--api-listen", envvar="EDGEHERD_API_LISTEN", help="HOST:PORT of the operator API (HTTPS, docs/api.md); "
         "'off': none. Default: 0.0.0.0:9443 once a public host is given, else 127.0.0.1:9443.")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    retain_days: Annotated[str | None, typer.Option(
+        "--retain-days", envvar="EDGEHERD_RETAIN_DAYS", help="Days of telemetry, feature statistics and drift "
+        "reports kept (docs/server.md, \"Retention\"); 0 or none: forever (the default).")] = None,
+    retain: Annotated[list[str] | None, typer.Option(
+        "--retain", help="TABLE=DAYS for one table (telemetry, feature_stats, drift_reports), over --retain-days; "
+        "repeatable.")] = None,
+    prune_every: Annotated[float | None, typer.Option(
+        "--prune-every", min=1, help="Seconds between retention passes (default EDGEHERD_PRUNE_EVERY_S, 600).")
+    ] = None,
 ) -> None:
     """Run the MQTT bridge, artifact distribution, drift evaluation and the operator API until SIGTERM.
 
@@ -76,16 +85,54 @@ def server_run(
         api = None if api_listen == "off" else parse_api_listen(api_listen)
     except ValueError as exc:
         fail(exc)
+    policy, every = _retention(retain_days, retain, prune_every)
     configure_logging(log_level)
     try:
         app = ServerApp(data_dir, broker_url=broker, metrics_port=metrics_port, drift_interval=drift_interval,
                         broadcast=not unicast_artifacts, rollout_interval=rollout_interval,
                         listen=parse_listen(listen) if listen else None, public_hosts=public_host or None,
-                        api_listen=api).start()
+                        api_listen=api, retention=policy, prune_every=every).start()
     except (BrokerError, OSError, SettingError, PkiError) as exc:
         fail(exc)
     wait_for_termination()
     app.stop()
+
+
+def _retention(days: str | None, per_table: list[str] | None, every: float | None) -> tuple[Any, float]:
+    """The retention policy and the seconds between passes of ``server run``'s options, or fail naming the bad one."""
+    from server.retention import RetentionError, RetentionPolicy
+    from server.settings import PRUNE_EVERY, SettingError
+
+    try:
+        return (RetentionPolicy.parse(days, per_table or ()),
+                every if every is not None else PRUNE_EVERY.read().total_seconds())
+    except (RetentionError, SettingError) as exc:
+        fail(exc)
+
+
+@server_app.command("prune")
+def server_prune(
+    data_dir: DataDir = Path("data"),
+    retain_days: Annotated[str | None, typer.Option("--retain-days", envvar="EDGEHERD_RETAIN_DAYS",
+                                                    help="As for `server run`.")] = None,
+    retain: Annotated[list[str] | None, typer.Option("--retain", help="TABLE=DAYS, as for `server run`.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
+) -> None:
+    """Run one retention pass now: delete telemetry, feature statistics and drift reports older than kept."""
+    from server.cli._common import open_engine
+    from server.retention import Pruner
+
+    policy, _ = _retention(retain_days, retain, 600.0)
+    if not policy.active:
+        fail(ValueError("nothing to prune: every table is kept forever; give --retain-days or --retain TABLE=DAYS"))
+    engine = open_engine(data_dir)
+    try:
+        report = Pruner(engine, policy).prune(dry_run=dry_run)
+    finally:
+        engine.dispose()
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} {report.total} rows: " + ", ".join(f"{t} {n}" for t, n in report.deleted.items())
+                  + f" ({policy.describe()})")
 
 
 @server_app.command("backup")

@@ -16,8 +16,10 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, LargeBinary, Text, UniqueConstraint, false
 from sqlmodel import Field, SQLModel
 
-__all__ = ["Alert", "AlertCondition", "AlertDelivery", "Approval", "ArtifactRow", "AuditEntry", "Device",
-           "DriftPending", "DriftReportRow", "GateEvaluation", "Lease", "ModelVersion", "OperatorKey", "OperatorToken",
+__all__ = ["AgentReleaseRow", "AgentRollout", "AgentRolloutDevice",
+           "Alert", "AlertCondition", "AlertDelivery", "Approval", "ArtifactRow", "AuditEntry", "Device",
+           "DriftPending", "DriftReportRow", "GateEvaluation", "GroupRelease",
+           "KeyStatement", "Lease", "ModelVersion", "OperatorKey", "OperatorToken",
            "Rollout", "RolloutDevice", "StatsWindow", "TelemetryRow", "VersionArtifact"]
 
 
@@ -53,6 +55,12 @@ class Device(SQLModel, table=True):
     desired_manifest: str | None = Field(default=None, max_length=64)
     desired_artifact: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(nullable=False)
+    #: Serial of the newest key-set statement the device reported holding (server/signing_keys.py).
+    keyset_serial: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    #: Digest of the agent release the device is meant to run (server/agent_releases.py); None: its own.
+    desired_agent: str | None = Field(default=None, max_length=64)
+    #: The device's last word on an agent update: {"version", "step", "error"} (protocol.AgentUpdate).
+    agent_update: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class ModelVersion(SQLModel, table=True):
@@ -379,3 +387,86 @@ class FeatureDefinitionRow(SQLModel, table=True):
     owner: str = Field(default="", max_length=256)
     pushed_by: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(nullable=False)
+
+
+class KeyStatement(SQLModel, table=True):
+    """A key-set statement the server issued (protocol/keyset.py): the bundle-signing keys and their states.
+    The newest goes out in every desired state (server/signing_keys.py)."""
+
+    __tablename__ = "keyset_statements"
+
+    serial: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    #: The signed statement as canonical JSON, exactly as published.
+    statement: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    #: "rotating": a next key waits for every device's confirmation; "done": no rotation under way.
+    phase: str = Field(max_length=16)
+    actor: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+
+
+class GroupRelease(SQLModel, table=True):
+    """The model version a device group tracks (server/groups.py): set by a completed rollout that targeted the
+    group or by hand; members that join later, or run something else, converge to it."""
+
+    __tablename__ = "device_groups"
+
+    name: str = Field(primary_key=True, max_length=64)
+    version_id: int = Field(foreign_key="model_versions.id", index=True)
+    set_by: str = Field(max_length=64)
+    #: How it was set: "hand", or "rollout:<name>".
+    via: str = Field(max_length=80)
+    set_at: datetime = _ts(nullable=False)
+
+
+class AgentReleaseRow(SQLModel, table=True):
+    """An agent release pushed to the server (protocol/agent_release.py); its tar is in the content store."""
+
+    __tablename__ = "agent_releases"
+
+    id: int | None = Field(default=None, primary_key=True)
+    version: str = Field(max_length=32, unique=True)
+    python: str = Field(max_length=8)
+    sha256: str = Field(max_length=64)
+    size: int = Field(sa_type=BigInteger)
+    #: sha256 of the release's canonical JSON (protocol.release_digest).
+    digest: str = Field(max_length=64, unique=True)
+    #: The signed release exactly as published (canonical JSON).
+    signed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+
+
+class AgentRollout(SQLModel, table=True):
+    """An agent release rolled out to a target in waves (server/agent_releases.py)."""
+
+    __tablename__ = "agent_rollouts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    release_id: int = Field(foreign_key="agent_releases.id", index=True)
+    #: {"groups": [...], "tags": [...], "devices": [...]}.
+    target: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    #: Wave sizes as given: "1", "50%", "100%".
+    waves: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    #: Seconds a device of a wave has to report the new version before the rollout fails.
+    deadline_s: float = 600.0
+    #: running, done or failed.
+    state: str = Field(default="running", max_length=16, index=True)
+    wave: int = 0
+    wave_started_at: float | None = None
+    reason: str | None = Field(default=None, max_length=1000)
+    created_by: str = Field(max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class AgentRolloutDevice(SQLModel, table=True):
+    """A device of an agent rollout: its wave and how its update went (pending, assigned, done, failed)."""
+
+    __tablename__ = "agent_rollout_devices"
+
+    rollout_id: int = Field(foreign_key="agent_rollouts.id", primary_key=True)
+    device_id: str = Field(primary_key=True, max_length=63)
+    wave: int = 0
+    state: str = Field(default="pending", max_length=16)
+    reason: str | None = Field(default=None, max_length=1000)

@@ -492,3 +492,37 @@ class FleetData:
             self.registry.revoke_device(device_id, actor=self.actor)
         except RegistryError as exc:
             raise ActionError(str(exc)) from None
+
+    def set_device(self, device_id: str, groups: list[str], tags: list[str]) -> str:
+        """Replace the device's groups and tags (server/groups.py), audited; it converges to its groups' release."""
+        self._require(Permission.ENROLL_DEVICE)
+        try:
+            device = self.registry.set_device(device_id, groups=groups, tags=tags, actor=self.actor)
+        except RegistryError as exc:
+            raise ActionError(str(exc)) from None
+        return f"{device_id}: groups {', '.join(device.groups) or '(none)'}; tags {', '.join(device.tags) or '(none)'}"
+
+    def device_command(self, device_id: str, command: str, level: str | None = None) -> str:
+        """Send the device's agent ``command`` (server/diagnostics.py) and wait for its answer; the answer in a
+        sentence, control characters escaped. ActionError when it is not done."""
+        from server.diagnostics import clean, send_command
+
+        self._require(Permission.COMMAND_DEVICE)
+        try:
+            ack = send_command(self.registry, device_id, command, level, actor=self.actor)
+        except RegistryError as exc:
+            raise ActionError(clean(str(exc))) from None
+        if str(ack.status) != "done":
+            raise ActionError(f"{device_id} answered {ack.status}: {clean(ack.message) or 'no reason given'}")
+        return f"{device_id}: {command} done: {clean(ack.message)}"
+
+    def device_logs(self, device_id: str, lines: int = 200) -> list[str]:
+        """The agent's newest ``lines`` log lines, formatted and with control characters escaped."""
+        from server.diagnostics import fetch_logs, format_line
+
+        self._require(Permission.COMMAND_DEVICE)
+        try:
+            batch = fetch_logs(self.registry, device_id, lines, actor=self.actor)
+        except RegistryError as exc:
+            raise ActionError(str(exc)) from None
+        return [format_line(line) for line in batch.lines]

@@ -342,3 +342,33 @@ class RemoteFleetData:
 
     def revoke(self, device_id: str) -> None:
         self._post(f"/devices/{_segment(device_id, DEVICE, 'device id')}/revoke")
+
+    def set_device(self, device_id: str, groups: list[str], tags: list[str]) -> str:
+        path = f"/devices/{_segment(device_id, DEVICE, 'device id')}/set"
+        answer = self._post(path, {"groups": groups, "tags": tags})
+        device = answer.get("device") if isinstance(answer, dict) else None
+        if not isinstance(device, dict):
+            raise ActionError("the server's answer holds no device; is it another edgeherd version?")
+        return f"{device_id}: groups {', '.join(map(str, device.get('groups') or [])) or '(none)'}; " \
+               f"tags {', '.join(map(str, device.get('tags') or [])) or '(none)'}"
+
+    def device_command(self, device_id: str, command: str, level: str | None = None) -> str:
+        from server.diagnostics import clean
+
+        path = f"/devices/{_segment(device_id, DEVICE, 'device id')}/commands"
+        answer = self._post(path, {"command": command, **({"level": level.upper()} if level else {})})
+        status, message = str(answer.get("status")), clean(str(answer.get("message", "")))
+        if status != "done":
+            raise ActionError(f"{device_id} answered {status}: {message or 'no reason given'}")
+        return f"{device_id}: {command} done: {message}"
+
+    def device_logs(self, device_id: str, lines: int = 200) -> list[str]:
+        from server.diagnostics import decode_lines, format_line
+        from server.registry import RegistryError
+
+        answer = self._post(f"/devices/{_segment(device_id, DEVICE, 'device id')}/logs", {"lines": lines})
+        try:
+            batch = decode_lines(answer.get("lines") if isinstance(answer, dict) else None)
+        except RegistryError as exc:
+            raise ActionError(str(exc)) from None
+        return [format_line(line) for line in batch]

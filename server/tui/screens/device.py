@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import ClassVar, NamedTuple
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Label, Sparkline, Static
 
 from server.governance import Permission
-from server.tui.data import DeviceDetail
+from server.tui.data import ActionError, DeviceDetail
 from server.tui.modals import ConfirmModal, VersionModal
 from server.tui.render import device_features, device_head, fingerprint, when
+from server.tui.screens.device_diag import GroupsModal, LevelModal, LogsModal
 from server.tui.screens.loading import Loading, plot
 
 __all__ = ["DeviceScreen", "DeviceView"]
+
+#: Actions that send the device's agent a command (server/diagnostics.py).
+_DIAGNOSTICS = {"logs", "report_now", "log_level", "restart", "rollback"}
 
 
 class DeviceView(NamedTuple):
@@ -34,6 +39,12 @@ class DeviceScreen(Loading[DeviceView]):
         Binding("escape", "app.pop_screen", "Back"),
         Binding("v", "deploy", "Deploy version"),
         Binding("x", "revoke", "Revoke"),
+        Binding("g", "groups", "Groups/tags"),
+        Binding("o", "logs", "Agent logs"),
+        Binding("n", "report_now", "Report now"),
+        Binding("L", "log_level", "Log level"),
+        Binding("R", "restart", "Restart agent"),
+        Binding("b", "rollback", "Roll back model"),
     ]
 
     def __init__(self, device_id: str) -> None:
@@ -70,6 +81,10 @@ class DeviceScreen(Loading[DeviceView]):
             return self.allowed(Permission.DEPLOY)
         if action == "revoke":
             return self.allowed(Permission.REVOKE_DEVICE)
+        if action == "groups":
+            return self.allowed(Permission.ENROLL_DEVICE)
+        if action in _DIAGNOSTICS:
+            return self.allowed(Permission.COMMAND_DEVICE)
         return True
 
     def load(self) -> DeviceView:
@@ -77,6 +92,7 @@ class DeviceScreen(Loading[DeviceView]):
 
     def show(self, result: DeviceView) -> None:
         detail, self.versions = result
+        self.groups, self.tags = detail.row.groups, detail.row.tags
         self.query_one("#device-head", Static).update(device_head(detail.row))
         self.query_one("#fingerprint", Static).update(fingerprint(detail.fingerprint))
         for name, what, values in (("latency", "p95 latency (ms)", detail.latency),
@@ -101,6 +117,16 @@ class DeviceScreen(Loading[DeviceView]):
 
         self.app.push_screen(VersionModal(f"Deploy which version to {self.device_id}?", self.versions), chosen)
 
+    def action_groups(self) -> None:
+        def chosen(names: tuple[list[str], list[str]] | None) -> None:
+            if names is not None:
+                groups, tags = names
+                self.act(f"{self.device_id}: groups and tags set",
+                         lambda: self.data.set_device(self.device_id, groups, tags))
+
+        self.app.push_screen(GroupsModal(self.device_id, getattr(self, "groups", ""), getattr(self, "tags", "")),
+                             chosen)
+
     def action_revoke(self) -> None:
         def confirmed(ok: bool | None) -> None:
             if ok:
@@ -108,3 +134,44 @@ class DeviceScreen(Loading[DeviceView]):
 
         self.app.push_screen(ConfirmModal(f"Revoke device {self.device_id}? Its credentials stop working at once "
                                           "and it must be enrolled again.", "Revoke"), confirmed)
+
+    # -- diagnostics (server/diagnostics.py) ---------------------------------------------------------
+
+    @work(thread=True, group="action")
+    def action_logs(self) -> None:
+        try:
+            lines = self.data.device_logs(self.device_id, 500)
+        except ActionError as exc:
+            self.app.call_from_thread(self.notify, str(exc), title="agent logs: refused", severity="error",
+                                      timeout=8)
+            return
+        self.app.call_from_thread(self.app.push_screen, LogsModal(self.device_id, lines))
+
+    def _command(self, command: str, level: str | None = None) -> None:
+        self.act(f"{self.device_id}: {command}", lambda: self.data.device_command(self.device_id, command, level))
+
+    def action_report_now(self) -> None:
+        self._command("report-now")
+
+    def action_log_level(self) -> None:
+        def chosen(level: str | None) -> None:
+            if level:
+                self._command("set-log-level", level)
+
+        self.app.push_screen(LevelModal(self.device_id), chosen)
+
+    def action_restart(self) -> None:
+        def confirmed(ok: bool | None) -> None:
+            if ok:
+                self._command("restart")
+
+        self.app.push_screen(ConfirmModal(f"Restart the agent on {self.device_id}? It stops serving until its "
+                                          "service manager has started it again.", "Restart"), confirmed)
+
+    def action_rollback(self) -> None:
+        def confirmed(ok: bool | None) -> None:
+            if ok:
+                self._command("rollback")
+
+        self.app.push_screen(ConfirmModal(f"Roll {self.device_id} back to the model in its other slot (the one it "
+                                          "ran before)?", "Roll back"), confirmed)
