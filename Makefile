@@ -10,13 +10,13 @@ STAMP := $(VENV)/.edgeherd-installed
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help test chaos test-all check lint typecheck imports bench bench-load demo system-deps venv constraints clean
+.PHONY: help test chaos test-all arm64-deps check lint typecheck imports bench bench-load demo system-deps venv constraints clean
 
 help:
 	@echo "make test       set everything up, then run the test suite (what CI runs)"
 	@echo "make demo       set everything up, then run the end-to-end demo"
 	@echo "make check      ruff, mypy, import contracts and the fast tests"
-	@echo "make test-all   every test, slow ones included"
+	@echo "make test-all   every test, slow ones included (with arm64-deps: the Raspberry Pi agent under qemu)"
 	@echo "make chaos      the chaos suite: faults injected into a running fleet, with its fault table"
 	@echo "make bench      every performance suite; writes benchmarks/REPORT.md (ratios against in-run baselines)"
 	@echo "make bench-load server load: 1,000-device ingest and artifact fan-out (several minutes)"
@@ -60,6 +60,28 @@ system-deps:
 	    echo "       Fix the package sources or install them by hand, then rerun."; exit 1; }; \
 	fi
 
+# The arm64 device under emulation (tests/test_arm64_qemu.py, in test-all): qemu-user-static runs Debian's arm64
+# programs, debootstrap makes the arm64 root filesystem, and the kernel's binfmt_misc hands arm64 executables to
+# qemu (flag F, so they run inside a chroot too). Not needed on an arm64 machine. Where a piece cannot be had
+# (not root, no apt-get, binfmt_misc not mountable) it says so and the test skips with the reason.
+arm64-deps:
+	@if [ "$$(uname -m)" = aarch64 ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else \
+	  echo "note: not root and no sudo: the arm64 test needs root (chroot) and skips"; exit 0; fi; \
+	packages=""; \
+	command -v qemu-aarch64-static >/dev/null 2>&1 || packages="$$packages qemu-user-static"; \
+	PATH="$$PATH:/usr/sbin" command -v debootstrap >/dev/null 2>&1 || packages="$$packages debootstrap"; \
+	if [ -n "$$packages" ]; then \
+	  echo "==> installing$$packages with apt-get (the arm64 device under qemu)"; \
+	  { $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$packages >/dev/null; } \
+	    || echo "warning: apt-get could not install$$packages; the arm64 test will skip"; fi; \
+	b=/proc/sys/fs/binfmt_misc; \
+	[ -e $$b/register ] || $$sudo mount -t binfmt_misc binfmt_misc $$b 2>/dev/null || true; \
+	if [ -e $$b/register ] && [ ! -e $$b/qemu-aarch64 ] && [ -f /usr/lib/binfmt.d/qemu-aarch64.conf ]; then \
+	  $$sudo sh -c "cat /usr/lib/binfmt.d/qemu-aarch64.conf > $$b/register" \
+	    && echo "==> registered qemu-aarch64 with binfmt_misc" \
+	    || echo "warning: could not register qemu-aarch64 with binfmt_misc; the arm64 test will skip"; fi
+
 # --- Python environment --------------------------------------------------------
 # torch goes in first, from the CPU wheel, so nothing else can pull a CUDA build;
 # then the project with every extra, held to constraints.txt.
@@ -85,7 +107,7 @@ test: system-deps $(STAMP)
 chaos: system-deps $(STAMP)
 	$(PY) -m pytest -m chaos -s $(PYTEST_ARGS)
 
-test-all: system-deps $(STAMP)
+test-all: system-deps arm64-deps $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
