@@ -39,9 +39,8 @@ from hardware.files import sha256_file
 from protocol import (
     AgentRelease,
     DesiredState,
-    SignedAgentRelease,
+    SignedKeySet,
     SignedManifest,
-    decode_model,
     encode_model,
     release_digest,
     sign_agent_release,
@@ -81,6 +80,9 @@ class Registry(Protocol):
     def client(self, client_id: str | None = None) -> Bus: ...
 
     def signed_manifest(self, db: Session, manifest_sha256: str) -> SignedManifest | None: ...
+
+    def recorded_desired(self, db: Session, device: Device, generation: int, now: datetime,
+                         keyset: SignedKeySet | None, signed: SignedManifest | None = None) -> DesiredState: ...
 
 
 # -- the release ---------------------------------------------------------------------------------------------
@@ -269,12 +271,11 @@ def _step(registry: Registry, db: Session, rollout: AgentRollout, release: Agent
     if nxt >= len(sizes) or not devices:
         return _finish(registry, db, rollout, "done", None)
     take = [d for d in sorted(devices) if d not in records][:max(sizes[nxt] - len(records), 0)]
-    signed = decode_model(SignedAgentRelease, release.signed)
     with audit.unit_of_work(db, registry.data), registry.client() as bus:
         if not _claim(db, rollout, AgentRollout.wave == rollout.wave, wave=nxt):
             return False
         for device_id in take:
-            _assign(registry, db, bus, devices[device_id], release.digest, signed)
+            _assign(registry, db, bus, devices[device_id], release.digest)
             db.add(AgentRolloutDevice(rollout_id=rollout.id, device_id=device_id, wave=nxt,
                                       state=Outcome.WAITING.value))
         rollout.wave, rollout.wave_started_at = nxt, now
@@ -286,23 +287,18 @@ def _step(registry: Registry, db: Session, rollout: AgentRollout, release: Agent
     return True
 
 
-def _assign(registry: Registry, db: Session, bus: Bus, device: Device, digest: str,
-            signed: SignedAgentRelease) -> None:
-    """Publish ``device``'s desired state with the agent release, and its recorded bundle unchanged."""
-    bundle = None
-    if device.desired_manifest is not None and device.desired_artifact is not None:
-        bundle = registry.signed_manifest(db, device.desired_manifest)
+def _assign(registry: Registry, db: Session, bus: Bus, device: Device, digest: str) -> None:
+    """Publish ``device``'s desired state as recorded, with the agent release ``digest`` in it."""
+    device.desired_agent = digest
     generation = max(device.desired_generation + 1, time.time_ns() // 1_000_000)
-    desired = DesiredState(device_id=device.id, generation=generation, issued_at=datetime.now(timezone.utc),
-                           bundle=bundle, artifact=device.desired_artifact if bundle is not None else None,
-                           keyset=current_statement(db), agent=signed)
+    desired = registry.recorded_desired(db, device, generation, datetime.now(timezone.utc), current_statement(db))
     try:
         taken = bus.confirm(bus.publish_desired(desired))
     except BusError as exc:
         raise AgentReleaseError(f"could not publish the desired state of {device.id}: {exc}") from None
     if not taken:
         raise AgentReleaseError(f"the broker did not acknowledge the desired state of {device.id}")
-    device.desired_generation, device.desired_agent = generation, digest
+    device.desired_generation = generation
     db.add(device)
 
 

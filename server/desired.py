@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 
+from sqlalchemy import and_, or_
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from protocol import DesiredState, SignedAgentRelease, SignedManifest, decode_model, manifest_digest
+from protocol import DesiredState, SignedAgentRelease, SignedKeySet, SignedManifest, decode_model, manifest_digest
 from server.assignment import Outcome, choose, runtimes_of
 from server.bus import Bus, BusError, Publication
 from server.db.models import AgentReleaseRow, Device, ModelVersion, Rollout, RolloutDevice, VersionArtifact
@@ -129,8 +130,10 @@ class DesiredStates:
         does not acknowledge a message (the connection dropped: the next connection publishes them all again).
         """
         # enrolled, a bundle and an artifact recorded (not a bundle waiting for its runtimes), a generation given
-        has_desired = (Device.revoked == False, col(Device.desired_manifest).is_not(None),  # noqa: E712 - SQL
-                       col(Device.desired_artifact).is_not(None), col(Device.desired_generation) > 0)
+        # (or an agent release recorded: a device being updated with no model desired)
+        has_desired = (Device.revoked == False, col(Device.desired_generation) > 0,  # noqa: E712 - SQL
+                       or_(and_(col(Device.desired_manifest).is_not(None), col(Device.desired_artifact).is_not(None)),
+                           col(Device.desired_agent).is_not(None)))
         manifests: dict[str, SignedManifest | None] = {}
         published: dict[str, int] = {}  # device -> the generation published
         after = ""
@@ -165,18 +168,16 @@ class DesiredStates:
         now = datetime.now(timezone.utc)
         keyset = current_statement(db)  # the newest key-set statement goes with every desired state
         for device in devices:
-            digest, artifact = device.desired_manifest, device.desired_artifact
-            assert digest is not None and artifact is not None  # noqa: S101 - selected so
-            if digest not in manifests:
-                manifests[digest] = self.signed_manifest(db, digest)
-            signed = manifests[digest]
-            if signed is None:
-                log.warning("%s's desired bundle %s is no longer registered; its desired state is not republished",
-                            device.id, digest[:12])
-                continue
-            desired = DesiredState(device_id=device.id, generation=device.desired_generation, issued_at=now,
-                                   bundle=signed, artifact=artifact, keyset=keyset,
-                                   agent=self.signed_agent(db, device.desired_agent))
+            digest, signed = device.desired_manifest, None
+            if digest is not None and device.desired_artifact is not None:
+                if digest not in manifests:
+                    manifests[digest] = self.signed_manifest(db, digest)
+                signed = manifests[digest]
+                if signed is None:
+                    log.warning("%s's desired bundle %s is no longer registered; its desired state is not "
+                                "republished", device.id, digest[:12])
+                    continue
+            desired = self.recorded_desired(db, device, device.desired_generation, now, keyset, signed)
             sent.append((device, bus.publish_desired(desired)))
         deadline = time.monotonic() + 30
         for device, publication in sent:
@@ -187,6 +188,18 @@ class DesiredStates:
             if not taken:
                 raise RegistryError(f"the broker did not acknowledge the desired state of {device.id} within 30 s")
         return {device.id: device.desired_generation for device, _ in sent}
+
+    def recorded_desired(self, db: Session, device: Device, generation: int, now: datetime,
+                         keyset: SignedKeySet | None, signed: SignedManifest | None = None) -> DesiredState:
+        """``device``'s desired state as the registry records it, under ``generation``: its bundle and artifact
+        (``signed``, else looked up; left out when none is recorded or it is no longer registered), the key-set
+        statement ``keyset`` and its agent release. Every publish that is not a new model assignment (a key
+        rotation, an agent rollout, a republish) builds it here, so none drops a field another one set."""
+        if signed is None and device.desired_manifest is not None and device.desired_artifact is not None:
+            signed = self.signed_manifest(db, device.desired_manifest)
+        return DesiredState(device_id=device.id, generation=generation, issued_at=now, bundle=signed,
+                            artifact=device.desired_artifact if signed is not None else None, keyset=keyset,
+                            agent=self.signed_agent(db, device.desired_agent))
 
     def signed_manifest(self, db: Session, manifest_sha256: str) -> SignedManifest | None:
         row = db.exec(select(ModelVersion).where(ModelVersion.manifest_sha256 == manifest_sha256)).first()

@@ -75,6 +75,9 @@ class Registry(Protocol):
 
     def signed_manifest(self, db: Session, manifest_sha256: str) -> SignedManifest | None: ...
 
+    def recorded_desired(self, db: Session, device: Device, generation: int, now: datetime,
+                         keyset: SignedKeySet | None, signed: SignedManifest | None = None) -> DesiredState: ...
+
 
 class KeyRotationError(ServerError):
     """A rotation cannot start or finish now; the message says why and what to do."""
@@ -226,12 +229,7 @@ def publish_keyset(registry: Registry, bus: Bus | None = None) -> int:
         devices = db.exec(select(Device).where(Device.revoked == False)).all()  # noqa: E712 - SQL comparison
         now, sent = datetime.now(timezone.utc), []
         for device in devices:
-            bundle = None
-            if device.desired_manifest is not None and device.desired_artifact is not None:
-                bundle = registry.signed_manifest(db, device.desired_manifest)
-            desired = DesiredState(device_id=device.id, generation=device.desired_generation, issued_at=now,
-                                   bundle=bundle, artifact=device.desired_artifact if bundle else None,
-                                   keyset=statement)
+            desired = registry.recorded_desired(db, device, device.desired_generation, now, statement)
             sent.append((device.id, bus.publish_desired(desired)))
     for device_id, publication in sent:
         try:

@@ -362,3 +362,56 @@ def test_a_release_the_server_cannot_vouch_for_is_refused_at_push(tmp_path, file
     tar.write_bytes(_tar(files))
     with pytest.raises(AgentReleaseError, match=why):
         inspect(tar)
+
+
+# --- the desired state keeps the agent release ------------------------------------------------------------------
+
+
+def _retained_desired(reg, device_id: str):  # type: ignore[no-untyped-def]
+    """The desired state the broker holds retained for ``device_id``, as a device connecting now would get it."""
+    import queue
+
+    from protocol import DesiredState, TopicKind, decode, device_topic
+
+    got: queue.Queue[bytes] = queue.Queue()
+    topic = device_topic(device_id, TopicKind.DESIRED)
+    with reg.client() as bus:
+        bus.route(topic, lambda _topic, payload: got.put(payload))
+        assert bus.subscribe(topic, qos=1, wait=10)
+        return decode(DesiredState, got.get(timeout=10))
+
+
+@pytest.mark.integration
+def test_an_offline_devices_agent_release_survives_a_key_rotation_and_a_republish(tmp_path):
+    """A device assigned an agent release while offline finds it in its retained desired state even after a key
+    rotation and a republish replaced that message (each builds the desired state from the device's record)."""
+    from server.signing_keys import start_rotation
+
+    data, key = server_dir(reachable(tmp_path) / "server")
+    app = ServerApp(data, metrics_port=0, drift_interval=3600, rollout_interval=0).start()
+    try:
+        reg = app.registry
+        reg.add_device("dev-off", "x86-64", ["lab"], custom_profile=True)  # enrolled, never connects
+        wheel = b"not installed here: the device never fetches it in this test"
+        name = "edgeherd-9.9.9-py3-none-any.whl"
+        req = f"edgeherd==9.9.9 --hash=sha256:{hashlib.sha256(wheel).hexdigest()}\n".encode()
+        tar = tmp_path / "release.tar"
+        tar.write_bytes(_tar({"requirements.txt": req, f"wheelhouse/{name}": wheel}))
+        release = push(reg, tar, key, PY, "alice")
+        start_rollout(reg, "9.9.9", {"devices": ["dev-off"]}, ["100%"], 600, "alice")
+
+        first = _retained_desired(reg, "dev-off")
+        assert first.agent is not None and first.agent.release.version == "9.9.9" and first.keyset is None
+        start_rotation(reg, "alice")
+        rotated = _retained_desired(reg, "dev-off")
+        assert rotated.keyset is not None and rotated.keyset.keyset.serial == 1
+        assert rotated.agent == first.agent, "the key rotation's publish dropped the agent release"
+        with reg.client() as bus:
+            assert reg.republish_desired(bus) == 1  # a device with an agent release and no model is republished
+        again = _retained_desired(reg, "dev-off")
+        assert again.agent == first.agent and again.keyset == rotated.keyset
+        with Session(reg.engine) as db:
+            stored = db.get(Device, "dev-off")
+            assert stored is not None and stored.desired_agent == release.digest
+    finally:
+        app.stop()
