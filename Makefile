@@ -128,6 +128,7 @@ bench: system-deps $(STAMP)
 bench-load: system-deps $(STAMP)
 	$(PY) -m benchmarks.ingest
 	$(PY) -m benchmarks.artifact_fanout
+	$(PY) -m benchmarks.fleet_connections --devices 1000 10000
 
 # --- demo ----------------------------------------------------------------------
 demo: system-deps $(STAMP)

@@ -32,6 +32,11 @@ SUITES = [
     ("artifact_fanout", "Artifact fan-out", "50 devices pulling 20 MiB against mosquitto_pub/sub moving the same "
                                             "bytes, over the TLS listener and over plain TCP (TLS / plain wave "
                                             "time)"),
+    ("fleet_connections", "Fleet connections: 1,000 devices", "devices online, broker and server RSS per device "
+                                                               "and CPU with the fleet connected (one window a "
+                                                               "minute each) against the same processes with no "
+                                                               "device, the simulator on the same cores; 10,000 "
+                                                               "with `make bench-load`"),
     ("tui_refresh", "TUI refresh at 10,000 devices", "fetch and render against a bare SELECT of the devices"),
     ("demo_time", "End-to-end demo", "the whole demo against building its model alone"),
     ("drift_accuracy", "Drift accuracy on public tabular data", "edgeherd's drift decision (false alarms and "

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -100,6 +101,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not 0 <= value < 65536:
         raise BrokerError(f"--listen {text!r}: the port must be 0-65535 (0: any free port)")
     return host, value
+
+
+def _open_files_for_devices() -> None:
+    """Raise this process's soft limit of open files to its hard limit before starting Mosquitto, which inherits
+    it: the broker holds a descriptor per device, and the usual soft limit (1,024) caps a fleet far below what
+    it can serve (Mosquitto's ``max_connections`` is unlimited by default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open files limit raised from %d to %s for the broker", soft, hard)
 
 
 class MosquittoBroker:
@@ -317,6 +328,7 @@ class MosquittoBroker:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto), and no --broker was given")
         self._check_reachable()
         conf = self.write_config()
+        _open_files_for_devices()
         log_file = (self.dir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log_file, stderr=log_file)  # noqa: S603
         log_file.close()

@@ -4,6 +4,7 @@ A leaf module: it imports nothing of the server, so any server module can derive
 import cycle. Each module keeps its own exception (its name and messages are part of its interface)::
 
     ServerError
+    ├── AgentReleaseError (server/agent_releases.py)
     ├── AlertError (server/alerts.py)
     │   └── AlertNotFound
     ├── ArchiveError (server/api/routes_upload.py)
@@ -14,11 +15,15 @@ import cycle. Each module keeps its own exception (its name and messages are par
     ├── DemoFailed (server/demo.py)
     ├── FeatureRegistryError (server/features.py)
     ├── GovernanceError (server/governance.py)
+    ├── KeyRotationError (server/signing_keys.py)
     ├── PkiError (server/pki.py)
     ├── RegistryError (here, for server/registry.py and server/desired.py; re-exported by server/registry.py)
+    ├── RetentionError (server/retention.py; also a ValueError)
     ├── RolloutError (server/orchestrator.py)
     ├── SettingError (server/settings.py; also a ValueError)
     ├── SignatureCheckError (server/signatures.py)
+    ├── SimulationError (server/simulate.py)
+    ├── StoreError (server/distribution.py)
     └── TokenError (server/api/tokens.py)
 
 The operator API's client (server/api/client.py: ApiError, LoginError) is the other side of the wire and keeps

@@ -6,10 +6,23 @@ last will; it publishes an online state and a hello (reporting the
 runtimes of this installation, :func:`local_runtimes`), then one
 telemetry window (and, when the device runs a bundle with a reference
 profile, feature statistics) per interval. Drift can be injected into the
-statistics of chosen devices. Devices are spread over worker processes, each
-driving its share of connections, so the simulator itself does not become
-the bottleneck on a small machine; once every worker's devices are logged in,
-they all start sending together.
+statistics of chosen devices. Each device sends at its own phase within the
+interval, so a fleet's windows are spread over it rather than all sent on
+the same tick.
+
+Devices are spread over worker processes (shards); each drives all its
+connections from one thread through one selector, with paho's external event
+loop (``socket()``, ``loop_read``/``loop_write``/``loop_misc`` and its socket
+callbacks) rather than a thread and a socket pair per client, so 10,000
+devices fit on two cores. Once every shard's devices are logged in, they all
+start sending together. On a loopback broker the connections come from
+several source addresses in 127.0.1.0/24 (:func:`source_addresses`), one per
+:data:`DEVICES_PER_SOURCE` devices, as one address pair has only so many
+ephemeral ports. A shard that dies stops the run loudly::
+
+    ServerError (server/errors.py)
+    └── SimulationError: a shard died (its error, or the signal that killed it)
+        or this machine cannot hold its connections (open files, ports)
 
 On an ``mqtts://`` listener every device connects over TLS 1.2+ as an agent
 does: with its own certificate and key, verifying the broker's certificate
@@ -31,12 +44,20 @@ exercised against a fleet of hundreds on one machine.
 from __future__ import annotations
 
 import contextlib
+import errno
+import heapq
+import ipaddress
 import json
 import multiprocessing as mp
 import os
+import queue
+import random
+import resource
+import selectors
+import signal
+import socket
 import ssl
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,9 +93,10 @@ from protocol import (
 from protocol.messages import Fingerprint, will_message
 from server.broker import DeviceCredentials
 from server.bus import new_client
+from server.errors import ServerError
 
-__all__ = ["PROFILE", "Behaviour", "SimConfig", "SimResult", "device_tls_context", "load_credentials",
-           "local_runtimes", "simulate", "store_credentials"]
+__all__ = ["PROFILE", "Behaviour", "SimConfig", "SimResult", "SimulationError", "device_tls_context",
+           "load_credentials", "local_runtimes", "simulate", "source_addresses", "store_credentials"]
 
 #: The hardware profile simulated devices are enrolled with: a custom one (no latency budget, the general
 #: artifact order), as no board has it.
@@ -225,156 +247,6 @@ class SimResult:
     connect_s: float = 0.0
 
 
-def _run_shard(cfg: SimConfig, ids: list[str], out: mp.Queue, stop: Any = None,  # type: ignore[type-arg]
-               together: Any = None) -> None:
-    clients: dict[str, mqtt.Client] = {}
-    running: dict[str, RunningBundle | None] = dict.fromkeys(ids)
-    if cfg.running is not None:
-        running = {d: RunningBundle(model="sim", version="0.0.0", manifest_sha256=cfg.running[0],
-                                    artifact=cfg.running[1], slot="a") for d in ids}
-    pending: dict[str, tuple[float, DesiredState]] = {}  # device -> (due, desired)
-    seqs = dict.fromkeys(ids, 0)
-    generations = dict.fromkeys(ids, 0)
-    acked = 0
-    lock = threading.Lock()
-    failed = 0
-
-    def on_publish(client: mqtt.Client, userdata: object, mid: int, reason: object, props: object) -> None:
-        nonlocal acked
-        with lock:
-            acked += 1
-
-    session = int(time.time() * 1000)
-
-    def on_desired(device_id: str, payload: bytes) -> None:
-        try:
-            desired = decode(DesiredState, payload)
-        except InvalidMessage:
-            return
-        if desired.device_id != device_id or desired.bundle is None or desired.generation <= generations[device_id]:
-            return
-        generations[device_id] = desired.generation
-        with lock:
-            pending[device_id] = (time.monotonic() + cfg.install_s, desired)
-
-    def state(device_id: str, install: InstallStatus | None = None) -> DeviceState:
-        seqs[device_id] += 1
-        return DeviceState(device_id=device_id, status="online", session=session, seq=seqs[device_id],
-                           reason="update", running=running[device_id], install=install)
-
-    # whether each device's login was accepted (absent: no answer yet)
-    answered: dict[str, bool] = {}
-
-    def on_connect(device_id: str, client: mqtt.Client, reason: Any) -> None:
-        with lock:
-            answered[device_id] = not reason.is_failure
-        if reason.is_failure:
-            client.disconnect()  # a refused login: no retries
-        elif cfg.follow_desired:
-            client.subscribe(device_topic(device_id, TopicKind.DESIRED), qos=1)
-
-    def on_disconnect(device_id: str) -> None:
-        with lock:
-            answered.setdefault(device_id, False)  # dropped before a CONNACK: the broker refused its certificate
-
-    contexts = _tls_contexts(cfg, ids) if cfg.tls else {}
-    connecting = time.monotonic()
-    for device_id in ids:
-        creds = cfg.devices[device_id]
-        c = new_client(device_id, device_id, creds.password, tls=contexts.pop(device_id) if cfg.tls else None)
-        topic, payload = will_message(device_id, session)
-        c.will_set(topic, payload, qos=1, retain=True)
-        c.on_publish = on_publish
-        c.on_connect = lambda cl, u, f, rc, p, d=device_id: on_connect(d, cl, rc)
-        c.on_disconnect = lambda cl, u, f, rc, p, d=device_id: on_disconnect(d)
-        if cfg.follow_desired:
-            c.on_message = lambda cl, u, m, d=device_id: on_desired(d, bytes(m.payload))
-        try:
-            c.connect(cfg.host, cfg.port, keepalive=60)  # on TLS, the handshake runs here
-        except OSError:  # ssl.SSLError included: the broker's certificate not signed by the CA, or for another name
-            failed += 1
-            continue
-        c.loop_start()
-        clients[device_id] = c
-    deadline = time.monotonic() + cfg.connect_timeout
-    while time.monotonic() < deadline:
-        with lock:
-            if len(answered.keys() & clients.keys()) == len(clients):
-                break
-        time.sleep(0.05)
-    with lock:
-        refused = [d for d in clients if not answered.get(d)]  # refused, or never answered
-    connect_s = time.monotonic() - connecting
-    for device_id in refused:
-        c = clients.pop(device_id)
-        c.disconnect()
-        c.loop_stop()
-        failed += 1
-    if together is not None:  # every worker has its devices logged in: the fleet starts sending at once
-        with contextlib.suppress(threading.BrokenBarrierError):
-            together.wait(cfg.connect_timeout + 60)
-    fp = Fingerprint(arch="x86_64", os="simulated", python="3.11", cpu_count=1, memory_bytes=1 << 30,
-                     disk_free_bytes=1 << 30, runtimes=cfg.runtimes)
-    for device_id, c in clients.items():
-        c.publish(device_topic(device_id, TopicKind.STATE), encode(DeviceState(
-            device_id=device_id, status="online", session=session, seq=0, reason="connected",
-            running=running[device_id])), qos=1, retain=True)
-        c.publish(device_topic(device_id, TopicKind.HELLO), encode(Hello(
-            device_id=device_id, session=session, agent_version="0.0.0-sim", protocols=[1], fingerprint=fp)), qos=1)
-    sent = 2 * len(clients)
-    per_device = dict.fromkeys(clients, 0)
-    rng = np.random.default_rng(abs(hash(tuple(ids))) % 2**32)
-    start = time.monotonic()
-    seq = 0
-    while time.monotonic() - start < cfg.seconds and not (stop is not None and stop.is_set()):
-        tick = time.monotonic()
-        now = datetime.now(timezone.utc)
-        with lock:
-            due = [(d, desired) for d, (at, desired) in pending.items() if at <= tick]
-            for d, _ in due:
-                del pending[d]
-        for device_id, desired in due:  # the install "finishes": report the new bundle as running
-            assert desired.bundle is not None and desired.artifact is not None  # noqa: S101 - checked on receipt
-            m = desired.bundle.manifest
-            digest = manifest_digest(m)
-            running[device_id] = RunningBundle(model=m.model, version=m.version, manifest_sha256=digest,
-                                               artifact=desired.artifact, slot="b")
-            install = InstallStatus(model=m.model, version=m.version, manifest_sha256=digest, step=InstallStep.DONE)
-            if device_id in clients and clients[device_id].publish(
-                    device_topic(device_id, TopicKind.STATE), encode(state(device_id, install)), qos=1,
-                    retain=True).rc == 0:
-                sent += 1
-        for device_id, c in clients.items():
-            bundle = running[device_id]
-            behaviour = cfg.behaviours.get(bundle.manifest_sha256, Behaviour()) if bundle else Behaviour()
-            n = cfg.requests_per_window
-            p95 = behaviour.p95_ms
-            window = TelemetryWindow(
-                device_id=device_id, session=session, window_seq=seq, start=now - timedelta(seconds=cfg.interval),
-                end=now, requests=n, errors=int(rng.binomial(n, behaviour.error_rate)),
-                manifest_sha256=bundle.manifest_sha256 if bundle else None,
-                latency_ms=LatencySummary(p50=p95 / 2, p95=p95, p99=p95 * 1.5, max=p95 * 2, mean=p95 * 0.6))
-            if c.publish(device_topic(device_id, TopicKind.TELEMETRY), encode(window), qos=1).rc == 0:
-                sent += 1
-                per_device[device_id] += 1
-            if cfg.reference is not None and cfg.manifest_sha256 is not None:
-                stats = _stats(cfg, rng, device_id, session, seq, window.start, now)
-                if c.publish(device_topic(device_id, TopicKind.STATS), encode(stats), qos=1).rc == 0:
-                    sent += 1
-        seq += 1
-        time.sleep(max(0.0, cfg.interval - (time.monotonic() - tick)))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with lock:
-            if acked >= sent:
-                break
-        time.sleep(0.1)
-    for c in clients.values():
-        c.disconnect()
-        c.loop_stop()
-    out.put((sent, acked, failed, per_device, connect_s))
-
-
 def device_tls_context(creds: DeviceCredentials, scratch: Path) -> ssl.SSLContext:
     """A device's TLS client context, as its agent builds one: TLS 1.2+, the broker's certificate verified
     against the device's CA bundle (the system's CAs when it has none) and its host name checked; the device's
@@ -421,27 +293,378 @@ def _stats(cfg: SimConfig, rng: np.random.Generator, device_id: str, session: in
                         manifest_sha256=cfg.manifest_sha256, n=cfg.samples, features=feats, class_counts=classes)
 
 
+class SimulationError(ServerError):
+    """A shard of the simulator died or cannot run; the message names the shard and its error."""
+
+
+#: Devices per source address on a loopback broker: each connection from one address to the broker holds one
+#: of that address's ephemeral ports (net.ipv4.ip_local_port_range, about 28,000 by default).
+DEVICES_PER_SOURCE = 8192
+#: Errors of this machine, not of a device's login: a shard that meets one dies (and the run fails) rather than
+#: counting its devices as refused.
+_LOCAL_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                           errno.ENOMEM})
+#: Seconds between two passes of paho's housekeeping over a shard's clients (a ping is due after 60 s
+#: of silence; the broker gives up after 90).
+_MISC_S = 5.0
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+def source_addresses(host: str, devices: int) -> list[str]:
+    """The local addresses the devices' connections come from: on an IPv4 loopback broker, one 127.0.1.x per
+    :data:`DEVICES_PER_SOURCE` devices, so a large fleet does not run out of ephemeral ports on one address
+    pair; elsewhere [""] (the system chooses)."""
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    if not loopback:
+        return [""]
+    return [f"127.0.1.{k + 1}" for k in range(min(250, -(-devices // DEVICES_PER_SOURCE)))]
+
+
+def _raise_open_files(needed: int) -> None:
+    """Raise this process's soft limit of open files to ``needed`` (within the hard limit); SimulationError when
+    the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SimulationError(f"this shard needs {needed} open files but the hard limit is {hard} (ulimit -Hn): "
+                              "raise it or use more --processes")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+class _Shard:
+    """One worker process's devices: every connection driven by one thread through one selector (paho's
+    external event loop: ``socket()``, ``loop_read``/``loop_write``/``loop_misc`` and its socket callbacks),
+    no thread or socket pair per client. A device whose connection drops while the run goes on reconnects, as
+    an agent does."""
+
+    def __init__(self, cfg: SimConfig, ids: list[str], sources: list[str], stop: Any) -> None:
+        self.cfg, self.ids, self.stop = cfg, ids, stop
+        self.sources = sources
+        self.sel = selectors.DefaultSelector()
+        self.clients: dict[str, mqtt.Client] = {}  # connected (or connecting) devices
+        self.answered: dict[str, bool] = {}  # whether each device's login was accepted (absent: no answer yet)
+        self.session = int(time.time() * 1000)
+        self.running: dict[str, RunningBundle | None] = dict.fromkeys(ids)
+        if cfg.running is not None:
+            self.running = {d: RunningBundle(model="sim", version="0.0.0", manifest_sha256=cfg.running[0],
+                                             artifact=cfg.running[1], slot="a") for d in ids}
+        self.pending: dict[str, tuple[float, DesiredState]] = {}  # device -> (due, desired)
+        self.seqs = dict.fromkeys(ids, 0)
+        self.generations = dict.fromkeys(ids, 0)
+        self.reconnects: list[tuple[float, str]] = []  # (due, device), a heap
+        self.backoff = dict.fromkeys(ids, 1.0)
+        self.sending = False
+        self.sent = self.acked = self.failed = 0
+        self.next_misc = 0.0
+
+    # -- paho's external event loop ------------------------------------------------------------------------
+    def _opened(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self.sel.register(sock, _READ, client)
+
+    def _closed(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sock)
+
+    def _want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(sock, _READ | _WRITE, client)
+
+    def _written(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(sock, _READ, client)
+
+    def pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for socket events and handle them; paho's housekeeping every few seconds."""
+        for key, mask in self.sel.select(timeout):
+            c: mqtt.Client = key.data
+            if mask & _READ:
+                c.loop_read()
+                sock = c.socket()
+                while sock is not None and getattr(sock, "pending", lambda: 0)() > 0:  # TLS records already read
+                    c.loop_read()
+                    sock = c.socket()
+            if mask & _WRITE and c.socket() is not None:
+                c.loop_write()
+        now = time.monotonic()
+        if now >= self.next_misc:
+            self.next_misc = now + _MISC_S
+            for c in list(self.clients.values()):
+                c.loop_misc()
+        while self.reconnects and self.reconnects[0][0] <= now and not self._stopping():
+            _, device_id = heapq.heappop(self.reconnects)
+            if device_id in self.clients:
+                self._reconnect(device_id)
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    # -- devices -------------------------------------------------------------------------------------------
+    def _on_connect(self, device_id: str, client: mqtt.Client, reason: Any) -> None:
+        self.answered[device_id] = not reason.is_failure
+        if reason.is_failure:
+            self.clients.pop(device_id, None)
+            client.disconnect()  # a refused login: no retries
+            return
+        self.backoff[device_id] = 1.0
+        if self.cfg.follow_desired:
+            client.subscribe(device_topic(device_id, TopicKind.DESIRED), qos=1)
+
+    def _on_disconnect(self, device_id: str, reason: Any) -> None:
+        self.answered.setdefault(device_id, False)  # dropped before a CONNACK: the broker refused its certificate
+        if self.answered[device_id] and device_id in self.clients and reason.is_failure and self.sending:
+            self._retry(device_id)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object) -> None:
+        self.acked += 1
+
+    def _on_desired(self, device_id: str, payload: bytes) -> None:
+        try:
+            desired = decode(DesiredState, payload)
+        except InvalidMessage:
+            return
+        if (desired.device_id != device_id or desired.bundle is None
+                or desired.generation <= self.generations[device_id]):
+            return
+        self.generations[device_id] = desired.generation
+        self.pending[device_id] = (time.monotonic() + self.cfg.install_s, desired)
+
+    def _retry(self, device_id: str) -> None:
+        delay = self.backoff[device_id]
+        self.backoff[device_id] = min(30.0, delay * 2)
+        heapq.heappush(self.reconnects, (time.monotonic() + delay * (0.5 + random.random()), device_id))  # noqa: S311
+
+    def _reconnect(self, device_id: str) -> None:
+        try:
+            self.clients[device_id].reconnect()
+        except OSError as exc:
+            if exc.errno in _LOCAL_ERRNOS:
+                raise
+            self._retry(device_id)  # the broker is away (restarting): try again later
+
+    def _client(self, device_id: str, tls: ssl.SSLContext | None) -> mqtt.Client:
+        creds = self.cfg.devices[device_id]
+        c = new_client(device_id, device_id, creds.password, tls=tls)
+        topic, payload = will_message(device_id, self.session)
+        c.will_set(topic, payload, qos=1, retain=True)
+        c.on_socket_open = self._opened
+        c.on_socket_close = self._closed
+        c.on_socket_register_write = self._want_write
+        c.on_socket_unregister_write = self._written
+        c.on_publish = self._on_publish
+        c.on_connect = lambda cl, u, f, rc, p, d=device_id: self._on_connect(d, cl, rc)
+        c.on_disconnect = lambda cl, u, f, rc, p, d=device_id: self._on_disconnect(d, rc)
+        if self.cfg.follow_desired:
+            c.on_message = lambda cl, u, m, d=device_id: self._on_desired(d, bytes(m.payload))
+        return c
+
+    def connect_all(self) -> float:
+        """Log every device in (TLS handshakes run in ``connect``), handling answers as they come; the devices
+        still unanswered after ``connect_timeout`` count as failed. Returns the seconds it took."""
+        cfg = self.cfg
+        contexts = _tls_contexts(cfg, self.ids) if cfg.tls else {}
+        started = time.monotonic()
+        for i, device_id in enumerate(self.ids):
+            c = self._client(device_id, contexts.pop(device_id) if cfg.tls else None)
+            self.clients[device_id] = c
+            try:
+                c.connect(cfg.host, cfg.port, keepalive=60, bind_address=self.sources[i % len(self.sources)])
+            except OSError as exc:  # ssl.SSLError included: the broker's certificate not signed by the CA, ...
+                if exc.errno in _LOCAL_ERRNOS:
+                    raise SimulationError(f"device {device_id} cannot open a connection on this machine ({exc}); "
+                                          "ulimit -n, net.ipv4.ip_local_port_range or more source addresses") \
+                        from exc
+                del self.clients[device_id]
+                self.failed += 1
+                continue
+            if i % 64 == 63:
+                self.pump(0)  # take the answers so far
+        deadline = time.monotonic() + cfg.connect_timeout
+        while time.monotonic() < deadline and not self.answered.keys() >= self.clients.keys():
+            self.pump(0.05)
+        refused = [d for d in list(self.clients) if not self.answered.get(d)]  # refused, or never answered
+        for device_id in refused:
+            c = self.clients.pop(device_id)
+            c.disconnect()
+            self.failed += 1
+        self.failed += sum(1 for d, ok in self.answered.items() if not ok and d not in refused)
+        return time.monotonic() - started
+
+    def state(self, device_id: str, install: InstallStatus | None = None) -> DeviceState:
+        self.seqs[device_id] += 1
+        return DeviceState(device_id=device_id, status="online", session=self.session, seq=self.seqs[device_id],
+                           reason="update", running=self.running[device_id], install=install)
+
+    def _publish(self, device_id: str, kind: TopicKind, payload: bytes, *, retain: bool = False) -> bool:
+        c = self.clients.get(device_id)
+        if c is None or c.publish(device_topic(device_id, kind), payload, qos=1, retain=retain).rc != 0:
+            return False
+        self.sent += 1
+        return True
+
+    def run(self) -> dict[str, int]:
+        """Online state and hello from every device, then one window each per interval, each device at its own
+        phase within the interval (a fleet's windows do not all end on the same second), until ``seconds`` are
+        up or ``stop`` is set. Returns the telemetry windows sent per device."""
+        cfg = self.cfg
+        self.sending = True
+        fp = Fingerprint(arch="x86_64", os="simulated", python="3.11", cpu_count=1, memory_bytes=1 << 30,
+                         disk_free_bytes=1 << 30, runtimes=cfg.runtimes)
+        for device_id in list(self.clients):
+            self._publish(device_id, TopicKind.STATE, encode(DeviceState(
+                device_id=device_id, status="online", session=self.session, seq=0, reason="connected",
+                running=self.running[device_id])), retain=True)
+            self._publish(device_id, TopicKind.HELLO, encode(Hello(
+                device_id=device_id, session=self.session, agent_version="0.0.0-sim", protocols=[1],
+                fingerprint=fp)))
+        per_device = dict.fromkeys(self.clients, 0)
+        rng = np.random.default_rng(abs(hash(tuple(self.ids))) % 2**32)
+        start = time.monotonic()
+        end = start + cfg.seconds
+        n = max(1, len(per_device))
+        due = [(start + cfg.interval * k / n, k, d, 0) for k, d in enumerate(per_device)]  # (at, tiebreak, id, seq)
+        heapq.heapify(due)
+        while time.monotonic() < end and not self._stopping():
+            now = time.monotonic()
+            for device_id, (at, desired) in list(self.pending.items()):
+                if at <= now:
+                    del self.pending[device_id]
+                    self._installed(device_id, desired)
+            while due and due[0][0] <= now:
+                at, k, device_id, seq = heapq.heappop(due)
+                if self._window(rng, device_id, seq):
+                    per_device[device_id] += 1
+                if at + cfg.interval < end:
+                    heapq.heappush(due, (at + cfg.interval, k, device_id, seq + 1))
+            wake = min(due[0][0] if due else end, end, now + _MISC_S)
+            self.pump(max(0.0, wake - time.monotonic()))
+        self.sending = False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.acked < self.sent:
+            self.pump(0.1)
+        for c in self.clients.values():
+            c.disconnect()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.sel.get_map():
+            self.pump(0.1)
+        return per_device
+
+    def _installed(self, device_id: str, desired: DesiredState) -> None:
+        """The install "finishes": report the new bundle as running."""
+        assert desired.bundle is not None and desired.artifact is not None  # noqa: S101 - checked on receipt
+        m = desired.bundle.manifest
+        digest = manifest_digest(m)
+        self.running[device_id] = RunningBundle(model=m.model, version=m.version, manifest_sha256=digest,
+                                                artifact=desired.artifact, slot="b")
+        install = InstallStatus(model=m.model, version=m.version, manifest_sha256=digest, step=InstallStep.DONE)
+        self._publish(device_id, TopicKind.STATE, encode(self.state(device_id, install)), retain=True)
+
+    def _window(self, rng: np.random.Generator, device_id: str, seq: int) -> bool:
+        cfg = self.cfg
+        now = datetime.now(timezone.utc)
+        bundle = self.running[device_id]
+        behaviour = cfg.behaviours.get(bundle.manifest_sha256, Behaviour()) if bundle else Behaviour()
+        n = cfg.requests_per_window
+        p95 = behaviour.p95_ms
+        window = TelemetryWindow(
+            device_id=device_id, session=self.session, window_seq=seq, start=now - timedelta(seconds=cfg.interval),
+            end=now, requests=n, errors=int(rng.binomial(n, behaviour.error_rate)),
+            manifest_sha256=bundle.manifest_sha256 if bundle else None,
+            latency_ms=LatencySummary(p50=p95 / 2, p95=p95, p99=p95 * 1.5, max=p95 * 2, mean=p95 * 0.6))
+        sent = self._publish(device_id, TopicKind.TELEMETRY, encode(window))
+        if sent and cfg.reference is not None and cfg.manifest_sha256 is not None:
+            self._publish(device_id, TopicKind.STATS,
+                          encode(_stats(cfg, rng, device_id, self.session, seq, window.start, now)))
+        return sent
+
+
+def _run_shard(index: int, cfg: SimConfig, ids: list[str], sources: list[str], out: mp.Queue,  # type: ignore[type-arg]
+               stop: Any, ready: Any, shards: int) -> None:
+    """A worker process: its devices logged in, then (once every shard's are) sending. Puts ("done", index,
+    result) on ``out``, or ("error", index, message) before dying of an exception."""
+    try:
+        _raise_open_files(len(ids) + 64)
+        shard = _Shard(cfg, ids, sources, stop)
+        connect_s = shard.connect_all()
+        with ready.get_lock():
+            ready.value += 1
+        deadline = time.monotonic() + cfg.connect_timeout + 60
+        while ready.value < shards and time.monotonic() < deadline and not shard._stopping():
+            shard.pump(0.1)  # every shard has its devices logged in: the fleet starts sending at once
+        per_device = shard.run()
+        out.put(("done", index, (shard.sent, shard.acked, shard.failed, per_device, connect_s)))
+    except BaseException as exc:
+        out.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
 def simulate(cfg: SimConfig, stop: Any = None) -> SimResult:
     """Run the simulated fleet for ``cfg.seconds`` (or until ``stop``, a multiprocessing Event, is set).
 
     A device whose connection fails (the TLS handshake or the login refused, or no CONNACK within
-    ``cfg.connect_timeout``) counts in ``failed_connects`` and sends nothing."""
+    ``cfg.connect_timeout``) counts in ``failed_connects`` and sends nothing. A shard that dies (an error in it,
+    or killed) stops the run: the other shards are terminated and :class:`SimulationError` names the shard, its
+    devices and its error."""
     ids = sorted(cfg.devices)
     shards = [s for s in (ids[i :: cfg.processes] for i in range(cfg.processes)) if s]
+    sources = source_addresses(cfg.host, len(ids))
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    together = ctx.Barrier(len(shards)) if shards else None
-    procs = [ctx.Process(target=_run_shard, args=(cfg, s, out, stop, together)) for s in shards]
+    ready = ctx.Value("i", 0)
+    procs = [ctx.Process(target=_run_shard, args=(i, cfg, s, sources, out, stop, ready, len(shards)),
+                         name=f"edgeherd-sim-{i}", daemon=True) for i, s in enumerate(shards)]
     for p in procs:
         p.start()
     result = SimResult()
-    for _ in procs:
-        sent, acked, failed, per_device, connect_s = out.get(timeout=cfg.seconds + cfg.connect_timeout + 300)
-        result.connect_s = max(result.connect_s, connect_s)
-        result.sent += sent
-        result.acked += acked
-        result.failed_connects += failed
-        result.per_device.update(per_device)
-    for p in procs:
-        p.join(30)
+    done: set[int] = set()
+    # generous: logging in is slow with many TLS devices on a small machine, but a shard that died says so at once
+    limit = cfg.seconds + 2 * cfg.connect_timeout + 600 + 0.05 * len(ids)
+    deadline = time.monotonic() + limit
+    try:
+        while len(done) < len(procs):
+            try:
+                kind, index, payload = out.get(timeout=0.5)
+            except queue.Empty:
+                dead = next((i for i, p in enumerate(procs) if i not in done and p.exitcode is not None), None)
+                if dead is None:
+                    if time.monotonic() > deadline:
+                        late = [i for i in range(len(procs)) if i not in done]
+                        raise SimulationError(f"simulator shard(s) {late} did not finish within {limit:.0f} s") \
+                            from None
+                    continue
+                try:  # what it put before exiting is in the queue by now (its feeder thread was flushed)
+                    kind, index, payload = out.get(timeout=2)
+                except queue.Empty:
+                    kind, index, payload = "error", dead, _exit_reason(procs[dead].exitcode)
+            if kind == "error":
+                s = shards[index]
+                raise SimulationError(f"simulator shard {index} of {len(procs)} ({len(s)} devices, {s[0]} … {s[-1]}) "
+                                      f"died: {payload}")
+            sent, acked, failed, per_device, connect_s = payload
+            done.add(index)
+            result.connect_s = max(result.connect_s, connect_s)
+            result.sent += sent
+            result.acked += acked
+            result.failed_connects += failed
+            result.per_device.update(per_device)
+    finally:
+        for p in procs:
+            if p.exitcode is None and len(done) < len(procs):
+                p.terminate()
+        for p in procs:
+            p.join(30)
     return result
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"

@@ -5,7 +5,11 @@ what cannot work."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
+import signal
 import stat
+import threading
 
 import pytest
 from sqlmodel import Session, func, select
@@ -16,7 +20,7 @@ from server.app import ServerApp
 from server.broker import DeviceCredentials
 from server.cli import app as cli
 from server.db.models import TelemetryRow
-from server.simulate import SimConfig, load_credentials, store_credentials
+from server.simulate import DEVICES_PER_SOURCE, SimConfig, load_credentials, source_addresses, store_credentials
 from tests.server_helpers import server_dir, wait_for
 from tests.tls_device_helpers import reachable
 
@@ -96,3 +100,49 @@ def test_the_url_gives_host_port_and_tls():
     assert (cfg.host, cfg.port, cfg.tls) == ("gateway.lan", 8883, True)
     cfg = SimConfig("mqtt://127.0.0.1", {"d": DeviceCredentials(password=PW)})
     assert (cfg.host, cfg.port, cfg.tls) == ("127.0.0.1", 1883, False)
+
+
+@pytest.mark.integration
+def test_a_shard_that_dies_fails_the_command_naming_the_shard(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEHERD_DATABASE_URL", raising=False)
+    data, _ = server_dir(reachable(tmp_path) / "data")
+    server = ServerApp(data, metrics_port=0, drift_interval=0, rollout_interval=0).start()
+    try:
+        got = {}
+
+        def run() -> None:
+            got["result"] = CliRunner().invoke(cli, ["fleet", "simulate", "--devices", "4", "--seconds", "600",
+                                                     "--interval", "0.5", "--processes", "2", "--data-dir",
+                                                     str(data)], env={"COLUMNS": "300"})
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def windows() -> bool:
+            with Session(server.registry.engine) as db:
+                return db.exec(select(func.count()).select_from(TelemetryRow)).one() >= 4
+
+        wait_for(windows, 60, "the simulated devices to send windows")
+        shard = next(p for p in mp.active_children() if p.name == "edgeherd-sim-1")
+        assert shard.pid is not None
+        os.kill(shard.pid, signal.SIGKILL)
+        thread.join(60)
+        assert not thread.is_alive(), "the command kept waiting after a shard died"
+        result = got["result"]
+        assert result.exit_code == 1, result.output
+        message = " ".join(result.output.split())
+        assert "shard 1 of 2 (2 devices, sim-00001 … sim-00003) died: killed by SIGKILL" in message
+        assert not [p for p in mp.active_children() if p.name.startswith("edgeherd-sim-")]  # the other one ended
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("host", "devices", "expected"), [
+    ("127.0.0.1", 1, ["127.0.1.1"]),
+    ("127.0.0.1", DEVICES_PER_SOURCE, ["127.0.1.1"]),
+    ("127.0.0.1", DEVICES_PER_SOURCE + 1, ["127.0.1.1", "127.0.1.2"]),
+    ("localhost", 3 * DEVICES_PER_SOURCE, ["127.0.1.1", "127.0.1.2", "127.0.1.3"]),
+    ("192.0.2.10", 100_000, [""]),  # not loopback: the system picks the source address
+])
+def test_loopback_connections_are_spread_over_source_addresses(host, devices, expected):
+    assert source_addresses(host, devices) == expected

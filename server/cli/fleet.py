@@ -447,7 +447,8 @@ def deploy_command(
 def fleet_simulate(
     devices: Annotated[int, typer.Option("--devices", min=1, max=100_000, help="How many simulated devices.")] = 100,
     seconds: Annotated[float, typer.Option("--seconds", min=1, help="How long to run.")] = 60.0,
-    interval: Annotated[float, typer.Option("--interval", min=0.05, help="Seconds between windows.")] = 1.0,
+    interval: Annotated[float, typer.Option("--interval", min=0.05, help="Seconds between a device's windows "
+                                            "(an agent's default window is 60 s).")] = 60.0,
     model: Annotated[str | None, typer.Option("--model", help="NAME:VERSION whose reference profile the "
                                               "simulated statistics follow.")] = None,
     drifting: Annotated[int, typer.Option("--drifting", min=0, help="How many devices get drifting inputs.")] = 0,
@@ -458,10 +459,11 @@ def fleet_simulate(
     """Run simulated devices that speak the real protocol with real credentials (enrolled on first use).
 
     On the managed broker's TLS listener each device connects with its own certificate; the credentials are kept
-    in <data>/simulator/credentials.json (0600, in a 0700 directory) for the next runs."""
+    in <data>/simulator/credentials.json (0600, in a 0700 directory) for the next runs. Each process drives its
+    share of the devices from one event loop; if one dies, the command stops and says which and why."""
     from protocol import manifest_digest
     from server.registry import RegistryError
-    from server.simulate import PROFILE, SimConfig, load_credentials, simulate, store_credentials
+    from server.simulate import PROFILE, SimConfig, SimulationError, load_credentials, simulate, store_credentials
 
     reg = open_registry(data_dir, broker)
     store = data_dir / "simulator"
@@ -487,10 +489,14 @@ def fleet_simulate(
                         drifting=frozenset(ids[:drifting]))
     except (RegistryError, ValueError, OSError) as exc:
         fail(exc)
-    with console.status(f"{devices} simulated devices for {seconds:.0f} s ..."):
-        result = simulate(cfg)
+    try:
+        with console.status(f"{devices} simulated devices for {seconds:.0f} s ..."):
+            result = simulate(cfg)
+    except SimulationError as exc:
+        fail(exc)
     console.print(f"sent {result.sent} messages, {result.acked} acknowledged by the broker; "
-                  f"{result.failed_connects} devices could not connect")
+                  f"{result.failed_connects} devices could not connect; {len(result.per_device)} devices online, "
+                  f"logged in within {result.connect_s:.1f} s")
 
 
 ca_app = typer.Typer(help="The certificate authority devices and the broker trust (<data>/pki).",
