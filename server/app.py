@@ -47,7 +47,7 @@ from protocol import (
     parse_device_topic,
     server_subscriptions,
 )
-from server import leases
+from server import agent_releases, leases
 from server.alerts import Notifier, observations, observe
 from server.broker import SERVER_USER
 from server.bus import Bus
@@ -95,7 +95,8 @@ class ServerApp:
         self.drift_interval = drift_interval
         self.holder = f"server-{uuid.uuid4().hex[:8]}"
         #: Steps active rollouts every ``rollout_interval`` seconds (0: this replica never does).
-        self.orchestrator = Orchestrator(self.registry, holder=self.holder, interval=rollout_interval or 1.0)
+        self.orchestrator = Orchestrator(self.registry, holder=self.holder, interval=rollout_interval or 1.0,
+                                         agent_rollouts=agent_releases.advance)
         self.rollout_interval = rollout_interval
         self.metrics_port = metrics_port
         #: Answer requests that allow it on the artifact's broadcast topic (False: every answer unicast,
@@ -267,10 +268,11 @@ class ServerApp:
                     break
                 batch.append(more)
             reports = []
+            allowed = self._allowed_artifacts(batch)
             for topic, payload, received in batch:
                 if topic.endswith("/" + TopicKind.ARTIFACT_REQUEST.value):
                     try:
-                        self._serve_chunks(topic, payload, received)
+                        self._serve_chunks(topic, payload, received, allowed)
                     except Exception:
                         log.exception("error serving chunks on %s", topic[:200])
                 else:
@@ -330,7 +332,31 @@ class ServerApp:
         self.client.publish(device_topic(device_id, TopicKind.ERROR), encode(reply), qos=1)
         return True
 
-    def _serve_chunks(self, topic: str, payload: bytes, received: float) -> None:
+    def _allowed_artifacts(self, batch: list[tuple[str, bytes, float]]) -> dict[str, set[str]] | None:
+        """The artifacts each device with a chunk request in ``batch`` may fetch, read from the registry once for
+        the whole batch (a rollout wave queues many requests; one lookup each kept the first chunks of a wave
+        waiting behind the rest). None when there are no such requests or the lookup failed (logged): then
+        each request is checked on its own."""
+        devices = []
+        for topic, _, _ in batch:
+            if topic.endswith("/" + TopicKind.ARTIFACT_REQUEST.value):
+                try:
+                    devices.append(parse_device_topic(topic)[0])
+                except TopicError:
+                    continue  # refused, counted and logged by _serve_chunks
+        if not devices:
+            return None
+        try:
+            return self.registry.desired_artifacts(devices)
+        except Exception:
+            log.exception("could not read the artifacts of %d devices with chunk requests; checking each request "
+                          "on its own", len(set(devices)))
+            return None
+
+    def _serve_chunks(self, topic: str, payload: bytes, received: float,
+                      allowed: dict[str, set[str]] | None = None) -> None:
+        """Answer one chunk request (docs/protocol.md §6); ``allowed``: what devices may fetch, read for the
+        request's batch (:meth:`_allowed_artifacts`), else read here."""
         try:
             device_id, _ = parse_device_topic(topic)
         except TopicError as exc:
@@ -341,7 +367,8 @@ class ServerApp:
         except InvalidMessage as exc:
             self._reply_error(device_id, error_reply_for(exc), undecoded=True)
             return
-        if req.sha256 not in self.registry.desired_bundle_artifacts(device_id):
+        may = allowed.get(device_id) if allowed is not None else None
+        if req.sha256 not in (may if may is not None else self.registry.desired_bundle_artifacts(device_id)):
             self._reply_error(device_id, ErrorReply(request_id=req.request_id, code=ErrorCode.NOT_FOUND,
                                                     message="no artifact with that sha256 for this device"))
             return

@@ -416,11 +416,15 @@ def command_governed(registry: Registry, governance: Governance, actor: str, nam
 
 
 class Orchestrator:
-    """Steps every active rollout, each under its lease, every ``interval`` seconds."""
+    """Steps every active rollout, each under its lease, every ``interval`` seconds; and with ``agent_rollouts``
+    (``server.agent_releases.advance``, which ServerApp passes in: that module builds on this one), the agent
+    rollouts too, under one lease."""
 
     def __init__(self, registry: Registry, *, holder: str | None = None, interval: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 agent_rollouts: Callable[[Registry], int] | None = None) -> None:
         self.registry, self.interval, self.clock = registry, interval, clock
+        self.agent_rollouts = agent_rollouts
         self.holder = holder or f"server-{uuid.uuid4().hex[:8]}"
         self.steps = 0
         self._bus: Bus | None = None
@@ -466,12 +470,12 @@ class Orchestrator:
     def _step_agent_rollouts(self) -> int:
         """Move agent-release rollouts on (server/agent_releases.py), one replica at a time: the one holding the
         "agent-rollouts" lease for this pass."""
-        from server.agent_releases import advance
-
+        if self.agent_rollouts is None:
+            return 0
         if not leases.acquire(self.registry.engine, "agent-rollouts", self.holder, max(30.0, 3 * self.interval)):
             return 0
         try:
-            return advance(self.registry)
+            return self.agent_rollouts(self.registry)
         except Exception:
             log.exception("agent rollouts: step failed; retried on the next pass")
             return 0
