@@ -23,6 +23,7 @@ from server.tui.app import EdgeherdApp, make_app
 from server.tui.data import FleetData
 from server.tui.modals import ConfirmModal, ReasonModal, TypedConfirmModal
 from server.tui.screens import DeviceScreen, FleetScreen, HelpScreen, ModelsScreen, RolloutsScreen
+from server.tui.screens.fleet import FleetTable
 from tests.server_helpers import blob_bundle, server_dir
 from tests.tui_state import OPERATORS, settle
 
@@ -82,11 +83,11 @@ async def _test_fleet_filters_sorts_and_drills_down(fleet):
         await settle(pilot)
         screen = app.screen
         assert isinstance(screen, FleetScreen)
-        table = screen.query_one("#fleet", DataTable)
+        table = screen.query_one("#fleet", FleetTable)
         assert table.row_count == 30
         await pilot.press("slash", *"group:prod", "enter")
         await settle(pilot)
-        assert sorted(_keys(table)) == [f"prod-{i:02d}" for i in range(10)]
+        assert sorted(table.row_keys()) == [f"prod-{i:02d}" for i in range(10)]
         await pilot.press("slash", *["backspace"] * 10, "enter")
         await settle(pilot)
         assert table.row_count == 30
@@ -94,8 +95,8 @@ async def _test_fleet_filters_sorts_and_drills_down(fleet):
             await pilot.press("s")
         await pilot.press("S")
         await settle(pilot)
-        assert _keys(table)[0] == "lab-03"  # the device whose inputs drift
-        drifts = [screen.rows[k].drift for k in _keys(table)]
+        assert table.row_keys()[0] == "lab-03"  # the device whose inputs drift
+        drifts = [screen.rows[k].drift for k in table.row_keys()]
         assert drifts == sorted(drifts, key=lambda v: -(v or 0))
         table.move_cursor(row=0)
         await pilot.press("enter")

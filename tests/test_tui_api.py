@@ -19,16 +19,17 @@ from sqlmodel import Session, select
 from textual.widgets import DataTable, Select, Static
 
 from protocol.signing import generate_signing_key, private_key_to_pem, public_key_to_text
-from server.api.client import ApiClient, key_path
+from server.api.client import ApiClient, ApiError, key_path
 from server.db import database_url, make_engine
 from server.db.models import Approval
 from server.governance import Permission, Role
 from server.signatures import verify_decision
 from server.tui.app import make_remote_app
-from server.tui.data import ActionError
+from server.tui.data import ActionError, FleetQuery
 from server.tui.modals import ConfirmModal, ReasonModal
 from server.tui.remote import RemoteFleetData
 from server.tui.screens import AuditScreen, DeviceScreen, DriftScreen, FleetScreen, ModelsScreen, RolloutsScreen
+from server.tui.screens.fleet import FleetTable
 from tests._mosquitto import free_port
 from tests.api_helpers import ROOT, ApiServer, api_server
 from tests.server_helpers import blob_bundle, wait_for
@@ -95,13 +96,13 @@ async def _test_the_fleet_screen_lists_the_servers_devices_and_drills_down(srv):
         screen = app.screen
         assert isinstance(screen, FleetScreen) and screen.refreshes >= 1
         assert screen.sub_title == "otto (operator)"
-        table = screen.query_one("#fleet", DataTable)
-        assert sorted(_keys(table)) == sorted(DEVICES)
+        table = screen.query_one("#fleet", FleetTable)
+        assert sorted(table.row_keys()) == sorted(DEVICES)
         assert str(screen.query_one("#summary", Static).render()).startswith("3 devices · 0 online")
         assert screen.rows["lab-01"].groups == "lab" and screen.rows["lab-01"].desired == "digits:1.0.0"
         await pilot.press("slash", *"group:pi", "enter")
         await settle(pilot)
-        assert _keys(table) == ["pi-01"]
+        assert table.row_keys() == ["pi-01"]
         await pilot.press("enter")
         await settle(pilot)
         device = app.screen
@@ -113,6 +114,30 @@ async def _test_the_fleet_screen_lists_the_servers_devices_and_drills_down(srv):
         await pilot.press("escape")
         await settle(pilot)
         assert app.screen is screen
+
+
+def test_the_fleet_is_paged_by_the_server_and_by_the_tui_for_a_server_without_paging(srv):
+    otto = srv.client("otto")
+    listed = otto.get("/devices")  # no page asked: every device, as before
+    assert isinstance(listed, list) and sorted(d["id"] for d in listed) == sorted(DEVICES)
+    page = otto.get("/devices", limit=1, offset=1, sort="id", reverse="true")
+    assert [r["id"] for r in page["rows"]] == ["lab-02"] and page["rows"][0]["health"] == "off"
+    assert (page["offset"], page["matched"], page["total"], page["online"], page["focus"]) == (1, 3, 3, 0, None)
+    for bad in ({"limit": 5000}, {"limit": 5, "sort": "colour"}, {"limit": 5, "focus": "No Such"}):
+        with pytest.raises(ApiError) as refused:
+            otto.get("/devices", **bad)
+        assert refused.value.status == 422
+
+    older = srv.client("otto")  # a server from before paging: it answers every device, whatever is asked
+    answer = older.get
+    older.get = lambda path, **query: answer(path) if path == "/devices" else answer(path, **query)  # type: ignore[method-assign]
+    for query in (FleetQuery(text="lab", sort="id", reverse=True, limit=1, focus="lab-01"),
+                  FleetQuery(text="group:pi"), FleetQuery(sort="groups", offset=1, limit=5)):
+        paged, cut_here = RemoteFleetData(otto).fleet(query), RemoteFleetData(older).fleet(query)
+        assert paged == cut_here, query
+    assert [r.id for r in paged.rows] == ["lab-02", "pi-01"]
+    focused = RemoteFleetData(otto).fleet(FleetQuery(text="lab", reverse=True, limit=1, focus="lab-01"))
+    assert ([r.id for r in focused.rows], focused.offset, focused.focus, focused.matched) == (["lab-01"], 1, 1, 2)
 
 
 def test_a_rollout_started_through_the_api_is_paused_from_the_tui(srv):

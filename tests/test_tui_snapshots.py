@@ -30,7 +30,7 @@ def _app(fixed, actor: str = "bob") -> EdgeherdApp:
 @pytest.mark.parametrize(("name", "keys"), [
     ("fleet", []),
     ("fleet_filtered", ["slash", *"group:prod", "enter"]),
-    ("device", ["down", "down", "down", "down", "enter"]),
+    ("device", [*["down"] * 8, "enter"]),  # pi-04: the drifting device, with an alert and a rollout
     ("rollouts", ["r", "down"]),
     ("models", ["m"]),
     ("drift", ["d"]),

@@ -34,7 +34,7 @@ from server.orchestrator import RolloutError, command_governed, start_governed
 from server.registry import RegistryError
 from server.rollouts import COMMANDS, RolloutCommand, RolloutSpec
 from server.signatures import SignatureCheckError, verify_decision
-from server.tui.data import ActionError
+from server.tui.data import FLEET_SORTS, ActionError, FleetQuery
 
 __all__ = ["ROUTERS"]
 
@@ -70,9 +70,30 @@ def whoami(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> dict[st
 devices = APIRouter(prefix="/devices", tags=["devices"])
 
 
-@devices.get("", summary="Every device, with its health")
-def list_devices(op: Annotated[Operator, Depends(permit(Permission.READ))]) -> list[dict[str, Any]]:
-    return [_plain(r) | {"health": r.health} for r in op.fleet().devices()]
+#: Largest page of ``GET /devices?limit=``.
+MAX_FLEET_PAGE = 1000
+
+
+@devices.get("", summary="Every device, with its health; with limit, one page of the Fleet table and its counts")
+def list_devices(op: Annotated[Operator, Depends(permit(Permission.READ))],
+                 limit: Annotated[int | None, Query(ge=0, le=MAX_FLEET_PAGE, description=(
+                     "Page size: answer {rows, offset, matched, total, online, unhealthy, focus} instead of the "
+                     "list of every device"))] = None,
+                 offset: Annotated[int, Query(ge=0, description="The page's first position")] = 0,
+                 filter: Annotated[str, Query(max_length=200, description=(
+                     "Words, or group:G tag:T status:S health:H profile:P version:NAME:VER (docs/tui.md)"))] = "",
+                 sort: Annotated[str, Query(pattern=f"^({'|'.join(FLEET_SORTS)})$",
+                                            description="The column sorted on")] = "id",
+                 reverse: Annotated[bool, Query(description="Highest first, missing values first")] = False,
+                 focus: Annotated[str | None, Query(pattern=DEVICE, description=(
+                     "A device to keep in view: the page moves to hold it, and focus says where it is"))] = None,
+                 ) -> list[dict[str, Any]] | dict[str, Any]:
+    if limit is None:
+        return [_plain(r) | {"health": r.health} for r in op.fleet().devices()]
+    page = op.fleet().fleet(FleetQuery(text=filter, sort=sort, reverse=reverse, offset=offset, limit=limit,
+                                       focus=focus))
+    answer: dict[str, Any] = _plain(page)
+    return answer | {"rows": [_plain(r) | {"health": r.health} for r in page.rows]}
 
 
 @devices.get("/{device_id}", summary="One device: its row, fingerprint, history, latency, features and alerts")

@@ -56,8 +56,8 @@ from server.registry import Registry, RegistryError
 from server.rollouts import RolloutSpec, wave_sizes
 from server.settings import STALE_AFTER
 
-__all__ = ["ActionError", "AlertRow", "DeviceDetail", "DeviceRow", "DriftRow", "FleetData", "ModelRow", "RolloutDetail",
-           "RolloutRow"]
+__all__ = ["FLEET_SORTS", "ActionError", "AlertRow", "DeviceDetail", "DeviceRow", "DriftRow", "FleetData", "FleetPage",
+           "FleetQuery", "ModelRow", "RolloutDetail", "RolloutRow"]
 
 #: Telemetry newer than this feeds the fleet table's latency and error columns.
 RECENT = timedelta(minutes=5)
@@ -98,6 +98,51 @@ class DeviceRow:
         hay = " ".join([self.id, self.profile, self.groups, self.tags, self.status, self.running, self.desired,
                         self.install, self.health]).lower()
         return all(word in hay for word in text.lower().split())
+
+
+#: The Fleet table's columns, by key, in order: what :class:`FleetQuery` sorts on (server/tui/render.py
+#: ``FLEET_COLUMNS`` gives each its header and the value it sorts on).
+FLEET_SORTS = ("id", "profile", "groups", "status", "running", "desired", "install", "last_seen", "p95", "errors",
+               "drift")
+
+#: The filter's ``key:value`` words (server/tui/render.py :func:`fleet_matches`).
+FLEET_FIELDS = ("group", "tag", "status", "profile", "health", "version")
+
+
+@dataclass(frozen=True)
+class FleetQuery:
+    """One page of the Fleet table: the devices matching ``text`` (server/tui/render.py :func:`fleet_matches`),
+    sorted on column ``sort`` (one of :data:`FLEET_SORTS`; missing values last, strings without case, ties by id),
+    ``limit`` of them from ``offset`` (``None``: all). ``focus``: a device to keep in view; when it matches and
+    falls outside that page, the page moves to start ``limit // 2`` rows above it."""
+
+    text: str = ""
+    sort: str = "id"
+    reverse: bool = False
+    offset: int = 0
+    limit: int | None = None
+    focus: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sort not in FLEET_SORTS:
+            raise ValueError(f"sort: {self.sort!r} is not a Fleet column ({', '.join(FLEET_SORTS)})")
+        if self.offset < 0 or (self.limit is not None and self.limit < 0):
+            raise ValueError("offset and limit are not negative")
+
+
+@dataclass(frozen=True)
+class FleetPage:
+    """What :meth:`FleetData.fleet` answers: the page's rows from position ``offset`` among the ``matched``
+    devices, and the counts the summary line shows (over the whole fleet, whatever the filter)."""
+
+    rows: list[DeviceRow]
+    offset: int
+    matched: int
+    total: int
+    online: int
+    unhealthy: int
+    #: Position of the query's ``focus`` among the matched devices; None when it was not asked or does not match.
+    focus: int | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +291,42 @@ class FleetData:
                     p95_ms=float(p95w) / float(p95n) if p95w is not None and p95n else None,
                     error_rate=float(err) / float(req) if req else None, drift=drift.get(d.id)))
         return out
+
+    def fleet(self, query: FleetQuery) -> FleetPage:
+        """One page of the Fleet table, filtered, sorted, counted and cut in the database, one statement that
+        works the fleet out once (server/tui/_fleet_sql.py); only the page's rows are read back. When the device to
+        keep in view is not on that page, one more ranks it, and one more reads the page moved to it."""
+        from server.tui import _fleet_sql as q
+
+        engine = self.registry.engine
+        fleet = q.fleet_rows(self.clock(), self.stale_after, RECENT)
+
+        def read(offset: int, focus: str | None) -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(q.page(fleet, query.text, query.sort, query.reverse, offset, query.limit,
+                                                focus, engine.dialect.name)).all())
+
+        offset = query.offset
+        found = read(offset, None)
+        focus = None
+        if query.focus is not None:
+            focus = next((offset + i for i, r in enumerate(found) if r.id == query.focus), None)
+        if focus is None and query.focus is not None:
+            found = read(offset, query.focus)
+            focus = found[0].focus_at
+            if focus is not None and query.limit is not None and not offset <= focus < offset + query.limit:
+                offset = max(0, focus - query.limit // 2)
+                found = read(offset, None)
+        first = found[0]
+        rows = [DeviceRow(id=r.id, profile=r.profile, groups=",".join(r.groups), tags=",".join(r.tags),
+                          status=r.status, running=r.running, desired=r.desired, install=r.install,
+                          last_seen=r.last_seen,
+                          p95_ms=float(r.p95w) / float(r.p95n) if r.p95w is not None and r.p95n else None,
+                          error_rate=float(r.err) / float(r.req) if r.req else None,
+                          drift=None if r.drift is None else float(r.drift))
+                for r in found if r.id is not None]
+        return FleetPage(rows, offset, int(first.n_matched), int(first.n_total), int(first.n_online),
+                         int(first.n_bad), None if focus is None else int(focus))
 
     def device(self, device_id: str) -> DeviceDetail:
         rows = {r.id: r for r in self.devices(only=device_id)}  # the device screen needs one row, not the fleet

@@ -37,6 +37,8 @@ from server.tui.data import (
     DeviceDetail,
     DeviceRow,
     DriftRow,
+    FleetPage,
+    FleetQuery,
     ModelRow,
     RolloutDetail,
     RolloutRow,
@@ -48,8 +50,12 @@ T = TypeVar("T")
 
 #: Longest audit filter the API takes (``GET /audit?text=``).
 MAX_AUDIT_TEXT = 200
+#: Longest Fleet filter and largest page the API takes (``GET /devices?filter=…&limit=…``).
+MAX_FLEET_FILTER = 200
+MAX_FLEET_PAGE = 1000
 _DEVICES = TypeAdapter(list[DeviceRow])
 _DEVICE = TypeAdapter(DeviceDetail)
+_FLEET_PAGE = TypeAdapter(FleetPage)
 _ROLLOUTS = TypeAdapter(list[RolloutRow])
 _ROLLOUT = TypeAdapter(RolloutDetail)
 _MODELS = TypeAdapter(list[ModelRow])
@@ -193,6 +199,23 @@ class RemoteFleetData:
         if only is not None:
             return [self.device(only).row]
         return _decode(_DEVICES, self._get("/devices"), "/devices")
+
+    def fleet(self, query: FleetQuery) -> FleetPage:
+        """One page of the Fleet table, cut by the server (``GET /devices?limit=…``, at most
+        :data:`MAX_FLEET_PAGE` rows, whatever ``query.limit`` says); a server without paging answers every device,
+        and the page is cut here (server/tui/fleet_page.py)."""
+        params: dict[str, Any] = {"filter": query.text[:MAX_FLEET_FILTER], "sort": query.sort,
+                                  "reverse": "true" if query.reverse else "false", "offset": query.offset,
+                                  "limit": MAX_FLEET_PAGE if query.limit is None else min(query.limit, MAX_FLEET_PAGE)}
+        if query.focus is not None and re.fullmatch(DEVICE, query.focus):
+            params["focus"] = query.focus
+        answer = self._get("/devices", **params)
+        if isinstance(answer, list):
+            from server.tui.fleet_page import page_of
+
+            every: list[DeviceRow] = _decode(_DEVICES, answer, "/devices")
+            return page_of(every, query)
+        return _decode(_FLEET_PAGE, answer, "/devices")
 
     def device(self, device_id: str) -> DeviceDetail:
         device_id = _segment(device_id, DEVICE, "device id")

@@ -101,10 +101,9 @@ def fleet_matches(row: DeviceRow, text: str) -> bool:
     return True
 
 
-def fleet_summary(rows: Sequence[DeviceRow], filter_text: str, shown: int) -> str:
-    online = sum(r.status == "online" for r in rows)
-    bad = sum(r.health == "bad" for r in rows)
-    summary = f"{len(rows)} devices · {online} online · {bad} unhealthy"
+def fleet_summary(total: int, online: int, unhealthy: int, filter_text: str, shown: int) -> str:
+    """The Fleet screen's line above the table: counts over the whole fleet, and how many the filter shows."""
+    summary = f"{total} devices · {online} online · {unhealthy} unhealthy"
     if filter_text:
         summary += f" · filter “{filter_text}”: {shown} shown"
     return summary

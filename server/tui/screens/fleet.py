@@ -1,26 +1,41 @@
-"""Fleet: one row per device, updated in place; filter, sort, drill down into a device or the alerts."""
+"""Fleet: one row per device, a page at a time; filter, sort, drill down into a device or the alerts.
+
+The database filters, sorts and counts (server/tui/data.py ``FleetData.fleet``); the screen asks for the page
+around what is on screen, with the device under the cursor as the one to keep in view, and the table
+(server/tui/screens/_fleet_table.py) draws only the lines on screen and repaints only the rows that changed.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
-from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import Footer, Header, Input, Static
 
-from server.tui.data import DeviceRow
-from server.tui.render import FLEET_COLUMNS, FLEET_WIDTHS, fleet_cells, fleet_matches, fleet_summary
+from server.tui.data import DeviceRow, FleetPage, FleetQuery
+from server.tui.render import FLEET_COLUMNS, fleet_summary
+from server.tui.screens._fleet_table import FleetTable
 from server.tui.screens.alerts import AlertsScreen
 from server.tui.screens.device import DeviceScreen
 from server.tui.screens.loading import Loading
 
-__all__ = ["FleetScreen"]
+__all__ = ["FleetScreen", "FleetTable"]
 
 
-class FleetScreen(Loading[list[DeviceRow]]):
-    """One row per device, updated in place; filter, sort, drill down."""
+@dataclass(frozen=True)
+class Fetched:
+    """A page, with the query that fetched it and whether the table scrolls to the cursor's device on it."""
+
+    query: FleetQuery
+    follow: bool
+    page: FleetPage
+
+
+class FleetScreen(Loading[Fetched]):
+    """One row per device, a page at a time; filter, sort, drill down."""
 
     AUTO_FOCUS = "#fleet"
 
@@ -34,90 +49,78 @@ class FleetScreen(Loading[list[DeviceRow]]):
 
     def __init__(self) -> None:
         super().__init__()
+        #: The rows of the page held, by device.
         self.rows: dict[str, DeviceRow] = {}
-        self.shown: dict[str, DeviceRow] = {}
         self.filter_text = ""
         self.sort_index = 0
         self.sort_reverse = False
+        #: The next page puts the cursor back on its device and scrolls to it (the order or the filter changed).
+        self._follow = False
+        self._pending = (FleetQuery(), False)
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("", id="summary")
         yield Input(placeholder="filter: words, or group:G tag:T status:online health:bad …", id="filter",
                     classes="hidden")
-        table: DataTable[Text] = DataTable(id="fleet", cursor_type="row", zebra_stripes=True)
-        for key, label, _ in FLEET_COLUMNS:  # fixed widths: the same layout however the rows arrive
-            table.add_column(label, key=key, width=FLEET_WIDTHS[key])
-        yield table
+        yield FleetTable(id="fleet")
         yield Footer()
 
-    def load(self) -> list[DeviceRow]:
-        return self.data.devices()
+    @property
+    def table(self) -> FleetTable:
+        return self.query_one("#fleet", FleetTable)
 
-    def show(self, result: list[DeviceRow]) -> None:
-        self.rows = {r.id: r for r in result}
-        self._render_rows()
-        self.query_one("#summary", Static).update(fleet_summary(result, self.filter_text, len(self.shown)))
+    def _query(self) -> FleetQuery:
+        """The page for what is on screen, in the order and with the filter chosen now."""
+        table = self.table
+        offset, limit = table.window()
+        keep = self._follow or table.top <= table.cursor_row < table.top + table.body_height
+        return FleetQuery(text=self.filter_text, sort=FLEET_COLUMNS[self.sort_index][0], reverse=self.sort_reverse,
+                          offset=offset, limit=limit, focus=table.cursor_key if keep else None)
 
-    def _render_rows(self) -> None:
-        table = self.query_one("#fleet", DataTable)
-        wanted = {k: r for k, r in self.rows.items() if fleet_matches(r, self.filter_text)}
-        if set(wanted) != set(self.shown):  # rows came or went: rebuild, then sort
-            cursor = self.selected_key(table)
-            table.clear()
-            for key, row in wanted.items():
-                table.add_row(*fleet_cells(row), key=key)
-            self.shown = wanted
-            self._apply_sort()
-            if cursor in wanted:
-                table.move_cursor(row=table.get_row_index(cursor))
-            return
-        changed = False
-        for key, row in wanted.items():  # same rows: touch only the cells that changed
-            old = self.shown[key]
-            if row == old:
-                continue
-            for (col_key, _, _), new_cell, old_cell in zip(FLEET_COLUMNS, fleet_cells(row), fleet_cells(old),
-                                                           strict=True):
-                if new_cell != old_cell:
-                    table.update_cell(key, col_key, new_cell)
-                    changed = True
-        self.shown = wanted
-        if changed:
-            self._apply_sort()
+    def refresh_data(self, *, again: bool = False) -> None:
+        if not self._busy and self.app.screen is self:  # a fetch starts now: with the query as of now
+            self._pending = (self._query(), self._follow)
+            self._follow = False
+        super().refresh_data(again=again)
 
-    def _apply_sort(self) -> None:
-        """Sort on the underlying values (numbers as numbers, dates as dates), missing values last."""
-        _, _, getter = FLEET_COLUMNS[self.sort_index]
-        values = {k: getter(r) for k, r in self.shown.items()}
+    def load(self) -> Fetched:
+        query, follow = self._pending
+        return Fetched(query, follow, self.data.fleet(query))
 
-        def sort_key(id_cell: Text) -> tuple[bool, Any]:
-            v = values.get(id_cell.plain)
-            if v is None:
-                return (True, "")
-            return (False, v.lower() if isinstance(v, str) else v)
+    def show(self, result: Fetched) -> None:
+        page, table = result.page, self.table
+        table.show(page, follow=result.follow)
+        self.rows = {r.id: r for r in page.rows}
+        self.query_one("#summary", Static).update(
+            fleet_summary(page.total, page.online, page.unhealthy, result.query.text, page.matched))
+        if table.missing():  # scrolled while it was fetched: the page for where the table is now
+            self.refresh_data(again=True)
 
-        table = self.query_one("#fleet", DataTable)
-        cursor = self.selected_key(table)
-        table.sort("id", key=sort_key, reverse=self.sort_reverse)
-        if cursor is not None and cursor in self.shown:  # the cursor stays on its device
-            table.move_cursor(row=table.get_row_index(cursor))
+    def _changed(self) -> None:
+        """The order or the filter changed: fetch, and keep the cursor's device in view."""
+        self._follow = True
+        self.refresh_data(again=True)
 
-    @on(DataTable.HeaderSelected, "#fleet")
-    def _header(self, event: DataTable.HeaderSelected) -> None:
-        index = next(i for i, (k, _, _) in enumerate(FLEET_COLUMNS) if k == event.column_key.value)
+    @on(FleetTable.Wanted, "#fleet")
+    def _wanted(self) -> None:
+        self.refresh_data(again=True)
+
+    @on(FleetTable.HeaderSelected, "#fleet")
+    def _header(self, event: FleetTable.HeaderSelected) -> None:
+        index = next(i for i, (k, _, _) in enumerate(FLEET_COLUMNS) if k == event.column_key)
         self.sort_reverse = not self.sort_reverse if index == self.sort_index else False
         self.sort_index = index
-        self._apply_sort()
+        self._changed()
 
     def action_sort(self) -> None:
         self.sort_index = (self.sort_index + 1) % len(FLEET_COLUMNS)
-        self._apply_sort()
+        self._changed()
         self.notify(f"sorted by {FLEET_COLUMNS[self.sort_index][1]}", timeout=2)
 
     def action_reverse(self) -> None:
         self.sort_reverse = not self.sort_reverse
-        self._apply_sort()
+        self._changed()
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
@@ -127,21 +130,20 @@ class FleetScreen(Loading[list[DeviceRow]]):
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         self.filter_text = event.value.strip()
-        self._render_rows()
+        self._changed()
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self, event: Input.Submitted) -> None:
-        self.query_one("#fleet", DataTable).focus()
+        self.table.focus()
         if not event.value.strip():
             event.input.add_class("hidden")
 
-    @on(DataTable.RowSelected, "#fleet")
-    def _selected(self, event: DataTable.RowSelected) -> None:
-        if event.row_key.value is not None:
-            self.app.push_screen(DeviceScreen(str(event.row_key.value)))
+    @on(FleetTable.Selected, "#fleet")
+    def _selected(self, event: FleetTable.Selected) -> None:
+        self.app.push_screen(DeviceScreen(event.key))
 
     def action_open(self) -> None:
-        key = self.selected_key(self.query_one("#fleet", DataTable))
+        key = self.table.cursor_key
         if key is not None:
             self.app.push_screen(DeviceScreen(key))
 

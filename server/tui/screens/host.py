@@ -13,7 +13,17 @@ from server.db.models import AuditEntry
 from server.features import FeatureDriftRow
 from server.governance import Permission
 from server.rollouts import RolloutSpec
-from server.tui.data import AlertRow, DeviceDetail, DeviceRow, DriftRow, ModelRow, RolloutDetail, RolloutRow
+from server.tui.data import (
+    AlertRow,
+    DeviceDetail,
+    DeviceRow,
+    DriftRow,
+    FleetPage,
+    FleetQuery,
+    ModelRow,
+    RolloutDetail,
+    RolloutRow,
+)
 
 __all__ = ["Fleet", "Host"]
 
@@ -28,6 +38,7 @@ class Fleet(Protocol):
     def may(self, permission: Permission) -> bool: ...
     def role(self) -> str: ...
     def devices(self, only: str | None = None) -> list[DeviceRow]: ...
+    def fleet(self, query: FleetQuery) -> FleetPage: ...
     def device(self, device_id: str) -> DeviceDetail: ...
     def rollouts(self) -> list[RolloutRow]: ...
     def rollout(self, name: str) -> RolloutDetail: ...
