@@ -29,12 +29,14 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import AgentError, InputError
-from agent.predictor import Predictor
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.predictor import Predictor
 
 __all__ = ["ApiServer", "ModelHost", "answer"]
 
@@ -152,6 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, answer(pred, out))
 
     def _decode(self, ctype: str, body: bytes, pred: Predictor) -> np.ndarray:
+        import numpy as np  # with a model to serve (the idle agent does not load numpy)
+
         if ctype == "application/json":
             try:
                 doc = json.loads(body)

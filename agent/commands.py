@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig
-from agent.credentials import check_certificate
 from agent.errors import AgentError
 from agent.installer import Installer
 from agent.logring import LogRing
@@ -145,6 +144,8 @@ class Commands:
             return AckStatus.REJECTED, ("this agent logs in without a certificate of its own (tls_cert and tls_key "
                                         "in its config, with an mqtts:// broker_url), so it cannot take a new one")
         material = certificate.encode(), key.encode(), ca.encode()
+        from agent.credentials import check_certificate  # cryptography.x509, loaded when a certificate comes
+
         problem = check_certificate(*material, self.cfg.device_id)
         if problem is not None:
             log.warning("refused a new certificate from the server: %s", problem)

@@ -24,7 +24,6 @@ from agent.downloader import Downloader
 from agent.errors import AgentError, InstallFailure
 from agent.events import Stopping, WorkerEvent
 from agent.install import ACTIVE_STEPS, MAX_ATTEMPTS, Event, InstallRecord, Step
-from agent.predictor import Predictor
 from agent.slots import SlotContents, Slots
 from agent.smoke import smoke_test
 from agent.trust import Trust
@@ -43,6 +42,7 @@ from protocol.signing import SignedManifest
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from agent.predictor import Predictor
     from agent.session import Session
 
 __all__ = ["DOWNLOAD_MID", "InstallHook", "Installer", "PublishState"]
@@ -121,6 +121,8 @@ class Installer:
     def load(self, contents: SlotContents) -> Predictor:
         self.trust.verify(contents.signed, installed=True)
         art = contents.manifest.artifact(contents.artifact)
+        from agent.predictor import Predictor  # numpy and the runtimes load with the first model, not before
+
         return Predictor(contents.model_path, contents.manifest, art, threads=self.cfg.threads,
                          engine_cache=self.data / "engines")
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from agent.install import Step
-from agent.predictor import Predictor
-from agent.window import LATENCY_EDGES_MS
+
+if TYPE_CHECKING:
+    from agent.predictor import Predictor
 
 __all__ = ["metrics_text"]
 
@@ -24,6 +27,8 @@ def metrics_text(*, connected: bool, outbox: int, step: Step, pred: Predictor | 
         f'edgeherd_agent_install_step{{step="{step.value}"}} 1',
     ]
     if pred is not None:
+        from agent.window import LATENCY_EDGES_MS  # loaded with the model (agent.predictor)
+
         s = pred.stats
         m = pred.manifest
         lines += [

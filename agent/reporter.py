@@ -32,10 +32,10 @@ from agent.events import (
     Tick,
 )
 from agent.outbox import Outbox, window_key
-from agent.predictor import Predictor
 from protocol import TopicKind, device_topic, encode
 
 if TYPE_CHECKING:
+    from agent.predictor import Predictor
     from agent.session import Session
 
 __all__ = ["MAX_UNSTORED", "Reporter"]

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from agent.api import ApiServer
 from agent.clock import Clock, SystemClock
 from agent.commands import Commands
 from agent.config import AgentConfig
@@ -46,7 +45,6 @@ from agent.installer import Installer, InstallHook
 from agent.logring import LogRing
 from agent.metrics import metrics_text
 from agent.outbox import Outbox, window_key
-from agent.predictor import Predictor
 from agent.reporter import Reporter
 from agent.selfupdate import SelfUpdate
 from agent.slots import Slots
@@ -81,6 +79,8 @@ from protocol.version import __version__
 from protocol.windows import window_from_request_id
 
 if TYPE_CHECKING:
+    from agent.api import ApiServer
+    from agent.predictor import Predictor
     from agent.session import Session
 
 __all__ = ["Agent", "InstallFailure", "smoke_test"]
@@ -143,8 +143,11 @@ class Agent:
                                  close_window=lambda: self.reporter.queue.put(CloseWindow()),
                                  publish_state=self._publish_state, ring=self.log_ring,
                                  restart=self._restart_requested)
-        self.api = ApiServer(self, cfg.api_host, cfg.api_port, max_body=cfg.max_body_bytes) if api and \
-            cfg.api_port else None
+        self.api: ApiServer | None = None
+        if api and cfg.api_port:
+            from agent.api import ApiServer  # the HTTP stack, only for an agent that serves the local API
+
+            self.api = ApiServer(self, cfg.api_host, cfg.api_port, max_body=cfg.max_body_bytes)
         self._worker = threading.Thread(target=self._work_loop, name="edgeherd-worker", daemon=True)
 
     def _make_session(self, min_backoff: float, max_backoff: float) -> Session:

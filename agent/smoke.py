@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from agent.errors import AgentError
-from agent.predictor import Predictor
+
+if TYPE_CHECKING:
+    from agent.predictor import Predictor
 
 __all__ = ["smoke_test"]
 
@@ -15,6 +17,8 @@ def smoke_test(pred: Predictor) -> str | None:
     golden, smoke = pred.manifest.golden, pred.artifact.smoke
     if golden is None or smoke is None:
         return None
+    import numpy as np  # loaded with the model already (agent.predictor); kept out of the idle agent's imports
+
     shape = [d if d > 0 else 1 for d in pred.input_shape[1:]]
     try:
         x = np.asarray(golden.inputs, dtype=np.float32).reshape(len(golden.inputs), *shape)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["IMAGE_SUMMARIES", "image_summaries", "image_summary_names", "summary_view"]
+__all__ = ["IMAGE_SUMMARIES", "image_summaries", "image_summary_names", "summary_stride", "summary_view"]
 
 IMAGE_SUMMARIES: Literal["image-summaries/1"] = "image-summaries/1"
 _PER_CHANNEL = ("mean", "std", "min", "max", "grad")
@@ -31,10 +31,15 @@ def image_summary_names(channels: int) -> list[str]:
     return [f"c{c}_{what}" for c in range(channels) for what in _PER_CHANNEL]
 
 
+def summary_stride(height: int, width: int) -> int:
+    """The stride at which the summaries read an image of this size: ``ceil(max(height, width) / 64)``."""
+    return -(-max(height, width) // _MAX_SIDE)
+
+
 def summary_view(x: np.ndarray) -> np.ndarray:
     """The pixels the summaries read: every ``stride``-th row and column, at most 64 × 64 per channel (a view,
     no copy). The work per image is bounded by this, not by the capture size."""
-    stride = -(-max(x.shape[2], x.shape[3]) // _MAX_SIDE)
+    stride = summary_stride(x.shape[2], x.shape[3])
     return x[:, :, ::stride, ::stride] if stride > 1 else x
 
 

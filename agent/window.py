@@ -30,6 +30,8 @@ __all__ = ["LATENCY_EDGES_MS", "WindowStats", "feature_rows", "output_bin_counts
 #: Latency histogram edges in milliseconds (values above the last edge land in the last bin).
 LATENCY_EDGES_MS = [0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
                     2000.0, 5000.0, 10000.0, 60000.0]
+#: The inner edges: ``bisect_right`` on them is the bin of a latency, values beyond the ends in the end bins.
+_LATENCY_INNER = tuple(LATENCY_EDGES_MS[1:-1])
 _MAX_RAW = 1024
 
 
@@ -90,11 +92,32 @@ class WindowStats:
         self._out_edges = np.asarray(reference.output_edges) if reference and reference.output_edges else None
         if self._out_edges is not None:
             self.classes = len(self._out_edges) - 1
-        self.lifetime_requests = 0
-        self.lifetime_errors = 0
-        self.lifetime_latency_counts = [0] * (len(LATENCY_EDGES_MS) - 1)
-        self.lifetime_latency_sum = 0.0
+        # closed windows' totals; the lifetime_* properties add the open window's
+        self._closed_requests = 0
+        self._closed_errors = 0
+        self._closed_latency_counts = [0] * (len(LATENCY_EDGES_MS) - 1)
+        self._closed_latency_sum = 0.0
         self._reset()
+
+    @property
+    def lifetime_requests(self) -> int:
+        with self._lock:
+            return self._closed_requests + self.requests
+
+    @property
+    def lifetime_errors(self) -> int:
+        with self._lock:
+            return self._closed_errors + self.errors
+
+    @property
+    def lifetime_latency_counts(self) -> list[int]:
+        with self._lock:
+            return [a + b for a, b in zip(self._closed_latency_counts, self.latency_counts, strict=True)]
+
+    @property
+    def lifetime_latency_sum(self) -> float:
+        with self._lock:
+            return self._closed_latency_sum + self.latency_sum
 
     def _reset(self) -> None:
         m = len(self.reference.features) if self.reference else 0
@@ -115,17 +138,15 @@ class WindowStats:
     # -- request path: O(1) per request ----------------------------------------
 
     def record_request(self, latency_ms: float, error: bool = False) -> None:
-        i = min(max(bisect.bisect_right(LATENCY_EDGES_MS, latency_ms) - 1, 0), len(self.latency_counts) - 1)
+        i = bisect.bisect_right(_LATENCY_INNER, latency_ms)
         with self._lock:
             self.requests += 1
-            self.errors += int(error)
+            if error:
+                self.errors += 1
             self.latency_counts[i] += 1
             self.latency_sum += latency_ms
-            self.latency_max = max(self.latency_max, latency_ms)
-            self.lifetime_requests += 1
-            self.lifetime_errors += int(error)
-            self.lifetime_latency_counts[i] += 1
-            self.lifetime_latency_sum += latency_ms
+            if latency_ms > self.latency_max:
+                self.latency_max = latency_ms
 
     # -- batched: vectorised over rows -----------------------------------------
 
@@ -224,6 +245,12 @@ class WindowStats:
                     class_counts=[int(c) for c in self.class_counts],
                     confidence_counts=[int(c) for c in self.conf_counts] if self._out_edges is None else None,
                 )
+            # the closing window's requests join the lifetime totals
+            self._closed_requests += self.requests
+            self._closed_errors += self.errors
+            self._closed_latency_counts = [a + b for a, b in zip(self._closed_latency_counts, self.latency_counts,
+                                                                 strict=True)]
+            self._closed_latency_sum += self.latency_sum
             self._reset()
         return telemetry, stats
 

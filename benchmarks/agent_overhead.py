@@ -1,12 +1,21 @@
 """What the agent costs on top of the bare runtime.
 
-For the digits CNN and a larger MobileNet-style CNN (depthwise-separable
-blocks, 3×128×128 input, random weights), exported to ONNX here: median
-per-call latency of ``Predictor.predict`` with statistics on, against the
-bare ONNX Runtime session in the same process, at batch 1 and batch 32
-(calls interleaved so machine noise hits both alike). Then the resident
-memory of an idle agent process (imports only) and of one with the model
-loaded, each measured in a fresh interpreter.
+Latency: for the digits CNN and a larger MobileNet-style CNN
+(depthwise-separable blocks, 3×128×128 input, random weights), exported to
+ONNX here, ``Predictor.predict`` with statistics on against the bare ONNX
+Runtime session (``session.run(None, {name: x})``, as a user of ONNX Runtime
+calls it) in the same process, at batch 1 and batch 32. Calls alternate
+(bare, agent, agent, bare, ...) so machine noise hits both alike; each round
+gives a ratio of the two medians, and the figure is the median of the rounds'
+ratios with their range.
+
+Memory: resident set (VmRSS) of fresh interpreters, each measured several
+times (median): the bare interpreter; the agent imported (``agent.runtime``,
+no model); an agent constructed (``Agent(config)`` with its local API, not
+connected: no broker); and, per model, the bare runtime holding the model
+against the agent holding it (``agent.runtime`` imported, a ``Predictor``
+with statistics on), both after the same four batches of 32 rows. The agent's
+cost is the difference, and the ratio, to the bare runtime in the same run.
 
 Run: ``make bench`` or ``python -m benchmarks.agent_overhead``.
 """
@@ -18,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +45,7 @@ from protocol import (
     RuntimeRequirement,
     Target,
     TensorSpec,
+    encode_model,
 )
 from toolchain.export import export_onnx
 from toolchain.models import DigitsCNN
@@ -78,34 +90,81 @@ def _manifest(path: Path, x: np.ndarray, kind: str) -> tuple[Manifest, ArtifactE
     return m, art
 
 
-def _interleaved(fns: dict[str, object], x: np.ndarray, seconds: float) -> dict[str, float]:
+ROUNDS = 5
+ROUND_SECONDS = {1: 1.0, 32: 2.0}
+RSS_REPEATS = 3
+
+
+def _paired(fns: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, seconds: float) -> dict[str, float]:
+    """Median seconds per call of each function, calls alternating (the order flips every pair)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        for name, fn in fns.items():
+        for name, fn in items:
             t0 = time.perf_counter()
-            fn(x)  # type: ignore[operator]
+            fn(x)
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v[5:]) for k, v in times.items()}
+        items.reverse()
+    return {k: statistics.median(v[3:]) for k, v in times.items()}
 
 
-RSS_SNIPPET = """
+_RSS = (
+    "def rss():\n"
+    "    # VmRSS of this process (ru_maxrss would include the forking parent's peak)\n"
+    "    return next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmRSS:'))\n"
+)
+RSS_SNIPPETS = {
+    "python": "pass",
+    "agent imported": "import agent.runtime",
+    "agent constructed": """
+import socket, sys
+from pathlib import Path
+from agent.config import AgentConfig
+from agent.runtime import Agent
+from protocol import generate_signing_key, public_key_to_text
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+cfg = AgentConfig(device_id="bench", broker_url="mqtt://127.0.0.1:1", password="x", data_dir=Path(sys.argv[1]),
+                  server_key=public_key_to_text(generate_signing_key().public_key()), api_port=port)
+agent = Agent(cfg)
+""",
+    "bare runtime + model": """
+import sys
+import numpy as np
+import onnxruntime as ort
+opts = ort.SessionOptions()
+opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+sess = ort.InferenceSession(sys.argv[1], sess_options=opts, providers=["CPUExecutionProvider"])
+inp = sess.get_inputs()[0]
+x = np.zeros((32, *[d if isinstance(d, int) else 1 for d in inp.shape[1:]]), np.float32)
+for _ in range(4):
+    sess.run(None, {inp.name: x})
+""",
+    "agent + model": """
 import sys
 from pathlib import Path
 import agent.runtime
-if len(sys.argv) > 1:
-    from agent.backends import open_backend
-    b = open_backend(Path(sys.argv[1]), "onnxruntime")
-    import numpy as np
-    b.predict(np.zeros((1, *[d if d > 0 else 1 for d in b.input.shape[1:]]), np.float32))
-# VmRSS of this process (ru_maxrss would include the forking parent's peak)
-print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS:")))
-"""
+from agent.predictor import Predictor
+from protocol import Manifest, decode_model
+import numpy as np
+m = decode_model(Manifest, Path(sys.argv[2]).read_bytes())
+pred = Predictor(Path(sys.argv[1]), m, m.artifacts[0])
+x = np.zeros((32, *[d if d > 0 else 1 for d in pred.input_shape[1:]]), np.float32)
+for _ in range(4):
+    pred.predict(x)
+pred.flush()
+""",
+}
 
 
-def _rss_mib(model: Path | None) -> float:
-    args = [sys.executable, "-c", RSS_SNIPPET] + ([str(model)] if model else [])
-    return int(subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()[-1]) / 1024
+def _rss_mib(what: str, *args: str) -> float:
+    """Median VmRSS (MiB) of fresh interpreters running ``RSS_SNIPPETS[what]``."""
+    code = RSS_SNIPPETS[what] + "\n" + _RSS + "print(rss())\n"
+    runs = [int(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+                .stdout.split()[-1]) / 1024 for _ in range(RSS_REPEATS)]
+    return statistics.median(runs)
 
 
 def main() -> None:
@@ -113,30 +172,48 @@ def main() -> None:
     rng = np.random.default_rng(0)
     cases = [("digits CNN 1x8x8", DigitsCNN(), (1, 8, 8), 16.0), ("MobileNet-ish 3x128x128", MobileNetish(),
                                                                    (3, 128, 128), 1.0)]
-    print(f"{'model':26s} {'batch':>5s} {'bare µs':>10s} {'agent µs':>10s} {'overhead':>9s}")
+    print(f"latency: median of {ROUNDS} rounds (range), each the agent's median over the bare runtime's")
+    print(f"{'model':26s} {'batch':>5s} {'bare µs':>10s} {'agent µs':>10s} {'overhead':>9s}  range")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
+        models: list[tuple[str, Path, Path]] = []
         for name, net, shape, scale in cases:
             net.eval()
             sample = (rng.random((64, *shape)) * scale).astype(np.float32)
-            path = Path(tmp) / f"{len(paths)}.onnx"
+            path = Path(tmp) / f"{len(models)}.onnx"
             export_onnx(net, sample, path)
-            paths.append(path)
             manifest, art = _manifest(path, sample, "image")
+            manifest_file = path.with_suffix(".json")
+            manifest_file.write_bytes(encode_model(manifest))
+            models.append((name, path, manifest_file))
             pred = Predictor(path, manifest, art)
-            bare = pred.backend.session
+            session = pred.backend.session  # type: ignore[attr-defined]
             in_name = pred.backend.input.name
+
+            def bare(v: np.ndarray, s: Any = session, n: str = in_name) -> object:
+                return s.run(None, {n: v})
+
             for batch in (1, 32):
-                x = sample[:batch] if batch <= len(sample) else sample
-                res = _interleaved({"bare": lambda v, s=bare, n=in_name: s.run(None, {n: v}),
-                                    "agent": pred.predict}, x,
-                                   seconds=4.0 if batch == 1 else 6.0)
-                print(f"{name:26s} {batch:5d} {res['bare'] * 1e6:10.1f} {res['agent'] * 1e6:10.1f} "
-                      f"{(res['agent'] / res['bare'] - 1) * 100:+8.1f}%")
+                x = sample[:batch]
+                rounds = [_paired({"bare": bare, "agent": pred.predict}, x, ROUND_SECONDS[batch])
+                          for _ in range(ROUNDS)]
+                ratios = [r["agent"] / r["bare"] - 1 for r in rounds]
+                bare_us = statistics.median(r["bare"] for r in rounds) * 1e6
+                agent_us = statistics.median(r["agent"] for r in rounds) * 1e6
+                print(f"{name:26s} {batch:5d} {bare_us:10.1f} {agent_us:10.1f} "
+                      f"{statistics.median(ratios) * 100:+8.1f}%  [{min(ratios) * 100:+.1f}%, "
+                      f"{max(ratios) * 100:+.1f}%]")
             pred.close()
-        idle = _rss_mib(None)
-        print(f"\nagent RSS: idle (agent imported) {idle:.0f} MiB; "
-              + "; ".join(f"with {cases[i][0]} loaded {_rss_mib(p):.0f} MiB" for i, p in enumerate(paths)))
+        data = Path(tmp) / "agent-data"
+        python = _rss_mib("python")
+        idle = _rss_mib("agent imported")
+        built = _rss_mib("agent constructed", str(data))
+        print(f"\nRSS, median of {RSS_REPEATS} fresh interpreters: python {python:.0f} MiB; agent imported, no "
+              f"model {idle:.0f} MiB; agent constructed (local API on, no broker) {built:.0f} MiB")
+        for name, path, manifest_file in models:
+            bare_rss = _rss_mib("bare runtime + model", str(path))
+            agent_rss = _rss_mib("agent + model", str(path), str(manifest_file))
+            print(f"{name:26s} bare runtime {bare_rss:.0f} MiB, agent {agent_rss:.0f} MiB: "
+                  f"+{agent_rss - bare_rss:.0f} MiB (x{agent_rss / bare_rss:.2f})")
 
 
 if __name__ == "__main__":

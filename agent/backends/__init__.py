@@ -4,18 +4,32 @@
 returns a :class:`Backend`: float32 batch in, float32 batch out, whatever the
 artifact's own input and output dtypes (int8 tensors are quantised and
 dequantised at the edge of the backend). Runtimes are imported only when a
-backend is opened.
+backend is opened, and numpy only when ``Backend``, ``IOSpec`` or a backend
+is first used: an agent with no model (which asks only
+:func:`installed_runtimes`) loads neither.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from agent.backends._base import Backend, IOSpec, installed_runtimes
+from agent.backends._runtimes import installed_runtimes
 from agent.errors import RuntimeMissing
-from protocol import TensorRTBuild
+
+if TYPE_CHECKING:
+    from agent.backends._base import Backend, IOSpec
+    from protocol import TensorRTBuild
 
 __all__ = ["Backend", "IOSpec", "installed_runtimes", "open_backend"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Backend", "IOSpec"):
+        from agent.backends import _base
+
+        return getattr(_base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_backend(path: Path, runtime: str, *, threads: int = 1, tensorrt: TensorRTBuild | None = None,

@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
 
+from agent.backends._runtimes import installed_runtimes
 from agent.errors import InferenceError, InputError
 
 __all__ = ["Backend", "IOSpec", "check_input", "dequantize", "inference_failed", "installed_runtimes", "quantize"]
 
 #: Longest runtime message quoted in an :class:`InferenceError`.
 _MAX_DETAIL = 300
-
-#: Manifest runtime name -> distribution that provides it.
-_DISTRIBUTIONS = {
-    "onnxruntime": "onnxruntime",
-    "ai-edge-litert": "ai-edge-litert",
-    "tflite-runtime": "tflite-runtime",
-    "tensorrt": "tensorrt",
-}
-
-
-def installed_runtimes() -> dict[str, str]:
-    """Runtimes installed here and their versions, read from package metadata (no import)."""
-    out = {}
-    for runtime, dist in _DISTRIBUTIONS.items():
-        try:
-            out[runtime] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return out
-
 
 @dataclass(frozen=True)
 class IOSpec:
@@ -48,6 +29,11 @@ class IOSpec:
     @property
     def quantized(self) -> bool:
         return self.dtype in ("int8", "uint8") and self.scale > 0
+
+    @cached_property
+    def fixed_row(self) -> tuple[int, ...] | None:
+        """The shape of one row (all but the batch dimension) when every dimension is fixed, else None."""
+        return None if any(d < 0 for d in self.shape[1:]) else self.shape[1:]
 
 
 class Backend(Protocol):
@@ -67,8 +53,15 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def check_input(spec: IOSpec, x: np.ndarray) -> np.ndarray:
     """Validate a batch against ``spec`` and return it as contiguous float32."""
+    # the common case, checked in a few attribute reads: a contiguous float32 batch of the model's fixed shape
+    if (type(x) is np.ndarray and x.dtype is _FLOAT32 and x.shape[1:] == spec.fixed_row
+            and x.ndim == len(spec.shape) and x.shape[0] and x.flags.c_contiguous):
+        return x
     if not isinstance(x, np.ndarray):
         raise InputError(f"input must be a numpy array, got {type(x).__name__}")
     if x.dtype.kind not in "fiu":

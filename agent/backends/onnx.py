@@ -18,6 +18,7 @@ from agent.errors import ModelLoadError, RuntimeMissing
 
 log = logging.getLogger(__name__)
 
+_FLOAT32 = np.dtype(np.float32)
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
@@ -67,15 +68,22 @@ class OnnxRuntimeBackend:
         # per failed request would flood the device's log
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
+        # Per call: the compiled session's own ``run``. The Python wrapper's ``InferenceSession.run`` checks the
+        # feed's names and OrtValue ownership and handles execution-provider fallback, none of which applies
+        # here (one input, named by us, as a validated numpy array; CPU provider only); where the wrapper has no
+        # such attribute, its public ``run`` is used.
+        self._run = getattr(self.session, "_sess", self.session).run
+        self._output_names = [self.output.name]
+        self._input_name = self.input.name
         log.info("loaded %s with onnxruntime %s", path, ort.__version__)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = check_input(self.input, x)
         try:
-            out = self.session.run([self.output.name], {self.input.name: x}, self._run_options)[0]
+            out = self._run(self._output_names, {self._input_name: x}, self._run_options)[0]
         except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeException types
             raise inference_failed(self.runtime, exc) from exc
-        return np.asarray(out, dtype=np.float32)
+        return out if type(out) is np.ndarray and out.dtype is _FLOAT32 else np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:
-        del self.session
+        del self.session, self._run
