@@ -7,8 +7,10 @@ rounds) so that machine noise hits every artifact alike; the figure is the
 median of the per-call times. Where an int8 artifact is not faster than its
 runtime's fp32 one, the report says what the runtime did with the int8 graph
 (for ONNX Runtime: which operators still run in float between
-Quantize/DequantizeLinear pairs after its graph optimisations) and whether the
-CPU has int8 dot-product instructions (VNNI).
+Quantize/DequantizeLinear pairs after its graph optimisations, and where the
+time goes: ONNX Runtime's own per-operator profile of the int8 and the fp32
+session, one thread as the agent runs them, on the same test input) and
+whether the CPU has int8 dot-product instructions (VNNI).
 
 Run: ``make bench`` or ``python -m benchmarks.toolchain_targets [--bundle DIR] [--rounds N] [--vision-rounds N]
 [--no-vision]``.
@@ -17,6 +19,7 @@ Run: ``make bench`` or ``python -m benchmarks.toolchain_targets [--bundle DIR] [
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -107,9 +110,48 @@ def _ort_int8_graph(path: Path, tmp: Path) -> str:
     why = (f"after ORT's optimisations {fused} ops run as int8 kernels, {qdq} Quantize/DequantizeLinear remain, "
            f"float ops in between: {top}")
     if "HardSigmoid" in floats:
-        why += (" (ONNX Runtime's static quantiser leaves HardSigmoid, the hard-swish and squeeze-excite gates, in "
-                "float, so the convolutions feeding them keep float outputs and cannot become QLinearConv)")
+        why += (" (ONNX Runtime has no integer HardSigmoid, the hard-swish and squeeze-excite gates: each runs in "
+                "float between a DequantizeLinear and a QuantizeLinear)")
+    if "Conv" in floats:
+        why += f" ({floats['Conv']} convolutions were not fused into QLinearConv and dequantize their weights per call)"
     return why
+
+
+def _ort_profile(path: Path, x: np.ndarray, tmp: Path, runs: int = 200) -> dict[str, float]:
+    """µs per call spent in each operator type, from ONNX Runtime's profiler (one thread, the agent's default;
+    the default graph optimisations, as the agent's session has them)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp / f"{path.name}.profile")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.astype(np.float32)}
+    for _ in range(runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    warm = calls[len(calls) // 5][1]  # the first fifth of the calls warm the caches and are left out
+    spent: Counter[str] = Counter()
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e["ts"] > warm:
+            spent[e["args"]["op_name"]] += e["dur"]
+    counted = len(calls) - len(calls) // 5 - 1
+    return {op: us / counted for op, us in spent.items()}
+
+
+def _ort_int8_profile(int8: Path, fp32: Path, x: np.ndarray, tmp: Path) -> str:
+    """Where an int8 call's kernel time goes, by kind of operator, and the fp32 call's biggest operators."""
+    q, f = _ort_profile(int8, x, tmp), _ort_profile(fp32, x, tmp)
+    total = sum(q.values())
+    qdq = sum(v for op, v in q.items() if op in ("QuantizeLinear", "DequantizeLinear"))
+    kernels = sum(v for op, v in q.items() if op in _INT8_KERNELS)
+    top = ", ".join(f"{op} {v / total:.0%}" for op, v in sorted(q.items(), key=lambda kv: -kv[1])[:5])
+    return (f"ORT's profile (shares of kernel time, wall clock, so only the shares mean anything on a shared "
+            f"machine): in the int8 call integer kernels take {kernels / total:.0%}, Quantize/DequantizeLinear "
+            f"{qdq / total:.0%}, float operators {(total - kernels - qdq) / total:.0%} (top: {top}); fp32's top: "
+            + ", ".join(f"{op} {v / sum(f.values()):.0%}" for op, v in sorted(f.items(), key=lambda kv: -kv[1])[:3]))
 
 
 def _tflite_int8_graph(int8: Path, fp32: Path) -> str:
@@ -164,6 +206,8 @@ def _report(title: str, root: Path, x: np.ndarray, y: np.ndarray, rounds: int, t
             why = [_vnni()]
             if target is Target.ONNX:
                 why.append(_ort_int8_graph(root / ARTIFACTS / int8.sha256, tmp))
+                why.append(_ort_int8_profile(root / ARTIFACTS / int8.sha256, root / ARTIFACTS / fp32.sha256,
+                                             x[:1], tmp))
             else:
                 why.append(_tflite_int8_graph(root / ARTIFACTS / int8.sha256, root / ARTIFACTS / fp32.sha256))
             line += "; why: " + "; ".join(why)
