@@ -135,7 +135,9 @@ def test_a_completed_rollout_marks_its_approved_version_deployed_in_the_same_tra
         assert version.stage == "deployed" and db.exec(select(Rollout)).one().state == "completed"
         assert audit.verify(db).ok
     trail = _trail(registry)
-    assert [a for _, a, _, _ in trail][-2:] == ["rollout.completed", "model.deployed"]
+    # the groups it targeted track the version from now on (server/groups.py), in the same transaction
+    assert [a for _, a, _, _ in trail][-3:] == ["rollout.completed", "group.release", "model.deployed"]
+    assert trail[-2][3]["via"] == "rollout:r1"
     actor, _, subject, detail = trail[-1]
     assert (actor, subject) == (ORCHESTRATOR, "model:blob:1.0.0")
     assert detail == {"from": "approved", "to": "deployed", "manifest_sha256": version.manifest_sha256,
