@@ -23,15 +23,20 @@ SUITES = [
     ("bench_protocol", "Protocol codec", "strict decoding, canonical encoding, chunk frames and signature checks "
                                          "against bare json / hashlib in the same process"),
     ("toolchain_targets", "Targets: int8 against fp32", "each artifact's accuracy and latency against the fp32 "
-                                                        "ONNX artifact of the same build"),
+                                                        "ONNX artifact of the same build; where int8 is not "
+                                                        "faster, why (ONNX Runtime's fused graph and operator "
+                                                        "profile)"),
     ("agent_overhead", "Agent overhead", "a prediction through the agent (validation, statistics, API) against "
                                          "the bare runtime session"),
-    ("ingest", "Ingest: 1,000 devices", "messages/s, p95 lag and loss against what the simulator sent, on "
-                                        "SQLite and PostgreSQL; the devices' TLS listener against plain TCP in "
-                                        "the same run (TLS / plain)"),
+    ("ingest", "Ingest: capacity and 1,000 live devices", "the drain rate of a 100,000-window backlog queued at "
+                                                          "the broker, with loss and receipts counted; live: "
+                                                          "messages/s, p95 lag and loss against what the simulator "
+                                                          "sent, on SQLite and PostgreSQL; the devices' TLS listener "
+                                                          "against plain TCP in the same run (TLS / plain)"),
     ("artifact_fanout", "Artifact fan-out", "50 devices pulling 20 MiB against mosquitto_pub/sub moving the same "
                                             "bytes, over the TLS listener and over plain TCP (TLS / plain wave "
-                                            "time)"),
+                                            "time), each run a pair, median (lowest–highest) of the runs, with "
+                                            "the CPU each party used"),
     ("fleet_connections", "Fleet connections: 1,000 devices", "devices online, broker and server RSS per device "
                                                                "and CPU with the fleet connected (one window a "
                                                                "minute each) against the same processes with no "

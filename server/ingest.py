@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -56,6 +56,7 @@ __all__ = ["Batch", "Ingestor", "TimeBounds", "check_times"]
 
 log = logging.getLogger(__name__)
 _INGESTED = {TopicKind.STATE, TopicKind.HELLO, TopicKind.TELEMETRY, TopicKind.STATS}
+_WINDOWS = {TopicKind.TELEMETRY, TopicKind.STATS}
 
 
 @dataclass
@@ -147,6 +148,8 @@ class Ingestor:
         self.accepted: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self._lock = threading.Lock()
+        #: The insert statement of each window table, built once (see :meth:`_insert_once`).
+        self._inserts: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def _drop(self, reason: str, device: str | None, detail: str) -> str:
         with self._lock:
@@ -171,11 +174,14 @@ class Ingestor:
         return device_id, kind, msg
 
     def _lock_devices(self, db: Session, ids: set[str], states: set[str]) -> dict[str, Device]:
-        """Read the batch's device rows; those with a state message in the batch for update: another worker
-        or replica holding one of them waits, and reads what this batch committed, so two batches can never
-        both apply a device's state from the same old row (the later-committing one would write back an older
-        ``seq``). PostgreSQL: row locks on the devices whose state changes, taken in id order (no deadlocks);
-        SQLite: its write lock, taken before reading."""
+        """The rows of the batch's devices with a state or hello message in it (``ids``; a window needs no more
+        than :meth:`_enrolled`).
+
+        Those with a state message (``states``) are read for update: another worker or replica holding one of
+        them waits, and reads what this batch committed, so two batches can never both apply a device's state from
+        the same old row (the later-committing one would write back an older ``seq``). PostgreSQL: row locks on the
+        devices whose state changes, taken in id order (no deadlocks); SQLite: its write lock, taken before
+        reading."""
         if self.engine.dialect.name == "sqlite":
             db.connection().exec_driver_sql("UPDATE devices SET id = id WHERE 1 = 0")
         out: dict[str, Device] = {}
@@ -186,6 +192,20 @@ class Ingestor:
         if rest:
             out.update({d.id: d for d in db.exec(select(Device).where(col(Device.id).in_(rest))).all()})
         return out
+
+    @staticmethod
+    def _enrolled(db: Session, ids: set[str]) -> set[str]:
+        """Which of these devices are enrolled and not revoked: all a window's device needs to be."""
+        if not ids:
+            return set()
+        return set(db.exec(select(Device.id).where(col(Device.id).in_(ids), col(Device.revoked).is_(False))).all())
+
+    def _seen(self, db: Session, ids: set[str], now: datetime) -> None:
+        """``last_seen = now`` for these devices, in one statement; on PostgreSQL their rows are locked in id
+        order first, as a flush of the rows one by one would (no deadlock with another replica's batch)."""
+        table = Device.__table__  # type: ignore[attr-defined]
+        locked = select(table.c.id).where(table.c.id.in_(sorted(ids))).order_by(table.c.id).with_for_update()
+        db.connection().execute(update(table).where(table.c.id.in_(locked.scalar_subquery())).values(last_seen=now))
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Ingest one message; returns "ok", "duplicate", "stale" or the reason it was dropped."""
@@ -206,7 +226,10 @@ class Ingestor:
         with Session(self.engine) as db:
             wanted = {item[0] for item in checked if not isinstance(item, str)}
             states = {item[0] for item in checked if not isinstance(item, str) and item[1] is TopicKind.STATE}
-            devices = self._lock_devices(db, wanted, states) if wanted else {}
+            full = {item[0] for item in checked if not isinstance(item, str) and item[1] not in _WINDOWS}
+            devices = self._lock_devices(db, full, states) if wanted else {}
+            enrolled = self._enrolled(db, wanted - full)
+            heard: set[str] = set()  # enrolled devices without a row read: last_seen set in one statement
             windows: dict[Any, list[tuple[int, dict[str, Any]]]] = {TelemetryRow: [], StatsWindow: []}
             for item, (_, payload) in zip(checked, messages, strict=True):
                 if isinstance(item, str):
@@ -214,10 +237,13 @@ class Ingestor:
                     continue
                 device_id, kind, msg = item
                 device = devices.get(device_id)
-                if device is None or device.revoked:
+                if not (device_id in enrolled if device is None else not device.revoked):
                     results.append(self._drop("unknown_device", device_id, "not enrolled or revoked"))
                     continue
-                device.last_seen = now  # heard from, even when what it said is refused below
+                if device is None:  # a window: its device's row is not needed
+                    heard.add(device_id)
+                else:
+                    device.last_seen = now  # heard from, even when what it said is refused below
                 problem = check_times(msg, now, self.bounds)
                 if problem is not None:
                     results.append(self._drop("bad_time", device_id, f"{kind.value}: {problem}"))
@@ -230,9 +256,12 @@ class Ingestor:
                     windows[StatsWindow].append((len(results), _stats_row(msg, payload, now)))
                     results.append("pending")
                 else:
+                    assert device is not None  # noqa: S101 - read for every state and hello (``full``)
                     results.append(self._apply(db, device, kind, msg))
             for device in devices.values():
                 db.add(device)
+            if heard:
+                self._seen(db, heard, now)
             for table, rows in windows.items():
                 if rows:
                     inserted = self._insert_once(db, table, [r for _, r in rows])
@@ -278,15 +307,42 @@ class Ingestor:
         return "ok"
 
     def _insert_once(self, db: Session, table: Any, rows: list[dict[str, Any]]) -> set[tuple[str, int, int]]:
-        """Insert the rows that are not stored yet, in one statement; returns the keys inserted."""
-        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-        keys = (table.device_id, table.session, table.window_seq)
+        """Insert the rows that are not stored yet, in one statement of a fixed shape (compiled and parsed once
+        per table, not once per batch as a ``VALUES`` list as long as each batch would be); returns the keys
+        inserted. ``ON CONFLICT DO NOTHING RETURNING key``: a row whose key is stored already is not returned.
+
+        PostgreSQL: ``INSERT … SELECT FROM unnest(column arrays)``, one array parameter per column. SQLite: the
+        same ``INSERT`` run over the rows (SQLAlchemy batches them into multi-row statements)."""
         unique: dict[tuple[str, int, int], dict[str, Any]] = {}
         for row in rows:
             unique.setdefault((row["device_id"], row["session"], row["window_seq"]), row)
-        stmt = insert(table).values(list(unique.values())).on_conflict_do_nothing(
-            index_elements=["device_id", "session", "window_seq"]).returning(*keys)
-        return {(str(d), int(s), int(w)) for d, s, w in db.execute(stmt).all()}
+        values = list(unique.values())
+        columns = tuple(values[0])
+        if self.engine.dialect.name == "postgresql":
+            arrays = {c: [v[c] for v in values] for c in columns}
+            result = db.connection().execute(self._insert_statement(table, columns), arrays)
+        else:
+            result = db.connection().execute(self._insert_statement(table, columns), values)
+        return {(str(d), int(s), int(w)) for d, s, w in result.all()}
+
+    def _insert_statement(self, table: Any, columns: tuple[str, ...]) -> Any:
+        stmt = self._inserts.get((table, columns))
+        if stmt is not None:
+            return stmt
+        t = table.__table__
+        dialect = self.engine.dialect
+        if dialect.name == "postgresql":
+            q = dialect.identifier_preparer.quote
+            arrays = ", ".join(f"CAST(:{c} AS {t.c[c].type.compile(dialect=dialect)}[])" for c in columns)
+            # names and types from the table's own metadata, for the columns of our row dicts; no value in the SQL
+            stmt = text(f"INSERT INTO {q(t.name)} ({', '.join(q(c) for c in columns)}) "  # noqa: S608
+                        f"SELECT * FROM unnest({arrays}) ON CONFLICT (device_id, session, window_seq) DO NOTHING "
+                        "RETURNING device_id, session, window_seq")
+        else:
+            stmt = sqlite_insert(t).on_conflict_do_nothing(index_elements=["device_id", "session", "window_seq"]
+                                                           ).returning(t.c.device_id, t.c.session, t.c.window_seq)
+        self._inserts[(table, columns)] = stmt
+        return stmt
 
 
 def _telemetry_row(msg: Any, now: datetime) -> dict[str, Any]:
