@@ -28,6 +28,7 @@ from sqlalchemy import and_, false, func, or_, update
 from sqlmodel import Session, col, select
 
 from protocol import (
+    MAX_RECEIPT_WINDOWS,
     ChunkRequest,
     ErrorCode,
     ErrorReply,
@@ -68,6 +69,43 @@ log = logging.getLogger(__name__)
 _BATCH = 500
 #: A device's undecided statistics windows kept to be summed with its next ones, at most (the oldest go first).
 MAX_PENDING_WINDOWS = 500
+
+
+#: Longest a stored window's receipt waits for others of the same device while a backlog drains.
+_RECEIPT_LINGER_S = 0.5
+
+
+class _ReceiptBuffer:
+    """Windows stored but not yet receipted, per device: one worker's, sent together (at most
+    MAX_RECEIPT_WINDOWS of each kind per receipt)."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, tuple[set[tuple[int, int]], set[tuple[int, int]]]] = {}
+        self.since = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.windows)
+
+    def add(self, receipts: list[Receipt]) -> None:
+        if receipts and not self.windows:
+            self.since = time.monotonic()
+        for r in receipts:
+            tele, stats = self.windows.setdefault(r.device_id, (set(), set()))
+            tele.update((s, w) for s, w in r.telemetry)
+            stats.update((s, w) for s, w in r.stats)
+
+    def age(self) -> float:
+        return time.monotonic() - self.since
+
+    def take(self) -> list[Receipt]:
+        out = []
+        for device_id, (tele, stats) in self.windows.items():
+            t, st = sorted(tele), sorted(stats)
+            for i in range(0, max(len(t), len(st)), MAX_RECEIPT_WINDOWS):
+                out.append(Receipt(device_id=device_id, telemetry=t[i:i + MAX_RECEIPT_WINDOWS],
+                                   stats=st[i:i + MAX_RECEIPT_WINDOWS]))
+        self.windows = {}
+        return out
 
 
 class ServerApp:
@@ -252,10 +290,18 @@ class ServerApp:
         return sum(q.qsize() for q in self.queues)
 
     def _work(self, q: queue.Queue[tuple[str, bytes, float] | None]) -> None:
-        """Take what is queued (up to a batch), serve chunk requests, ingest the rest in one transaction."""
+        """Take what is queued (up to a batch), serve chunk requests, ingest the rest in one transaction.
+        Receipts wait in ``receipts`` while more is queued, up to :data:`_RECEIPT_LINGER_S`: a backlog drained
+        batch by batch holds a window or two of each device per batch, and one receipt per device for many
+        windows costs the broker and the device far less than one per window."""
+        receipts = _ReceiptBuffer()
         while True:
+            if receipts and (q.empty() or receipts.age() >= _RECEIPT_LINGER_S):
+                self._send_receipts(receipts.take())
             item = q.get()
             if item is None:
+                if receipts:
+                    self._send_receipts(receipts.take())
                 return
             batch = [item]
             while len(batch) < _BATCH:
@@ -280,19 +326,21 @@ class ServerApp:
             if not reports:
                 continue
             try:
-                self._after_ingest(self.ingestor.ingest(reports))
+                self._after_ingest(self.ingestor.ingest(reports), receipts)
             except Exception:  # e.g. a database error: retry one by one so one message cannot sink a batch
                 log.exception("batch ingest failed; retrying %d messages one by one", len(reports))
                 for topic, payload in reports:
                     try:
-                        self._after_ingest(self.ingestor.ingest([(topic, payload)]))
+                        self._after_ingest(self.ingestor.ingest([(topic, payload)]), receipts)
                     except Exception:
                         log.exception("error ingesting a message on %s", topic[:200])
 
-    def _after_ingest(self, batch: Batch) -> None:
-        """What a committed batch calls for: receipts, and the desired state of devices that were waiting for
-        their runtimes to be known (their hello is in the batch)."""
-        self._send_receipts(batch.receipts, batch.refused)
+    def _after_ingest(self, batch: Batch, receipts: _ReceiptBuffer) -> None:
+        """What a committed batch calls for: receipts (held in ``receipts`` to go out together), refusals, and
+        the desired state of devices that were waiting for their runtimes to be known (their hello is in the
+        batch)."""
+        receipts.add(batch.receipts)
+        self._send_receipts([], batch.refused)
         if batch.hellos:
             assert self.client is not None  # noqa: S101
             self.registry.assign_waiting(self.client, batch.hellos)

@@ -109,3 +109,26 @@ def test_windows_of_unknown_or_revoked_devices_are_dropped_and_last_seen_set_for
         "pi-1": NOW, "pi-2": NOW, "pi-3": None, "pi-revoked": None}
     assert status == "online"
     assert ing.dropped["unknown_device"] == 2
+
+
+def test_receipts_of_a_draining_backlog_go_out_one_per_device():
+    """While a backlog drains, the windows of a device stored over several batches are named in one receipt
+    (split at the protocol's limit per kind), each window once."""
+    from protocol import MAX_RECEIPT_WINDOWS, Receipt
+    from server.app import _ReceiptBuffer
+
+    buffer = _ReceiptBuffer()
+    assert not buffer
+    for seq in range(MAX_RECEIPT_WINDOWS + 10):  # one window per batch, as an interleaved backlog gives them
+        buffer.add([Receipt(device_id="dev-a", telemetry=[(1, seq)], stats=[(1, seq)] if seq < 3 else []),
+                    Receipt(device_id="dev-b", telemetry=[(2, seq % 4)])])  # dev-b's windows repeat: duplicates
+    assert buffer and buffer.age() >= 0
+    sent = buffer.take()
+    assert not buffer
+    by_device: dict[str, list[Receipt]] = {}
+    for r in sent:
+        by_device.setdefault(r.device_id, []).append(r)
+    assert [len(r.telemetry) for r in by_device["dev-a"]] == [MAX_RECEIPT_WINDOWS, 10]
+    assert [w for r in by_device["dev-a"] for w in r.telemetry] == [(1, s) for s in range(MAX_RECEIPT_WINDOWS + 10)]
+    assert [w for r in by_device["dev-a"] for w in r.stats] == [(1, 0), (1, 1), (1, 2)]
+    assert len(by_device["dev-b"]) == 1 and by_device["dev-b"][0].telemetry == [(2, 0), (2, 1), (2, 2), (2, 3)]
