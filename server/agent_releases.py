@@ -48,10 +48,10 @@ from protocol import (
 from protocol.agent_release import MAX_AGENT_ARTIFACT_BYTES
 from protocol.signing import Ed25519PrivateKey
 from server import audit
-from server.bus import Bus, BusError
+from server.bus import Bus
 from server.db.models import AgentReleaseRow, AgentRollout, AgentRolloutDevice, Device
 from server.distribution import ArtifactStore, StoreError
-from server.errors import ServerError
+from server.errors import RegistryError, ServerError
 from server.orchestrator import target_devices
 from server.rollouts import wave_sizes
 from server.signing_keys import current_statement
@@ -83,6 +83,10 @@ class Registry(Protocol):
 
     def recorded_desired(self, db: Session, device: Device, generation: int, now: datetime,
                          keyset: SignedKeySet | None, signed: SignedManifest | None = None) -> DesiredState: ...
+
+    def next_generation(self, device: Device) -> int: ...
+
+    def publish_confirmed(self, bus: Bus, desired: DesiredState) -> None: ...
 
 
 # -- the release ---------------------------------------------------------------------------------------------
@@ -290,14 +294,12 @@ def _step(registry: Registry, db: Session, rollout: AgentRollout, release: Agent
 def _assign(registry: Registry, db: Session, bus: Bus, device: Device, digest: str) -> None:
     """Publish ``device``'s desired state as recorded, with the agent release ``digest`` in it."""
     device.desired_agent = digest
-    generation = max(device.desired_generation + 1, time.time_ns() // 1_000_000)
+    generation = registry.next_generation(device)
     desired = registry.recorded_desired(db, device, generation, datetime.now(timezone.utc), current_statement(db))
     try:
-        taken = bus.confirm(bus.publish_desired(desired))
-    except BusError as exc:
-        raise AgentReleaseError(f"could not publish the desired state of {device.id}: {exc}") from None
-    if not taken:
-        raise AgentReleaseError(f"the broker did not acknowledge the desired state of {device.id}")
+        registry.publish_confirmed(bus, desired)
+    except RegistryError as exc:
+        raise AgentReleaseError(str(exc)) from None
     device.desired_generation = generation
     db.add(device)
 

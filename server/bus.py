@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -44,6 +44,7 @@ from protocol import (
     CommandAck,
     DesiredState,
     InvalidMessage,
+    LogBatch,
     TopicKind,
     decode,
     device_topic,
@@ -51,7 +52,7 @@ from protocol import (
 )
 from server.errors import ServerError
 
-__all__ = ["Bus", "BusError", "Handler", "Publication", "new_client"]
+__all__ = ["Bus", "BusError", "Handler", "Publication", "answers", "new_client"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,25 @@ log = logging.getLogger(__name__)
 Publication = mqtt.MQTTMessageInfo
 #: Called with the topic and the payload of each message a subscription brings.
 Handler = Callable[[str, bytes], None]
+_A = TypeVar("_A", CommandAck, LogBatch)
+
+
+def answers(model: type[_A], device_id: str, command_id: str, what: str) -> tuple[queue.Queue[_A], Handler]:
+    """A queue and the handler that fills it with ``device_id``'s answers to the command ``command_id`` (an
+    acknowledgement, a log batch); anything else is ignored, and what does not decode is logged as a dropped
+    ``what``."""
+    got: queue.Queue[_A] = queue.Queue()
+
+    def on_answer(topic: str, payload: bytes) -> None:
+        try:
+            answer = decode(model, payload)
+        except InvalidMessage as exc:
+            log.warning("dropped %s from %s: %s", what, device_id, exc)
+            return
+        if answer.command_id == command_id and answer.device_id == device_id:
+            got.put(answer)
+
+    return got, on_answer
 #: Seconds the broker has to answer a connection, a subscription or a QoS 1 publish.
 ANSWER_S = 10.0
 
@@ -201,17 +221,7 @@ class Bus:
         """Send ``cmd`` to the device and wait for its final acknowledgement (done, failed or rejected); None when
         none comes within ``timeout`` seconds. BusError when the broker does not confirm the subscription to the
         device's acknowledgements or take the command."""
-        acks: queue.Queue[CommandAck] = queue.Queue()
-
-        def on_ack(topic: str, payload: bytes) -> None:
-            try:
-                ack = decode(CommandAck, payload)
-            except InvalidMessage as exc:
-                log.warning("dropped an acknowledgement from %s: %s", device_id, exc)
-                return
-            if ack.command_id == cmd.command_id and ack.device_id == device_id:
-                acks.put(ack)
-
+        acks, on_ack = answers(CommandAck, device_id, cmd.command_id, "an acknowledgement")
         ack_topic = device_topic(device_id, TopicKind.ACK)
         self._handlers[ack_topic] = on_ack
         try:

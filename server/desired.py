@@ -94,22 +94,33 @@ class DesiredStates:
         # Generations are unique even if a crash loses the commit below after the publish: at least the
         # clock in ms, so a re-publish after a restart carries a newer generation than the lost one, which
         # the agent would otherwise ignore as seen.
-        generation = max(device.desired_generation + 1, time.time_ns() // 1_000_000)
+        generation = self.next_generation(device)
         desired = DesiredState(device_id=device.id, generation=generation, issued_at=datetime.now(timezone.utc),
                                bundle=signed, artifact=artifact, rollout_id=rollout, keyset=current_statement(db),
                                agent=self.signed_agent(db, device.desired_agent))
-        try:
-            taken = bus.confirm(bus.publish_desired(desired))
-        except BusError as exc:
-            raise RegistryError(f"could not publish the desired state of {device.id}: {exc}") from None
-        if not taken:
-            raise RegistryError(f"the broker did not acknowledge the desired state of {device.id}")
+        self.publish_confirmed(bus, desired)
         device.desired_generation = generation
         device.desired_manifest, device.desired_artifact = manifest_digest(signed.manifest), artifact
         if device.running_manifest != device.desired_manifest:
             device.install_step, device.install_error = None, None  # what it reports next is about this one
         db.add(device)
         return desired
+
+    @staticmethod
+    def next_generation(device: Device) -> int:
+        """The generation of ``device``'s next desired state: above its recorded one and at least the clock in ms
+        (see :meth:`set_desired`)."""
+        return max(device.desired_generation + 1, time.time_ns() // 1_000_000)
+
+    @staticmethod
+    def publish_confirmed(bus: Bus, desired: DesiredState) -> None:
+        """Publish ``desired`` (retained) and wait for the broker to take it; RegistryError when it does not."""
+        try:
+            taken = bus.confirm(bus.publish_desired(desired))
+        except BusError as exc:
+            raise RegistryError(f"could not publish the desired state of {desired.device_id}: {exc}") from None
+        if not taken:
+            raise RegistryError(f"the broker did not acknowledge the desired state of {desired.device_id}")
 
     def republish_desired(self, bus: Bus, *, batch: int = 500,
                           cancelled: Callable[[], bool] = lambda: False) -> int:

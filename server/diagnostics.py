@@ -29,14 +29,12 @@ from protocol import (
     Command,
     CommandAck,
     CommandKind,
-    InvalidMessage,
     LogBatch,
     LogLine,
     TopicKind,
-    decode,
     device_topic,
 )
-from server.bus import ANSWER_S, BusError
+from server.bus import ANSWER_S, BusError, answers
 from server.db.models import Device
 from server.registry import SYSTEM, RegistryError
 
@@ -153,17 +151,7 @@ def fetch_logs(reg: Registry, device_id: str, lines: int = 100, since: int = 0, 
     check_lines(lines)
     _enrolled(reg, device_id)
     cmd = _command(CommandKind.SEND_LOGS, {"lines": lines, "since": since}, timeout)
-    batches: queue.Queue[LogBatch] = queue.Queue()
-
-    def on_logs(topic: str, payload: bytes) -> None:
-        try:
-            batch = decode(LogBatch, payload)
-        except InvalidMessage as exc:
-            log.warning("dropped log lines from %s: %s", device_id, exc)
-            return
-        if batch.command_id == cmd.command_id and batch.device_id == device_id:
-            batches.put(batch)
-
+    batches, on_logs = answers(LogBatch, device_id, cmd.command_id, "log lines")
     topic = device_topic(device_id, TopicKind.LOGS)
     outcome, message = "error", ""
     try:
