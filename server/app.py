@@ -28,7 +28,6 @@ from sqlalchemy import and_, false, func, or_, update
 from sqlmodel import Session, col, select
 
 from protocol import (
-    MAX_RECEIPT_WINDOWS,
     ChunkRequest,
     ErrorCode,
     ErrorReply,
@@ -55,7 +54,7 @@ from server.bus import Bus
 from server.db.models import Device, DriftPending, DriftReportRow, ModelVersion, StatsWindow
 from server.distribution import BroadcastLedger, Route, answer
 from server.drift import misfit, score
-from server.ingest import Batch, Ingestor
+from server.ingest import Batch, Ingestor, receipts_for
 from server.orchestrator import Orchestrator
 from server.presence import online_clause
 from server.registry import Registry
@@ -76,8 +75,8 @@ _RECEIPT_LINGER_S = 0.5
 
 
 class _ReceiptBuffer:
-    """Windows stored but not yet receipted, per device: one worker's, sent together (at most
-    MAX_RECEIPT_WINDOWS of each kind per receipt)."""
+    """Windows stored but not yet receipted, per device: one worker's, sent together
+    (:func:`server.ingest.receipts_for`)."""
 
     def __init__(self) -> None:
         self.windows: dict[str, tuple[set[tuple[int, int]], set[tuple[int, int]]]] = {}
@@ -98,12 +97,7 @@ class _ReceiptBuffer:
         return time.monotonic() - self.since
 
     def take(self) -> list[Receipt]:
-        out = []
-        for device_id, (tele, stats) in self.windows.items():
-            t, st = sorted(tele), sorted(stats)
-            for i in range(0, max(len(t), len(st)), MAX_RECEIPT_WINDOWS):
-                out.append(Receipt(device_id=device_id, telemetry=t[i:i + MAX_RECEIPT_WINDOWS],
-                                   stats=st[i:i + MAX_RECEIPT_WINDOWS]))
+        out = receipts_for({d: {"telemetry": list(t), "stats": list(st)} for d, (t, st) in self.windows.items()})
         self.windows = {}
         return out
 

@@ -52,7 +52,7 @@ from protocol.windows import window_request_id
 from server.db.models import Device, StatsWindow, TelemetryRow
 from server.settings import CLOCK_SKEW, REPORT_HORIZON
 
-__all__ = ["Batch", "Ingestor", "TimeBounds", "check_times"]
+__all__ = ["Batch", "Ingestor", "TimeBounds", "check_times", "receipts_for"]
 
 log = logging.getLogger(__name__)
 _INGESTED = {TopicKind.STATE, TopicKind.HELLO, TopicKind.TELEMETRY, TopicKind.STATS}
@@ -123,7 +123,9 @@ def _refusal(kind: TopicKind, msg: Any, problem: str) -> ErrorReply:
     return ErrorReply(code=ErrorCode.BAD_TIME, message=f"{kind.value} refused: {problem}"[:1000])
 
 
-def _receipts(stored: dict[str, dict[str, list[tuple[int, int]]]]) -> list[Receipt]:
+def receipts_for(stored: dict[str, dict[str, list[tuple[int, int]]]]) -> list[Receipt]:
+    """Receipts naming each device's stored telemetry and statistics windows (each once, in order), at most
+    MAX_RECEIPT_WINDOWS of each kind per receipt."""
     out = []
     for device_id, kinds in stored.items():
         tele, stats = sorted(set(kinds["telemetry"])), sorted(set(kinds["stats"]))
@@ -277,7 +279,7 @@ class Ingestor:
                     self.accepted[r] += 1
         hellos = sorted({item[0] for item, r in zip(checked, results, strict=True)
                          if not isinstance(item, str) and item[1] is TopicKind.HELLO and r == "ok"})
-        return Batch(results, _receipts(stored), hellos, refused)
+        return Batch(results, receipts_for(stored), hellos, refused)
 
     def _apply(self, db: Session, device: Device, kind: TopicKind, msg: Any) -> str:
         """State and hello: update the device row."""
