@@ -17,6 +17,7 @@ one (4 agents; no agent frozen past its keepalive, which alone takes 10 s).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -189,7 +190,7 @@ class Chaos:
                     try:
                         with urllib.request.urlopen(req, timeout=5) as resp:
                             resp.read()
-                    except OSError:
+                    except (OSError, http.client.HTTPException):  # a reply cut off by a kill: IncompleteRead
                         pass  # a killed, frozen or restarting agent does not answer; the others must
 
         self._traffic = threading.Thread(target=run, daemon=True)
